@@ -1,0 +1,186 @@
+"""Typed schemas for every config group.
+
+Each YAML option under conf/<group>/ extends one of these dataclasses (see
+`register_schemas`), so a typo'd key or a wrong type fails at compose time,
+before any model is loaded. Field names follow kohya sd-scripts where one exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+class ModelVersion(str, Enum):
+    sd1 = "sd1"
+    sd2 = "sd2"
+    sdxl = "sdxl"
+
+
+class NetworkModule(str, Enum):
+    lora = "lora"
+
+
+class OptimizerType(str, Enum):
+    AdamW = "AdamW"
+    AdamW8bit = "AdamW8bit"
+    Prodigy = "Prodigy"
+    Lion = "Lion"
+    Adafactor = "Adafactor"
+    DAdaptAdam = "DAdaptAdam"
+
+
+class SchedulerType(str, Enum):
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
+class MixedPrecision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class SavePrecision(str, Enum):
+    float = "float"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # A diffusers folder or a single-file .safetensors checkpoint (sd-scripts:
+    # --pretrained_model_name_or_path). Null when `builtin` names an embedded model.
+    path: Optional[str] = MISSING
+    builtin: Optional[str] = None
+    # Local diffusers folder (configs + tokenizer) used to load a single-file
+    # checkpoint offline.
+    config: Optional[str] = None
+    vae: Optional[str] = None
+    version: ModelVersion = ModelVersion.sd1
+    v_parameterization: bool = False
+    # The resolution the model was trained at; the dataset's default.
+    resolution: int = 512
+
+
+@dataclass
+class NetworkConfig:
+    module: NetworkModule = NetworkModule.lora
+    dim: int = 8
+    alpha: float = 4.0
+    train_unet_only: bool = False
+    train_text_encoder_only: bool = False
+    # A kohya LoRA file to start from (sd-scripts: --network_weights); its
+    # per-module rank and alpha replace `dim` and `alpha`.
+    weights: Optional[str] = None
+
+
+@dataclass
+class OptimizerConfig:
+    type: OptimizerType = MISSING
+    learning_rate: float = 1e-4
+    # Null means "use learning_rate".
+    unet_lr: Optional[float] = None
+    text_encoder_lr: Optional[float] = None
+    # Passed to the optimizer's constructor (sd-scripts: --optimizer_args).
+    args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SchedulerConfig:
+    type: SchedulerType = MISSING
+    # Warmup as a step count, or as a fraction of the total steps (set one).
+    warmup_steps: int = 0
+    warmup_ratio: Optional[float] = None
+    num_cycles: int = 1
+    power: float = 1.0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    train_data_dir: str = MISSING
+    caption_extension: str = ".txt"
+    resolution: int = 512
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 42
+    # max_train_steps, when set, caps the run; otherwise max_train_epochs sets it.
+    max_train_epochs: Optional[int] = 10
+    max_train_steps: Optional[int] = None
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: MixedPrecision = MixedPrecision.no
+    cpu: bool = False
+    clip_skip: int = 1
+    min_snr_gamma: Optional[float] = None
+    noise_offset: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class SamplingConfig:
+    # Lines in sd-scripts syntax: "prompt --n negative --w 512 --h 512 --s 20 --l 7 --d 1".
+    prompts: List[str] = field(default_factory=list)
+    prompt_file: Optional[str] = None
+    # Use only the first N prompts (debug runs).
+    limit: Optional[int] = None
+    sample_every_n_epochs: Optional[int] = 1
+    sampler: str = "ddim"
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = 1234
+
+
+@dataclass
+class OutputConfig:
+    output_name: str = MISSING
+    save_every_n_epochs: Optional[int] = 1
+    save_precision: SavePrecision = SavePrecision.float
+
+
+@dataclass
+class AtelierConfig:
+    # Groups all studies of one dataset under outputs/<project>/.
+    project: str = MISSING
+    model: ModelConfig = MISSING
+    network: NetworkConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ConfigStore name -> schema. A YAML option extends its group's schema with
+# `defaults: [/schema/<group>@_here_, _self_]`.
+SCHEMAS = {
+    "atelier": AtelierConfig,
+    "model": ModelConfig,
+    "network": NetworkConfig,
+    "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig,
+    "dataset": DatasetConfig,
+}
+
+
+def register_schemas() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        store.store(group="schema", name=name, node=node)

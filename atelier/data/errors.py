@@ -1,0 +1,7 @@
+"""The one exception type the dataset layer raises for problems a user can fix."""
+
+from __future__ import annotations
+
+
+class DatasetError(ValueError):
+    """A problem with the training data: the message names the path and the fix."""

@@ -1,0 +1,158 @@
+"""Image files: which ones count, checking they decode, loading them as tensors."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from atelier.data.errors import DatasetError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+
+# Image formats people drop into datasets that sd-scripts does not train on; naming
+# them in a warning beats ignoring them without a word.
+UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".gif", ".tif", ".tiff", ".avif", ".heic", ".jxl"})
+
+# PIL reports a broken file through many exception types depending on the codec.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+# PIL's verify() checks nothing for these formats (it does check PNG chunks and WebP).
+_VERIFY_IS_A_NO_OP = frozenset({"JPEG", "MPO", "BMP", "DIB"})
+
+_WHITE = (255, 255, 255)
+
+
+def is_image_file(path: Path) -> bool:
+    return _has_visible_suffix(path, IMAGE_EXTENSIONS)
+
+
+def is_unsupported_image_file(path: Path) -> bool:
+    return _has_visible_suffix(path, UNSUPPORTED_IMAGE_EXTENSIONS)
+
+
+def _has_visible_suffix(path: Path, suffixes: frozenset[str]) -> bool:
+    # Dot files beside images are editor/OS metadata (e.g. macOS `._img.png`), never images.
+    return path.suffix.lower() in suffixes and not path.name.startswith(".") and path.is_file()
+
+
+def unreadable_reason(path: Path) -> str | None:
+    """Why PIL cannot read the image, or None when it looks intact.
+
+    Cheap enough to run on every image at scan time; a file that still fails to
+    decode later is reported by load_image.
+    """
+    try:
+        with Image.open(path) as img:
+            if img.format in _VERIFY_IS_A_NO_OP:
+                # Decoding at 1/8 scale still walks the whole JPEG stream, so a truncated
+                # download is caught for ~1/10 of the cost of a full decode.
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                img.load()
+            else:
+                img.verify()
+    except _DECODE_ERRORS as exc:
+        return _describe(exc)
+    return None
+
+
+def unreadable_images_message(problems: list[tuple[Path, str]]) -> str:
+    lines = [f"{len(problems)} image(s) cannot be read:"]
+    lines += [f"  - {path}: {reason}" for path, reason in problems]
+    lines.append("Re-export these files (e.g. save them again as PNG) or remove them from the dataset.")
+    return "\n".join(lines)
+
+
+def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:
+    """Load an image as a float32 RGB tensor [3, height, width] with values in [-1, 1].
+
+    The image is upright per its EXIF orientation, scaled to cover width x height with
+    its aspect ratio kept, then centre-cropped to exactly that size.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"load_image needs a positive size, got {width}x{height}")
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            upright = ImageOps.exif_transpose(img)
+            rgb = to_rgb(upright)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"Image {path} does not exist (was it moved or deleted after the scan?).") from exc
+    except _DECODE_ERRORS as exc:
+        raise DatasetError(
+            f"Cannot read image {path}: {_describe(exc)}. "
+            "Re-export it (e.g. save it again as PNG) or remove it from the dataset."
+        ) from exc
+    return to_tensor(center_crop(resize_to_cover(rgb, width, height), width, height))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB; transparent pixels become white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        img = _high_bit_depth_to_l(img)
+    if _has_alpha(img):
+        rgba = img.convert("RGBA")
+        # White, not black: a transparent cut-out on black teaches the LoRA dark halos.
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_to_cover(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale (aspect kept) to the smallest size that covers width x height."""
+    scale = max(width / img.width, height / img.height)
+    # max() guards against rounding landing one pixel short of the target.
+    new_size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    if new_size == img.size:
+        return img
+    # reducing_gap lets PIL shrink big photos in cheap integer steps before Lanczos.
+    reducing_gap = 3.0 if scale < 1 else None
+    return img.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=reducing_gap)
+
+
+def center_crop(img: Image.Image, width: int, height: int) -> Image.Image:
+    left = (img.width - width) // 2
+    top = (img.height - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """8-bit RGB image -> float32 [3, H, W] in [-1, 1], the range the VAE expects."""
+    pixels = np.asarray(img, dtype=np.uint8)
+    tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+    return tensor.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    # PIL's own conversion clips 16-bit grey at 255, which turns the image white.
+    values = np.asarray(img, dtype=np.float64)
+    if values.max(initial=0) > 255:
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "UNSUPPORTED_IMAGE_EXTENSIONS",
+    "center_crop",
+    "is_image_file",
+    "is_unsupported_image_file",
+    "load_image",
+    "resize_to_cover",
+    "to_rgb",
+    "to_tensor",
+    "unreadable_images_message",
+    "unreadable_reason",
+]

@@ -1,0 +1,50 @@
+"""Where training numbers go: TensorBoard, a JSON-lines log, and summary.json."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atelier.utils.atomic import write_text
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+TENSORBOARD = "tensorboard"
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process, and peak CUDA memory when a GPU was used."""
+    peak = {"ram_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+class MetricsLog:
+    """Per-step scalars to TensorBoard and metrics.jsonl (read by sweep reports)."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = run_dir
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD))
+        self._jsonl = open(run_dir / METRICS, "a", encoding="utf-8", buffering=1)
+
+    def log(self, step: int, scalars: dict[str, float], **fields: Any) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self._jsonl.write(json.dumps({"step": step, **fields, **scalars}) + "\n")
+
+    def close(self) -> None:
+        self.writer.close()
+        self._jsonl.close()
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    path = run_dir / SUMMARY
+    write_text(path, json.dumps(summary, indent=2, default=str) + "\n")
+    return path

@@ -1,0 +1,59 @@
+"""How long a run is: batches per epoch, epochs and optimizer steps."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from atelier.data.schedule import steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    num_samples: int  # images x repeats in one epoch
+    batch_size: int
+    gradient_accumulation_steps: int
+    batches_per_epoch: int
+    updates_per_epoch: int
+    num_epochs: int
+    total_steps: int  # optimizer steps
+
+    def log_summary(self) -> None:
+        log.info(
+            "num train images * repeats: %d, num batches per epoch: %d, num epochs: %d, "
+            "batch size: %d, gradient accumulation steps: %d, total optimization steps: %d",
+            self.num_samples,
+            self.batches_per_epoch,
+            self.num_epochs,
+            self.batch_size,
+            self.gradient_accumulation_steps,
+            self.total_steps,
+        )
+
+
+def make_plan(
+    num_samples: int,
+    batch_size: int,
+    gradient_accumulation_steps: int,
+    max_train_epochs: int | None,
+    max_train_steps: int | None,
+) -> TrainingPlan:
+    """max_train_steps, when set, fixes the run length; otherwise max_train_epochs does."""
+    batches = steps_per_epoch(num_samples, batch_size)
+    updates = math.ceil(batches / gradient_accumulation_steps)
+    if max_train_steps is not None:
+        if max_train_steps < 1:
+            raise ValueError(f"training.max_train_steps must be at least 1, got {max_train_steps}")
+        total = max_train_steps
+        epochs = math.ceil(total / updates)
+    elif max_train_epochs is not None:
+        if max_train_epochs < 1:
+            raise ValueError(f"training.max_train_epochs must be at least 1, got {max_train_epochs}")
+        epochs = max_train_epochs
+        total = epochs * updates
+    else:
+        raise ValueError("set training.max_train_epochs or training.max_train_steps")
+    return TrainingPlan(num_samples, batch_size, gradient_accumulation_steps, batches, updates, epochs, total)

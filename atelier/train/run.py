@@ -1,0 +1,92 @@
+"""One training job: check the config, record how to replay it, train, summarise."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from atelier.outputs.run_dir import write_command, write_environment, write_resolved_config
+from atelier.train.metrics import peak_memory_mb, write_summary
+from atelier.train.trainer import Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+
+# What to say when a mandatory key was left at ???.
+MISSING_HINTS = {
+    "model.path": "a diffusers folder or a single-file .safetensors checkpoint, e.g. model.path=/models/sd15",
+    "dataset.train_data_dir": "the folder holding N_concept subfolders, e.g. dataset.train_data_dir=/data/mychar",
+}
+
+
+class ConfigError(ValueError):
+    """A config that composes but cannot be trained; the message names the key."""
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail before any work on values Hydra's schema cannot check."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        key = err.full_key
+        hint = MISSING_HINTS.get(key, f"{key}=<value>")
+        raise ConfigError(f"'{key}' must be set for this config: pass {hint}") from None
+    if cfg.network.train_unet_only and cfg.network.train_text_encoder_only:
+        raise ConfigError("network.train_unet_only and network.train_text_encoder_only cannot both be true")
+    for key in ("network.dim", "training.train_batch_size", "training.gradient_accumulation_steps", "training.clip_skip"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
+
+
+def record_run(cfg: DictConfig, run_dir: Path, overrides: list[str], config_name: str, config_dir: str | None) -> None:
+    write_resolved_config(run_dir, cfg)
+    write_command(run_dir, overrides, config_name, config_dir)
+
+
+def summarise(status: str, result: TrainResult | None, started: float, reason: str | None = None) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "status": status,
+        "reason": reason,
+        "wall_seconds": round(time.time() - started, 3),
+        "peak_memory_mb": peak_memory_mb(),
+    }
+    if result is not None:
+        summary.update(
+            steps=result.steps,
+            epochs=result.epochs,
+            final_loss=result.final_loss,
+            best_loss=result.best_loss,
+            epoch_losses=result.epoch_losses,
+            seconds_per_step=result.seconds_per_step,
+            output_file=result.output_file.name if result.output_file else None,
+            checkpoints=[p.name for p in result.checkpoints],
+        )
+    return summary
+
+
+def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train one LoRA into `run_dir`; summary.json is written whether it succeeds or fails."""
+    started = time.time()
+    trainer = Trainer(cfg, run_dir)
+    write_environment(run_dir, str(trainer.device))
+    try:
+        result = trainer.train()
+    except BaseException as err:
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        write_summary(run_dir, summarise("failed", trainer.result, started, reason))
+        raise
+    summary = summarise("completed", result, started)
+    write_summary(run_dir, summary)
+    log.info(
+        "done: %d steps in %.1f s (%.3f s/step), final loss %.4f -> %s",
+        result.steps,
+        summary["wall_seconds"],
+        result.seconds_per_step or 0.0,
+        result.final_loss or float("nan"),
+        result.output_file,
+    )
+    return summary

@@ -1,0 +1,87 @@
+"""Sample images during a run: which prompts, when, and the run's grid."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from atelier.data.dataset import DatasetIndex
+from atelier.models.architectures import SD1_PIPELINE_SCHEDULER
+from atelier.models.loading import BaseModel
+from atelier.sampling.generate import build_pipeline, generate_samples
+from atelier.sampling.grid import make_grid
+from atelier.sampling.prompts import SampleDefaults, SamplePrompt, load_prompt_file, parse_prompts
+
+log = logging.getLogger(__name__)
+
+SAMPLES_DIR = "samples"
+GRID = "sample_grid.png"
+
+
+def sample_prompts(cfg: DictConfig, dataset: DatasetIndex) -> list[SamplePrompt]:
+    """sampling.prompts, else sampling.prompt_file, else one prompt per concept folder."""
+    s = cfg.sampling
+    defaults = SampleDefaults(width=s.width, height=s.height, steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed)
+    if s.prompts:
+        prompts = parse_prompts(list(s.prompts), defaults)
+    elif s.prompt_file:
+        prompts = load_prompt_file(s.prompt_file, defaults)
+    else:
+        tokens = [folder.class_tokens for folder in dataset.folders if folder.class_tokens]
+        prompts = parse_prompts(tokens, defaults)
+    return prompts[: s.limit] if s.limit is not None else prompts
+
+
+class SampleWriter:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        base: BaseModel,
+        dataset: DatasetIndex,
+        run_dir: Path,
+        device: torch.device,
+        autocast: Callable[[], AbstractContextManager],
+    ):
+        self.cfg = cfg
+        self.autocast = autocast
+        self.base = base
+        self.device = device
+        self.dir = run_dir / SAMPLES_DIR
+        self.grid_path = run_dir / GRID
+        self.prompts = sample_prompts(cfg, dataset)
+        self._pipeline = None
+
+    def _get_pipeline(self):
+        if self._pipeline is None:
+            b = self.base
+            # Inference schedulers want SD's pipeline settings, not the training DDPM's.
+            config = {**SD1_PIPELINE_SCHEDULER, "prediction_type": b.noise_scheduler.config.prediction_type}
+            self._pipeline = build_pipeline(b.unet, b.vae, b.text_encoder, b.tokenizer, config, self.cfg.sampling.sampler)
+        return self._pipeline
+
+    def generate(self, epoch: int, step: int) -> list[Path]:
+        if not self.prompts:
+            return []
+        log.info("sampling %d prompt(s) at epoch %d", len(self.prompts), epoch)
+        # Mixed precision: the VAE is float32 while the UNet may be half precision.
+        with self.autocast():
+            return generate_samples(
+                self._get_pipeline(),
+                self.prompts,
+                self.dir,
+                self.cfg.output.output_name,
+                epoch,
+                step,
+                self.device,
+                clip_skip=self.cfg.training.clip_skip,
+            )
+
+    def write_grid(self) -> Path | None:
+        if not self.prompts:
+            return None
+        return make_grid(self.dir, self.grid_path, title=self.cfg.output.output_name)

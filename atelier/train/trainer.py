@@ -1,0 +1,292 @@
+"""The LoRA training loop: one frozen base model, one LoRA network, one dataset."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from atelier.config.schema import MixedPrecision
+from atelier.data.dataset import DatasetIndex, scan_dataset
+from atelier.data.schedule import epoch_order, expand_repeats
+from atelier.models.loading import BaseModel, load_base_model
+from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork, ranks_and_alphas
+from atelier.outputs.lora_file import load_lora, save_lora
+from atelier.outputs.metadata import checkpoint_metadata, training_metadata
+from atelier.train.latents import encode_latents
+from atelier.train.losses import diffusion_loss, sample_noise, sample_timesteps, training_target
+from atelier.train.metrics import MetricsLog
+from atelier.train.optimizers import build_optimizer, describe_optimizer
+from atelier.train.plan import TrainingPlan, make_plan
+from atelier.train.samples import SampleWriter
+from atelier.train.schedulers import build_lr_scheduler, warmup_steps
+from atelier.train.text_encoding import encode_tokens, tokenize
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stops before the optimizer uses it."""
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    epochs: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    output_file: Path | None = None
+    checkpoints: list[Path] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.epoch_losses[-1] if self.epoch_losses else None
+
+    @property
+    def best_loss(self) -> float | None:
+        return min(self.epoch_losses) if self.epoch_losses else None
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return self.train_seconds / self.steps if self.steps else None
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.result = TrainResult()
+        t = cfg.training
+        if t.cpu is False and t.mixed_precision == MixedPrecision.fp16 and not torch.cuda.is_available():
+            raise ValueError("training.mixed_precision=fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+        self.accelerator = Accelerator(mixed_precision=MixedPrecision(t.mixed_precision).value, cpu=t.cpu)
+        self.device = self.accelerator.device
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        set_seed(cfg.training.seed)
+        self.dataset: DatasetIndex = scan_dataset(cfg.dataset.train_data_dir, cfg.dataset.caption_extension)
+        self.plan: TrainingPlan = make_plan(
+            self.dataset.num_train_samples,
+            cfg.training.train_batch_size,
+            cfg.training.gradient_accumulation_steps,
+            cfg.training.max_train_epochs,
+            cfg.training.max_train_steps,
+        )
+        self.plan.log_summary()
+        self.base: BaseModel = self._load_base_model()
+        self.latents = encode_latents(
+            self.base.vae, self.dataset.items, cfg.dataset.resolution, self.device, cfg.training.seed
+        )
+        log.info("cached %d latents of shape %s", len(self.latents), tuple(self.latents.shape[1:]))
+        self.network = self._create_network()
+        self.optimizer, self.lr_scheduler = self._create_optimizer()
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.training.seed)
+        self.samples = SampleWriter(
+            cfg, self.base, self.dataset, self.run_dir, self.device, self.accelerator.autocast
+        )
+        self.base_metadata = training_metadata(
+            cfg,
+            base_model_name=self.base.name,
+            optimizer_name=describe_optimizer(self.optimizer, dict(cfg.optimizer.args)),
+            dataset_dirs=self.dataset.dataset_dirs(),
+            tag_frequency=self.dataset.tag_frequency(),
+            num_train_images=self.dataset.num_train_samples,
+            num_batches_per_epoch=self.plan.batches_per_epoch,
+            num_epochs=self.plan.num_epochs,
+            max_train_steps=self.plan.total_steps,
+            started_at=time.time(),
+        )
+
+    def _load_base_model(self) -> BaseModel:
+        m = self.cfg.model
+        base = load_base_model(
+            m.path,
+            builtin=m.builtin,
+            version=m.version.value if hasattr(m.version, "value") else m.version,
+            v_parameterization=m.v_parameterization,
+            config=m.config,
+            vae=m.vae,
+        )
+        weight_dtype = {MixedPrecision.fp16: torch.float16, MixedPrecision.bf16: torch.bfloat16}.get(
+            MixedPrecision(self.cfg.training.mixed_precision), torch.float32
+        )
+        for module in (base.unet, base.text_encoder, base.vae):
+            module.requires_grad_(False)
+            module.eval()
+        # The VAE stays in float32: it runs once (latent cache) and fp16 VAEs overflow.
+        base.vae.to(self.device)
+        base.unet.to(self.device, weight_dtype)
+        base.text_encoder.to(self.device, weight_dtype)
+        return base
+
+    @property
+    def train_unet(self) -> bool:
+        return not self.cfg.network.train_text_encoder_only
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return not self.cfg.network.train_unet_only
+
+    def _create_network(self) -> LoRANetwork:
+        net = self.cfg.network
+        unet = self.base.unet if self.train_unet else None
+        text_encoder = self.base.text_encoder if self.train_text_encoder else None
+        if net.weights:
+            state, _ = load_lora(net.weights)
+            ranks, alphas = ranks_and_alphas(state)
+            network = LoRANetwork.create(unet, text_encoder, net.dim, net.alpha, ranks=ranks, alphas=alphas)
+            network.load_kohya_state_dict(state, net.weights)
+            log.info("starting from %s (rank and alpha per module from the file)", net.weights)
+        else:
+            network = LoRANetwork.create(unet, text_encoder, net.dim, net.alpha)
+        network.to(self.device)
+        network.apply_to()
+        if self.cfg.training.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+        return network
+
+    def _enable_gradient_checkpointing(self) -> None:
+        # Both libraries checkpoint only in train mode; the base has no dropout, so
+        # train mode changes nothing else.
+        self.base.unet.enable_gradient_checkpointing()
+        self.base.unet.train()
+        if self.train_text_encoder:
+            self.base.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.base.text_encoder.train()
+
+    def _create_optimizer(self):
+        opt, sched = self.cfg.optimizer, self.cfg.scheduler
+        groups = []
+        if self.train_unet:
+            groups.append({"params": self.network.parameters_of(UNET_PREFIX), "lr": opt.unet_lr or opt.learning_rate})
+        if self.train_text_encoder:
+            te_lr = opt.text_encoder_lr or opt.learning_rate
+            groups.append({"params": self.network.parameters_of(TEXT_ENCODER_PREFIX), "lr": te_lr})
+        optimizer = build_optimizer(opt.type, groups, opt.learning_rate, dict(opt.args))
+        warmup = warmup_steps(self.plan.total_steps, sched.warmup_steps, sched.warmup_ratio)
+        lr_scheduler = build_lr_scheduler(
+            sched.type, optimizer, self.plan.total_steps, warmup, sched.num_cycles, sched.power
+        )
+        return optimizer, lr_scheduler
+
+    # -------------------------------------------------------------- training
+    def train(self) -> TrainResult:
+        self.setup()
+        metrics = MetricsLog(self.run_dir)
+        progress = tqdm(total=self.plan.total_steps, desc="training", unit="step", dynamic_ncols=True)
+        try:
+            for epoch in range(1, self.plan.num_epochs + 1):
+                epoch_loss = self._train_epoch(epoch, metrics, progress)
+                self.result.epochs = epoch
+                self.result.epoch_losses.append(epoch_loss)
+                metrics.log(self.result.steps, {"loss/epoch": epoch_loss}, epoch=epoch)
+                self._end_epoch(epoch)
+        finally:
+            progress.close()
+            metrics.close()
+        self._finish()
+        return self.result
+
+    def _train_epoch(self, epoch: int, metrics: MetricsLog, progress: tqdm) -> float:
+        samples = expand_repeats(self.dataset.items)
+        order = [samples[i] for i in epoch_order(len(samples), self.cfg.training.seed, epoch)]
+        batch_size = self.plan.batch_size
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        accum = self.plan.gradient_accumulation_steps
+        losses: list[float] = []
+        step_start = time.perf_counter()
+        for i, batch in enumerate(batches):
+            # The last group of an epoch may be shorter than `accum`.
+            group_size = min(accum, len(batches) - (i // accum) * accum)
+            loss = self._forward(batch) / group_size
+            self._check_finite(loss, epoch)
+            self.accelerator.backward(loss)
+            losses.append(loss.item() * group_size)
+            if (i + 1) % accum and i + 1 != len(batches):
+                continue
+            self._optimizer_step()
+            self.result.steps += 1
+            elapsed = time.perf_counter() - step_start
+            self.result.train_seconds += elapsed
+            recent = sum(losses[-group_size:]) / group_size
+            metrics.log(self.result.steps, self._step_scalars(recent, elapsed), epoch=epoch)
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{recent:.4f}")
+            if self.result.steps >= self.plan.total_steps:
+                break
+            step_start = time.perf_counter()
+        return sum(losses) / len(losses)
+
+    def _forward(self, batch: list[int]) -> torch.Tensor:
+        base, t = self.base, self.cfg.training
+        latents = self.latents[batch].to(self.device)
+        input_ids = tokenize(base.tokenizer, [self.dataset.items[i].caption for i in batch])
+        noise = sample_noise(latents, self.generator, t.noise_offset)
+        timesteps = sample_timesteps(len(batch), base.noise_scheduler, self.generator).to(self.device)
+        noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
+        with self.accelerator.autocast():
+            with torch.set_grad_enabled(self.train_text_encoder):
+                hidden = encode_tokens(base.text_encoder, input_ids, t.clip_skip)
+            pred = base.unet(noisy, timesteps, hidden).sample
+        target = training_target(base.noise_scheduler, latents, noise, timesteps)
+        return diffusion_loss(pred, target, base.noise_scheduler, timesteps, t.min_snr_gamma)
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
+        if torch.isfinite(loss).all():
+            return
+        step = self.result.steps + 1
+        saved = ", ".join(p.name for p in self.result.checkpoints) or "none yet"
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at step {step} (epoch {epoch}); training stopped before the "
+            f"optimizer used it. Checkpoints saved before this step are intact ({saved}). "
+            f"Try a lower learning rate (optimizer.learning_rate={self.cfg.optimizer.learning_rate}), "
+            "training.mixed_precision=no or bf16 instead of fp16, or a smaller training.max_grad_norm."
+        )
+
+    def _optimizer_step(self) -> None:
+        max_norm = self.cfg.training.max_grad_norm
+        if max_norm:
+            self.accelerator.clip_grad_norm_(self.network.parameters(), max_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _step_scalars(self, loss: float, seconds: float) -> dict[str, float]:
+        scalars = {"loss/step": loss, "time/step_seconds": seconds}
+        names = ([UNET_PREFIX] if self.train_unet else []) + ([TEXT_ENCODER_PREFIX] if self.train_text_encoder else [])
+        for name, lr in zip(names, self.lr_scheduler.get_last_lr()):
+            scalars[f"lr/{'unet' if name == UNET_PREFIX else 'text_encoder'}"] = lr
+        return scalars
+
+    # --------------------------------------------------------------- outputs
+    def _end_epoch(self, epoch: int) -> None:
+        out = self.cfg.output
+        is_last = epoch == self.plan.num_epochs
+        if out.save_every_n_epochs and epoch % out.save_every_n_epochs == 0 and not is_last:
+            path = self.run_dir / f"{out.output_name}-{epoch:06d}.safetensors"
+            self._save(path, epoch)
+            self.result.checkpoints.append(path)
+        every = self.cfg.sampling.sample_every_n_epochs
+        if (every and epoch % every == 0) or is_last:
+            self.samples.generate(epoch, self.result.steps)
+
+    def _save(self, path: Path, epoch: int) -> None:
+        metadata = checkpoint_metadata(self.base_metadata, epoch=epoch, steps=self.result.steps, finished_at=time.time())
+        save_lora(path, self.network.kohya_state_dict(), metadata, self.cfg.output.save_precision)
+        log.info("saved %s (epoch %d, step %d)", path.name, epoch, self.result.steps)
+
+    def _finish(self) -> None:
+        path = self.run_dir / f"{self.cfg.output.output_name}.safetensors"
+        self._save(path, self.result.epochs)
+        self.result.output_file = path
+        self.samples.write_grid()
+

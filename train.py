@@ -1,0 +1,35 @@
+"""Train a LoRA: `python train.py [overrides]`, or sweep: `python train.py -m a=1,2 b=x,y`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import atelier.config
+
+atelier.config.register()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> dict:
+    from atelier.train.run import record_run, run_training, validate
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    validate(cfg)
+    user_config_dirs = [s.path for s in hydra_cfg.runtime.config_sources if s.provider == "command-line"]
+    record_run(
+        cfg,
+        run_dir,
+        list(hydra_cfg.overrides.task),
+        hydra_cfg.job.config_name,
+        user_config_dirs[0] if user_config_dirs else None,
+    )
+    return run_training(cfg, run_dir)
+
+
+if __name__ == "__main__":
+    main()
