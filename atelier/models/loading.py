@@ -1,0 +1,498 @@
+"""Load a Stable Diffusion base model for LoRA training.
+
+A base model comes from one of:
+- a built-in model (`model.builtin`, e.g. "tiny-sd15"), built on first use and
+  then loaded exactly like a user's diffusers folder;
+- a diffusers pipeline folder (`model.path` with model_index.json);
+- an original-layout single-file `.safetensors` checkpoint (`model.path`), which
+  needs the diffusers configs + tokenizer of its architecture (`model.config`)
+  because nothing is downloaded.
+
+Everything is loaded in float32 on the CPU and left trainable: moving, casting
+and freezing is the trainer's job. Pickled checkpoints are refused, never opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VERSIONS = ("sd1", "sd2")
+# Versions the config accepts but this release cannot train yet. Adding SDXL means
+# a loader for its two text encoders and an entry in SUPPORTED_VERSIONS.
+PLANNED_VERSIONS = {"sdxl": "SDXL training arrives in a later release"}
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIX = ".safetensors"
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+_COMPONENT_FOLDER_NAMES = (*PIPELINE_COMPONENTS, "scheduler", "text_encoder_2", "tokenizer_2")
+
+# The text encoder's width identifies the real architectures (the tiny test
+# model matches none of them and is accepted as any version).
+_VERSION_BY_CONTEXT_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# Where diffusers would look for the configs of a single file when none is given.
+_DEFAULT_CONFIG_REPOS = {
+    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd2": "stabilityai/stable-diffusion-2-1",
+}
+
+
+class ModelLoadError(ValueError):
+    """The base model (or its config / VAE) cannot be loaded; the message says how to fix it."""
+
+
+@dataclass
+class BaseModel:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler  # prediction_type set from v_parameterization
+    version: str  # "sd1" | "sd2" | "sdxl"
+    v_parameterization: bool
+    name: str  # human name for metadata (folder or file stem, or the builtin's name)
+    path: str  # absolute path actually loaded
+
+
+@dataclass
+class _Components:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+
+
+def load_base_model(
+    path: str | os.PathLike | None,
+    *,
+    builtin: str | None = None,
+    version: str = "sd1",
+    v_parameterization: bool = False,
+    config: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> BaseModel:
+    """Load the base model named by `path` or `builtin` (see the module docstring)."""
+    from .architectures import build_noise_scheduler
+
+    _check_version(version)
+    # Hydra configs may spell "unset" as an empty string.
+    path, builtin, config, vae = (None if value == "" else value for value in (path, builtin, config, vae))
+    source, name = _resolve_source(path, builtin, cache_dir)
+
+    if source.is_dir():
+        _check_pipeline_folder(source, "model.path")
+        if config is not None:
+            logger.warning("model.config is only used for single-file checkpoints; ignoring it for %s", source)
+        config_folder = source
+    else:
+        _check_single_file(source, "model.path", version)
+        config_folder = _single_file_config_folder(source, config, version)
+
+    vae_model = _load_vae(vae, config_folder) if vae is not None else None
+    if source.is_dir():
+        components = _load_pipeline_folder(source, vae_model)
+        _warn_on_prediction_type_mismatch(source, v_parameterization)
+    else:
+        components = _load_single_file(source, config_folder, vae_model, config_given=config is not None)
+
+    _check_matches_version(components.unet, version, source)
+    return BaseModel(
+        unet=components.unet,
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        noise_scheduler=build_noise_scheduler(v_parameterization),
+        version=version,
+        v_parameterization=v_parameterization,
+        name=name,
+        path=str(source),
+    )
+
+
+# --- where the model comes from -------------------------------------------------
+
+
+def _check_version(version: str) -> None:
+    if version in PLANNED_VERSIONS:
+        raise ModelLoadError(f"model.version={version}: {PLANNED_VERSIONS[version]}. Use sd1 or sd2 for now.")
+    if version not in SUPPORTED_VERSIONS:
+        known = ", ".join((*SUPPORTED_VERSIONS, *PLANNED_VERSIONS))
+        raise ModelLoadError(f"model.version={version!r} is not a known version; use one of: {known}")
+
+
+def _builtin_models() -> dict[str, Any]:
+    from .tiny import TINY_MODEL_NAME, ensure_tiny_model
+
+    return {TINY_MODEL_NAME: ensure_tiny_model}
+
+
+def _resolve_source(
+    path: str | os.PathLike | None, builtin: str | None, cache_dir: str | os.PathLike | None
+) -> tuple[Path, str]:
+    """The absolute path to load and the model's human name."""
+    if builtin is not None:
+        if path is not None:
+            raise ModelLoadError(
+                f"both model.path ({path}) and model.builtin ({builtin}) are set; set only one of them"
+            )
+        builtins = _builtin_models()
+        if builtin not in builtins:
+            raise ModelLoadError(f"model.builtin={builtin!r} is not a built-in model; known: {', '.join(builtins)}")
+        return Path(builtins[builtin](cache_dir)).resolve(), builtin
+
+    if path is None:
+        raise ModelLoadError(
+            "model.path is not set: set it to a diffusers folder or a .safetensors checkpoint, "
+            "or set model.builtin=tiny-sd15 to try the trainer on a tiny built-in model"
+        )
+    source = _existing_path(path, "model.path")
+    return source, source.name if source.is_dir() else source.stem
+
+
+def _existing_path(path: str | os.PathLike, key: str) -> Path:
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.exists():
+        raise ModelLoadError(
+            f"{key}: '{resolved}' does not exist. Set {key} to an existing diffusers folder "
+            f"or .safetensors file (relative paths are taken from the working directory, {Path.cwd()})"
+        )
+    return resolved
+
+
+def _check_pipeline_folder(folder: Path, key: str) -> None:
+    """Raise unless `folder` is a diffusers Stable Diffusion pipeline folder."""
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(_not_a_pipeline_message(folder, key))
+
+    class_name = _read_json(folder / "model_index.json", key).get("_class_name", "")
+    if "XL" in class_name:
+        raise ModelLoadError(f"{key}: '{folder}' is an SDXL pipeline ({class_name}); {PLANNED_VERSIONS['sdxl']}")
+    missing = [name for name in PIPELINE_COMPONENTS if not (folder / name).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"{key}: the diffusers folder '{folder}' ({class_name or 'unknown pipeline'}) lacks "
+            f"{', '.join(f'{m}/' for m in missing)}; a Stable Diffusion pipeline folder has "
+            f"{', '.join(f'{c}/' for c in PIPELINE_COMPONENTS)}"
+        )
+
+
+def _not_a_pipeline_message(folder: Path, key: str) -> str:
+    if folder.name in _COMPONENT_FOLDER_NAMES and (folder.parent / "model_index.json").is_file():
+        return (
+            f"{key}: '{folder}' is the {folder.name}/ subfolder of a diffusers pipeline, not the pipeline. "
+            f"Set {key} to its parent folder '{folder.parent}' (the one with model_index.json)."
+        )
+    if (folder / "config.json").is_file():
+        class_name = _read_json(folder / "config.json", key).get("_class_name", "a single model")
+        return (
+            f"{key}: '{folder}' holds only {class_name} (config.json, no model_index.json), not a whole "
+            f"diffusers pipeline. Set {key} to the pipeline folder that contains it (with model_index.json, "
+            f"{', '.join(f'{c}/' for c in PIPELINE_COMPONENTS)})."
+        )
+    hint = ""
+    checkpoints = sorted(folder.glob(f"*{SINGLE_FILE_SUFFIX}"))
+    if len(checkpoints) == 1:
+        hint = f" It contains {checkpoints[0].name}: to load that checkpoint, set {key} to the file itself."
+    return (
+        f"{key}: '{folder}' is not a diffusers pipeline folder (no model_index.json). Set {key} to a folder "
+        f"written by save_pretrained or to a .safetensors checkpoint file.{hint}"
+    )
+
+
+def _check_file_type(file: Path, key: str) -> None:
+    suffix = file.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ModelLoadError(
+            f"{key}: refusing to load '{file}': {suffix} files are Python pickles, and loading a pickle "
+            f"can run arbitrary code. Convert it to .safetensors (on a machine where you trust the file) "
+            f"and set {key} to the .safetensors file."
+        )
+    if suffix != SINGLE_FILE_SUFFIX:
+        raise ModelLoadError(
+            f"{key}: unsupported file type '{suffix or file.name}' for '{file}'. "
+            f"Expected a {SINGLE_FILE_SUFFIX} checkpoint or a diffusers folder."
+        )
+
+
+def _check_single_file(file: Path, key: str, version: str) -> None:
+    """Raise unless `file` is an original-layout `.safetensors` checkpoint of `version`."""
+    _check_file_type(file, key)
+    keys = _safetensors_keys(file, key)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise ModelLoadError(f"{key}: '{file}' is an SDXL checkpoint; {PLANNED_VERSIONS['sdxl']}")
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        if any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) for k in keys):
+            what = "a LoRA / LyCORIS network, not a base model"
+        else:
+            what = "not a Stable Diffusion checkpoint in the original layout (no model.diffusion_model.* keys)"
+        raise ModelLoadError(
+            f"{key}: '{file}' is {what}. Set {key} to a full base-model checkpoint or diffusers folder."
+        )
+    # SD1 stores the CLIP text encoder in transformers layout, SD2 its OpenCLIP one in open_clip layout.
+    detected = {"cond_stage_model.transformer.": "sd1", "cond_stage_model.model.": "sd2"}
+    for prefix, checkpoint_version in detected.items():
+        if checkpoint_version != version and any(k.startswith(prefix) for k in keys):
+            raise ModelLoadError(
+                f"model.version={version}, but {key} '{file}' is an {checkpoint_version} checkpoint "
+                f"({prefix}* keys); set model.version={checkpoint_version}"
+            )
+
+
+def _safetensors_keys(file: Path, key: str) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as error:  # safetensors raises its own error types for bad headers
+        raise ModelLoadError(
+            f"{key}: '{file}' is not a readable .safetensors file ({error}); it may be truncated, re-download it"
+        ) from error
+
+
+def _single_file_config_folder(file: Path, config: str | os.PathLike | None, version: str) -> Path:
+    """The diffusers folder whose configs and tokenizer describe `file`."""
+    if config is not None:
+        folder = _existing_path(config, "model.config")
+        if not folder.is_dir():
+            raise ModelLoadError(
+                f"model.config: '{folder}' is a file; set model.config to a local diffusers folder "
+                f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/; weights are not needed)"
+            )
+        _check_pipeline_folder(folder, "model.config")
+        return folder
+
+    cached = _cached_hub_configs(_DEFAULT_CONFIG_REPOS[version])
+    if cached is not None:
+        return cached
+    raise ModelLoadError(
+        f"model.config is not set, and the single-file checkpoint '{file}' cannot be loaded offline without "
+        f"the diffusers configs and tokenizer of its architecture (no cached copy of "
+        f"{_DEFAULT_CONFIG_REPOS[version]} was found). Set model.config to a local diffusers folder of the same "
+        f"base model (model_index.json, unet/, vae/, text_encoder/, tokenizer/; the weights are not needed)."
+    )
+
+
+def _cached_hub_configs(repo_id: str) -> Path | None:
+    """A locally cached snapshot of `repo_id`, without touching the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.json", "*.txt"]))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    return snapshot if (snapshot / "model_index.json").is_file() else None
+
+
+# --- loading --------------------------------------------------------------------
+
+
+def _load_pipeline_folder(folder: Path, vae: AutoencoderKL | None) -> _Components:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    def load_weights(cls: Any, subfolder: str, dtype_kwarg: str) -> Any:
+        variant = _weights_variant(folder / subfolder, "model.path")
+        with _reraise_as_load_error(f"model.path: cannot load {subfolder}/ of '{folder}'"):
+            return cls.from_pretrained(
+                folder,
+                subfolder=subfolder,
+                variant=variant,
+                use_safetensors=True,
+                local_files_only=True,
+                **{dtype_kwarg: torch.float32},
+            )
+
+    with _reraise_as_load_error(f"model.path: cannot load tokenizer/ of '{folder}'"):
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+    return _Components(
+        unet=load_weights(UNet2DConditionModel, "unet", "torch_dtype"),
+        vae=vae if vae is not None else load_weights(AutoencoderKL, "vae", "torch_dtype"),
+        # transformers 5 renamed torch_dtype to dtype.
+        text_encoder=load_weights(CLIPTextModel, "text_encoder", "dtype"),
+        tokenizer=tokenizer,
+    )
+
+
+def _weights_variant(component: Path, key: str) -> str | None:
+    """None for plain safetensors weights, else the variant (e.g. "fp16") to load."""
+    weights = sorted(p.name for p in component.glob("*.safetensors"))
+    if any("." not in name.removesuffix(".safetensors") for name in weights):
+        return None
+    # "diffusion_pytorch_model.fp16.safetensors", "model.fp16-00001-of-00002.safetensors"
+    variants = sorted({name.split(".")[1].split("-")[0] for name in weights})
+    if variants:
+        return "fp16" if "fp16" in variants else variants[0]
+    pickles = sorted(p.name for p in component.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{key}: '{component}' has only pickled weights ({', '.join(pickles)}); loading a pickle can run "
+            f"arbitrary code, so they are refused. Re-save the pipeline with safetensors "
+            f"(save_pretrained(..., safe_serialization=True)) on a machine where you trust it."
+        )
+    raise ModelLoadError(f"{key}: '{component}' has no .safetensors weights")
+
+
+def _load_single_file(
+    file: Path, config_folder: Path, vae: AutoencoderKL | None, *, config_given: bool
+) -> _Components:
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from .architectures import SD1_PIPELINE_SCHEDULER
+
+    config_hint = "model.config" if config_given else "the cached hub config"
+    passed: dict[str, Any] = {"vae": vae} if vae is not None else {}
+    with _quiet_dtype_cast_warning(), _reraise_as_load_error(
+        f"model.path: cannot load the checkpoint '{file}' with the configs of '{config_folder}' "
+        f"(does {config_hint} describe the same architecture?)"
+    ):
+        pipeline = StableDiffusionPipeline.from_single_file(
+            str(file),
+            config=str(config_folder),
+            local_files_only=True,
+            torch_dtype=torch.float32,
+            # Passed in, so the config folder needs no scheduler or safety checker.
+            # (The pipeline's scheduler is unused here; a PNDM config is the one
+            # StableDiffusionPipeline accepts without deprecation warnings.)
+            scheduler=PNDMScheduler(**SD1_PIPELINE_SCHEDULER),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **passed,
+        )
+    components = _Components(pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer)
+    for part in ("unet", "vae", "text_encoder"):
+        _check_fully_loaded(getattr(components, part), part, file, config_hint)
+    return components
+
+
+def _load_vae(spec: str | os.PathLike, config_folder: Path) -> AutoencoderKL:
+    import torch
+    from diffusers import AutoencoderKL
+
+    source = _existing_path(spec, "model.vae")
+    if source.is_dir():
+        if (source / "model_index.json").is_file():
+            folder, subfolder = source, "vae"  # a whole pipeline: take its VAE
+        elif (source / "config.json").is_file():
+            folder, subfolder = source, None
+        else:
+            raise ModelLoadError(
+                f"model.vae: '{source}' is neither a diffusers AutoencoderKL folder (config.json + weights) "
+                f"nor a pipeline folder with vae/; set model.vae to one of those or to a .safetensors VAE file"
+            )
+        variant = _weights_variant(folder / (subfolder or ""), "model.vae")
+        with _reraise_as_load_error(f"model.vae: cannot load the VAE in '{source}'"):
+            return AutoencoderKL.from_pretrained(
+                folder,
+                subfolder=subfolder,
+                variant=variant,
+                use_safetensors=True,
+                local_files_only=True,
+                torch_dtype=torch.float32,
+            )
+
+    _check_file_type(source, "model.vae")
+    with _quiet_dtype_cast_warning(), _reraise_as_load_error(f"model.vae: cannot load the single-file VAE '{source}'"):
+        model = AutoencoderKL.from_single_file(
+            str(source),
+            config=str(config_folder),
+            subfolder="vae",
+            local_files_only=True,
+            torch_dtype=torch.float32,
+        )
+    _check_fully_loaded(model, "vae", source, "model.vae")
+    return model
+
+
+# --- checks after loading -------------------------------------------------------
+
+
+def _check_fully_loaded(module: torch.nn.Module, part: str, file: Path, config_hint: str) -> None:
+    # diffusers builds single-file models on the meta device and fills in the
+    # checkpoint's tensors; a weight the checkpoint lacks silently stays on meta.
+    missing = [name for name, tensor in module.state_dict().items() if tensor.is_meta]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(
+            f"'{file}' lacks {len(missing)} {part} weights ({shown}); check that {config_hint} "
+            f"describes the checkpoint's architecture"
+        )
+
+
+def _check_matches_version(unet: UNet2DConditionModel, version: str, source: Path) -> None:
+    if unet.config.get("addition_embed_type") == "text_time":
+        raise ModelLoadError(f"model.path: '{source}' is an SDXL model; {PLANNED_VERSIONS['sdxl']}")
+    detected = _VERSION_BY_CONTEXT_DIM.get(unet.config.cross_attention_dim)
+    if detected is not None and detected != version:
+        raise ModelLoadError(
+            f"model.version={version}, but model.path '{source}' is an {detected} model "
+            f"(cross_attention_dim {unet.config.cross_attention_dim}); set model.version={detected}"
+        )
+
+
+def _warn_on_prediction_type_mismatch(folder: Path, v_parameterization: bool) -> None:
+    scheduler_config = folder / "scheduler" / "scheduler_config.json"
+    if not scheduler_config.is_file():
+        return
+    shipped = _read_json(scheduler_config, "model.path").get("prediction_type")
+    expected = "v_prediction" if v_parameterization else "epsilon"
+    if shipped in ("epsilon", "v_prediction") and shipped != expected:
+        logger.warning(
+            "model.v_parameterization=%s, but the scheduler shipped with %s predicts %s; "
+            "training with the wrong target ruins the LoRA",
+            v_parameterization,
+            folder,
+            shipped,
+        )
+
+
+# --- helpers --------------------------------------------------------------------
+
+
+def _read_json(file: Path, key: str) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{key}: cannot read '{file}': {error}") from error
+
+
+@contextlib.contextmanager
+def _reraise_as_load_error(message: str) -> Iterator[None]:
+    """Turn a library failure into a ModelLoadError that says which config key to fix."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"{message}: {type(error).__name__}: {error}") from error
+
+
+@contextlib.contextmanager
+def _quiet_dtype_cast_warning() -> Iterator[None]:
+    # from_single_file casts with .to(dtype), which makes diffusers warn about
+    # "modules that should be kept in float32: []" on every load; nothing is wrong.
+    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = diffusers_logger.level
+    diffusers_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        diffusers_logger.setLevel(level)

@@ -1,0 +1,207 @@
+"""Sample images during training, named and recorded as kohya sd-scripts does.
+
+Each image is saved as ``{output_name}_{e000001|000500}_{NN}_{YYYYmmddHHMMSS}_{seed}.png`` in
+the samples folder, and one record per image is appended to ``samples.json`` there (see
+`atelier.sampling.manifest`); `atelier.sampling.grid` builds comparison grids from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from atelier.sampling.manifest import append_manifest, manifest_record
+from atelier.sampling.prompts import SamplePrompt
+from atelier.sampling.samplers import make_scheduler, sampler_name
+from atelier.utils.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+def build_pipeline(
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    tokenizer: Any,
+    scheduler_config: Mapping[str, Any],
+    sampler: str = "ddim",
+) -> StableDiffusionPipeline:
+    """A pipeline around the given (unwrapped, possibly LoRA-patched) modules; nothing is copied or moved."""
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_scheduler(sampler, scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def generate_samples(
+    pipeline: StableDiffusionPipeline,
+    prompts: Sequence[SamplePrompt],
+    out_dir: str | Path,
+    output_name: str,
+    epoch: int | None,
+    step: int,
+    device: str | torch.device,
+    *,
+    clip_skip: int | None = None,
+    eval_modules: Sequence[torch.nn.Module] = (),
+) -> list[Path]:
+    """Render one image per prompt into `out_dir` and append them to its manifest.
+
+    `device` is where the pipeline's modules already are. `clip_skip` follows sd-scripts
+    (2 = penultimate CLIP layer). `eval_modules` are switched to eval mode too while
+    sampling, e.g. a kohya LoRA network, whose modules are not children of the UNet.
+    Train/eval modes and the global RNG state are restored afterwards.
+    """
+    out_dir = Path(out_dir)
+    device = torch.device(device)
+    _check_device(pipeline, device)
+    modules = [pipeline.unet, pipeline.vae, pipeline.text_encoder, *eval_modules]
+    paths: list[Path] = []
+    # no_grad rather than inference_mode: inference tensors cached by a module (e.g. a LoRA
+    # implementation) would break the backward pass of the training that resumes after.
+    with torch.no_grad(), _eval_mode(modules), _forked_rng(device):
+        for prompt in prompts:
+            image = render_prompt(pipeline, prompt, clip_skip=clip_skip)
+            path = out_dir / sample_file_name(output_name, epoch, step, prompt.index, prompt.seed)
+            sampler = _sampler_label(pipeline, prompt)
+            save_sample(image, path, prompt, sampler)
+            # One record at a time: samples already written stay listed if training dies.
+            append_manifest(out_dir, [manifest_record(path, prompt, epoch, step, sampler)])
+            paths.append(path)
+    return paths
+
+
+def render_prompt(pipeline: StableDiffusionPipeline, prompt: SamplePrompt, clip_skip: int | None = None) -> Image.Image:
+    """One image for one prompt; its noise depends only on the prompt's seed, not on the device."""
+    generator = torch.Generator(device="cpu").manual_seed(prompt.seed)
+    text_args = _text_arguments(pipeline, prompt, clip_skip)
+    with _scheduler_for(pipeline, prompt.sampler):
+        result = pipeline(
+            **text_args,
+            height=prompt.height,
+            width=prompt.width,
+            num_inference_steps=prompt.steps,
+            guidance_scale=prompt.cfg_scale,
+            generator=generator,
+            output_type="pil",
+        )
+    return result.images[0]
+
+
+def sample_file_name(output_name: str, epoch: int | None, step: int, index: int, seed: int) -> str:
+    """sd-scripts' sample name: {output_name}_{e000001 or 000500}_{NN}_{timestamp}_{seed}.png."""
+    number = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+    prefix = f"{output_name}_" if output_name else ""
+    return f"{prefix}{number}_{index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{seed}.png"
+
+
+def save_sample(image: Image.Image, path: Path, prompt: SamplePrompt, sampler: str) -> None:
+    """Write the PNG atomically, with A1111-style generation parameters that image viewers show."""
+    info = PngInfo()
+    info.add_text("parameters", _a1111_parameters(prompt, sampler))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+def _text_arguments(pipeline: StableDiffusionPipeline, prompt: SamplePrompt, clip_skip: int | None) -> dict[str, Any]:
+    if not clip_skip or clip_skip <= 1:
+        return {"prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt or None}
+    # diffusers' own clip_skip reaches for `text_encoder.text_model`, which transformers >= 5.6
+    # removed; encoding here also keeps sd-scripts' meaning of the number.
+    return {
+        "prompt_embeds": _encode_text(pipeline, prompt.prompt, clip_skip),
+        "negative_prompt_embeds": _encode_text(pipeline, prompt.negative_prompt, clip_skip),
+    }
+
+
+def _encode_text(pipeline: StableDiffusionPipeline, text: str, clip_skip: int) -> torch.Tensor:
+    """CLIP hidden state `clip_skip` layers from the end, through the final layer norm."""
+    tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder
+    ids = tokenizer(
+        text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    hidden_states = text_encoder(ids.to(text_encoder.device), output_hidden_states=True).hidden_states
+    final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    return final_layer_norm(hidden_states[-clip_skip])
+
+
+@contextlib.contextmanager
+def _scheduler_for(pipeline: StableDiffusionPipeline, sampler: str | None) -> Iterator[None]:
+    """Use a prompt's own --ss sampler for one image, then put the pipeline's back."""
+    if sampler is None:
+        yield
+        return
+    default = pipeline.scheduler
+    pipeline.scheduler = make_scheduler(sampler, default.config)
+    try:
+        yield
+    finally:
+        pipeline.scheduler = default
+
+
+@contextlib.contextmanager
+def _eval_mode(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Eval mode (no dropout) while sampling; every submodule gets its own mode back."""
+    saved = [(sub, sub.training) for module in modules for sub in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        # Set the flag directly: .train(mode) would recurse and overwrite the children.
+        for sub, training in saved:
+            sub.training = training
+
+
+def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """Sampling must not shift the training's random stream (shuffling, noise, dropout)."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
+def _check_device(pipeline: StableDiffusionPipeline, device: torch.device) -> None:
+    for name in ("unet", "text_encoder", "vae"):
+        param = next(getattr(pipeline, name).parameters(), None)
+        if param is not None and not _same_device(param.device, device):
+            raise ValueError(
+                f"sampling on {device}, but the {name} is on {param.device}: "
+                "move the modules before sampling (sampling never moves training modules)"
+            )
+
+
+def _same_device(actual: torch.device, wanted: torch.device) -> bool:
+    return actual.type == wanted.type and (wanted.index is None or actual.index == wanted.index)
+
+
+def _sampler_label(pipeline: StableDiffusionPipeline, prompt: SamplePrompt) -> str:
+    return prompt.sampler or sampler_name(pipeline.scheduler)
+
+
+def _a1111_parameters(prompt: SamplePrompt, sampler: str) -> str:
+    lines = [prompt.prompt]
+    if prompt.negative_prompt:
+        lines.append(f"Negative prompt: {prompt.negative_prompt}")
+    lines.append(
+        f"Steps: {prompt.steps}, Sampler: {sampler}, CFG scale: {prompt.cfg_scale:g}, "
+        f"Seed: {prompt.seed}, Size: {prompt.width}x{prompt.height}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Sample prompts in kohya sd-scripts syntax.
+
+One prompt per line::
+
+    a photo of sks dog --n blurry, lowres --w 512 --h 768 --s 28 --l 7.5 --d 1234 --ss euler_a
+
+Options may come in any order and are case-insensitive: ``--n`` negative prompt,
+``--w``/``--h`` size, ``--s`` steps, ``--l`` CFG scale, ``--d`` seed, ``--ss`` sampler for
+this prompt only. Lines starting with ``#`` are comments; blank lines are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from atelier.sampling.samplers import normalize_sampler
+
+logger = logging.getLogger(__name__)
+
+# Seeds of prompts without --d and without a default seed: fixed, so that the samples of
+# every epoch (and of every run in a sweep) start from the same noise and stay comparable.
+FALLBACK_SEED_BASE = 1000
+
+# sd-scripts clamps steps to this range instead of failing.
+MIN_STEPS, MAX_STEPS = 1, 1000
+
+# The VAE works on multiples of 8 px; sd-scripts also never goes below 64 px.
+SIZE_MULTIPLE = 8
+MIN_SIZE = 64
+
+# Only " --" followed by a letter starts an option, so a prompt like "a -- b" stays intact.
+_OPTION_SPLIT = re.compile(r"(?:^|\s+)--(?=[A-Za-z])")
+
+KNOWN_OPTIONS = ("n", "w", "h", "s", "l", "d", "ss")
+
+
+@dataclass
+class SampleDefaults:
+    """Values for options a prompt line leaves out."""
+
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg_scale: float = 7.0
+    negative_prompt: str = ""
+    seed: int | None = None
+
+
+@dataclass
+class SamplePrompt:
+    """One fully resolved sample request; `index` is its position among the prompts."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    seed: int
+    index: int
+    # sd-scripts' per-prompt --ss; None means the pipeline's sampler.
+    sampler: str | None = None
+
+
+def parse_prompts(text_or_lines: str | list[str], defaults: SampleDefaults) -> list[SamplePrompt]:
+    """Parse prompt lines (a text or a list of lines) into resolved sample prompts.
+
+    Raises ValueError naming the line and the option for unknown options or bad numbers.
+    """
+    lines = text_or_lines.splitlines() if isinstance(text_or_lines, str) else list(text_or_lines)
+    prompts: list[SamplePrompt] = []
+    for line_no, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        prompts.append(parse_prompt_line(line, defaults, index=len(prompts), line_no=line_no))
+    return prompts
+
+
+def parse_prompt_line(line: str, defaults: SampleDefaults, index: int, line_no: int | None = None) -> SamplePrompt:
+    """Parse one non-comment prompt line; `line_no` only serves error messages."""
+    where = f"sample prompt line {line_no if line_no is not None else index + 1} ({line!r})"
+    prompt, *option_texts = _OPTION_SPLIT.split(line.strip())
+    # A repeated option: the last one wins, as in sd-scripts.
+    options = dict(_split_option(text, where) for text in option_texts)
+
+    return SamplePrompt(
+        prompt=prompt.strip(),
+        negative_prompt=options.get("n", defaults.negative_prompt).strip(),
+        width=_parse_size(options.get("w"), defaults.width, "w", where),
+        height=_parse_size(options.get("h"), defaults.height, "h", where),
+        steps=_parse_steps(options.get("s"), defaults.steps, where),
+        cfg_scale=_parse_float(options["l"], "l", where) if "l" in options else float(defaults.cfg_scale),
+        seed=_parse_seed(options["d"], where) if "d" in options else default_seed(index, defaults),
+        index=index,
+        sampler=_parse_sampler(options["ss"], where) if "ss" in options else None,
+    )
+
+
+def default_seed(index: int, defaults: SampleDefaults) -> int:
+    """The fixed seed of a prompt without --d (never random, see FALLBACK_SEED_BASE)."""
+    base = defaults.seed if defaults.seed is not None else FALLBACK_SEED_BASE
+    return base + index
+
+
+def load_prompt_file(path: str | Path, defaults: SampleDefaults | None = None) -> list[SamplePrompt]:
+    """Read a .txt prompt file (one sd-scripts prompt line per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sampling.prompt_file: no such file: {path}")
+    if path.suffix.lower() != ".txt":
+        raise ValueError(f"sampling.prompt_file: only .txt prompt files are supported, got {path}")
+    return parse_prompts(path.read_text(encoding="utf-8"), defaults or SampleDefaults())
+
+
+def _split_option(text: str, where: str) -> tuple[str, str]:
+    """'w 512' -> ('w', '512'); the split pattern guarantees `text` starts with a letter."""
+    key, *value = text.strip().split(maxsplit=1)
+    if key.lower() not in KNOWN_OPTIONS:
+        known = ", ".join("--" + k for k in KNOWN_OPTIONS)
+        raise ValueError(f"{where}: unknown option --{key}; known options: {known}")
+    return key.lower(), value[0].strip() if value else ""
+
+
+def _parse_int(value: str, key: str, where: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{where}: option --{key} needs an integer, got {value!r}") from None
+
+
+def _parse_seed(value: str, where: str) -> int:
+    seed = _parse_int(value, "d", where)
+    if not 0 <= seed < 2**64:  # the range torch.Generator.manual_seed accepts
+        raise ValueError(f"{where}: option --d needs an integer from 0 to 2**64-1, got {value!r}")
+    return seed
+
+
+def _parse_float(value: str, key: str, where: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: option --{key} needs a number, got {value!r}")
+    return number
+
+
+def _parse_size(value: str | None, default: int, key: str, where: str) -> int:
+    size = _parse_int(value, key, where) if value is not None else int(default)
+    rounded = max(MIN_SIZE, size - size % SIZE_MULTIPLE)
+    if rounded != size:
+        logger.warning(
+            "%s: --%s %d is not a multiple of %d (min %d); using %d", where, key, size, SIZE_MULTIPLE, MIN_SIZE, rounded
+        )
+    return rounded
+
+
+def _parse_steps(value: str | None, default: int, where: str) -> int:
+    steps = _parse_int(value, "s", where) if value is not None else int(default)
+    clamped = min(MAX_STEPS, max(MIN_STEPS, steps))
+    if clamped != steps:
+        logger.warning("%s: --s %d is outside %d..%d; using %d", where, steps, MIN_STEPS, MAX_STEPS, clamped)
+    return clamped
+
+
+def _parse_sampler(value: str, where: str) -> str:
+    try:
+        return normalize_sampler(value)
+    except ValueError as error:
+        raise ValueError(f"{where}: option --ss: {error}") from None
