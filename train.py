@@ -9,8 +9,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import atelier.config
+from atelier.utils.quiet import quiet_third_party_warnings
 
 atelier.config.register()
+quiet_third_party_warnings()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

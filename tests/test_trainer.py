@@ -206,3 +206,21 @@ def test_tensorboard_and_metrics_logs(tmp_path):
     assert {"loss/step", "lr/unet", "lr/text_encoder", "time/step_seconds", "loss/epoch"} <= tags
     assert [e.step for e in events.Scalars("loss/step")] == [1, 2, 3]
     assert len(steps_logged(run_dir)) == 3
+
+
+def test_trains_a_user_model_from_a_folder_or_a_single_file(tmp_path, tiny_model_path):
+    """model.path takes the same loading path as the embedded model."""
+    from atelier.models.loading import load_base_model
+    from atelier.models.ldm_convert import save_single_file
+
+    folder_dir, folder_summary = train(tmp_path, "model=sd15", f"model.path={tiny_model_path}", "model.resolution=64",
+                                       "training.max_train_steps=2", name="folder")
+    base = load_base_model(str(tiny_model_path))
+    single = tmp_path / "tiny.safetensors"
+    save_single_file(single, base.unet, base.vae, base.text_encoder)
+    file_dir, file_summary = train(tmp_path, "model=sd15", f"model.path={single}", f"model.config={tiny_model_path}",
+                                   "model.resolution=64", "training.max_train_steps=2", name="file")
+    a, meta = load_lora(folder_dir / "demo.safetensors")
+    b, _ = load_lora(file_dir / "demo.safetensors")
+    assert all(torch.allclose(a[k], b[k]) for k in a)  # the same weights, loaded two ways
+    assert meta["ss_sd_model_name"] == tiny_model_path.name

@@ -108,6 +108,7 @@ class Trainer:
 
     def _load_base_model(self) -> BaseModel:
         m = self.cfg.model
+        log.info("loading base model %s", m.path or m.builtin)
         base = load_base_model(
             m.path,
             builtin=m.builtin,
@@ -123,9 +124,11 @@ class Trainer:
             module.requires_grad_(False)
             module.eval()
         # The VAE stays in float32: it runs once (latent cache) and fp16 VAEs overflow.
-        base.vae.to(self.device)
-        base.unet.to(self.device, weight_dtype)
-        base.text_encoder.to(self.device, weight_dtype)
+        for module in (base.vae, base.unet, base.text_encoder):
+            module.to(self.device)
+        if weight_dtype != torch.float32:
+            base.unet.to(weight_dtype)
+            base.text_encoder.to(weight_dtype)
         return base
 
     @property
