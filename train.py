@@ -17,20 +17,17 @@ quiet_third_party_warnings()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    from atelier.train.run import record_run, run_training, validate
+    from atelier.train.run import run_job
 
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    validate(cfg)
     user_config_dirs = [s.path for s in hydra_cfg.runtime.config_sources if s.provider == "command-line"]
-    record_run(
+    return run_job(
         cfg,
-        run_dir,
+        Path(hydra_cfg.runtime.output_dir),
         list(hydra_cfg.overrides.task),
         hydra_cfg.job.config_name,
         user_config_dirs[0] if user_config_dirs else None,
     )
-    return run_training(cfg, run_dir)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,5 @@ def test_cli_missing_model_path_is_named(tmp_path):
     assert proc.returncode != 0
     assert "'model.path' must be set" in proc.stderr
     assert not list((tmp_path / "run").glob("*.safetensors"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "'model.path' must be set" in summary["reason"]

@@ -42,9 +42,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
 
 
-def record_run(cfg: DictConfig, run_dir: Path, overrides: list[str], config_name: str, config_dir: str | None) -> None:
-    write_resolved_config(run_dir, cfg)
-    write_command(run_dir, overrides, config_name, config_dir)
+def failure_reason(err: BaseException) -> str:
+    """One line: the exception type and the first line of its message."""
+    message = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {message}"
 
 
 def summarise(status: str, result: TrainResult | None, started: float, reason: str | None = None) -> dict[str, Any]:
@@ -68,16 +69,34 @@ def summarise(status: str, result: TrainResult | None, started: float, reason: s
     return summary
 
 
-def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train one LoRA into `run_dir`; summary.json is written whether it succeeds or fails."""
+def run_job(
+    cfg: DictConfig, run_dir: Path, overrides: list[str], config_name: str = "config", config_dir: str | None = None
+) -> dict[str, Any]:
+    """One job as train.py runs it: check, record how to replay it, then train.
+
+    summary.json is written whatever happens, so a sweep report can tell why a job failed.
+    """
     started = time.time()
-    trainer = Trainer(cfg, run_dir)
-    write_environment(run_dir, str(trainer.device))
     try:
+        validate(cfg)
+        write_resolved_config(run_dir, cfg)
+        write_command(run_dir, overrides, config_name, config_dir)
+    except Exception as err:
+        write_summary(run_dir, summarise("failed", None, started, failure_reason(err)))
+        raise
+    return run_training(cfg, run_dir, started)
+
+
+def run_training(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict[str, Any]:
+    """Train one LoRA into `run_dir`; summary.json is written whether it succeeds or fails."""
+    started = started or time.time()
+    trainer = None
+    try:
+        trainer = Trainer(cfg, run_dir)
+        write_environment(run_dir, str(trainer.device))
         result = trainer.train()
     except BaseException as err:
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        write_summary(run_dir, summarise("failed", trainer.result, started, reason))
+        write_summary(run_dir, summarise("failed", trainer and trainer.result, started, failure_reason(err)))
         raise
     summary = summarise("completed", result, started)
     write_summary(run_dir, summary)
