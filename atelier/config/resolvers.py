@@ -23,6 +23,17 @@ def basename(path: str) -> str:
     return Path(str(path).rstrip("/\\")).name
 
 
+def fallback(value: object, default: object) -> object:
+    """`value` unless it is null or empty."""
+    return default if value in (None, "") else value
+
+
+def multiply(a: float, b: float) -> float:
+    return float(a) * float(b)
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("asset", asset_path, replace=True)
     OmegaConf.register_new_resolver("basename", basename, replace=True)
+    OmegaConf.register_new_resolver("fallback", fallback, replace=True)
+    OmegaConf.register_new_resolver("mul", multiply, replace=True)

@@ -156,6 +156,8 @@ class OutputConfig:
 class AtelierConfig:
     # Groups all studies of one dataset under outputs/<project>/.
     project: str = MISSING
+    recipe: Optional[str] = None
+    resume: bool = False
     model: ModelConfig = MISSING
     network: NetworkConfig = MISSING
     optimizer: OptimizerConfig = MISSING

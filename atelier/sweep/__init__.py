@@ -1,0 +1,1 @@
+"""Sweeps: naming jobs by what varies, resuming, summarising failures."""

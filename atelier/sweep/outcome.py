@@ -1,0 +1,42 @@
+"""What a sweep prints at the end, and which finished jobs a resumed sweep skips."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobOutcome:
+    name: str
+    status: str  # completed | failed | skipped
+    reason: str | None = None
+
+
+def finished(job_dir: Path) -> bool:
+    """A job whose summary.json says it completed (its LoRA file is there)."""
+    try:
+        summary = json.loads((job_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    output = summary.get("output_file")
+    return summary.get("status") == "completed" and bool(output) and (job_dir / output).is_file()
+
+
+def format_summary(outcomes: list[JobOutcome]) -> str:
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("completed", "skipped", "failed")}
+    lines = [
+        f"sweep finished: {counts['completed']} completed, {counts['skipped']} skipped (already done), "
+        f"{counts['failed']} failed"
+    ]
+    width = max((len(o.name) for o in outcomes), default=0)
+    for o in outcomes:
+        line = f"  {o.status:<9} {o.name:<{width}}"
+        if o.reason:
+            line += f"  {o.reason}"
+        lines.append(line)
+    return "\n".join(lines)
