@@ -224,3 +224,38 @@ def test_trains_a_user_model_from_a_folder_or_a_single_file(tmp_path, tiny_model
     b, _ = load_lora(file_dir / "demo.safetensors")
     assert all(torch.allclose(a[k], b[k]) for k in a)  # the same weights, loaded two ways
     assert meta["ss_sd_model_name"] == tiny_model_path.name
+
+
+def test_interrupted_run_continues_from_its_state_to_the_same_weights(tmp_path, monkeypatch):
+    args = ["training.max_train_epochs=3", "training.train_batch_size=8", "output.save_every_n_epochs=null"]
+    full, _ = train(tmp_path, *args, name="full")
+
+    run_dir = tmp_path / "interrupted"
+    run_dir.mkdir()
+    real_end_epoch = Trainer._end_epoch
+
+    def killed_in_epoch_3(self, epoch):
+        real_end_epoch(self, epoch)
+        if epoch == 2:
+            monkeypatch.setattr(Trainer, "_forward", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    monkeypatch.setattr(Trainer, "_end_epoch", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(make_cfg(*args), run_dir)
+    assert (run_dir / "training_state.pt").is_file() and not (run_dir / "demo.safetensors").exists()
+    monkeypatch.undo()
+
+    summary = run_training(make_cfg(*args), run_dir)  # started again in the same dir
+    assert summary["steps"] == 21 and len(summary["epoch_losses"]) == 3
+    a, b = load_lora(full / "demo.safetensors")[0], load_lora(run_dir / "demo.safetensors")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in steps_logged(run_dir)] == list(range(1, 22))  # no duplicated steps
+    assert not (run_dir / "training_state.pt").exists()
+
+
+def test_state_from_another_config_is_refused(tmp_path):
+    from atelier.train.state import StateMismatchError, config_fingerprint, save_training_state
+
+    save_training_state(tmp_path, {"config_fingerprint": config_fingerprint(make_cfg("network.dim=4"))})
+    with pytest.raises(StateMismatchError, match="different config"):
+        Trainer(make_cfg("network.dim=8"), tmp_path).train()

@@ -150,6 +150,9 @@ class OutputConfig:
     output_name: str = MISSING
     save_every_n_epochs: Optional[int] = 1
     save_precision: SavePrecision = SavePrecision.float
+    # Keep the training state of the last finished epoch, so a job started again in
+    # the same run dir continues from it (deleted when the run finishes).
+    save_state: bool = True
 
 
 @dataclass

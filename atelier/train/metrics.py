@@ -27,11 +27,15 @@ def peak_memory_mb() -> dict[str, float]:
 class MetricsLog:
     """Per-step scalars to TensorBoard and metrics.jsonl (read by sweep reports)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        """`resume_step`: continuing a run; drop what was logged after that step."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
-        self.writer = SummaryWriter(str(run_dir / TENSORBOARD))
+        purge = resume_step + 1 if resume_step is not None else None
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=purge)
+        if resume_step is not None:
+            _truncate_after(run_dir / METRICS, resume_step)
         self._jsonl = open(run_dir / METRICS, "a", encoding="utf-8", buffering=1)
 
     def log(self, step: int, scalars: dict[str, float], **fields: Any) -> None:
@@ -42,6 +46,13 @@ class MetricsLog:
     def close(self) -> None:
         self.writer.close()
         self._jsonl.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:

@@ -27,6 +27,7 @@ from atelier.train.optimizers import build_optimizer, describe_optimizer
 from atelier.train.plan import TrainingPlan, make_plan
 from atelier.train.samples import SampleWriter
 from atelier.train.schedulers import build_lr_scheduler, warmup_steps
+from atelier.train.state import STATE_FILE, config_fingerprint, load_training_state, save_training_state
 from atelier.train.text_encoding import encode_tokens, tokenize
 
 log = logging.getLogger(__name__)
@@ -184,20 +185,57 @@ class Trainer:
     # -------------------------------------------------------------- training
     def train(self) -> TrainResult:
         self.setup()
-        metrics = MetricsLog(self.run_dir)
-        progress = tqdm(total=self.plan.total_steps, desc="training", unit="step", dynamic_ncols=True)
+        first_epoch = self._restore() + 1
+        metrics = MetricsLog(self.run_dir, resume_step=self.result.steps if first_epoch > 1 else None)
+        progress = tqdm(
+            total=self.plan.total_steps, initial=self.result.steps, desc="training", unit="step", dynamic_ncols=True
+        )
         try:
-            for epoch in range(1, self.plan.num_epochs + 1):
+            for epoch in range(first_epoch, self.plan.num_epochs + 1):
                 epoch_loss = self._train_epoch(epoch, metrics, progress)
                 self.result.epochs = epoch
                 self.result.epoch_losses.append(epoch_loss)
                 metrics.log(self.result.steps, {"loss/epoch": epoch_loss}, epoch=epoch)
                 self._end_epoch(epoch)
+                if self.cfg.output.save_state and epoch < self.plan.num_epochs:
+                    save_training_state(self.run_dir, self._state_dict())
         finally:
             progress.close()
             metrics.close()
         self._finish()
         return self.result
+
+    # ----------------------------------------------------------------- state
+    def _state_dict(self) -> dict:
+        r = self.result
+        return {
+            "config_fingerprint": config_fingerprint(self.cfg),
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": r.epochs,
+            "steps": r.steps,
+            "epoch_losses": r.epoch_losses,
+            "train_seconds": r.train_seconds,
+            "checkpoints": [p.name for p in r.checkpoints],
+        }
+
+    def _restore(self) -> int:
+        """Load the run dir's training state if there is one; returns the epochs it completed."""
+        state = load_training_state(self.run_dir, config_fingerprint(self.cfg))
+        if state is None:
+            return 0
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.generator.set_state(state["generator"])
+        r = self.result
+        r.epochs, r.steps, r.epoch_losses = state["epoch"], state["steps"], list(state["epoch_losses"])
+        r.train_seconds = state["train_seconds"]
+        r.checkpoints = [self.run_dir / name for name in state["checkpoints"]]
+        log.info("resuming from %s: epoch %d done, step %d", STATE_FILE, r.epochs, r.steps)
+        return r.epochs
 
     def _train_epoch(self, epoch: int, metrics: MetricsLog, progress: tqdm) -> float:
         samples = expand_repeats(self.dataset.items)
@@ -292,4 +330,6 @@ class Trainer:
         self._save(path, self.result.epochs)
         self.result.output_file = path
         self.samples.write_grid()
+        # The final LoRA supersedes it: a finished run is not resumed.
+        (self.run_dir / STATE_FILE).unlink(missing_ok=True)
 
