@@ -12,7 +12,10 @@ import logging
 import sys
 
 # module path of each subcommand group, in --help order
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = [
+    "atelier.report.cli",
+    "atelier.data.cli",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

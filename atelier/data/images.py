@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 from pathlib import Path
 
@@ -143,16 +144,67 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+# EXIF orientations 5-8 rotate by 90 degrees: the upright image has width and height swapped.
+_EXIF_ORIENTATION_TAG = 0x0112
+_SWAPPED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) as load_image will see it, read from the header without decoding.
+
+    Only EXIF already parsed with the header counts: PIL's PNG getexif() would decode
+    the whole image to look for a trailing eXIf chunk, which defeats the point.
+    """
+    with Image.open(path) as img:
+        width, height = img.size
+        raw_exif = img.info.get("exif")
+    if raw_exif:
+        exif = Image.Exif()
+        exif.load(raw_exif)
+        if exif.get(_EXIF_ORIENTATION_TAG, 1) in _SWAPPED_ORIENTATIONS:
+            return height, width
+    return width, height
+
+
+def open_rgb(path: Path, data: bytes | None = None) -> Image.Image:
+    """The image upright and in RGB, decoded from `data` when given (else read from path).
+
+    Decoding bytes that were already read (and hashed) guarantees both describe the
+    same file content, even if the file changes meanwhile.
+    """
+    source = io.BytesIO(data) if data is not None else path
+    try:
+        with Image.open(source) as img:
+            return to_rgb(ImageOps.exif_transpose(img))
+    except FileNotFoundError as exc:
+        raise DatasetError(f"Image {path} does not exist (was it moved or deleted after the scan?).") from exc
+    except _DECODE_ERRORS as exc:
+        raise DatasetError(
+            f"Cannot read image {path}: {_describe(exc)}. "
+            "Re-export it (e.g. save it again as PNG) or remove it from the dataset."
+        ) from exc
+
+
+def crop_at(img: Image.Image, width: int, height: int, left: int, top: int) -> Image.Image:
+    """The width x height window whose top-left corner is (left, top); it must fit in img."""
+    if not (0 <= left <= img.width - width and 0 <= top <= img.height - height):
+        raise ValueError(f"crop {width}x{height} at ({left}, {top}) does not fit in a {img.width}x{img.height} image")
+    return img.crop((left, top, left + width, top + height))
+
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "UNSUPPORTED_IMAGE_EXTENSIONS",
     "center_crop",
+    "crop_at",
     "is_image_file",
     "is_unsupported_image_file",
     "load_image",
+    "open_rgb",
     "resize_to_cover",
     "to_rgb",
     "to_tensor",
     "unreadable_images_message",
     "unreadable_reason",
+    "upright_size",
 ]

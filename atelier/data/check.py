@@ -1,0 +1,415 @@
+"""`atelier dataset check`: what training would see in a dataset, without training.
+
+scan_dataset stops at the first fatal problem; this inspection walks the whole folder
+and collects every problem, so one run of the check lists everything to fix. No
+model is loaded: images are only opened to verify them and read their size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from atelier.data.buckets import BucketAssignment, BucketManager, BucketSettings, Resolution, bucket_steps_per_epoch
+from atelier.data.captions import normalize_caption_extension, read_caption, split_tags
+from atelier.data.dataset import ImageItem, parse_concept_folder_name
+from atelier.data.errors import DatasetError
+from atelier.data.images import is_image_file, is_unsupported_image_file, unreadable_reason, upright_size
+from atelier.data.schedule import total_steps
+
+ERROR = "error"  # training would stop
+WARNING = "warning"  # training runs, maybe not as intended
+
+TOP_TAGS = 20
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: str
+    where: str  # path relative to the dataset root
+    message: str
+
+    def line(self) -> str:
+        return f"{self.severity.upper():<7}  {self.where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    path: Path
+    size: Resolution | None  # None when the file cannot be read
+    caption_file: str | None  # the caption file's text; None without one
+    caption: str  # what training uses: the caption, else the folder's class tokens
+
+
+@dataclass
+class CheckedFolder:
+    path: Path
+    repeats: int
+    class_tokens: str
+    images: list[CheckedImage]
+
+    @property
+    def readable(self) -> list[CheckedImage]:
+        return [image for image in self.images if image.size is not None]
+
+    @property
+    def captions_found(self) -> int:
+        return sum(1 for image in self.images if image.caption_file)
+
+
+@dataclass
+class DatasetInspection:
+    root: Path
+    caption_extension: str
+    folders: list[CheckedFolder] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    def add(self, severity: str, path: Path, message: str) -> None:
+        self.problems.append(Problem(severity, self.relative(path), message))
+
+    def relative(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.root)) or "."
+        except ValueError:
+            return str(path)
+
+    @property
+    def has_errors(self) -> bool:
+        return any(problem.severity == ERROR for problem in self.problems)
+
+    def count(self, severity: str) -> int:
+        return sum(1 for problem in self.problems if problem.severity == severity)
+
+
+# --------------------------------------------------------------------- inspection
+
+
+def inspect_dataset(train_data_dir: str | Path, caption_extension: str = ".txt") -> DatasetInspection:
+    """Every folder, image and caption under train_data_dir, with every problem found."""
+    root = Path(train_data_dir).expanduser().resolve()
+    inspection = DatasetInspection(root, caption_extension)
+    try:
+        inspection.caption_extension = normalize_caption_extension(caption_extension)
+    except DatasetError as exc:
+        inspection.add(ERROR, root, str(exc))
+        return inspection
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is a file, not a folder"
+        inspection.add(ERROR, root, f"the dataset folder {what}")
+        return inspection
+    entries = _list_dir(root, inspection)
+    for folder in entries:
+        if folder.is_dir() and not folder.name.startswith("."):
+            _inspect_candidate_folder(folder, inspection)
+    _check_root_images([path for path in entries if is_image_file(path)], inspection)
+    return inspection
+
+
+def _list_dir(folder: Path, inspection: DatasetInspection) -> list[Path]:
+    try:
+        return sorted(folder.iterdir(), key=lambda path: path.name)
+    except OSError as exc:
+        inspection.add(ERROR, folder, f"cannot list the folder: {exc.strerror or exc}")
+        return []
+
+
+def _inspect_candidate_folder(folder: Path, inspection: DatasetInspection) -> None:
+    parsed = parse_concept_folder_name(folder.name)
+    if parsed is None:
+        inspection.add(
+            WARNING, folder, f"no repeat-count prefix, skipped; rename it to e.g. `10_{folder.name}` to train on it"
+        )
+        return
+    repeats, class_tokens = parsed
+    if repeats < 1:
+        inspection.add(WARNING, folder, f"0 repeats, skipped; rename it to e.g. `1_{class_tokens}` to train on it")
+        return
+    checked = _inspect_concept(folder, repeats, class_tokens, inspection)
+    if checked.images:
+        inspection.folders.append(checked)
+    else:
+        inspection.add(WARNING, folder, "no png/jpg/jpeg/webp/bmp images, skipped")
+
+
+def _inspect_concept(folder: Path, repeats: int, class_tokens: str, inspection: DatasetInspection) -> CheckedFolder:
+    entries = _list_dir(folder, inspection)
+    for entry in entries:
+        if entry.is_dir() and not entry.name.startswith("."):
+            inspection.add(WARNING, entry, "nested folder: images inside it are not trained on")
+        elif is_unsupported_image_file(entry):
+            inspection.add(WARNING, entry, f"unsupported format {entry.suffix}, ignored; convert it to png or jpg")
+    image_paths = [path for path in entries if is_image_file(path)]
+    _check_duplicate_stems(image_paths, inspection)
+    images = [_inspect_image(path, class_tokens, inspection) for path in image_paths]
+    return CheckedFolder(folder, repeats, class_tokens, images)
+
+
+def _check_duplicate_stems(image_paths: list[Path], inspection: DatasetInspection) -> None:
+    by_stem: dict[str, list[Path]] = {}
+    for path in image_paths:
+        by_stem.setdefault(path.stem, []).append(path)
+    for stem, paths in by_stem.items():
+        if len(paths) > 1:
+            names = ", ".join(path.name for path in paths)
+            inspection.add(
+                WARNING,
+                paths[0].parent / stem,
+                f"{names} share one caption file ({stem}{inspection.caption_extension}); rename one of them",
+            )
+
+
+def _inspect_image(path: Path, class_tokens: str, inspection: DatasetInspection) -> CheckedImage:
+    size = _image_size(path, inspection)
+    try:
+        caption_file = read_caption(path, inspection.caption_extension)
+    except DatasetError as exc:
+        inspection.add(ERROR, path, str(exc))
+        caption_file = None
+    else:
+        _check_caption(path, caption_file, class_tokens, inspection)
+    return CheckedImage(path, size, caption_file, caption_file or class_tokens)
+
+
+def _image_size(path: Path, inspection: DatasetInspection) -> Resolution | None:
+    reason = unreadable_reason(path)
+    if reason is None:
+        try:
+            return upright_size(path)
+        except (OSError, ValueError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+    inspection.add(ERROR, path, f"corrupt image, cannot be read ({reason}); re-export it or remove it")
+    return None
+
+
+def _check_caption(path: Path, caption_file: str | None, class_tokens: str, inspection: DatasetInspection) -> None:
+    if caption_file:
+        return
+    if caption_file == "":
+        missing = "empty caption file"
+    else:
+        missing = f"missing caption {path.stem}{inspection.caption_extension}"
+    if class_tokens:
+        fallback = f"trained with the folder's class tokens '{class_tokens}'"
+    else:
+        fallback = "trained with an EMPTY caption"
+    inspection.add(WARNING, path, f"{missing}; {fallback}")
+
+
+def _check_root_images(loose_images: list[Path], inspection: DatasetInspection) -> None:
+    if inspection.folders:
+        for path in loose_images:
+            inspection.add(
+                WARNING, path, "image directly in the dataset folder is ignored; move it into a concept folder"
+            )
+        return
+    if any(problem.severity == ERROR and problem.where == "." for problem in inspection.problems):
+        return
+    if loose_images:
+        inspection.add(
+            ERROR,
+            inspection.root,
+            f"holds {len(loose_images)} image(s) but no concept subfolders: this is an image folder. Move the "
+            "images into a subfolder named like `10_<concept>` and check (and train on) its parent.",
+        )
+    else:
+        inspection.add(ERROR, inspection.root, "no training images (no `N_<concept>` subfolder holds any image)")
+
+
+# ------------------------------------------------------------------------ report
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    buckets: BucketSettings
+    batch_size: int = 1
+    epochs: int = 10
+    gradient_accumulation_steps: int = 1
+    seconds_per_step: float | None = None
+
+
+@dataclass
+class CheckReport:
+    inspection: DatasetInspection
+    options: CheckOptions
+    images: list[tuple[CheckedFolder, CheckedImage]]
+    assignments: list[BucketAssignment]
+    bucket_info: dict
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.inspection.has_errors else 0
+
+
+def analyse(inspection: DatasetInspection, options: CheckOptions) -> CheckReport:
+    """Buckets, steps and upscale warnings for the readable images."""
+    images = [(folder, image) for folder in inspection.folders for image in folder.readable]
+    manager = BucketManager(options.buckets)
+    sizes = [image.size for _, image in images]
+    items = [ImageItem(image.path, image.caption, folder.path.name, folder.repeats) for folder, image in images]
+    assignments = manager.assign(items, sizes)
+    for (_, image), assignment in zip(images, assignments):
+        if assignment.upscaled:
+            inspection.add(WARNING, image.path, _upscale_message(assignment))
+    per_epoch = bucket_steps_per_epoch(assignments, options.batch_size)
+    total = total_steps(per_epoch, options.epochs, options.gradient_accumulation_steps)
+    return CheckReport(inspection, options, images, assignments, manager.info(assignments), per_epoch, total)
+
+
+def _upscale_message(assignment: BucketAssignment) -> str:
+    (w, h), (bw, bh) = assignment.image_size, assignment.bucket
+    scale = max(bw / w, bh / h)
+    return f"{w}x{h} is smaller than its {bw}x{bh} bucket and is upscaled x{scale:.2f} (blurry training data)"
+
+
+def render(report: CheckReport) -> str:
+    inspection = report.inspection
+    lines = [f"Dataset check: {inspection.root}", "  " + _settings_line(inspection, report.options), ""]
+    if inspection.folders:
+        lines += _folder_section(inspection.folders)
+        lines += _steps_section(report)
+        lines += _bucket_section(report)
+        lines += _tag_section(report)
+    lines += _problem_section(inspection)
+    return "\n".join(lines)
+
+
+def _settings_line(inspection: DatasetInspection, options: CheckOptions) -> str:
+    b = options.buckets
+    bucketing = "bucketing off"
+    if b.enable_bucket:
+        no_upscale = ", no upscale" if b.bucket_no_upscale else ""
+        bucketing = f"bucketing on ({b.min_bucket_reso}-{b.max_bucket_reso}, step {b.bucket_reso_steps}{no_upscale})"
+    return (
+        f"caption extension {inspection.caption_extension} | resolution {b.resolution[0]}x{b.resolution[1]} | "
+        f"batch size {options.batch_size} | {options.epochs} epochs | {bucketing}"
+    )
+
+
+def _folder_section(folders: list[CheckedFolder]) -> list[str]:
+    rows: list[list[object]] = []
+    for folder in folders:
+        samples = len(folder.readable) * folder.repeats
+        rows.append([folder.path.name, folder.repeats, len(folder.images), folder.captions_found, samples])
+    totals = [sum(row[i] for row in rows) for i in (2, 3, 4)]
+    rows.append(["total", "", *totals])
+    headers = ["folder", "repeats", "images", "captions", "images x repeats"]
+    return ["Concept folders:", *_table(headers, rows), ""]
+
+
+def _steps_section(report: CheckReport) -> list[str]:
+    options = report.options
+    buckets = len(report.bucket_info["buckets"])
+    accumulation = options.gradient_accumulation_steps
+    lines = [
+        "Steps:",
+        f"  steps per epoch: {report.steps_per_epoch}  (batch size {options.batch_size}; "
+        f"sum over {buckets} bucket(s) of ceil(images x repeats / batch size))",
+        f"  total steps: {report.total_steps}  ({options.epochs} epochs"
+        + (f", gradient accumulation {accumulation})" if accumulation > 1 else ")"),
+    ]
+    if options.seconds_per_step is not None:
+        seconds = report.total_steps * options.seconds_per_step
+        lines.append(
+            f"  estimated training time: {format_duration(seconds)}  "
+            f"({report.total_steps} steps x {options.seconds_per_step:.2f} s/step, without sampling and saving)"
+        )
+    return [*lines, ""]
+
+
+def _bucket_section(report: CheckReport) -> list[str]:
+    images_per_bucket = Counter(assignment.bucket for assignment in report.assignments)
+    rows = []
+    for number, bucket in report.bucket_info["buckets"].items():
+        width, height = bucket["resolution"]
+        rows.append([number, f"{width}x{height}", images_per_bucket[(width, height)], bucket["count"]])
+    return [
+        "Buckets:",
+        *_table(["bucket", "resolution", "images", "images x repeats"], rows),
+        f"  mean aspect-ratio error: {report.bucket_info['mean_img_ar_error']:.4f}",
+        "",
+    ]
+
+
+def _tag_section(report: CheckReport) -> list[str]:
+    counts = Counter(tag for _, image in report.images for tag in split_tags(image.caption))
+    top = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:TOP_TAGS]
+    if not top:
+        return ["Top tags: none (every caption is empty)", ""]
+    return [f"Top tags ({len(top)} of {len(counts)}, counted once per image):", *_table(["tag", "count"], top), ""]
+
+
+def _problem_section(inspection: DatasetInspection) -> list[str]:
+    errors, warnings = inspection.count(ERROR), inspection.count(WARNING)
+    # Errors first, then by file so each file's problems stand together.
+    ordered = sorted(inspection.problems, key=lambda problem: (problem.severity != ERROR, problem.where))
+    lines = [f"Problems: {errors} error(s), {warnings} warning(s)"] if ordered else ["Problems: none"]
+    lines += ["  " + problem.line() for problem in ordered]
+    if errors:
+        lines.append("Result: training would stop; fix the errors above.")
+    else:
+        lines.append("Result: OK" + (", see the warnings above." if warnings else "."))
+    return lines
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """Rows under headers, text left-aligned and numbers right-aligned, indented by two."""
+    cells = [[str(value) for value in row] for row in rows]
+    widths = [max(len(headers[i]), *(len(row[i]) for row in cells)) for i in range(len(headers))]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] == "" for row in rows) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return "  " + "  ".join(parts).rstrip()
+
+    return [line(headers), *(line(row) for row in cells)]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, math.ceil(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{minutes}m {secs:02d}s"
+
+
+def seconds_per_step_from_run(run_dir: Path) -> float:
+    """seconds_per_step from a finished run's summary.json; ValueError when it has none."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist; pass the folder of a run that has finished") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    value = summary.get("seconds_per_step") if isinstance(summary, dict) else None
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{path} has no seconds_per_step (did the run train any step?)")
+    return float(value)
+
+
+def check_dataset(train_data_dir: str | Path, caption_extension: str, options: CheckOptions) -> CheckReport:
+    inspection = inspect_dataset(train_data_dir, caption_extension)
+    return analyse(inspection, options)
+
+
+__all__ = [
+    "CheckOptions",
+    "CheckReport",
+    "CheckedFolder",
+    "CheckedImage",
+    "DatasetInspection",
+    "Problem",
+    "analyse",
+    "check_dataset",
+    "format_duration",
+    "inspect_dataset",
+    "render",
+    "seconds_per_step_from_run",
+]

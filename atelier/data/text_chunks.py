@@ -1,0 +1,107 @@
+"""Captions longer than CLIP's 75 tokens, encoded in chunks as sd-scripts does.
+
+sd-scripts' max_token_length (150 or 225) tokenizes a caption to that many tokens,
+cuts them into 75-token chunks, wraps each chunk in its own BOS ... EOS so CLIP sees
+77-token inputs, encodes the chunks, and stitches the hidden states back together:
+
+    [BOS of chunk 0] [75 states of chunk 0] ... [75 states of chunk n-1] [last state of chunk n-1]
+
+so the UNet gets max_token_length + 2 states. With 75 this is plain CLIP encoding.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from atelier.train.text_encoding import encode_tokens
+
+SUPPORTED_MAX_TOKEN_LENGTHS = (75, 150, 225)
+
+
+def check_max_token_length(max_token_length: int | None) -> int:
+    """75 for None (CLIP's own length); raise for anything sd-scripts does not accept."""
+    if max_token_length is None:
+        return 75
+    if max_token_length not in SUPPORTED_MAX_TOKEN_LENGTHS:
+        raise ValueError(
+            f"max_token_length must be one of {', '.join(map(str, SUPPORTED_MAX_TOKEN_LENGTHS))} "
+            f"(or unset for 75), got {max_token_length}"
+        )
+    return max_token_length
+
+
+def tokenize_long(tokenizer: CLIPTokenizer, captions: list[str], max_token_length: int | None = 75) -> torch.Tensor:
+    """Token ids [batch, chunks, 77]: max_token_length / 75 chunks, each BOS ... EOS/pad."""
+    max_token_length = check_max_token_length(max_token_length)
+    ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=max_token_length + 2,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return split_into_chunks(ids, tokenizer.model_max_length, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def split_into_chunks(ids: torch.Tensor, chunk_length: int, eos_id: int, pad_id: int) -> torch.Tensor:
+    """[batch, n*(chunk_length-2)+2] ids -> [batch, n, chunk_length], each chunk wrapped.
+
+    Every chunk gets the caption's first token (BOS) and its last token (EOS, or pad
+    when padded). When pad differs from EOS (SD2's tokenizer), a chunk that ends
+    mid-caption gets an EOS at its end and an empty chunk starts BOS EOS, so each
+    chunk looks like a caption CLIP was trained on.
+    """
+    content = chunk_length - 2
+    num_chunks = (ids.shape[1] - 2) // content
+    if num_chunks < 1 or num_chunks * content + 2 != ids.shape[1]:
+        raise ValueError(f"{ids.shape[1]} tokens do not split into {chunk_length}-token chunks")
+    bos, last = ids[:, :1], ids[:, -1:]
+    chunks = []
+    for k in range(num_chunks):
+        chunk = torch.cat([bos, ids[:, 1 + k * content : 1 + (k + 1) * content], last], dim=1)
+        if pad_id != eos_id:
+            _close_chunk(chunk, eos_id, pad_id)
+        chunks.append(chunk)
+    return torch.stack(chunks, dim=1)
+
+
+def _close_chunk(chunk: torch.Tensor, eos_id: int, pad_id: int) -> None:
+    ends_mid_caption = (chunk[:, -2] != eos_id) & (chunk[:, -2] != pad_id)
+    chunk[ends_mid_caption, -1] = eos_id
+    empty = chunk[:, 1] == pad_id
+    chunk[empty, 1] = eos_id
+
+
+def encode_chunks(text_encoder: CLIPTextModel, chunk_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    """Hidden states [batch, n*75+2, dim] of tokenize_long's chunks (see the module doc)."""
+    batch, num_chunks, chunk_length = chunk_ids.shape
+    hidden = encode_tokens(text_encoder, chunk_ids.reshape(batch * num_chunks, chunk_length), clip_skip)
+    hidden = hidden.reshape(batch, num_chunks * chunk_length, hidden.shape[-1])
+    pieces = [hidden[:, :1]]
+    for k in range(num_chunks):
+        start = k * chunk_length
+        pieces.append(hidden[:, start + 1 : start + chunk_length - 1])  # drop each chunk's BOS and EOS
+    pieces.append(hidden[:, -1:])
+    return torch.cat(pieces, dim=1)
+
+
+def encode_long(
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    captions: list[str],
+    max_token_length: int | None = 75,
+    clip_skip: int = 1,
+) -> torch.Tensor:
+    """Hidden states [batch, max_token_length + 2, dim] of the captions."""
+    return encode_chunks(text_encoder, tokenize_long(tokenizer, captions, max_token_length), clip_skip)
+
+
+__all__ = [
+    "SUPPORTED_MAX_TOKEN_LENGTHS",
+    "check_max_token_length",
+    "encode_chunks",
+    "encode_long",
+    "split_into_chunks",
+    "tokenize_long",
+]
