@@ -13,6 +13,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -88,6 +89,7 @@ def environment(device: str) -> dict:
         "device": device,
         "cuda_available": torch.cuda.is_available(),
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "started_at": time.time(),
         "argv": sys.argv,
     }
     if torch.cuda.is_available():

@@ -10,6 +10,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+class JobFailed(Exception):
+    """A job run by a launcher failed; the message is already its one-line reason."""
+
+
 @dataclass
 class JobOutcome:
     name: str

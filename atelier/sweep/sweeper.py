@@ -20,7 +20,7 @@ from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
 
 from atelier.sweep.naming import job_names
-from atelier.sweep.outcome import JobOutcome, finished, format_summary
+from atelier.sweep.outcome import JobFailed, JobOutcome, finished, format_summary
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 def _reason(error: BaseException | None) -> str:
     if error is None:
         return "unknown error"
+    if isinstance(error, JobFailed):
+        return str(error)
     message = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {message}"
 

@@ -53,6 +53,7 @@ def summarise(status: str, result: TrainResult | None, started: float, reason: s
         "status": status,
         "reason": reason,
         "wall_seconds": round(time.time() - started, 3),
+        "finished_at": time.time(),
         "peak_memory_mb": peak_memory_mb(),
     }
     if result is not None:
@@ -61,6 +62,8 @@ def summarise(status: str, result: TrainResult | None, started: float, reason: s
             epochs=result.epochs,
             final_loss=result.final_loss,
             best_loss=result.best_loss,
+            validation_loss=result.validation_loss,
+            best_validation_loss=result.best_validation_loss,
             epoch_losses=result.epoch_losses,
             seconds_per_step=result.seconds_per_step,
             output_file=result.output_file.name if result.output_file else None,

@@ -1,0 +1,1 @@
+"""Launchers: where and how the jobs of a sweep run."""

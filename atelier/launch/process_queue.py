@@ -1,0 +1,134 @@
+"""Run jobs as child processes, at most one per slot, until all are done.
+
+Each job is a separate `python train.py ...` process with its own
+CUDA_VISIBLE_DEVICES and its stdout/stderr in its run dir. Ctrl-C (or SIGTERM to
+the launcher) stops the queue and sends SIGTERM to the running jobs, which save
+their state and exit; jobs that never started are reported as such.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from atelier.launch.devices import Slot
+from atelier.launch.status import StatusBoard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    index: int
+    name: str
+    command: list[str]
+    run_dir: Path
+    slot: Slot | None = None
+    process: subprocess.Popen | None = None
+    started: float | None = None
+    ended: float | None = None
+    state: str = "queued"  # queued | running | completed | failed | interrupted | not started
+    returncode: int | None = None
+    _logs: list = field(default_factory=list)
+
+    @property
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.ended or time.time()) - self.started
+
+
+class ProcessQueue:
+    def __init__(self, jobs: Sequence[Job], slots: Sequence[Slot], poll_seconds: float = 0.25, stop_timeout: float = 60):
+        self.queue = deque(jobs)
+        self.jobs = list(jobs)
+        self.free = list(slots)
+        self.running: list[Job] = []
+        self.poll_seconds = poll_seconds
+        self.stop_timeout = stop_timeout
+        self.board = StatusBoard(self.jobs)
+
+    def run(self) -> list[Job]:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            with self.board:
+                while self.queue or self.running:
+                    self._start_jobs()
+                    self._reap()
+                    self.board.refresh()
+                    time.sleep(self.poll_seconds)
+        except KeyboardInterrupt:
+            self._stop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return self.jobs
+
+    def _start_jobs(self) -> None:
+        while self.queue and self.free:
+            job, slot = self.queue.popleft(), self.free.pop(0)
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices}
+            stdout = open(job.run_dir / "stdout.log", "ab")
+            stderr = open(job.run_dir / "stderr.log", "ab")
+            # Own session: a Ctrl-C in the terminal reaches the launcher only, which
+            # then stops the jobs in order.
+            job.process = subprocess.Popen(
+                job.command, env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+            job._logs = [stdout, stderr]
+            job.slot, job.started, job.state = slot, time.time(), "running"
+            self.running.append(job)
+            self.board.changed(job)
+
+    def _reap(self) -> None:
+        for job in list(self.running):
+            code = job.process.poll()
+            if code is None:
+                continue
+            self._finish(job, code, "completed" if code == 0 else "failed")
+
+    def _finish(self, job: Job, code: int, state: str) -> None:
+        job.returncode, job.ended, job.state = code, time.time(), state
+        for fh in job._logs:
+            fh.close()
+        self.running.remove(job)
+        self.free.append(job.slot)
+        self.free.sort(key=lambda s: s.index)
+        self.board.changed(job)
+
+    def _stop(self) -> None:
+        log.warning("interrupted: stopping %d running job(s) (they save their state)", len(self.running))
+        for job in self.queue:
+            job.state = "not started"
+        self.queue.clear()
+        for job in self.running:
+            _signal_group(job.process, signal.SIGTERM)
+        deadline = time.time() + self.stop_timeout
+        while self.running and time.time() < deadline:
+            for job in list(self.running):
+                if job.process.poll() is not None:
+                    self._finish(job, job.process.returncode, "interrupted")
+            time.sleep(self.poll_seconds)
+        for job in list(self.running):
+            log.warning("%s did not stop within %.0f s: killing it", job.name, self.stop_timeout)
+            _signal_group(job.process, signal.SIGKILL)
+            job.process.wait()
+            self._finish(job, job.process.returncode, "interrupted")
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
