@@ -21,6 +21,10 @@ wait_for() {  # wait_for <seconds> <description> <command...>
 }
 
 install() {
+  local missing=0
+  for cmd in slurmctld slurmd sinfo munged slurmdbd mariadbd; do command -v "$cmd" >/dev/null || missing=1; done
+  [ "$missing" = 1 ] || { log "packages already installed"; return 0; }
+  apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     slurmctld slurmd slurm-client munge slurmdbd mariadb-server >/dev/null
 }
@@ -99,8 +103,12 @@ start_mariadb() {
 }
 
 up() {
-  write_configs
   export SLURM_CONF="$DIR/etc/slurm.conf"
+  if [ -f "$DIR/run/slurmctld.pid" ] && kill -0 "$(cat "$DIR/run/slurmctld.pid")" 2>/dev/null; then
+    log "already up: export SLURM_CONF=$SLURM_CONF"
+    return 0
+  fi
+  write_configs
   start_munge
   start_mariadb
   slurmdbd  # reads slurmdbd.conf beside $SLURM_CONF
