@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ class MetricsLog:
     def log(self, step: int, scalars: dict[str, float], **fields: Any) -> None:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
-        self._jsonl.write(json.dumps({"step": step, **fields, **scalars}) + "\n")
+        record = {"step": step, "time": round(time.time(), 3), **fields, **scalars}
+        self._jsonl.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self.writer.close()
