@@ -1,0 +1,162 @@
+"""Measure training speed of a config, or the overhead of a sweep, through train.py itself.
+
+    python benchmarks/bench_train.py --label tiny-b2 -- training.train_batch_size=2
+    python benchmarks/bench_train.py --label sd15-256 --steps 8 --warmup 2 -- \
+        model=sd15 model.path=/models/sd15 dataset.resolution=256 training.train_batch_size=1
+    python benchmarks/bench_train.py --sweep --label sweep8-debug -- \
+        -m optimizer=adamw,prodigy network.dim=4,8 training.seed=1,2 debug=smoke
+
+Single runs report the median seconds per optimizer step after warm-up, images per
+second, the time from process start to the end of the first step, and peak RAM/VRAM.
+Sweeps report the total wall time and the share spent outside training steps.
+Figures go to stdout, to benchmarks/results/<label>-<time>.json, and as a row of
+BENCHMARKS.md with the machine, versions and exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+# Only training steps are timed: no samples, checkpoints or state files in between.
+QUIET = [
+    "sampling.limit=0",
+    "sampling.sample_every_n_epochs=null",
+    "output.save_every_n_epochs=null",
+    "output.save_state=false",
+]
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    for package in ("torch", "diffusers", "transformers"):
+        info[package] = metadata.version(package)
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+        info["gpu"] = gpu.stdout.strip().splitlines()[0] if gpu.returncode == 0 and gpu.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        info["gpu"] = None
+    return info
+
+
+def run(command: list[str]) -> float:
+    """Run train.py; returns the process start time. Fails loudly with its output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    started = time.time()
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"benchmark command failed ({proc.returncode}):\n{shlex.join(command)}\n{proc.stderr[-4000:]}")
+    return started
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "time/step_seconds" in r]
+
+
+def measure_run(overrides: list[str], steps: int, warmup: int) -> tuple[dict, list[str]]:
+    with tempfile.TemporaryDirectory(prefix="atelier-bench-") as tmp:
+        run_dir = Path(tmp) / "run"
+        command = [sys.executable, "train.py", *overrides, *QUIET, f"training.max_train_steps={steps}",
+                   f"hydra.run.dir={run_dir}"]
+        started = run(command)
+        records = step_records(run_dir)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    timed = [r["time/step_seconds"] for r in records[warmup:]] or [r["time/step_seconds"] for r in records]
+    per_step = statistics.median(timed)
+    images = cfg["training"]["train_batch_size"] * cfg["training"]["gradient_accumulation_steps"]
+    result = {
+        "seconds_per_step": round(per_step, 4),
+        "images_per_second": round(images / per_step, 3),
+        "first_step_seconds": round(records[0]["time"] - started, 2),
+        "wall_seconds": round(time.time() - started, 2),
+        "peak_ram_mb": round(summary["peak_memory_mb"]["ram_mb"]),
+        "peak_vram_mb": round(summary["peak_memory_mb"].get("vram_mb", 0)) or None,
+        "steps_timed": len(timed),
+    }
+    return result, command
+
+
+def measure_sweep(overrides: list[str]) -> tuple[dict, list[str]]:
+    with tempfile.TemporaryDirectory(prefix="atelier-bench-") as tmp:
+        sweep_dir = Path(tmp) / "sweep"
+        command = [sys.executable, "train.py", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+        started = run(command)
+        wall = time.time() - started
+        jobs = [p for p in sweep_dir.iterdir() if (p / "metrics.jsonl").is_file()]
+        train = sum(r["time/step_seconds"] for job in jobs for r in step_records(job))
+    result = {
+        "jobs": len(jobs),
+        "wall_seconds": round(wall, 2),
+        "training_step_seconds": round(train, 2),
+        "outside_steps_fraction": round(1 - train / wall, 3),
+        "seconds_outside_steps_per_job": round((wall - train) / max(len(jobs), 1), 2),
+    }
+    return result, command
+
+
+def append_markdown(label: str, kind: str, result: dict, info: dict, command: list[str]) -> None:
+    header = "# Benchmarks\n\nRows appended by `benchmarks/*.py`; each names its machine and exact command.\n"
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else header
+    title = {"run": "## Training speed (benchmarks/bench_train.py)", "sweep": "## Sweep overhead (benchmarks/bench_train.py --sweep)"}[kind]
+    columns = list(result)
+    if title not in text:
+        text += f"\n{title}\n\n| date | label | machine | " + " | ".join(columns) + " | command |\n"
+        text += "|" + " --- |" * (len(columns) + 4) + "\n"
+    where = f"{info['cores']}x {info['cpu']}" + (f", {info['gpu']}" if info.get("gpu") else "") + f", torch {info['torch']}"
+    row = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {label} | {where} | "
+           + " | ".join(str(result[c]) for c in columns) + f" | `{shlex.join(command[1:])}` |\n")
+    # Insert the row at the end of its table (the table ends at the next blank line).
+    start = text.index(title)
+    end = text.find("\n\n", text.index("|", start))
+    end = len(text) if end == -1 else end + 1
+    BENCHMARKS_MD.write_text(text[:end] + row + text[end:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label", required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--sweep", action="store_true", help="overrides describe a -m sweep")
+    parser.add_argument("--no-markdown", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
+    args = parser.parse_args()
+
+    info = machine()
+    if args.sweep:
+        result, command = measure_sweep(args.overrides)
+    else:
+        result, command = measure_run(args.overrides, args.steps, args.warmup)
+    record = {"label": args.label, "kind": "sweep" if args.sweep else "run", "result": result, "machine": info,
+              "command": shlex.join(command[1:]), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{args.label}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    if not args.no_markdown:
+        append_markdown(args.label, record["kind"], result, info, command)
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
