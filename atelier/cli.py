@@ -15,6 +15,7 @@ import sys
 SUBCOMMAND_MODULES: list[str] = [
     "atelier.report.cli",
     "atelier.data.cli",
+    "atelier.tools.cli",
 ]
 
 

@@ -9,7 +9,10 @@ A base model comes from one of:
   because nothing is downloaded.
 
 Everything is loaded in float32 on the CPU and left trainable: moving, casting
-and freezing is the trainer's job. Pickled checkpoints are refused, never opened.
+and freezing is the trainer's job. Pickled checkpoints (.ckpt, ...) are refused,
+never opened, unless `allow_pickle=True`; even then they are read with torch's
+restricted (weights-only) unpickler, and every non-tensor object they name is
+replaced by an inert stub, so no code from the file runs.
 """
 
 from __future__ import annotations
@@ -84,8 +87,12 @@ def load_base_model(
     config: str | os.PathLike | None = None,
     vae: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
 ) -> BaseModel:
-    """Load the base model named by `path` or `builtin` (see the module docstring)."""
+    """Load the base model named by `path` or `builtin` (see the module docstring).
+
+    allow_pickle: load pickled single files (.ckpt/.pt/.pth/.bin) too (model.allow_pickle).
+    """
     from .architectures import build_noise_scheduler
 
     _check_version(version)
@@ -99,10 +106,12 @@ def load_base_model(
             logger.warning("model.config is only used for single-file checkpoints; ignoring it for %s", source)
         config_folder = source
     else:
-        _check_single_file(source, "model.path", version)
+        _check_single_file(
+            source, "model.path", version, allow_pickle=allow_pickle, v_parameterization=v_parameterization
+        )
         config_folder = _single_file_config_folder(source, config, version)
 
-    vae_model = _load_vae(vae, config_folder) if vae is not None else None
+    vae_model = _load_vae(vae, config_folder, allow_pickle=allow_pickle) if vae is not None else None
     if source.is_dir():
         components = _load_pipeline_folder(source, vae_model)
         _warn_on_prediction_type_mismatch(source, v_parameterization)
@@ -213,14 +222,29 @@ def _not_a_pipeline_message(folder: Path, key: str) -> str:
     )
 
 
-def _check_file_type(file: Path, key: str) -> None:
+def is_pickle_file(file: str | os.PathLike) -> bool:
+    return Path(file).suffix.lower() in PICKLE_SUFFIXES
+
+
+def pickle_refusal_message(file: Path, key: str) -> str:
+    suffix = file.suffix.lower()
+    converted = file.with_suffix(SINGLE_FILE_SUFFIX)
+    setting = "model.allow_pickle=true" if key.startswith("model.") else "--allow-pickle"
+    return (
+        f"{key}: refusing to load '{file}': {suffix} files are Python pickles, and loading a pickle "
+        f"can run arbitrary code hidden in the file. Convert it once to .safetensors, on a file you trust:\n"
+        f"    atelier convert-ckpt {file} {converted} --allow-pickle\n"
+        f"and set {key} to the .safetensors file (or set {setting} to read it as it is, with torch's "
+        f"restricted unpickler)."
+    )
+
+
+def _check_file_type(file: Path, key: str, *, allow_pickle: bool = False) -> None:
     suffix = file.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
-        raise ModelLoadError(
-            f"{key}: refusing to load '{file}': {suffix} files are Python pickles, and loading a pickle "
-            f"can run arbitrary code. Convert it to .safetensors (on a machine where you trust the file) "
-            f"and set {key} to the .safetensors file."
-        )
+        if allow_pickle:
+            return
+        raise ModelLoadError(pickle_refusal_message(file, key))
     if suffix != SINGLE_FILE_SUFFIX:
         raise ModelLoadError(
             f"{key}: unsupported file type '{suffix or file.name}' for '{file}'. "
@@ -228,36 +252,143 @@ def _check_file_type(file: Path, key: str) -> None:
         )
 
 
-def _check_single_file(file: Path, key: str, version: str) -> None:
-    """Raise unless `file` is an original-layout `.safetensors` checkpoint of `version`."""
-    _check_file_type(file, key)
-    keys = _safetensors_keys(file, key)
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ModelLoadError(f"{key}: '{file}' is an SDXL checkpoint; {PLANNED_VERSIONS['sdxl']}")
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        if any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) for k in keys):
-            what = "a LoRA / LyCORIS network, not a base model"
-        else:
-            what = "not a Stable Diffusion checkpoint in the original layout (no model.diffusion_model.* keys)"
-        raise ModelLoadError(
-            f"{key}: '{file}' is {what}. Set {key} to a full base-model checkpoint or diffusers folder."
-        )
-    # SD1 stores the CLIP text encoder in transformers layout, SD2 its OpenCLIP one in open_clip layout.
-    detected = {"cond_stage_model.transformer.": "sd1", "cond_stage_model.model.": "sd2"}
-    for prefix, checkpoint_version in detected.items():
-        if checkpoint_version != version and any(k.startswith(prefix) for k in keys):
-            raise ModelLoadError(
-                f"model.version={version}, but {key} '{file}' is an {checkpoint_version} checkpoint "
-                f"({prefix}* keys); set model.version={checkpoint_version}"
+@dataclass(frozen=True)
+class SingleFileInfo:
+    """What the keys (and header metadata) of a single-file checkpoint say it is."""
+
+    version: str  # "sd1" | "sd2" | "sdxl"
+    # True / False when the file says (modelspec metadata); None when it cannot be told.
+    v_parameterization: bool | None
+    description: str  # e.g. "SD 2.x 768-v (v-prediction)"
+    refiner: bool = False
+
+
+# Text-encoder key prefixes of the original-layout single files.
+_SD1_TEXT = "cond_stage_model.transformer."  # CLIP ViT-L in transformers layout
+_SD2_TEXT = "cond_stage_model.model."  # OpenCLIP ViT-H in open_clip layout
+_SDXL_TEXT_1 = "conditioner.embedders.0.transformer."  # CLIP ViT-L
+_SDXL_TEXT_2 = "conditioner.embedders.1.model."  # OpenCLIP ViT-bigG
+_SDXL_REFINER_TEXT = "conditioner.embedders.0.model."  # the refiner has only bigG
+_UNET = "model.diffusion_model."
+_UNET_CONV_IN = _UNET + "input_blocks.0.0.weight"
+
+
+def identify_single_file(
+    keys: list[str] | set[str],
+    metadata: dict[str, str] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    *,
+    file: str | os.PathLike = "the file",
+    key: str = "model.path",
+) -> SingleFileInfo:
+    """Tell SD1 / SD2 (512 eps or 768-v) / SDXL (base or refiner) from a checkpoint's keys.
+
+    Raises ModelLoadError, naming what the file is instead, for anything else (a LoRA,
+    a VAE, a diffusers UNet file, Flux / SD3, an inpainting model, ...).
+    """
+    keys = set(keys)
+    metadata, shapes = metadata or {}, shapes or {}
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    def refuse(what: str, fix: str = "") -> ModelLoadError:
+        fix = fix or f"Set {key} to a full Stable Diffusion base-model checkpoint or diffusers folder."
+        return ModelLoadError(f"{key}: '{file}' is {what}. {fix}")
+
+    if has("lora_unet_") or has("lora_te") or has("lycoris_"):
+        raise refuse("a LoRA / LyCORIS network, not a base model")
+    if has(_SDXL_TEXT_1) or has(_SDXL_TEXT_2):
+        return SingleFileInfo("sdxl", False, "SDXL base")
+    if has(_SDXL_REFINER_TEXT) or has("conditioner.embedders."):
+        return SingleFileInfo("sdxl", False, "SDXL refiner", refiner=True)
+    if has("double_blocks.") or has("model.diffusion_model.double_blocks."):
+        raise refuse("a Flux checkpoint (double_blocks.*), not Stable Diffusion 1/2")
+    if has("joint_blocks.") or has("model.diffusion_model.joint_blocks."):
+        raise refuse("a Stable Diffusion 3 checkpoint (joint_blocks.*), not Stable Diffusion 1/2")
+    if not has(_UNET):
+        if "conv_in.weight" in keys and has("down_blocks.0."):
+            raise refuse(
+                "a diffusers UNet weights file (a pipeline's unet/ folder), not a single-file checkpoint",
+                f"Set {key} to the whole diffusers pipeline folder (the one with model_index.json).",
             )
+        if has("encoder.down.") or has("first_stage_model.") or has("encoder.down_blocks."):
+            raise refuse("a VAE only", "Set model.vae to it, and model.path to the base model.")
+        raise refuse("not a Stable Diffusion checkpoint in the original layout (no model.diffusion_model.* keys)")
+
+    conv_in = shapes.get(_UNET_CONV_IN)
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
+        raise refuse(
+            f"an inpainting / instruct checkpoint (its UNet takes {conv_in[1]} input channels, not 4)",
+            f"Train LoRAs on the standard model of the same family and set {key} to it.",
+        )
+    if has(_SD1_TEXT):
+        return SingleFileInfo("sd1", False, "SD 1.x (epsilon)")
+    if has(_SD2_TEXT):
+        v = _prediction_from_metadata(metadata)
+        if v is None:
+            return SingleFileInfo("sd2", None, "SD 2.x (512 epsilon or 768-v: the keys are the same)")
+        return SingleFileInfo("sd2", v, "SD 2.x 768-v (v-prediction)" if v else "SD 2.x (epsilon)")
+    raise refuse(
+        "a UNet without a text encoder (no cond_stage_model.* keys)",
+        f"Set {key} to a full checkpoint (UNet, VAE and text encoder) or a diffusers folder.",
+    )
 
 
-def _safetensors_keys(file: Path, key: str) -> list[str]:
+def _prediction_from_metadata(metadata: dict[str, str]) -> bool | None:
+    prediction = metadata.get("modelspec.prediction_type", "").lower()
+    if prediction in ("v", "v_prediction", "v-prediction"):
+        return True
+    if prediction in ("epsilon", "eps"):
+        return False
+    architecture = metadata.get("modelspec.architecture", "").lower()
+    if architecture.startswith("stable-diffusion-v2"):
+        return architecture.endswith("-v")
+    return None
+
+
+def inspect_single_file(file: str | os.PathLike, key: str = "model.path") -> SingleFileInfo:
+    """identify_single_file on a .safetensors file's header (no tensor is read)."""
+    file = Path(file)
+    keys, metadata, shapes = _safetensors_header(file, key)
+    return identify_single_file(keys, metadata, shapes, file=file, key=key)
+
+
+def _check_single_file(
+    file: Path, key: str, version: str, *, allow_pickle: bool = False, v_parameterization: bool | None = None
+) -> None:
+    """Raise unless `file` is an original-layout checkpoint of `version`."""
+    _check_file_type(file, key, allow_pickle=allow_pickle)
+    if is_pickle_file(file):
+        # Its keys cannot be listed without unpickling; the loaded UNet is checked instead.
+        logger.warning("%s: loading the pickled checkpoint %s (model.allow_pickle=true)", key, file)
+        return
+    info = inspect_single_file(file, key)
+    if info.version == "sdxl":
+        kind = "an SDXL refiner" if info.refiner else "an SDXL"
+        raise ModelLoadError(f"{key}: '{file}' is {kind} checkpoint; {PLANNED_VERSIONS['sdxl']}")
+    if info.version != version:
+        prefix = _SD1_TEXT if info.version == "sd1" else _SD2_TEXT
+        raise ModelLoadError(
+            f"model.version={version}, but {key} '{file}' is an {info.version} checkpoint "
+            f"({prefix}* keys); set model.version={info.version}"
+        )
+    if v_parameterization is not None and info.v_parameterization not in (None, v_parameterization):
+        logger.warning(
+            "model.v_parameterization=%s, but %s says it is %s; training with the wrong target ruins the LoRA",
+            v_parameterization, file, info.description,
+        )  # fmt: skip
+
+
+def _safetensors_header(file: Path, key: str) -> tuple[list[str], dict[str, str], dict[str, tuple[int, ...]]]:
+    """Keys, metadata and tensor shapes of a .safetensors file (only its header is read)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(file), framework="pt") as handle:
-            return list(handle.keys())
+            keys = list(handle.keys())
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys if k == _UNET_CONV_IN}
+            return keys, handle.metadata() or {}, shapes
     except Exception as error:  # safetensors raises its own error types for bad headers
         raise ModelLoadError(
             f"{key}: '{file}' is not a readable .safetensors file ({error}); it may be truncated, re-download it"
@@ -359,7 +490,7 @@ def _load_single_file(
 
     config_hint = "model.config" if config_given else "the cached hub config"
     passed: dict[str, Any] = {"vae": vae} if vae is not None else {}
-    with _quiet_dtype_cast_warning(), _reraise_as_load_error(
+    with _quiet_dtype_cast_warning(), inert_pickle_globals(file, "model.path"), _reraise_as_load_error(
         f"model.path: cannot load the checkpoint '{file}' with the configs of '{config_folder}' "
         f"(does {config_hint} describe the same architecture?)"
     ):
@@ -383,7 +514,7 @@ def _load_single_file(
     return components
 
 
-def _load_vae(spec: str | os.PathLike, config_folder: Path) -> AutoencoderKL:
+def _load_vae(spec: str | os.PathLike, config_folder: Path, *, allow_pickle: bool = False) -> AutoencoderKL:
     import torch
     from diffusers import AutoencoderKL
 
@@ -409,8 +540,10 @@ def _load_vae(spec: str | os.PathLike, config_folder: Path) -> AutoencoderKL:
                 torch_dtype=torch.float32,
             )
 
-    _check_file_type(source, "model.vae")
-    with _quiet_dtype_cast_warning(), _reraise_as_load_error(f"model.vae: cannot load the single-file VAE '{source}'"):
+    _check_file_type(source, "model.vae", allow_pickle=allow_pickle)
+    with _quiet_dtype_cast_warning(), inert_pickle_globals(source, "model.vae"), _reraise_as_load_error(
+        f"model.vae: cannot load the single-file VAE '{source}'"
+    ):
         model = AutoencoderKL.from_single_file(
             str(source),
             config=str(config_folder),
@@ -420,6 +553,79 @@ def _load_vae(spec: str | os.PathLike, config_folder: Path) -> AutoencoderKL:
         )
     _check_fully_loaded(model, "vae", source, "model.vae")
     return model
+
+
+# --- pickles, when allowed -------------------------------------------------------
+
+
+class InertPickleGlobal:
+    """Stands in for any non-tensor object a pickled checkpoint names (a Lightning
+    callback, or a payload): it accepts whatever it is given and does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def inert_pickle_globals(file: Path, key: str) -> Iterator[None]:
+    """While active, torch's weights-only unpickler accepts the globals `file` names
+    (it refuses them otherwise) and builds inert stubs for them: nothing runs.
+
+    A no-op for non-pickle files. torch.load(..., weights_only=True) (which diffusers
+    uses) then reads old checkpoints that also pickled e.g. a Lightning callback.
+    """
+    if not is_pickle_file(file):
+        yield
+        return
+    import torch.serialization as serialization
+
+    names = pickled_globals(file, key)
+    if names:
+        logger.warning(
+            "%s: %s pickles non-tensor objects (%s); they are replaced by inert stubs and dropped",
+            key, file, ", ".join(names),
+        )  # fmt: skip
+    with serialization.safe_globals([(InertPickleGlobal, name) for name in names]):
+        yield
+
+
+def pickled_globals(file: Path, key: str = "input") -> list[str]:
+    """The Python objects (module.name) a torch pickle names beyond tensors and containers,
+    read from the pickle's opcodes without executing it."""
+    import torch.serialization as serialization
+
+    try:
+        return list(serialization.get_unsafe_globals_in_checkpoint(str(file)))
+    except Exception as error:  # a legacy (non-zip) pickle, or not a torch file at all
+        logger.warning("%s: cannot list the objects pickled in %s (%s); loading it as it is", key, file, error)
+        return []
+
+
+def load_pickled_state_dict(file: str | os.PathLike, key: str = "input") -> dict[str, Any]:
+    """The tensors of a pickled checkpoint, read with torch's weights-only unpickler
+    (plus inert stubs: see inert_pickle_globals). The `state_dict` level is unwrapped."""
+    import torch
+
+    file = Path(file)
+    with inert_pickle_globals(file, key), _reraise_as_load_error(f"{key}: cannot read the pickled checkpoint '{file}'"):
+        checkpoint = torch.load(str(file), map_location="cpu", weights_only=True)
+    while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ModelLoadError(f"{key}: '{file}' holds a {type(checkpoint).__name__}, not a state dict")
+    return checkpoint
 
 
 # --- checks after loading -------------------------------------------------------

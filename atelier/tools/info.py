@@ -1,0 +1,115 @@
+"""`atelier info`: the metadata of a LoRA (or any .safetensors) file, readable.
+
+Values are strings in the file; the JSON-valued ones (ss_tag_frequency,
+ss_dataset_dirs, ss_bucket_info, ss_network_args, ...) are decoded and
+pretty-printed. Only the header is read, never the tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from atelier.tools.common import ToolError, existing_file
+
+# Known JSON-valued keys; any other value that starts like JSON and parses is decoded too.
+JSON_FIELDS = (
+    "ss_tag_frequency", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_bucket_info", "ss_network_args",
+    "ss_datasets", "ss_merged_from", "atelier.merged_loras",
+)  # fmt: skip
+SECTIONS = (
+    ("model & network", ("ss_sd_model", "ss_new_sd_model", "ss_base_model", "ss_v2", "ss_v_param", "ss_network", "ss_output_name")),
+    ("training", ("ss_",)),
+    ("modelspec", ("modelspec.",)),
+    ("hashes", ("sshs_",)),
+    ("other", ("",)),
+)  # fmt: skip
+
+
+def decode_metadata(metadata: dict[str, str]) -> dict[str, Any]:
+    """The metadata with JSON-valued fields decoded (a value that fails to parse stays a string)."""
+    decoded: dict[str, Any] = {}
+    for key, value in metadata.items():
+        looks_json = isinstance(value, str) and value[:1] in "{["
+        if key in JSON_FIELDS or looks_json:
+            try:
+                decoded[key] = json.loads(value)
+                continue
+            except (TypeError, ValueError):
+                pass
+        decoded[key] = value
+    return decoded
+
+
+def tensor_summary(path: Path) -> dict[str, Any]:
+    """Counts, dtypes and ranks from the header: no tensor data is read."""
+    with path.open("rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    header.pop("__metadata__", None)
+    dtypes: dict[str, int] = {}
+    ranks: dict[int, int] = {}
+    modules = set()
+    for key, entry in header.items():
+        dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + 1
+        modules.add(key.split(".", 1)[0])
+        if key.endswith(".lora_down.weight") and entry["shape"]:
+            ranks[entry["shape"][0]] = ranks.get(entry["shape"][0], 0) + 1
+    unet = sum(1 for m in modules if m.startswith("lora_unet_"))
+    text = sum(1 for m in modules if m.startswith("lora_te"))
+    return {
+        "tensors": len(header),
+        "modules": len(modules),
+        "unet_modules": unet,
+        "text_encoder_modules": text,
+        "dtypes": dtypes,
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "size_bytes": path.stat().st_size,
+    }
+
+
+def read_info(path: str | Path) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    path = existing_file(path, "file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except SafetensorError as error:
+        raise ToolError(f"'{path}' is not a readable .safetensors file ({error})") from error
+    return {"file": str(path), "summary": tensor_summary(path), "metadata": decode_metadata(metadata)}
+
+
+def format_info(info: dict[str, Any]) -> str:
+    s = info["summary"]
+    ranks = ", ".join(f"{rank} ({count} modules)" for rank, count in s["ranks"].items()) or "-"
+    lines = [
+        info["file"],
+        f"  {s['tensors']} tensors, {s['modules']} modules ({s['unet_modules']} UNet, "
+        f"{s['text_encoder_modules']} text encoder), dtypes {s['dtypes']}, rank {ranks}, {s['size_bytes']:,} bytes",
+    ]
+    metadata = dict(info["metadata"])
+    if not metadata:
+        lines.append("  no metadata")
+    for title, prefixes in SECTIONS:
+        keys = [k for k in sorted(metadata) if k.startswith(prefixes)]
+        if not keys:
+            continue
+        lines.append(f"\n{title}:")
+        width = max(len(k) for k in keys)
+        for key in keys:
+            value = metadata.pop(key)
+            if isinstance(value, (dict, list)):
+                text = json.dumps(value, indent=2, ensure_ascii=False).replace("\n", "\n    ")
+                lines.append(f"  {key}:\n    {text}")
+            else:
+                lines.append(f"  {key:<{width}}  {value}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = read_info(Path(args.file))
+    print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else format_info(info))
+    return 0

@@ -1,0 +1,65 @@
+"""Stop requests from the outside: SIGTERM (a launcher stopping the job, SLURM's
+kill), SIGUSR1/SIGUSR2 (SLURM's warning before a timeout or preemption).
+
+The handler only sets a flag; the training loop checks it between optimizer steps,
+saves its state there and stops, so the run dir stays consistent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class StopRequested(Exception):
+    """The job was asked to stop; its state is saved and it can be continued."""
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is None:
+            log.warning("received %s: saving the training state at the end of this step", signal.Signals(signum).name)
+        self.signal = signum
+
+    def pass_on(self) -> None:
+        """Once the state is saved, run the handler that was there before ours.
+
+        submitit's SIGUSR2 handler, for one, requeues the job and exits.
+        """
+        handler = self.previous.get(self.signal)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(self.signal, None)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """Within the block, STOP_SIGNALS set the returned flag instead of killing the process.
+
+    Handlers installed before (e.g. submitit's SIGUSR2 requeue handler) are kept
+    for `StopFlag.pass_on`, which the loop calls once its state is saved.
+    """
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # signals can only be handled in the main thread
+        return
+    for sig in STOP_SIGNALS:
+        flag.previous[sig] = signal.signal(sig, flag._handle)
+    try:
+        yield flag
+    finally:
+        for sig, old in flag.previous.items():
+            signal.signal(sig, old)
