@@ -106,10 +106,57 @@ class SchedulerConfig:
 
 @dataclass
 class DatasetConfig:
+    """The training data and how it is fed (sd-scripts' dataset options, same names).
+
+    Checked at the start of a run by atelier.train.dataset_options, which names the
+    key of any bad value.
+    """
+
     name: str = MISSING
     train_data_dir: str = MISSING
     caption_extension: str = ".txt"
     resolution: int = 512
+    # Aspect-ratio buckets (off: every image is cropped to resolution x resolution).
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    # VAE latents encoded once and reused; random_crop and color_aug turn it off.
+    cache_latents: bool = True
+    cache_latents_to_disk: bool = False
+    # Default for the disk cache: <train_data_dir>/.atelier-latent-cache
+    latent_cache_dir: Optional[str] = None
+    # Text-encoder outputs encoded once per distinct caption when the text encoder
+    # is not trained (network.train_unet_only) and captions never change.
+    cache_text_encoder_outputs: bool = True
+    # Processes that decode images when latents are encoded per step (0 = in the
+    # training process); sd-scripts: --max_data_loader_n_workers.
+    max_data_loader_n_workers: int = 0
+    # Captions, processed every step in this order: prefix/suffix, dropout, shuffle.
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    caption_prefix: Optional[str] = None
+    caption_suffix: Optional[str] = None
+    caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    # 75, 150 or 225 tokens (null = 75); longer captions are encoded in 75-token chunks.
+    max_token_length: Optional[int] = None
+    # Augmentations.
+    flip_aug: bool = False
+    random_crop: bool = False
+    color_aug: bool = False
+    # Regularization images (same N_name layout), balanced to the train images x repeats.
+    reg_data_dir: Optional[str] = None
+    prior_loss_weight: float = 1.0
+    # Validation: this fraction of each concept folder's images is held out.
+    validation_split: float = 0.0
+    # Null: training.seed. Picks the held-out images and the validation noise.
+    validation_seed: Optional[int] = None
+    validate_every_n_epochs: Optional[int] = 1
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from atelier.config.schema import DatasetConfig
 from atelier.data.buckets import BucketSettings, parse_resolution
 from atelier.data.check import CheckOptions, check_dataset, render, seconds_per_step_from_run
 
@@ -36,21 +37,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    # The flags are the training config's dataset.* keys, with the same defaults.
+    d = DatasetConfig
     add = parser.add_argument
     add("train_data_dir", help="folder holding the `N_<concept>` subfolders")
-    add("--caption-extension", metavar="EXT", default=".txt", help="caption file extension (default: .txt)")
-    add("--resolution", metavar="RES", default="512", help="training resolution: 512 or W,H (default: 512)")
+    add("--caption-extension", metavar="EXT", default=d.caption_extension,
+        help=f"dataset.caption_extension (default: {d.caption_extension})")  # fmt: skip
+    add("--resolution", metavar="RES", default=str(d.resolution),
+        help=f"dataset.resolution: 512 or W,H (default: {d.resolution})")  # fmt: skip
     add("--batch-size", metavar="N", type=_positive_int, default=1, help="train batch size (default: 1)")
     add("--epochs", metavar="N", type=_positive_int, default=10, help="epochs in the total (default: 10)")
     add("--gradient-accumulation-steps", metavar="N", type=_positive_int, default=1,
         help="one optimizer step every N batches (default: 1)")  # fmt: skip
-    add("--enable-bucket", action=argparse.BooleanOptionalAction, default=False,
-        help="aspect-ratio bucketing (default: off, as in sd-scripts)")  # fmt: skip
-    add("--min-bucket-reso", metavar="PX", type=_positive_int, default=256, help="smallest bucket side (default: 256)")
-    add("--max-bucket-reso", metavar="PX", type=_positive_int, default=1024, help="largest bucket side (default: 1024)")
-    add("--bucket-reso-steps", metavar="PX", type=_positive_int, default=64,
-        help="bucket sides are multiples of this (default: 64)")  # fmt: skip
-    add("--bucket-no-upscale", action="store_true", help="buckets fit small images instead of upscaling them")
+    add("--enable-bucket", action=argparse.BooleanOptionalAction, default=d.enable_bucket,
+        help="dataset.enable_bucket: aspect-ratio bucketing (default: off, as in sd-scripts)")  # fmt: skip
+    add("--min-bucket-reso", metavar="PX", type=_positive_int, default=d.min_bucket_reso,
+        help=f"dataset.min_bucket_reso: smallest bucket side (default: {d.min_bucket_reso})")  # fmt: skip
+    add("--max-bucket-reso", metavar="PX", type=_positive_int, default=d.max_bucket_reso,
+        help=f"dataset.max_bucket_reso: largest bucket side (default: {d.max_bucket_reso})")  # fmt: skip
+    add("--bucket-reso-steps", metavar="PX", type=_positive_int, default=d.bucket_reso_steps,
+        help=f"dataset.bucket_reso_steps: bucket sides are multiples of this (default: {d.bucket_reso_steps})")  # fmt: skip
+    add("--bucket-no-upscale", action="store_true", default=d.bucket_no_upscale,
+        help="dataset.bucket_no_upscale: buckets fit small images instead of upscaling them")  # fmt: skip
     timing = parser.add_mutually_exclusive_group()
     timing.add_argument("--seconds-per-step", metavar="SECONDS", type=_positive_float,
                         help="estimate the training time at this speed")  # fmt: skip

@@ -125,12 +125,15 @@ def parse_concept_folder_name(name: str) -> tuple[int, str] | None:
     return int(match.group(1)), (match.group(2) or "").strip()
 
 
-def scan_dataset(train_data_dir: str | os.PathLike, caption_extension: str = ".txt") -> DatasetIndex:
+def scan_dataset(
+    train_data_dir: str | os.PathLike, caption_extension: str = ".txt", config_key: str = CONFIG_KEY
+) -> DatasetIndex:
     """Index every image and caption under train_data_dir; raise DatasetError on bad data.
 
     Folders and files are sorted by name, so the same folder always gives the same index.
+    `config_key` is the option named in error messages (e.g. dataset.reg_data_dir).
     """
-    root = _resolve_root(train_data_dir)
+    root = _resolve_root(train_data_dir, config_key)
     caption_extension = normalize_caption_extension(caption_extension)
     warnings: list[str] = []
     entries = _list_dir(root)
@@ -139,8 +142,8 @@ def scan_dataset(train_data_dir: str | os.PathLike, caption_extension: str = ".t
     concepts = _find_concepts(entries, warnings, skipped)
     if not concepts:
         if loose_images:
-            raise DatasetError(_image_folder_message(root, loose_images))
-        raise DatasetError(_empty_dataset_message(root, skipped))
+            raise DatasetError(_image_folder_message(root, loose_images, config_key))
+        raise DatasetError(_empty_dataset_message(root, skipped, config_key))
     if loose_images:
         _warn(
             warnings,
@@ -159,7 +162,7 @@ def scan_dataset(train_data_dir: str | os.PathLike, caption_extension: str = ".t
     return DatasetIndex(root=root, folders=folders, items=items, warnings=warnings)
 
 
-def _resolve_root(train_data_dir: str | os.PathLike) -> Path:
+def _resolve_root(train_data_dir: str | os.PathLike, config_key: str = CONFIG_KEY) -> Path:
     given = Path(train_data_dir).expanduser()
     root = given.resolve()
     if not root.exists():
@@ -168,13 +171,13 @@ def _resolve_root(train_data_dir: str | os.PathLike) -> Path:
             # Relative paths surprise people when a launcher runs from another folder.
             hint = f" (the relative path '{given}' was resolved against the working directory {Path.cwd()})"
         raise DatasetError(
-            f"{CONFIG_KEY} does not exist: {root}{hint}. Set {CONFIG_KEY} to the folder that holds "
+            f"{config_key} does not exist: {root}{hint}. Set {config_key} to the folder that holds "
             "your concept subfolders (named like `10_<concept>`), e.g. "
-            f"{CONFIG_KEY}=/data/my_lora/train."
+            f"{config_key}=/data/my_lora/train."
         )
     if not root.is_dir():
         raise DatasetError(
-            f"{CONFIG_KEY} must be a folder, but {root} is a file. Set it to the folder that holds "
+            f"{config_key} must be a folder, but {root} is a file. Set it to the folder that holds "
             "your concept subfolders (named like `10_<concept>`)."
         )
     return root
@@ -264,17 +267,17 @@ def _fallback_caption_message(concept: _Concept, uncaptioned: list[str], caption
     )
 
 
-def _image_folder_message(root: Path, loose_images: list[Path]) -> str:
+def _image_folder_message(root: Path, loose_images: list[Path], config_key: str = CONFIG_KEY) -> str:
     return (
         f"{root} contains images directly ({_name_list(loose_images)}) but no concept subfolders: "
         "this looks like an image folder. Put the images in a subfolder named like `10_<concept>` "
-        f"(10 = repeats per epoch, <concept> = class tokens) and pass its parent as {CONFIG_KEY}."
+        f"(10 = repeats per epoch, <concept> = class tokens) and pass its parent as {config_key}."
     )
 
 
-def _empty_dataset_message(root: Path, skipped: list[str]) -> str:
+def _empty_dataset_message(root: Path, skipped: list[str], config_key: str = CONFIG_KEY) -> str:
     lines = [
-        f"No training images found in {root} (empty dataset). {CONFIG_KEY} must hold subfolders "
+        f"No training images found in {root} (empty dataset). {config_key} must hold subfolders "
         f"named like `10_<concept>` that contain {_EXTENSIONS_TEXT} images."
     ]
     lines += [f"  - {reason}" for reason in skipped]

@@ -169,7 +169,7 @@ class LatentCache:
         flips = (False, True) if self.flip_aug else (False,)
         pending: list[_Job] = []
         for index, item in enumerate(tqdm(items, desc="checking latent cache", unit="image", disable=not progress)):
-            digest = _file_sha256(item.path)
+            digest = file_sha256(item.path)
             for flipped in flips:
                 key = self._key(digest, buckets[index], flipped)
                 self._keys[(index, flipped)] = key
@@ -235,16 +235,8 @@ class LatentCache:
                 self._write_disk(key, latent, bucket)
 
     def _encode_pixels(self, pixels: torch.Tensor, keys: list[str]) -> torch.Tensor:
-        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
-        if self.sample_posterior:
-            noise = torch.stack([_seeded_noise(key, mean.shape[1:]) for key in keys])
-            latents = mean + std * noise
-        else:
-            latents = mean
-        config = self.vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0
-        return (latents - shift) * config.scaling_factor
+        seeds = [noise_seed(key) for key in keys] if self.sample_posterior else None
+        return encode_pixels(self.vae, pixels, seeds, self.device)
 
     # --------------------------------------------------------------- disk
     def _path(self, key: str) -> Path:
@@ -292,7 +284,7 @@ class LatentCache:
             save_file({_TENSOR_NAME: latent.contiguous()}, str(tmp), metadata=metadata)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as fh:
@@ -303,9 +295,32 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _seeded_noise(key: str, shape: torch.Size) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(int(key[:15], 16))
-    return torch.randn(shape, generator=generator)
+def noise_seed(key: str) -> int:
+    """The seed of the posterior noise of the latent stored under `key`."""
+    return int(key[:15], 16)
+
+
+@torch.no_grad()
+def encode_pixels(
+    vae: torch.nn.Module, pixels: torch.Tensor, seeds: Sequence[int] | None, device: torch.device | None = None
+) -> torch.Tensor:
+    """Scaled latents [B, C, h, w] (float32, CPU) of pixels [B, 3, H, W] in [-1, 1].
+
+    With seeds, latent i is one posterior sample drawn with noise seeded by seeds[i];
+    without, the posterior mean. Used by the cache and by per-step encoding alike, so
+    both give the same latent for the same image and seed.
+    """
+    device = device if device is not None else next(vae.parameters()).device
+    dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+    mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
+    if seeds is not None:
+        noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+        latents = mean + std * noise
+    else:
+        latents = mean
+    config = vae.config
+    shift = getattr(config, "shift_factor", None) or 0.0
+    return (latents - shift) * config.scaling_factor
 
 
 __all__ = [
@@ -314,6 +329,9 @@ __all__ = [
     "LatentCache",
     "can_cache_latents",
     "default_cache_dir",
+    "encode_pixels",
+    "file_sha256",
     "latent_key",
+    "noise_seed",
     "vae_fingerprint",
 ]

@@ -45,8 +45,15 @@ def training_metadata(
     num_epochs: int,
     max_train_steps: int,
     started_at: float,
+    num_reg_images: int = 0,
+    bucket_info: dict[str, Any] | None = None,
+    cache_latents: bool = True,
 ) -> dict[str, str]:
-    """Metadata known when training starts; `checkpoint_metadata` adds the rest."""
+    """Metadata known when training starts; `checkpoint_metadata` adds the rest.
+
+    num_reg_images: reg images x repeats (sd-scripts' count); bucket_info: as
+    atelier.data.buckets.bucket_info; cache_latents: whether latents were cached.
+    """
     t, net, opt = cfg.training, cfg.network, cfg.optimizer
     base_version = base_model_version(cfg.model.version, cfg.model.v_parameterization)
     res = cfg.dataset.resolution
@@ -71,7 +78,7 @@ def training_metadata(
         "ss_lr_scheduler_num_cycles": cfg.scheduler.num_cycles,
         "ss_lr_scheduler_power": cfg.scheduler.power,
         "ss_num_train_images": num_train_images,
-        "ss_num_reg_images": 0,
+        "ss_num_reg_images": num_reg_images,
         "ss_num_batches_per_epoch": num_batches_per_epoch,
         "ss_num_epochs": num_epochs,
         "ss_max_train_steps": max_train_steps,
@@ -85,9 +92,7 @@ def training_metadata(
         "ss_noise_offset": t.noise_offset or None,
         "ss_max_grad_norm": t.max_grad_norm,
         "ss_resolution": f"({res}, {res})",
-        "ss_enable_bucket": False,
-        "ss_cache_latents": True,
-        "ss_caption_extension": cfg.dataset.caption_extension,
+        **dataset_metadata(cfg.dataset, bucket_info, cache_latents),
         "ss_dataset_dirs": json.dumps(dataset_dirs),
         "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_training_started_at": started_at,
@@ -103,6 +108,32 @@ def training_metadata(
     if not net.weights:
         del meta["ss_network_weights"]
     return {k: _str(v) for k, v in meta.items()}
+
+
+def dataset_metadata(d: Any, bucket_info: dict[str, Any] | None, cache_latents: bool) -> dict[str, Any]:
+    """sd-scripts' dataset keys; bucket sizes are None with bucketing off, as there."""
+    bucketing = bool(d.enable_bucket)
+    meta = {
+        "ss_enable_bucket": bucketing,
+        "ss_min_bucket_reso": d.min_bucket_reso if bucketing else None,
+        "ss_max_bucket_reso": d.max_bucket_reso if bucketing else None,
+        "ss_bucket_no_upscale": d.bucket_no_upscale if bucketing else None,
+        "ss_cache_latents": cache_latents,
+        "ss_caption_extension": d.caption_extension,
+        "ss_keep_tokens": d.keep_tokens,
+        "ss_shuffle_caption": d.shuffle_caption,
+        "ss_caption_dropout_rate": d.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": d.caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": d.caption_tag_dropout_rate,
+        "ss_max_token_length": d.max_token_length,
+        "ss_flip_aug": d.flip_aug,
+        "ss_color_aug": d.color_aug,
+        "ss_random_crop": d.random_crop,
+        "ss_prior_loss_weight": d.prior_loss_weight,
+    }
+    if bucket_info is not None:
+        meta["ss_bucket_info"] = json.dumps(bucket_info)
+    return meta
 
 
 def checkpoint_metadata(base: dict[str, str], *, epoch: int, steps: int, finished_at: float) -> dict[str, str]:

@@ -1,35 +1,126 @@
-"""VAE latents of the training images, encoded once per run."""
+"""VAE latents of a training batch when they are not cached: encoded every step.
+
+Pixels are decoded, cropped and augmented in a torch DataLoader (worker processes
+with dataset.max_data_loader_n_workers > 0, started once and kept for the run) from
+per-sample seeds drawn in the training process, so workers never decide anything
+random themselves. The VAE runs in the training process.
+
+Without random_crop/color_aug a sample's posterior noise is seeded exactly as the
+latent cache seeds it (from the content key), so cache on and cache off train on the
+same latents.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
-from diffusers import AutoencoderKL
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from atelier.data.dataset import ImageItem
-from atelier.data.images import load_image
+from atelier.data.augment import load_training_pixels
+from atelier.data.buckets import Resolution
+from atelier.data.latent_cache import encode_pixels, file_sha256, latent_key, noise_seed, vae_fingerprint
 
 
-@torch.no_grad()
-def encode_latents(
-    vae: AutoencoderKL,
-    items: list[ImageItem],
-    resolution: int,
-    device: torch.device,
-    seed: int,
-    batch_size: int = 4,
-) -> torch.Tensor:
-    """Scaled latents [N, C, h, w] on the CPU, one per item, in item order.
+@dataclass(frozen=True)
+class PixelJob:
+    """One batch to load: per sample its file, bucket, flip and augmentation seed."""
 
-    Sampled from the VAE's posterior with a seeded generator, so the cache is the
-    same in every run of the same seed.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    chunks = []
-    for start in tqdm(range(0, len(items), batch_size), desc="caching latents", unit="batch", leave=False):
-        batch = items[start : start + batch_size]
-        pixels = torch.stack([load_image(item.path, resolution, resolution) for item in batch])
-        dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator).to(device, dist.mean.dtype)
-        chunks.append((dist.mean + dist.std * noise).float().cpu())
-    return torch.cat(chunks) * vae.config.scaling_factor
+    paths: tuple[Path, ...]
+    buckets: tuple[Resolution, ...]
+    flips: tuple[bool, ...]
+    seeds: tuple[int, ...]
+
+
+class PixelBatches(Dataset):
+    """dataset[job] = the stacked pixels [B, 3, H, W] of a PixelJob; picklable for workers."""
+
+    def __init__(self, random_crop: bool, color_aug: bool):
+        self.random_crop = random_crop
+        self.color_aug = color_aug
+
+    def __getitem__(self, job: PixelJob) -> torch.Tensor:
+        return torch.stack(
+            [
+                load_training_pixels(
+                    path, bucket, flip=flip, random_crop=self.random_crop, color=self.color_aug, seed=seed
+                )
+                for path, bucket, flip, seed in zip(job.paths, job.buckets, job.flips, job.seeds)
+            ]
+        )
+
+
+class _Jobs(Sampler):
+    """Yields the current epoch's jobs; the DataLoader sends each one to a worker."""
+
+    def __init__(self) -> None:
+        self.jobs: list[PixelJob] = []
+
+    def __iter__(self) -> Iterator[PixelJob]:
+        return iter(self.jobs)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+
+class PixelLoader:
+    """Pixels of PixelJobs, in order; `num_workers` processes decode ahead (0: in this process)."""
+
+    def __init__(self, random_crop: bool, color_aug: bool, num_workers: int = 0):
+        self.dataset = PixelBatches(random_crop, color_aug)
+        self._jobs = _Jobs()
+        self._loader = None
+        if num_workers > 0:
+            self._loader = DataLoader(
+                self.dataset, batch_size=None, sampler=self._jobs, num_workers=num_workers, persistent_workers=True
+            )
+
+    def __call__(self, jobs: Sequence[PixelJob]) -> Iterator[torch.Tensor]:
+        if self._loader is None:
+            return (self.dataset[job] for job in jobs)
+        self._jobs.jobs = list(jobs)
+        return iter(self._loader)
+
+
+class StepEncoder:
+    """Encodes each batch's pixels with the VAE, step by step."""
+
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        paths: Sequence[Path],
+        device: torch.device,
+        *,
+        random_crop: bool,
+        color_aug: bool,
+        num_workers: int = 0,
+    ):
+        self.vae = vae
+        self.device = device
+        self.random_crop = random_crop
+        self.color_aug = color_aug
+        self.pixels = PixelLoader(random_crop, color_aug, num_workers)
+        self.paths = list(paths)
+        self.augmented = random_crop or color_aug
+        # Unaugmented samples reuse the cache's noise seeds, which need the content key.
+        self._digests = None if self.augmented else [file_sha256(path) for path in self.paths]
+        self._vae_id = None if self.augmented else vae_fingerprint(vae)
+
+    def noise_seeds(self, job: PixelJob, indices: Sequence[int]) -> list[int]:
+        if self.augmented:
+            return list(job.seeds)
+        return [
+            noise_seed(latent_key(self._digests[i], bucket, flip, self._vae_id, True))
+            for i, bucket, flip in zip(indices, job.buckets, job.flips)
+        ]
+
+    def encode(self, jobs: Sequence[PixelJob], indices: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
+        """Latents [B, C, h, w] (CPU) per job, in order."""
+        pixels = self.pixels(jobs)
+        for job, batch_indices, batch_pixels in zip(jobs, indices, pixels):
+            yield encode_pixels(self.vae, batch_pixels, self.noise_seeds(job, batch_indices), self.device)
+
+
+__all__ = ["PixelBatches", "PixelJob", "PixelLoader", "StepEncoder"]

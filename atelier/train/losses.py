@@ -52,9 +52,18 @@ def diffusion_loss(
     scheduler: DDPMScheduler,
     timesteps: torch.Tensor,
     min_snr_gamma: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error per sample, optionally min-SNR weighted, averaged over the batch."""
+    """Mean squared error per sample, optionally min-SNR weighted, averaged over the batch.
+
+    `weights` [B] scales each sample's loss before the mean (sd-scripts' loss_weights:
+    1 for train images, prior_loss_weight for regularization images).
+    """
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
         loss = loss * min_snr_weight(scheduler, timesteps.to(loss.device), min_snr_gamma).to(loss.device)
+    if weights is not None:
+        if weights.shape != loss.shape:
+            raise ValueError(f"weights must have one value per sample {tuple(loss.shape)}, got {tuple(weights.shape)}")
+        loss = loss * weights.to(loss.device, loss.dtype)
     return loss.mean()

@@ -40,9 +40,17 @@ def make_plan(
     gradient_accumulation_steps: int,
     max_train_epochs: int | None,
     max_train_steps: int | None,
+    batches_per_epoch: int | None = None,
 ) -> TrainingPlan:
-    """max_train_steps, when set, fixes the run length; otherwise max_train_epochs does."""
-    batches = steps_per_epoch(num_samples, batch_size)
+    """max_train_steps, when set, fixes the run length; otherwise max_train_epochs does.
+
+    batches_per_epoch: with aspect buckets, the sum over buckets of
+    ceil(samples in the bucket / batch_size) (buckets.bucket_steps_per_epoch); when
+    not given, ceil(num_samples / batch_size), the one-bucket count.
+    """
+    batches = steps_per_epoch(num_samples, batch_size) if batches_per_epoch is None else batches_per_epoch
+    if batches < 1:
+        raise ValueError(f"an epoch needs at least one batch, got {batches} for {num_samples} samples")
     updates = math.ceil(batches / gradient_accumulation_steps)
     if max_train_steps is not None:
         if max_train_steps < 1:

@@ -14,13 +14,13 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from atelier.config.schema import MixedPrecision
-from atelier.data.dataset import DatasetIndex, scan_dataset
-from atelier.data.schedule import epoch_order, expand_repeats
+from atelier.data.dataset import DatasetIndex
 from atelier.models.loading import BaseModel, load_base_model
 from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork, ranks_and_alphas
 from atelier.outputs.lora_file import load_lora, save_lora
 from atelier.outputs.metadata import checkpoint_metadata, training_metadata
-from atelier.train.latents import encode_latents
+from atelier.train.caption_encoder import CaptionEncoder
+from atelier.train.data import Batch, TrainingData
 from atelier.train.losses import diffusion_loss, sample_noise, sample_timesteps, training_target
 from atelier.train.metrics import MetricsLog
 from atelier.train.optimizers import build_optimizer, describe_optimizer
@@ -28,7 +28,7 @@ from atelier.train.plan import TrainingPlan, make_plan
 from atelier.train.samples import SampleWriter
 from atelier.train.schedulers import build_lr_scheduler, warmup_steps
 from atelier.train.state import STATE_FILE, config_fingerprint, load_training_state, save_training_state
-from atelier.train.text_encoding import encode_tokens, tokenize
+from atelier.train.validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class TrainResult:
     steps: int = 0
     epochs: int = 0
     epoch_losses: list[float] = field(default_factory=list)
+    validation_losses: list[float] = field(default_factory=list)
     train_seconds: float = 0.0
     output_file: Path | None = None
     checkpoints: list[Path] = field(default_factory=list)
@@ -53,6 +54,14 @@ class TrainResult:
     @property
     def best_loss(self) -> float | None:
         return min(self.epoch_losses) if self.epoch_losses else None
+
+    @property
+    def validation_loss(self) -> float | None:
+        return self.validation_losses[-1] if self.validation_losses else None
+
+    @property
+    def best_validation_loss(self) -> float | None:
+        return min(self.validation_losses) if self.validation_losses else None
 
     @property
     def seconds_per_step(self) -> float | None:
@@ -74,37 +83,56 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         set_seed(cfg.training.seed)
-        self.dataset: DatasetIndex = scan_dataset(cfg.dataset.train_data_dir, cfg.dataset.caption_extension)
-        self.plan: TrainingPlan = make_plan(
-            self.dataset.num_train_samples,
-            cfg.training.train_batch_size,
-            cfg.training.gradient_accumulation_steps,
-            cfg.training.max_train_epochs,
-            cfg.training.max_train_steps,
-        )
-        self.plan.log_summary()
+        self.data = TrainingData(cfg.dataset, cfg.training.seed, cfg.training.train_batch_size)
+        self.dataset: DatasetIndex = self.data.index
+        self.plan: TrainingPlan = self._make_plan()
         self.base: BaseModel = self._load_base_model()
-        self.latents = encode_latents(
-            self.base.vae, self.dataset.items, cfg.dataset.resolution, self.device, cfg.training.seed
-        )
-        log.info("cached %d latents of shape %s", len(self.latents), tuple(self.latents.shape[1:]))
+        self.data.prepare(self.base.vae, self.device)
         self.network = self._create_network()
+        self.captions: CaptionEncoder = self.data.caption_encoder(
+            self.base.tokenizer,
+            self.base.text_encoder,
+            frozen=not self.train_text_encoder,
+            clip_skip=cfg.training.clip_skip,
+            autocast=self.accelerator.autocast,
+        )
+        self.validator: Validator | None = self.data.validator(self.base.vae, self.base.noise_scheduler, self.device)
         self.optimizer, self.lr_scheduler = self._create_optimizer()
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.training.seed)
         self.samples = SampleWriter(
             cfg, self.base, self.dataset, self.run_dir, self.device, self.accelerator.autocast
         )
-        self.base_metadata = training_metadata(
+        self.base_metadata = self._training_metadata()
+
+    def _make_plan(self) -> TrainingPlan:
+        t = self.cfg.training
+        plan = make_plan(
+            self.data.num_samples,
+            t.train_batch_size,
+            t.gradient_accumulation_steps,
+            t.max_train_epochs,
+            t.max_train_steps,
+            batches_per_epoch=self.data.batches_per_epoch,
+        )
+        plan.log_summary()
+        return plan
+
+    def _training_metadata(self) -> dict[str, str]:
+        cfg = self.cfg
+        return training_metadata(
             cfg,
             base_model_name=self.base.name,
             optimizer_name=describe_optimizer(self.optimizer, dict(cfg.optimizer.args)),
-            dataset_dirs=self.dataset.dataset_dirs(),
-            tag_frequency=self.dataset.tag_frequency(),
+            dataset_dirs=self.data.dataset_dirs(),
+            tag_frequency=self.data.tag_frequency(),
             num_train_images=self.dataset.num_train_samples,
             num_batches_per_epoch=self.plan.batches_per_epoch,
             num_epochs=self.plan.num_epochs,
             max_train_steps=self.plan.total_steps,
             started_at=time.time(),
+            num_reg_images=self.data.num_reg_images,
+            bucket_info=self.data.bucket_info,
+            cache_latents=self.data.caches_latents,
         )
 
     def _load_base_model(self) -> BaseModel:
@@ -124,7 +152,7 @@ class Trainer:
         for module in (base.unet, base.text_encoder, base.vae):
             module.requires_grad_(False)
             module.eval()
-        # The VAE stays in float32: it runs once (latent cache) and fp16 VAEs overflow.
+        # The VAE stays in float32: fp16 VAEs overflow (it encodes the latent cache, or every step).
         for module in (base.vae, base.unet, base.text_encoder):
             module.to(self.device)
         if weight_dtype != torch.float32:
@@ -196,6 +224,7 @@ class Trainer:
                 self.result.epochs = epoch
                 self.result.epoch_losses.append(epoch_loss)
                 metrics.log(self.result.steps, {"loss/epoch": epoch_loss}, epoch=epoch)
+                self._validate(epoch, metrics)
                 self._end_epoch(epoch)
                 if self.cfg.output.save_state and epoch < self.plan.num_epochs:
                     save_training_state(self.run_dir, self._state_dict())
@@ -214,9 +243,11 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
+            "data": self.data.state_dict(),
             "epoch": r.epochs,
             "steps": r.steps,
             "epoch_losses": r.epoch_losses,
+            "validation_losses": r.validation_losses,
             "train_seconds": r.train_seconds,
             "checkpoints": [p.name for p in r.checkpoints],
         }
@@ -230,22 +261,21 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(state["generator"])
+        self.data.load_state_dict(state["data"])
         r = self.result
         r.epochs, r.steps, r.epoch_losses = state["epoch"], state["steps"], list(state["epoch_losses"])
+        r.validation_losses = list(state["validation_losses"])
         r.train_seconds = state["train_seconds"]
         r.checkpoints = [self.run_dir / name for name in state["checkpoints"]]
         log.info("resuming from %s: epoch %d done, step %d", STATE_FILE, r.epochs, r.steps)
         return r.epochs
 
     def _train_epoch(self, epoch: int, metrics: MetricsLog, progress: tqdm) -> float:
-        samples = expand_repeats(self.dataset.items)
-        order = [samples[i] for i in epoch_order(len(samples), self.cfg.training.seed, epoch)]
-        batch_size = self.plan.batch_size
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = self.data.epoch(epoch)
         accum = self.plan.gradient_accumulation_steps
         losses: list[float] = []
         step_start = time.perf_counter()
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(self.data.load(batches)):
             # The last group of an epoch may be shorter than `accum`.
             group_size = min(accum, len(batches) - (i // accum) * accum)
             loss = self._forward(batch) / group_size
@@ -267,19 +297,18 @@ class Trainer:
             step_start = time.perf_counter()
         return sum(losses) / len(losses)
 
-    def _forward(self, batch: list[int]) -> torch.Tensor:
+    def _forward(self, batch: Batch) -> torch.Tensor:
         base, t = self.base, self.cfg.training
-        latents = self.latents[batch].to(self.device)
-        input_ids = tokenize(base.tokenizer, [self.dataset.items[i].caption for i in batch])
+        latents = batch.latents.to(self.device)
         noise = sample_noise(latents, self.generator, t.noise_offset)
         timesteps = sample_timesteps(len(batch), base.noise_scheduler, self.generator).to(self.device)
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
         with self.accelerator.autocast():
-            with torch.set_grad_enabled(self.train_text_encoder):
-                hidden = encode_tokens(base.text_encoder, input_ids, t.clip_skip)
+            hidden = self.captions(batch.captions, grad=self.train_text_encoder)
             pred = base.unet(noisy, timesteps, hidden).sample
         target = training_target(base.noise_scheduler, latents, noise, timesteps)
-        return diffusion_loss(pred, target, base.noise_scheduler, timesteps, t.min_snr_gamma)
+        weights = self.data.loss_weights(batch)
+        return diffusion_loss(pred, target, base.noise_scheduler, timesteps, t.min_snr_gamma, weights)
 
     def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
         if torch.isfinite(loss).all():
@@ -307,6 +336,15 @@ class Trainer:
         for name, lr in zip(names, self.lr_scheduler.get_last_lr()):
             scalars[f"lr/{'unet' if name == UNET_PREFIX else 'text_encoder'}"] = lr
         return scalars
+
+    def _validate(self, epoch: int, metrics: MetricsLog) -> None:
+        every = self.cfg.dataset.validate_every_n_epochs
+        if self.validator is None or not ((every and epoch % every == 0) or epoch == self.plan.num_epochs):
+            return
+        loss = self.validator.loss(self.base.unet, self.captions, self.accelerator.autocast, self.device)
+        self.result.validation_losses.append(loss)
+        metrics.log(self.result.steps, {"loss/validation": loss}, epoch=epoch)
+        log.info("epoch %d: validation loss %.5f", epoch, loss)
 
     # --------------------------------------------------------------- outputs
     def _end_epoch(self, epoch: int) -> None:

@@ -1,0 +1,72 @@
+"""Per-step image augmentations (sd-scripts' flip_aug, random_crop, color_aug).
+
+Every random choice comes from the `random.Random` it is given, so a sample drawn
+with the same seed is the same image in every run, also in a DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from atelier.data.buckets import Resolution, resize_and_crop_to_bucket
+from atelier.data.images import open_rgb, to_tensor
+
+# sd-scripts' color_aug: with probability 0.33 one of two changes, chosen 50/50:
+# a hue rotation of up to 8 on OpenCV's 0-180 hue scale (+-16 degrees), or a gamma
+# in [0.95, 1.05]. sd-scripts applies that gamma to raw 0-255 values, which can
+# brighten or darken far more than 5%; here it acts on [0, 1] values as intended.
+COLOR_AUG_PROBABILITY = 0.33
+HUE_SHIFT_LIMIT = 8.0  # on a 0-180 scale, as OpenCV and sd-scripts count hue
+GAMMA_RANGE = (0.95, 1.05)
+
+
+def color_aug(img: Image.Image, rng: random.Random) -> Image.Image:
+    """The image, sometimes with its hue rotated or its gamma changed (see above)."""
+    if rng.random() > COLOR_AUG_PROBABILITY:
+        return img
+    if rng.random() > 0.5:
+        return shift_hue(img, rng.uniform(-HUE_SHIFT_LIMIT, HUE_SHIFT_LIMIT) / 180.0)
+    return apply_gamma(img, rng.uniform(*GAMMA_RANGE))
+
+
+def shift_hue(img: Image.Image, turns: float) -> Image.Image:
+    """Rotate the hue by `turns` of the colour wheel (0.5 = complementary colours)."""
+    hsv = np.asarray(img.convert("HSV"), dtype=np.int32).copy()
+    hsv[..., 0] = (hsv[..., 0] + round(turns * 256)) % 256
+    return Image.fromarray(hsv.astype(np.uint8), mode="HSV").convert("RGB")
+
+
+def apply_gamma(img: Image.Image, gamma: float) -> Image.Image:
+    values = np.asarray(img, dtype=np.float32) / 255.0
+    return Image.fromarray(np.clip(np.rint(values**gamma * 255.0), 0, 255).astype(np.uint8))
+
+
+def load_training_pixels(
+    path: Path,
+    bucket: Resolution,
+    *,
+    flip: bool = False,
+    random_crop: bool = False,
+    color: bool = False,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The image as the VAE sees it: [3, h, w] in [-1, 1], cropped to its bucket.
+
+    Order as in the latent cache: scale to cover, crop (centre, or random from
+    `seed`), mirror, then colour. Without random_crop and color, `seed` is unused.
+    """
+    rng = random.Random(seed)
+    image, _ = resize_and_crop_to_bucket(open_rgb(path), bucket, random_crop, rng if random_crop else None)
+    if flip:
+        image = ImageOps.mirror(image)
+    if color:
+        image = color_aug(image, rng)
+    return to_tensor(image)
+
+
+__all__ = ["apply_gamma", "color_aug", "load_training_pixels", "shift_hue"]

@@ -1,0 +1,73 @@
+"""Captions -> text-encoder hidden states for the UNet, with an optional cache.
+
+Captions are encoded in 75-token chunks up to dataset.max_token_length
+(atelier.data.text_chunks). When the text encoder is not trained and captions never
+change, the hidden states of each distinct caption are computed once and reused
+every step (the text-encoder output cache).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from atelier.data.text_chunks import encode_chunks, tokenize_long
+
+log = logging.getLogger(__name__)
+
+
+class CaptionEncoder:
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel,
+        *,
+        max_token_length: int = 75,
+        clip_skip: int = 1,
+        cache: bool = False,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+        batch_size: int = 16,
+    ):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.max_token_length = max_token_length
+        self.clip_skip = clip_skip
+        self.autocast = autocast
+        self.batch_size = batch_size
+        self._cache: dict[str, torch.Tensor] | None = {} if cache else None
+
+    @property
+    def caching(self) -> bool:
+        return self._cache is not None
+
+    def __call__(self, captions: Sequence[str], grad: bool = False) -> torch.Tensor:
+        """Hidden states [B, max_token_length + 2, dim] on the text encoder's device."""
+        if self._cache is None:
+            return self._encode(list(captions), grad)
+        self.fill(captions)
+        device = self.text_encoder.device
+        return torch.stack([self._cache[caption] for caption in captions]).to(device)
+
+    def fill(self, captions: Sequence[str]) -> int:
+        """Encode the captions not cached yet; returns how many were encoded."""
+        assert self._cache is not None, "fill() needs cache=True"
+        missing = [caption for caption in dict.fromkeys(captions) if caption not in self._cache]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            with self.autocast():
+                hidden = self._encode(chunk, grad=False)
+            for caption, states in zip(chunk, hidden.cpu()):
+                self._cache[caption] = states
+        return len(missing)
+
+    def _encode(self, captions: list[str], grad: bool) -> torch.Tensor:
+        ids = tokenize_long(self.tokenizer, captions, self.max_token_length)
+        with torch.set_grad_enabled(grad):
+            return encode_chunks(self.text_encoder, ids, self.clip_skip)
+
+
+__all__ = ["CaptionEncoder"]

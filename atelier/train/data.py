@@ -1,0 +1,281 @@
+"""What the training loop consumes: batches per epoch, their latents, captions, loss weights.
+
+TrainingData gathers the dataset layer (scan, validation split, reg images, buckets,
+caption ops, augmentations, latent cache) behind a few calls:
+
+    data = TrainingData(cfg.dataset, seed, batch_size)   # scan + check, no model needed
+    data.prepare(vae, device)                            # latent caches
+    for batch in data.load(data.epoch(epoch)): ...       # Batch: latents, captions, weights
+
+Every per-step random choice (flip, crop and colour seeds, caption shuffle/dropout)
+is drawn from one `random.Random` when an epoch starts; its state is part of the
+training state (state_dict), so a resumed run draws the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atelier.data.buckets import BucketManager, bucket_batches, bucket_steps_per_epoch, log_bucket_counts
+from atelier.data.caption_ops import captions_are_static, process_caption
+from atelier.data.dataset import DatasetIndex, ImageItem, scan_dataset
+from atelier.data.latent_cache import LatentCache, can_cache_latents, default_cache_dir
+from atelier.train.caption_encoder import CaptionEncoder
+from atelier.train.dataset_options import (
+    bucket_settings,
+    cache_latents_wanted,
+    caption_options,
+    check_dataset_options,
+    max_token_length,
+)
+from atelier.train.latents import PixelJob, StepEncoder
+from atelier.train.regularization import balance_reg_repeats
+from atelier.train.validation import Validator, split_validation
+
+log = logging.getLogger(__name__)
+
+REG_DATA_DIR_KEY = "dataset.reg_data_dir"
+
+
+@dataclass
+class Batch:
+    """One forward pass: sample indices into TrainingData.items and their draws."""
+
+    indices: list[int]
+    flips: list[bool]
+    seeds: list[int]
+    captions: list[str]
+    latents: torch.Tensor | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class TrainingData:
+    def __init__(self, d: Any, seed: int, batch_size: int):
+        check_dataset_options(d)
+        self.options = d
+        self.seed = seed
+        self.batch_size = batch_size
+        self.captions = caption_options(d)
+        self.rng = random.Random(seed)
+        self.validation_seed = d.validation_seed if d.validation_seed is not None else seed
+        full = scan_dataset(d.train_data_dir, d.caption_extension)
+        train_items, self.validation_items = split_validation(full.items, d.validation_split, self.validation_seed)
+        self.index = _subset(full, train_items)
+        self.reg_index = scan_dataset(d.reg_data_dir, d.caption_extension, REG_DATA_DIR_KEY) if d.reg_data_dir else None
+        reg_items = balance_reg_repeats(self.reg_index.items, self.index.num_train_samples) if self.reg_index else []
+        self.items: list[ImageItem] = train_items + reg_items
+        self.num_train_items = len(train_items)
+        self._make_buckets(d)
+        self.latent_cache: LatentCache | None = None
+        self.step_encoder: StepEncoder | None = None
+        self._log_summary(len(reg_items))
+
+    def _make_buckets(self, d: Any) -> None:
+        manager = BucketManager(bucket_settings(d))
+        self.assignments = manager.assign(self.items)
+        # Before the validation images: with bucket_no_upscale they could add buckets.
+        self.bucket_info = manager.info(self.assignments)
+        self.validation_buckets = [a.bucket for a in manager.assign(self.validation_items)]
+        self.batches_per_epoch = bucket_steps_per_epoch(self.assignments, self.batch_size)
+        log_bucket_counts(self.bucket_info, log)
+
+    def _log_summary(self, num_reg_used: int) -> None:
+        if self.reg_index is not None:
+            log.info(
+                "reg images: %d (x repeats: %d), %d used, balanced to %d samples per epoch, prior_loss_weight %s",
+                self.reg_index.num_images,
+                self.num_reg_images,
+                num_reg_used,
+                self.num_samples - self.index.num_train_samples,
+                self.options.prior_loss_weight,
+            )
+        if self.validation_items:
+            log.info("validation: %d image(s) held out from training", len(self.validation_items))
+
+    # ------------------------------------------------------------- numbers
+    @property
+    def num_samples(self) -> int:
+        """Samples in one epoch: train and reg images x repeats."""
+        return sum(a.repeats for a in self.assignments)
+
+    @property
+    def num_reg_images(self) -> int:
+        """sd-scripts' num_reg_images: reg images x their folders' repeats, before balancing."""
+        return self.reg_index.num_train_samples if self.reg_index else 0
+
+    @property
+    def has_reg(self) -> bool:
+        return len(self.items) > self.num_train_items
+
+    def dataset_dirs(self) -> dict[str, dict[str, int]]:
+        """ss_dataset_dirs: train folders (images trained on), then reg folders, as sd-scripts lists them."""
+        reg = self.reg_index.dataset_dirs() if self.reg_index else {}
+        return {**self.index.dataset_dirs(), **reg}
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        reg = self.reg_index.tag_frequency() if self.reg_index else {}
+        return {**self.index.tag_frequency(), **reg}
+
+    @property
+    def static_captions(self) -> bool:
+        return captions_are_static(self.captions)
+
+    def distinct_captions(self) -> list[str]:
+        """Every caption a step can see when captions are static (prefix/suffix applied)."""
+        return list(dict.fromkeys(self.fixed_caption(item.caption) for item in self.items))
+
+    def fixed_caption(self, caption: str) -> str:
+        """The caption without random processing (validation, the text-encoder cache)."""
+        static = replace(
+            self.captions,
+            shuffle_caption=False,
+            caption_dropout_rate=0.0,
+            caption_tag_dropout_rate=0.0,
+            caption_dropout_every_n_epochs=0,
+        )
+        return process_caption(caption, static, random.Random(0), 1)
+
+    # -------------------------------------------------------------- latents
+    def prepare(self, vae: torch.nn.Module, device: torch.device) -> None:
+        """Cache the latents (or set up per-step encoding) and the validation latents."""
+        d = self.options
+        cacheable, reason = can_cache_latents(d.random_crop, d.color_aug)
+        if cache_latents_wanted(d) and not cacheable:
+            log.warning(reason)
+        paths = [item.path for item in self.items]
+        if cache_latents_wanted(d) and cacheable:
+            self.latent_cache = self._new_cache(vae, device, flip_aug=d.flip_aug)
+            stats = self.latent_cache.build(self.items, [a.bucket for a in self.assignments])
+            log.info("latent cache: %d latents (%s)", len(self.latent_cache), stats)
+        else:
+            self.step_encoder = StepEncoder(
+                vae,
+                paths,
+                device,
+                random_crop=d.random_crop,
+                color_aug=d.color_aug,
+                num_workers=d.max_data_loader_n_workers,
+            )
+            log.info("latents are encoded every step (not cached)")
+
+    def validation_latents(self, vae: torch.nn.Module, device: torch.device) -> list[torch.Tensor]:
+        """Centre-cropped, unflipped latents of the held-out images (cached like training ones)."""
+        if not self.validation_items:
+            return []
+        cache = self._new_cache(vae, device, flip_aug=False)
+        cache.build(self.validation_items, self.validation_buckets, progress=False)
+        return [cache.get(i) for i in range(len(self.validation_items))]
+
+    def _new_cache(self, vae: torch.nn.Module, device: torch.device, flip_aug: bool) -> LatentCache:
+        d = self.options
+        cache_dir = Path(d.latent_cache_dir) if d.latent_cache_dir else default_cache_dir(self.index.root)
+        return LatentCache(vae, cache_dir, d.cache_latents_to_disk, flip_aug=flip_aug, device=device)
+
+    @property
+    def caches_latents(self) -> bool:
+        return self.latent_cache is not None
+
+    # ------------------------------------------------- captions, validation
+    def caption_encoder(
+        self, tokenizer, text_encoder, *, frozen: bool, clip_skip: int, autocast: Callable[[], AbstractContextManager]
+    ) -> CaptionEncoder:
+        """The run's caption encoder; it caches per caption when `frozen` and captions are static."""
+        wanted = bool(self.options.cache_text_encoder_outputs) and frozen
+        encoder = CaptionEncoder(
+            tokenizer,
+            text_encoder,
+            max_token_length=max_token_length(self.options),
+            clip_skip=clip_skip,
+            cache=wanted and self.static_captions,
+            autocast=autocast,
+        )
+        if encoder.caching:
+            count = encoder.fill(self.distinct_captions())
+            log.info("text-encoder outputs cached for %d distinct caption(s)", count)
+        elif wanted:
+            log.info("text-encoder outputs are not cached: captions change every step (shuffle or dropout)")
+        return encoder
+
+    def validator(self, vae: torch.nn.Module, noise_scheduler, device: torch.device) -> Validator | None:
+        """The validation loss of the held-out images, or None without validation_split."""
+        latents = self.validation_latents(vae, device)
+        if not latents:
+            return None
+        captions = [self.fixed_caption(item.caption) for item in self.validation_items]
+        return Validator(latents, captions, noise_scheduler, self.validation_seed, self.batch_size)
+
+    # -------------------------------------------------------------- batches
+    def epoch(self, epoch: int) -> list[Batch]:
+        """This epoch's batches (no batch mixes buckets) with every random draw made."""
+        d = self.options
+        augmented = d.random_crop or d.color_aug
+        batches = []
+        for indices in bucket_batches(self.assignments, self.batch_size, self.seed, epoch):
+            flips = [self.rng.random() < 0.5 for _ in indices] if d.flip_aug else [False] * len(indices)
+            seeds = [self.rng.getrandbits(63) for _ in indices] if augmented else [0] * len(indices)
+            captions = [process_caption(self.items[i].caption, self.captions, self.rng, epoch) for i in indices]
+            batches.append(Batch(indices, flips, seeds, captions))
+        return batches
+
+    def load(self, batches: list[Batch]) -> Iterator[Batch]:
+        """The batches in order, each with its latents [B, C, h, w] (CPU)."""
+        if self.latent_cache is not None:
+            for batch in batches:
+                batch.latents = self.latent_cache.get_batch(batch.indices, batch.flips)
+                yield batch
+            return
+        assert self.step_encoder is not None, "call prepare() first"
+        jobs = [self.pixel_job(batch) for batch in batches]
+        latents = self.step_encoder.encode(jobs, [batch.indices for batch in batches])
+        for batch, batch_latents in zip(batches, latents):
+            batch.latents = batch_latents
+            yield batch
+
+    def pixel_job(self, batch: Batch) -> PixelJob:
+        return PixelJob(
+            tuple(self.items[i].path for i in batch.indices),
+            tuple(self.assignments[i].bucket for i in batch.indices),
+            tuple(batch.flips),
+            tuple(batch.seeds),
+        )
+
+    def loss_weights(self, batch: Batch) -> torch.Tensor | None:
+        """Per-sample loss weights: 1 for train images, prior_loss_weight for reg images."""
+        if not self.has_reg:
+            return None
+        prior = float(self.options.prior_loss_weight)
+        return torch.tensor([1.0 if i < self.num_train_items else prior for i in batch.indices])
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(_as_tuples(state["rng"]))
+
+
+def _subset(index: DatasetIndex, items: list[ImageItem]) -> DatasetIndex:
+    """The index of the images trained on (validation images taken out)."""
+    folders = [
+        replace(folder, num_images=sum(1 for item in items if item.folder_name == folder.name))
+        for folder in index.folders
+    ]
+    return DatasetIndex(root=index.root, folders=folders, items=items, warnings=index.warnings)
+
+
+def _as_tuples(value: Any) -> Any:
+    # random.setstate wants tuples; a saved state may come back with lists.
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+__all__ = ["Batch", "TrainingData"]

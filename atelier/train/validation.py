@@ -1,0 +1,131 @@
+"""Held-out validation images and a validation loss that runs of a sweep can compare.
+
+The split: in each concept folder, dataset.validation_split of the images (shuffled
+with dataset.validation_seed) are held out, as sd-scripts splits each subset; the
+training run never sees them.
+
+The loss: the plain (unweighted) MSE of the LoRA-on model's prediction, on every
+held-out image (centre crop, no flip, its caption without dropout or shuffling) at
+the same fixed timesteps, evenly spaced over the training range, with the same
+noise seeded by validation_seed. Nothing in it depends on the training run's random
+state, so the same LoRA always gets the same validation loss, and two runs with the
+same dataset options are measured on exactly the same problems.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from atelier.data.dataset import ImageItem
+from atelier.data.errors import DatasetError
+from atelier.train.losses import training_target
+
+NUM_TIMESTEPS = 5  # t = 100, 300, 500, 700, 900 for a 1000-step schedule
+
+
+def split_validation(
+    items: Sequence[ImageItem], fraction: float, seed: int
+) -> tuple[list[ImageItem], list[ImageItem]]:
+    """(train items, validation items), both in item order; per folder, like sd-scripts."""
+    if fraction <= 0:
+        return list(items), []
+    rng = random.Random(seed)
+    held_out: set[int] = set()
+    for folder in dict.fromkeys(item.folder_name for item in items):
+        members = [i for i, item in enumerate(items) if item.folder_name == folder]
+        rng.shuffle(members)
+        keep = math.ceil(round(len(members) * (1.0 - fraction), 9))
+        held_out.update(members[keep:])
+    if not held_out:
+        raise DatasetError(
+            f"dataset.validation_split={fraction} holds out no image: each concept folder keeps "
+            "ceil(images x (1 - validation_split)) images for training. Raise it, or set it to 0."
+        )
+    train = [item for i, item in enumerate(items) if i not in held_out]
+    return train, [item for i, item in enumerate(items) if i in held_out]
+
+
+def validation_timesteps(num_train_timesteps: int, count: int = NUM_TIMESTEPS) -> list[int]:
+    """`count` timesteps at the centres of equal slices of [0, num_train_timesteps)."""
+    return [int((k + 0.5) * num_train_timesteps / count) for k in range(count)]
+
+
+@dataclass
+class _Chunk:
+    latents: torch.Tensor  # [M, C, h, w]: one row per (image, timestep)
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    captions: list[str]
+
+
+class Validator:
+    """The validation loss of the current model on fixed images, timesteps and noise."""
+
+    def __init__(
+        self,
+        latents: Sequence[torch.Tensor],
+        captions: Sequence[str],
+        noise_scheduler,
+        seed: int,
+        batch_size: int,
+    ):
+        if len(latents) != len(captions):
+            raise ValueError(f"got {len(latents)} latents for {len(captions)} captions")
+        self.scheduler = noise_scheduler
+        self.timesteps = validation_timesteps(noise_scheduler.config.num_train_timesteps)
+        self.num_images = len(latents)
+        self.chunks = self._make_chunks(latents, captions, seed, batch_size)
+
+    def _make_chunks(self, latents, captions, seed: int, batch_size: int) -> list[_Chunk]:
+        generator = torch.Generator().manual_seed(seed)
+        rows: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, int, str]]] = {}
+        for latent, caption in zip(latents, captions):
+            for t in self.timesteps:
+                noise = torch.randn(latent.shape, generator=generator)
+                rows.setdefault(tuple(latent.shape), []).append((latent, noise, t, caption))
+        chunks = []
+        for shape in sorted(rows):
+            group = rows[shape]
+            for start in range(0, len(group), batch_size):
+                part = group[start : start + batch_size]
+                chunks.append(
+                    _Chunk(
+                        torch.stack([row[0] for row in part]),
+                        torch.stack([row[1] for row in part]),
+                        torch.tensor([row[2] for row in part], dtype=torch.long),
+                        [row[3] for row in part],
+                    )
+                )
+        return chunks
+
+    @torch.no_grad()
+    def loss(
+        self,
+        unet: torch.nn.Module,
+        encode_captions: Callable[[list[str]], torch.Tensor],
+        autocast: Callable[[], AbstractContextManager],
+        device: torch.device,
+    ) -> float:
+        total, count = 0.0, 0
+        for chunk in self.chunks:
+            latents, noise = chunk.latents.to(device), chunk.noise.to(device)
+            timesteps = chunk.timesteps.to(device)
+            noisy = self.scheduler.add_noise(latents, noise, timesteps)
+            with autocast():
+                hidden = encode_captions(chunk.captions)
+                pred = unet(noisy, timesteps, hidden).sample
+            target = training_target(self.scheduler, latents, noise, timesteps)
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            total += per_sample.sum().item()
+            count += per_sample.numel()
+        return total / count
+
+
+__all__ = ["NUM_TIMESTEPS", "Validator", "split_validation", "validation_timesteps"]
