@@ -17,7 +17,7 @@ from atelier.data.errors import DatasetError
 from atelier.outputs.lora_file import load_lora
 from atelier.train.data import TrainingData
 from atelier.train.trainer import Trainer
-from tests.test_trainer import fresh_accelerate_state, make_cfg, steps_logged, train  # noqa: F401
+from tests.test_trainer import fresh_accelerate_state, interrupt_after_epoch, make_cfg, steps_logged, train  # noqa: F401
 
 DEMO_SAMPLES = 56  # 6 cube images x6 repeats + 5 orb images x4
 # Buckets around 64x64 for the tiny model: the 96x64 images go to 80x48, the rest to 64x64.
@@ -291,14 +291,7 @@ def test_resume_is_exact_with_shuffled_captions_flips_and_validation(tmp_path, m
     full, full_summary = train(tmp_path, *args, name="full")
     run_dir = tmp_path / "interrupted"
     run_dir.mkdir()
-    real_end_epoch = Trainer._end_epoch
-
-    def killed_in_epoch_3(self, epoch):
-        real_end_epoch(self, epoch)
-        if epoch == 2:
-            monkeypatch.setattr(Trainer, "_forward", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
-
-    monkeypatch.setattr(Trainer, "_end_epoch", killed_in_epoch_3)
+    interrupt_after_epoch(monkeypatch, 2)
     from atelier.train.run import run_training
 
     with pytest.raises(KeyboardInterrupt):

@@ -226,20 +226,25 @@ def test_trains_a_user_model_from_a_folder_or_a_single_file(tmp_path, tiny_model
     assert meta["ss_sd_model_name"] == tiny_model_path.name
 
 
+def interrupt_after_epoch(monkeypatch, epoch: int) -> None:
+    """Make the next run raise KeyboardInterrupt in the first step after `epoch` ends."""
+    real_end_epoch = Trainer._end_epoch
+
+    def end_epoch_then_break(self, finished):
+        real_end_epoch(self, finished)
+        if finished == epoch:
+            monkeypatch.setattr(Trainer, "_forward", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    monkeypatch.setattr(Trainer, "_end_epoch", end_epoch_then_break)
+
+
 def test_interrupted_run_continues_from_its_state_to_the_same_weights(tmp_path, monkeypatch):
     args = ["training.max_train_epochs=3", "training.train_batch_size=8", "output.save_every_n_epochs=null"]
     full, _ = train(tmp_path, *args, name="full")
 
     run_dir = tmp_path / "interrupted"
     run_dir.mkdir()
-    real_end_epoch = Trainer._end_epoch
-
-    def killed_in_epoch_3(self, epoch):
-        real_end_epoch(self, epoch)
-        if epoch == 2:
-            monkeypatch.setattr(Trainer, "_forward", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
-
-    monkeypatch.setattr(Trainer, "_end_epoch", killed_in_epoch_3)
+    interrupt_after_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_training(make_cfg(*args), run_dir)
     assert (run_dir / "training_state.pt").is_file() and not (run_dir / "demo.safetensors").exists()

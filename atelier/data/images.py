@@ -75,18 +75,7 @@ def load_image(path: str | Path, width: int, height: int) -> torch.Tensor:
     """
     if width < 1 or height < 1:
         raise ValueError(f"load_image needs a positive size, got {width}x{height}")
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            upright = ImageOps.exif_transpose(img)
-            rgb = to_rgb(upright)
-    except FileNotFoundError as exc:
-        raise DatasetError(f"Image {path} does not exist (was it moved or deleted after the scan?).") from exc
-    except _DECODE_ERRORS as exc:
-        raise DatasetError(
-            f"Cannot read image {path}: {_describe(exc)}. "
-            "Re-export it (e.g. save it again as PNG) or remove it from the dataset."
-        ) from exc
+    rgb = open_rgb(Path(path))
     return to_tensor(center_crop(resize_to_cover(rgb, width, height), width, height))
 
 
