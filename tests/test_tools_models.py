@@ -22,6 +22,9 @@ from atelier.models.loading import (
     load_base_model,
 )
 from atelier.models.skeleton import WEIGHT_SUFFIXES, write_skeleton
+from atelier.outputs.lora_file import load_lora
+from atelier.train.run import run_training
+from tests.test_trainer import fresh_accelerate_state, make_cfg  # noqa: F401  (autouse fixture)
 
 
 def cli(*args: str | Path) -> int:
@@ -178,6 +181,28 @@ def test_allow_pickle_loads_ckpt_without_running_its_code(base: BaseModel, evil_
     model = load_base_model(ckpt, config=tiny_model_path, allow_pickle=True)
     assert not marker.exists()
     assert_same_weights(model, base)
+
+
+def test_training_on_a_ckpt_needs_model_allow_pickle_and_records_its_hashes(
+    evil_ckpt, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    ckpt, marker = evil_ckpt
+    model = [f"model.path={ckpt}", f"model.config={tiny_model_path}", "model.builtin=null"]
+    args = [*model, "training.max_train_steps=1"]
+    (tmp_path / "refused").mkdir()
+    with pytest.raises(ModelLoadError, match="model.allow_pickle=true"):
+        run_training(make_cfg(*args), tmp_path / "refused")
+    assert not marker.exists()
+
+    run_dir = tmp_path / "allowed"
+    run_dir.mkdir()
+    summary = run_training(make_cfg(*args, "model.allow_pickle=true"), run_dir)
+    assert summary["status"] == "completed" and not marker.exists()
+    _, meta = load_lora(run_dir / summary["output_file"])
+    data = ckpt.read_bytes()
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert meta["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert meta["ss_sd_model_name"] == "model"
 
 
 def test_convert_ckpt_needs_allow_pickle_and_runs_no_code(base: BaseModel, evil_ckpt, tiny_model_path: Path, capsys) -> None:

@@ -87,6 +87,8 @@ def test_epoch_checkpoints_names_and_metadata(tmp_path):
     state, meta = load_lora(run_dir / "demo.safetensors")
     assert all(v.dtype == torch.float16 for v in state.values())
     assert meta["ss_epoch"] == "3" and meta["ss_steps"] == "21" and meta["ss_max_train_steps"] == "21"
+    # The embedded model's hashes, as A1111 shows them for the base.
+    assert len(meta["ss_new_sd_model_hash"]) == 64 and len(meta["ss_sd_model_hash"]) == 8
     _, first = load_lora(run_dir / "demo-000001.safetensors")
     assert first["ss_epoch"] == "1" and first["ss_steps"] == "7"
     expected = {

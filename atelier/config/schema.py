@@ -65,6 +65,9 @@ class ModelConfig:
     # checkpoint offline.
     config: Optional[str] = None
     vae: Optional[str] = None
+    # Pickled checkpoints (.ckpt/.pt/.bin) can run code when loaded; they are
+    # refused unless this is true (and even then read with torch's weights-only loader).
+    allow_pickle: bool = False
     version: ModelVersion = ModelVersion.sd1
     v_parameterization: bool = False
     # The resolution the model was trained at; the dataset's default.

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from atelier.config.schema import MixedPrecision
 from atelier.data.dataset import DatasetIndex
+from atelier.models.hashes import model_hashes
 from atelier.models.loading import BaseModel, load_base_model
 from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork, ranks_and_alphas
 from atelier.outputs.lora_file import load_lora, save_lora
@@ -119,7 +120,7 @@ class Trainer:
 
     def _training_metadata(self) -> dict[str, str]:
         cfg = self.cfg
-        return training_metadata(
+        meta = training_metadata(
             cfg,
             base_model_name=self.base.name,
             optimizer_name=describe_optimizer(self.optimizer, dict(cfg.optimizer.args)),
@@ -134,6 +135,8 @@ class Trainer:
             bucket_info=self.data.bucket_info,
             cache_latents=self.data.caches_latents,
         )
+        # The hashes A1111 shows for the base model (cached per file, so a sweep hashes once).
+        return {**meta, **model_hashes(self.base.path)}
 
     def _load_base_model(self) -> BaseModel:
         m = self.cfg.model
@@ -145,6 +148,7 @@ class Trainer:
             v_parameterization=m.v_parameterization,
             config=m.config,
             vae=m.vae,
+            allow_pickle=m.allow_pickle,
         )
         weight_dtype = {MixedPrecision.fp16: torch.float16, MixedPrecision.bf16: torch.bfloat16}.get(
             MixedPrecision(self.cfg.training.mixed_precision), torch.float32
