@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import atelier.config
+from atelier.train.signals import StopRequested
 from atelier.utils.quiet import quiet_third_party_warnings
 
 atelier.config.register()
@@ -31,4 +32,7 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except StopRequested as stop:  # already logged; the state is saved
+        raise SystemExit(stop.exit_code) from None

@@ -87,5 +87,10 @@ def test_ctrl_c_stops_the_queue_and_running_jobs(tmp_path):
     assert proc.returncode == 1
     assert "interrupted: stopping 1 running job(s)" in out
     assert "not started: the sweep was interrupted" in out
+    assert "1 interrupted, 2 not started" in out
     assert not (sweep_dir / "network.dim=16" / "summary.json").exists()
+    # The running job finished its step, saved its state and said so.
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "stopped by SIGTERM" in summary["reason"]
+    assert (first / "training_state.pt").is_file() and (first / "config.yaml").is_file()
     assert (sweep_dir / "report.html").is_file()

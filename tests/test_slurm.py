@@ -6,10 +6,16 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
-from tests.helpers import run_train
+from atelier.outputs.lora_file import load_lora
+from atelier.train.run import run_training
+from tests.helpers import REPO_ROOT, TRAIN, run_train
+from tests.test_trainer import make_cfg
 
 
 def cluster_up() -> bool:
@@ -46,3 +52,61 @@ def test_sweep_runs_through_slurm(tmp_path):
     assert list((sweep_dir / ".submitit").glob("*/*_submission.sh"))
     rows = json.loads((sweep_dir / "runs.json").read_text())
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+
+
+def _sweep_jobs(sweep_dir, state: str | None = None) -> list[str]:
+    """SLURM ids of this sweep's array tasks (submitit names its folders by the array id)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout
+    mine = {p.name for p in (sweep_dir / ".submitit").iterdir()} if (sweep_dir / ".submitit").is_dir() else set()
+    rows = [line.split() for line in out.splitlines()]
+    return [i for i, s in rows if i.split("_")[0] in mine and (state is None or s == state)]
+
+
+def test_a_signalled_job_is_requeued_and_resumes_to_the_same_weights(tmp_path):
+    """SLURM's warning signal (USR2, as before a timeout or preemption): the job saves its state,
+    submitit requeues it, and the requeued job continues from the state to the weights of an
+    uninterrupted run."""
+    assert cluster_up(), "CI must start the SLURM test cluster before the tests"
+    sweep_dir = tmp_path / "sweep"
+    args = ["training.max_train_epochs=2", "training.train_batch_size=1", "output.save_every_n_epochs=null",
+            "sampling.sample_every_n_epochs=null", "sampling.limit=1", "sampling.steps=1"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(TRAIN), "-m", "network.dim=4", *args, "hydra/launcher=slurm", *SMALL_JOBS,
+         "hydra.launcher.max_num_timeout=2", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    job_dir = sweep_dir / "job0"  # nothing varies in a one-job sweep
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (job_dir / "metrics.jsonl").is_file() and len((job_dir / "metrics.jsonl").read_text().splitlines()) >= 5:
+                break
+            time.sleep(0.2)
+        ids = _sweep_jobs(sweep_dir, "RUNNING")
+        assert len(ids) == 1, f"expected one running job, squeue says {ids}"
+        subprocess.run(["scancel", "--signal=USR2", ids[0]], check=True)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for job in _sweep_jobs(sweep_dir):
+            subprocess.run(["scancel", job], check=False)
+    assert proc.returncode == 0, out[-4000:]
+    logs = "".join(p.read_text() for p in (sweep_dir / ".submitit").glob("*/*_log.*"))
+    assert "stopped by SIGUSR2" in logs and "Requeued job" in logs
+    assert "resuming from training_state.pt" in (job_dir / "train.log").read_text()
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 112
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    run_training(make_cfg(*args, "network.dim=4"), reference)
+    a, b = load_lora(reference / "demo.safetensors")[0], load_lora(job_dir / "demo.safetensors")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (job_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss/step" in line]  # fmt: skip
+    assert steps == list(range(1, 113))

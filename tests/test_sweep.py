@@ -44,7 +44,7 @@ def test_a_failing_job_does_not_stop_the_others(failing_sweep):
     assert proc.returncode == 1
     out = proc.stdout + proc.stderr
     assert "sweep finished: 2 completed, 0 skipped (already done), 2 failed" in out
-    assert "failed    optimizer=adamw,network.dim=0    ConfigError: 'network.dim' must be at least 1, got 0" in out
+    assert "failed      optimizer=adamw,network.dim=0    ConfigError: 'network.dim' must be at least 1, got 0" in out
     for name in JOBS:
         summary = json.loads((sweep_dir / name / "summary.json").read_text())
         assert summary["status"] == ("failed" if name.endswith("=0") else "completed")

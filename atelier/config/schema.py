@@ -200,9 +200,13 @@ class OutputConfig:
     output_name: str = MISSING
     save_every_n_epochs: Optional[int] = 1
     save_precision: SavePrecision = SavePrecision.float
-    # Keep the training state of the last finished epoch, so a job started again in
-    # the same run dir continues from it (deleted when the run finishes).
+    # Keep the training state (weights, optimizer, scheduler, RNGs, data position) in
+    # training_state.pt, so a job started again in the same run dir continues from it.
+    # Saved every n epochs / n steps and when the job gets SIGTERM, SIGUSR1 or SIGUSR2;
+    # deleted when the run finishes.
     save_state: bool = True
+    save_state_every_n_epochs: Optional[int] = 1
+    save_state_every_n_steps: Optional[int] = None
 
 
 @dataclass

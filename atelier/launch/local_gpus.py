@@ -17,7 +17,7 @@ from omegaconf import DictConfig, open_dict
 
 from atelier.launch.devices import make_slots
 from atelier.launch.process_queue import Job, ProcessQueue
-from atelier.sweep.outcome import JobFailed
+from atelier.sweep.outcome import JobFailed, JobInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def job_return(job: Job, overrides: Sequence[str]) -> JobReturn:
     if job.state == "completed":
         ret.status, ret._return_value = JobStatus.COMPLETED, None
     else:
-        ret.status, ret._return_value = JobStatus.FAILED, JobFailed(failure_reason(job))
+        error = JobInterrupted if job.state in ("interrupted", "not started") else JobFailed
+        ret.status, ret._return_value = JobStatus.FAILED, error(failure_reason(job))
     return ret
 
 

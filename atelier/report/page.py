@@ -14,7 +14,7 @@ from atelier.report.collect import RunRecord, Sweep
 from atelier.report.grids import PromptGrid
 from atelier.report.table import best_run, ranking_metric
 
-STATUS_ORDER = {"completed": 0, "running": 1, "pending": 2, "failed": 3}
+STATUS_ORDER = {"completed": 0, "running": 1, "interrupted": 2, "pending": 3, "failed": 4}
 METRIC_TITLES = {"final_loss": "final loss", "val_loss_last": "validation loss"}
 
 CSS = """
@@ -55,6 +55,7 @@ tr.is-best { background:var(--best-bg); box-shadow:inset 4px 0 #f79009; font-wei
 .badge.failed { color:var(--bad); background:#fee4e2; }
 .badge.running { color:var(--run); background:var(--run-bg); }
 .badge.pending { color:var(--muted); background:#f2f4f7; }
+.badge.interrupted { color:#b54708; background:#fef0c7; }
 .star { color:#f79009; }
 figure { margin:0 0 22px; }
 figure img { display:block; max-width:100%; height:auto; border:1px solid var(--line); border-radius:6px;

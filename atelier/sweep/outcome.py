@@ -14,11 +14,28 @@ class JobFailed(Exception):
     """A job run by a launcher failed; the message is already its one-line reason."""
 
 
+class JobInterrupted(JobFailed):
+    """A job stopped from outside (Ctrl-C, SIGTERM) or never started because of it."""
+
+
+STATUSES = ("completed", "skipped", "failed", "interrupted", "not started")
+
+
 @dataclass
 class JobOutcome:
     name: str
-    status: str  # completed | failed | skipped
+    status: str  # one of STATUSES
     reason: str | None = None
+
+
+def outcome_from_run_dir(name: str, job_dir: Path) -> JobOutcome:
+    """What a job's summary.json says of it (used when a sweep was stopped mid-way)."""
+    try:
+        summary = json.loads((job_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return JobOutcome(name, "not started", "the sweep was interrupted")
+    status = summary.get("status")
+    return JobOutcome(name, status if status in STATUSES else "failed", summary.get("reason"))
 
 
 def finished(job_dir: Path) -> bool:
@@ -32,14 +49,13 @@ def finished(job_dir: Path) -> bool:
 
 
 def format_summary(outcomes: list[JobOutcome]) -> str:
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("completed", "skipped", "failed")}
-    lines = [
-        f"sweep finished: {counts['completed']} completed, {counts['skipped']} skipped (already done), "
-        f"{counts['failed']} failed"
-    ]
+    counts = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
+    head = f"sweep finished: {counts['completed']} completed, {counts['skipped']} skipped (already done), {counts['failed']} failed"
+    stopped = [f"{counts[s]} {s}" for s in ("interrupted", "not started") if counts[s]]
+    lines = [", ".join([head, *stopped])]
     width = max((len(o.name) for o in outcomes), default=0)
     for o in outcomes:
-        line = f"  {o.status:<9} {o.name:<{width}}"
+        line = f"  {o.status:<11} {o.name:<{width}}"
         if o.reason:
             line += f"  {o.reason}"
         lines.append(line)

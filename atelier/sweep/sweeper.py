@@ -16,11 +16,19 @@ from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.utils import JobStatus
+from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from atelier.sweep.naming import job_names
-from atelier.sweep.outcome import JobFailed, JobOutcome, finished, format_summary
+from atelier.sweep.outcome import (
+    JobFailed,
+    JobInterrupted,
+    JobOutcome,
+    finished,
+    format_summary,
+    outcome_from_run_dir,
+)
+from atelier.train.signals import StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,15 @@ def _reason(error: BaseException | None) -> str:
         return str(error)
     message = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {message}"
+
+
+def _outcome(name: str, result: JobReturn) -> JobOutcome:
+    if result.status != JobStatus.FAILED:
+        return JobOutcome(name, "completed")
+    error = result._return_value
+    if isinstance(error, JobInterrupted):
+        return JobOutcome(name, "not started" if str(error).startswith("not started") else "interrupted", str(error))
+    return JobOutcome(name, "failed", _reason(error))
 
 
 class TrainingSweeper(BasicSweeper):
@@ -57,13 +74,21 @@ class TrainingSweeper(BasicSweeper):
         log.info("sweep of %d jobs into %s (%d to run)", len(jobs), sweep_dir, len(batch))
 
         self.validate_batch_is_legal(batch)
-        results = self.launcher.launch(batch, initial_job_idx=0) if batch else []
-        for name, result in zip(batch_names, results):
-            if result.status == JobStatus.FAILED:
-                outcomes.append(JobOutcome(name, "failed", _reason(result._return_value)))
-            else:
-                outcomes.append(JobOutcome(name, "completed"))
+        try:
+            results = self.launcher.launch(batch, initial_job_idx=0) if batch else []
+        except StopRequested:
+            # A signal stopped the job running in this process (its state is saved):
+            # report the sweep as it stands, then stop instead of starting the next job.
+            outcomes += [outcome_from_run_dir(name, sweep_dir / name) for name in batch_names]
+            self._finish(sweep_dir, outcomes)
+            raise
+        outcomes += [_outcome(name, result) for name, result in zip(batch_names, results)]
         self._finish(sweep_dir, outcomes)
+        unsuccessful = [o for o in outcomes if o.status not in ("completed", "skipped")]
+        if unsuccessful:
+            # The summary already says what went wrong: exit non-zero without a traceback.
+            log.error("%d of %d jobs did not complete (see the summary above)", len(unsuccessful), len(outcomes))
+            raise SystemExit(1)
         return [results]
 
     def _finish(self, sweep_dir: Path, outcomes: list[JobOutcome]) -> None:
@@ -77,8 +102,3 @@ class TrainingSweeper(BasicSweeper):
             print(f"report: {report} ({time.perf_counter() - tic:.1f} s)", flush=True)
         except Exception as err:  # a broken report must not hide the sweep's own outcome
             log.error("could not write the sweep report: %s", _reason(err))
-        failed = [o for o in outcomes if o.status == "failed"]
-        if failed:
-            # The summary already says what failed: exit non-zero without a traceback.
-            log.error("%d of %d jobs failed (see the summary above)", len(failed), len(outcomes))
-            raise SystemExit(1)

@@ -38,6 +38,7 @@ from atelier.train.dataset_options import (
 )
 from atelier.train.latents import PixelJob, StepEncoder
 from atelier.train.regularization import balance_reg_repeats
+from atelier.train.state import as_tuples
 from atelier.train.validation import Validator, split_validation
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ class TrainingData:
         return {"rng": self.rng.getstate()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.setstate(_as_tuples(state["rng"]))
+        self.rng.setstate(as_tuples(state["rng"]))
 
 
 def _subset(index: DatasetIndex, items: list[ImageItem]) -> DatasetIndex:
@@ -271,11 +272,6 @@ def _subset(index: DatasetIndex, items: list[ImageItem]) -> DatasetIndex:
         for folder in index.folders
     ]
     return DatasetIndex(root=index.root, folders=folders, items=items, warnings=index.warnings)
-
-
-def _as_tuples(value: Any) -> Any:
-    # random.setstate wants tuples; a saved state may come back with lists.
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 __all__ = ["Batch", "TrainingData"]

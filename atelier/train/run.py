@@ -12,6 +12,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from atelier.outputs.run_dir import write_command, write_environment, write_resolved_config
 from atelier.train.metrics import peak_memory_mb, write_summary
+from atelier.train.signals import StopRequested
 from atelier.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,11 @@ def run_training(cfg: DictConfig, run_dir: Path, started: float | None = None) -
         trainer = Trainer(cfg, run_dir)
         write_environment(run_dir, str(trainer.device))
         result = trainer.train()
+    except StopRequested as stop:
+        write_summary(run_dir, summarise("interrupted", trainer.result, started, str(stop)))
+        log.warning("%s", stop)
+        stop.flag.pass_on()  # e.g. submitit's SIGUSR2 handler: requeue the job and exit
+        raise
     except BaseException as err:
         write_summary(run_dir, summarise("failed", trainer and trainer.result, started, failure_reason(err)))
         raise

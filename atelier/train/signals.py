@@ -2,7 +2,7 @@
 kill), SIGUSR1/SIGUSR2 (SLURM's warning before a timeout or preemption).
 
 The handler only sets a flag; the training loop checks it between optimizer steps,
-saves its state there and stops, so the run dir stays consistent.
+saves its state there and raises StopRequested, so the run dir stays consistent.
 """
 
 from __future__ import annotations
@@ -18,10 +18,6 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
-class StopRequested(Exception):
-    """The job was asked to stop; its state is saved and it can be continued."""
-
-
 class StopFlag:
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -29,6 +25,10 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self.signal is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else "no signal"
 
     def _handle(self, signum, frame) -> None:
         if self.signal is None:
@@ -45,12 +45,29 @@ class StopFlag:
             handler(self.signal, None)
 
 
+class StopRequested(BaseException):
+    """The job was asked to stop by a signal; its state is saved and it can be continued.
+
+    A BaseException, like KeyboardInterrupt: nothing that isolates a failing job
+    (Hydra's job runner, a sweep) may swallow it and carry on with the next job.
+    """
+
+    def __init__(self, flag: StopFlag, message: str):
+        super().__init__(message)
+        self.flag = flag
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal."""
+        return 128 + (self.flag.signal or 0)
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopFlag]:
     """Within the block, STOP_SIGNALS set the returned flag instead of killing the process.
 
     Handlers installed before (e.g. submitit's SIGUSR2 requeue handler) are kept
-    for `StopFlag.pass_on`, which the loop calls once its state is saved.
+    for `StopFlag.pass_on`, called once the state is saved.
     """
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():

@@ -28,7 +28,15 @@ from atelier.train.optimizers import build_optimizer, describe_optimizer
 from atelier.train.plan import TrainingPlan, make_plan
 from atelier.train.samples import SampleWriter
 from atelier.train.schedulers import build_lr_scheduler, warmup_steps
-from atelier.train.state import STATE_FILE, config_fingerprint, load_training_state, save_training_state
+from atelier.train.signals import StopFlag, StopRequested, stop_on_signals
+from atelier.train.state import (
+    STATE_FILE,
+    config_fingerprint,
+    load_training_state,
+    rng_states,
+    save_training_state,
+    set_rng_states,
+)
 from atelier.train.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -69,6 +77,18 @@ class TrainResult:
         return self.train_seconds / self.steps if self.steps else None
 
 
+@dataclass
+class EpochProgress:
+    """Where the epoch in progress stands: what a state saved mid-epoch needs to continue."""
+
+    data_state: dict  # TrainingData's random state before this epoch's draws
+    batches_done: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"data": self.data_state, "batches_done": self.batches_done, "losses": list(self.losses)}
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg = cfg
@@ -79,6 +99,8 @@ class Trainer:
             raise ValueError("training.mixed_precision=fp16 needs a CUDA GPU; on a CPU use bf16 or no")
         self.accelerator = Accelerator(mixed_precision=MixedPrecision(t.mixed_precision).value, cpu=t.cpu)
         self.device = self.accelerator.device
+        self.stop = StopFlag()
+        self.position: EpochProgress | None = None  # set when an epoch starts, or by _restore
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -217,69 +239,47 @@ class Trainer:
     # -------------------------------------------------------------- training
     def train(self) -> TrainResult:
         self.setup()
-        first_epoch = self._restore() + 1
-        metrics = MetricsLog(self.run_dir, resume_step=self.result.steps if first_epoch > 1 else None)
+        resumed = self._restore()
+        metrics = MetricsLog(self.run_dir, resume_step=self.result.steps if resumed else None)
         progress = tqdm(
             total=self.plan.total_steps, initial=self.result.steps, desc="training", unit="step", dynamic_ncols=True
         )
         try:
-            for epoch in range(first_epoch, self.plan.num_epochs + 1):
-                epoch_loss = self._train_epoch(epoch, metrics, progress)
-                self.result.epochs = epoch
-                self.result.epoch_losses.append(epoch_loss)
-                metrics.log(self.result.steps, {"loss/epoch": epoch_loss}, epoch=epoch)
-                self._validate(epoch, metrics)
-                self._end_epoch(epoch)
-                if self.cfg.output.save_state and epoch < self.plan.num_epochs:
-                    save_training_state(self.run_dir, self._state_dict())
+            with stop_on_signals() as self.stop:
+                for epoch in range(self.result.epochs + 1, self.plan.num_epochs + 1):
+                    self._run_epoch(epoch, metrics, progress)
         finally:
             progress.close()
             metrics.close()
         self._finish()
         return self.result
 
-    # ----------------------------------------------------------------- state
-    def _state_dict(self) -> dict:
-        r = self.result
-        return {
-            "config_fingerprint": config_fingerprint(self.cfg),
-            "network": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "generator": self.generator.get_state(),
-            "data": self.data.state_dict(),
-            "epoch": r.epochs,
-            "steps": r.steps,
-            "epoch_losses": r.epoch_losses,
-            "validation_losses": r.validation_losses,
-            "train_seconds": r.train_seconds,
-            "checkpoints": [p.name for p in r.checkpoints],
-        }
-
-    def _restore(self) -> int:
-        """Load the run dir's training state if there is one; returns the epochs it completed."""
-        state = load_training_state(self.run_dir, config_fingerprint(self.cfg))
-        if state is None:
-            return 0
-        self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.generator.set_state(state["generator"])
-        self.data.load_state_dict(state["data"])
-        r = self.result
-        r.epochs, r.steps, r.epoch_losses = state["epoch"], state["steps"], list(state["epoch_losses"])
-        r.validation_losses = list(state["validation_losses"])
-        r.train_seconds = state["train_seconds"]
-        r.checkpoints = [self.run_dir / name for name in state["checkpoints"]]
-        log.info("resuming from %s: epoch %d done, step %d", STATE_FILE, r.epochs, r.steps)
-        return r.epochs
+    def _run_epoch(self, epoch: int, metrics: MetricsLog, progress: tqdm) -> None:
+        epoch_loss = self._train_epoch(epoch, metrics, progress)
+        self.result.epochs = epoch
+        self.result.epoch_losses.append(epoch_loss)
+        metrics.log(self.result.steps, {"loss/epoch": epoch_loss}, epoch=epoch)
+        self._validate(epoch, metrics)
+        self._end_epoch(epoch)
+        if epoch == self.plan.num_epochs:
+            return  # the final LoRA comes next; no state to keep
+        # The next epoch starts from the data state this one left.
+        self.position = EpochProgress(self.data.state_dict())
+        every = self.cfg.output.save_state_every_n_epochs
+        if self.stop or (every and epoch % every == 0):
+            self._save_state()
+        self._stop_if_asked(epoch)
 
     def _train_epoch(self, epoch: int, metrics: MetricsLog, progress: tqdm) -> float:
+        if self.position is None:
+            self.position = EpochProgress(self.data.state_dict())
+        position = self.position
         batches = self.data.epoch(epoch)
         accum = self.plan.gradient_accumulation_steps
-        losses: list[float] = []
+        losses = position.losses
         step_start = time.perf_counter()
-        for i, batch in enumerate(self.data.load(batches)):
+        skip = position.batches_done  # a run resumed mid-epoch skips what it trained before
+        for i, batch in enumerate(self.data.load(batches[skip:]), start=skip):
             # The last group of an epoch may be shorter than `accum`.
             group_size = min(accum, len(batches) - (i // accum) * accum)
             loss = self._forward(batch) / group_size
@@ -290,6 +290,7 @@ class Trainer:
                 continue
             self._optimizer_step()
             self.result.steps += 1
+            position.batches_done = i + 1
             elapsed = time.perf_counter() - step_start
             self.result.train_seconds += elapsed
             recent = sum(losses[-group_size:]) / group_size
@@ -298,8 +299,79 @@ class Trainer:
             progress.set_postfix(epoch=epoch, loss=f"{recent:.4f}")
             if self.result.steps >= self.plan.total_steps:
                 break
+            self._after_step(epoch)
             step_start = time.perf_counter()
+        self.position = None
         return sum(losses) / len(losses)
+
+    def _after_step(self, epoch: int) -> None:
+        every = self.cfg.output.save_state_every_n_steps
+        if self.stop or (every and self.result.steps % every == 0):
+            self._save_state()
+        self._stop_if_asked(epoch)
+
+    # ----------------------------------------------------------------- state
+    def _save_state(self) -> None:
+        if not self.cfg.output.save_state:
+            return
+        tic = time.perf_counter()
+        save_training_state(self.run_dir, self._state_dict())
+        log.info("training state saved at step %d (%.2f s)", self.result.steps, time.perf_counter() - tic)
+
+    def _stop_if_asked(self, epoch: int) -> None:
+        if not self.stop:
+            return
+        where = f"step {self.result.steps} (epoch {epoch})"
+        if self.cfg.output.save_state:
+            message = (
+                f"stopped by {self.stop.name} at {where}; the training state is in {self.run_dir / STATE_FILE}: "
+                "run the same command again (same run dir) to continue"
+            )
+        else:
+            message = f"stopped by {self.stop.name} at {where}; output.save_state=false, so it cannot be continued"
+        raise StopRequested(self.stop, message)
+
+    def _state_dict(self) -> dict:
+        r = self.result
+        return {
+            "config_fingerprint": config_fingerprint(self.cfg),
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": rng_states(),
+            "position": self.position.as_dict(),
+            "epoch": r.epochs,
+            "steps": r.steps,
+            "epoch_losses": r.epoch_losses,
+            "validation_losses": r.validation_losses,
+            "train_seconds": r.train_seconds,
+            "checkpoints": [p.name for p in r.checkpoints],
+        }
+
+    def _restore(self) -> bool:
+        """Load the run dir's training state if there is one; True when it did."""
+        state = load_training_state(self.run_dir, config_fingerprint(self.cfg))
+        if state is None:
+            return False
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.generator.set_state(state["generator"])
+        set_rng_states(state["rng"])
+        position = state["position"]
+        self.data.load_state_dict(position["data"])
+        self.position = EpochProgress(position["data"], position["batches_done"], list(position["losses"]))
+        r = self.result
+        r.epochs, r.steps, r.epoch_losses = state["epoch"], state["steps"], list(state["epoch_losses"])
+        r.validation_losses = list(state["validation_losses"])
+        r.train_seconds = state["train_seconds"]
+        r.checkpoints = [self.run_dir / name for name in state["checkpoints"]]
+        log.info(
+            "resuming from %s: step %d, epoch %d (+%d batches of epoch %d)",
+            STATE_FILE, r.steps, r.epochs, self.position.batches_done, r.epochs + 1,
+        )
+        return True
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         base, t = self.base, self.cfg.training
