@@ -68,8 +68,8 @@ def _is_conv_block(name: str) -> bool:
 
 
 def make_module(spec: NetworkSpec, target: TargetLayer, dim: int | None = None, alpha: float | None = None, **options: Any) -> nn.Module:
-    if dim is None:
-        dim = spec.conv_dim if target.is_conv_kxk else spec.dim
+    if dim is None:  # conv layers of a file trained with conv_dim take dim if none is set now
+        dim = (spec.conv_dim if target.is_conv_kxk else None) or spec.dim
     if alpha is None:
         alpha = spec.conv_alpha if target.is_conv_kxk else spec.alpha
     if spec.kind in ("lora", "locon"):
