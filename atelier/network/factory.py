@@ -36,7 +36,10 @@ def build_network(net: Any, unet: nn.Module | None, text_encoder: nn.Module | No
     if not weights:
         network = create_network(spec, unet, text_encoder)
     else:
-        state, _ = load_lora(weights)
+        try:
+            state, _ = load_lora(weights)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"network.weights={weights}: no such file (train the first stage first?)") from error
         network = network_from_state(spec, unet, text_encoder, state, str(weights))
         log.info("starting from %s (rank and alpha per module from the file)", weights)
     network.log_counts(spec.kind, unet is not None, text_encoder is not None)
