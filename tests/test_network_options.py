@@ -219,3 +219,16 @@ def test_tools_read_lycoris_files_and_lora_tools_refuse_them(parts, tmp_path, ca
     assert "lycoris.kohya" in capsys.readouterr().out
     assert main(["resize", str(path), str(tmp_path / "small.safetensors"), "--rank", "2"]) != 0
     assert "is a LyCORIS (LoHa/LoKr/...) module" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_state_round_trip(kind, parts):
+    """The trainer saves network.state_dict() between epochs and loads it on resume."""
+    unet, text_encoder = parts
+    s = spec(module=kind, dim=4, unit=2 if kind == "dylora" else None)
+    source = create_network(s, unet, text_encoder)
+    perturb(source)
+    resumed = create_network(s, unet, text_encoder)
+    resumed.load_state_dict(source.state_dict())
+    a, b = source.kohya_state_dict(), resumed.kohya_state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
