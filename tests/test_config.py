@@ -17,7 +17,7 @@ CONF = REPO_ROOT / "conf"
 GROUPS = ["model", "network", "optimizer", "scheduler", "dataset", "debug"]
 REQUIRED_OPTIONS = {
     "model": {"tiny", "sd15", "sd2_v", "sdxl"},
-    "network": {"lora"},
+    "network": {"lora", "locon", "loha", "lokr", "dylora", "ia3"},
     "optimizer": {"adamw", "adamw8bit", "prodigy", "lion", "adafactor", "dadapt_adam"},
     "scheduler": {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"},
     "debug": {"smoke"},

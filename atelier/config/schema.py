@@ -21,7 +21,12 @@ class ModelVersion(str, Enum):
 
 
 class NetworkModule(str, Enum):
-    lora = "lora"
+    lora = "lora"  # sd-scripts networks.lora (with conv_dim: LoCon-style "C3Lier")
+    locon = "locon"  # LyCORIS LoCon (lycoris.kohya algo=locon)
+    loha = "loha"  # LyCORIS LoHa
+    lokr = "lokr"  # LyCORIS LoKr
+    dylora = "dylora"  # sd-scripts networks.dylora
+    ia3 = "ia3"  # LyCORIS (IA)^3
 
 
 class OptimizerType(str, Enum):
@@ -82,8 +87,24 @@ class NetworkConfig:
     train_unet_only: bool = False
     train_text_encoder_only: bool = False
     # A kohya LoRA file to start from (sd-scripts: --network_weights); its
-    # per-module rank and alpha replace `dim` and `alpha`.
+    # per-module rank and alpha replace `dim` and `alpha`. Its kind must match `module`.
     weights: Optional[str] = None
+    # Rank / alpha of the 3x3 convs of ResnetBlock2D, Downsample2D, Upsample2D
+    # (null: those blocks are not trained). conv_alpha null = 1.0, as in sd-scripts.
+    conv_dim: Optional[int] = None
+    conv_alpha: Optional[float] = None
+    # Neuron dropout on the rank activations (sd-scripts --network_dropout; lora/locon).
+    dropout: Optional[float] = None
+    # Drop ranks / whole modules at random in each training step (network_args).
+    rank_dropout: Optional[float] = None
+    module_dropout: Optional[float] = None
+    # LoKr: Kronecker factor of each layer's dimensions (-1: the most balanced split).
+    factor: int = -1
+    # DyLoRA: ranks learnt together per step; dim must be a multiple (null = 1).
+    unit: Optional[int] = None
+    # Cap the norm of every module's update after each optimizer step (sd-scripts
+    # --scale_weight_norms; 1.0 is the usual value). Null: off.
+    scale_weight_norms: Optional[float] = None
 
 
 @dataclass

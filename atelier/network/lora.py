@@ -1,37 +1,65 @@
 """Kohya-style LoRA: low-rank updates patched into a frozen model's layers.
 
-Each `LoRAModule` replaces the `forward` of one Linear (or 1x1 Conv2d) layer with
-    y = W x + (up @ down) x * (alpha / rank) * multiplier
-and is named as sd-scripts names it, so the saved file loads in A1111, ComfyUI and
+Each `LoRAModule` replaces the `forward` of one Linear or Conv2d layer with
+    y = W x + up(down(x)) * (alpha / rank) * multiplier
+(a kxk conv gets a kxk `down` and a 1x1 `up`, kohya's "C3Lier" / LoCon layout) and
+is named as sd-scripts names it, so the saved file loads in A1111, ComfyUI and
 diffusers. The base layers are never copied or modified.
+
+`LoRANetwork` holds the modules of one model, of any kind that follows the
+PatchedLayer protocol (apply_to / restore / multiplier / state_dict in kohya
+tensor names): LoRA here, DyLoRA (atelier.network.dylora), LyCORIS' LoHa / LoKr /
+(IA)^3 (atelier.network.lycoris_modules).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from atelier.network.patch import PatchedLayer
+from atelier.network.targets import (  # noqa: F401  (re-exported: the trainer imports them from here)
+    TEXT_ENCODER_PREFIX,
+    TEXT_ENCODER_TARGETS,
+    UNET_PREFIX,
+    UNET_TARGETS,
+    TargetLayer,
+    find_targets,
+    iter_targets,
+    text_encoder_name_root,
+)
 
 log = logging.getLogger(__name__)
 
-UNET_PREFIX = "lora_unet"
-TEXT_ENCODER_PREFIX = "lora_te"
-# The classes whose Linear / 1x1-conv layers sd-scripts' networks.lora targets.
-UNET_TARGETS = ("Transformer2DModel",)
-TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+
+def max_norm_ratio(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """kohya's max-norm factor for an update of Frobenius norm `norm` (1 = untouched)."""
+    norm = norm.clamp(min=max_norm / 2)
+    return norm.clamp(max=max_norm) / norm
 
 
-class LoRAModule(nn.Module):
-    def __init__(self, lora_name: str, base: nn.Module, rank: int, alpha: float):
-        super().__init__()
-        self.lora_name = lora_name
+class LoRAModule(PatchedLayer):
+    def __init__(
+        self,
+        lora_name: str,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+    ):
+        super().__init__(lora_name, base)
         self.rank = rank
         if isinstance(base, nn.Conv2d):
-            self.lora_down = nn.Conv2d(base.in_channels, rank, 1, bias=False)
+            # A kxk base gets a kxk down with its stride and padding, so up(down(x)) has its shape.
+            self.lora_down = nn.Conv2d(
+                base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False
+            )
             self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
         else:
             self.lora_down = nn.Linear(base.in_features, rank, bias=False)
@@ -40,71 +68,59 @@ class LoRAModule(nn.Module):
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
-        self.multiplier = 1.0
-        # Kept outside the module tree: the base layer is not ours to save or train.
-        self._base = [base]
-        self._base_forward = None
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
 
     @property
     def scale(self) -> float:
         return float(self.alpha) / self.rank
-
-    def apply_to(self) -> None:
-        base = self._base[0]
-        self._base_forward = base.forward
-        base.forward = self.forward
-
-    def restore(self) -> None:
-        if self._base_forward is not None:
-            self._base[0].forward = self._base_forward
-            self._base_forward = None
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base_forward(x)
-        return out + (self.delta(x) * (self.multiplier * self.scale)).to(out.dtype)
+        if self.skip_module(self.module_dropout):
+            return out
+        h = self.lora_down(x.to(self.lora_down.weight.dtype))
+        scale = self.scale
+        if self.training and self.dropout:
+            h = F.dropout(h, p=self.dropout)
+        if self.training and self.rank_dropout:
+            h = h * self._rank_mask(h)
+            scale = scale / (1.0 - self.rank_dropout)  # keeps the expected update
+        return out + (self.lora_up(h) * (self.multiplier * scale)).to(out.dtype)
 
+    def _rank_mask(self, h: torch.Tensor) -> torch.Tensor:
+        """One keep/drop draw per sample and rank; broadcast over tokens / pixels."""
+        keep = (torch.rand(h.shape[0], self.rank, device=h.device) > self.rank_dropout).to(h.dtype)
+        if isinstance(self.lora_down, nn.Conv2d):
+            return keep[:, :, None, None]
+        return keep.view(h.shape[0], *([1] * (h.ndim - 2)), self.rank)
 
-@dataclass(frozen=True)
-class TargetLayer:
-    lora_name: str
-    module: nn.Module
+    def weight_delta(self) -> torch.Tensor:
+        """The update as a [out, in*k*k] matrix (without the multiplier)."""
+        up = self.lora_up.weight.flatten(1)
+        down = self.lora_down.weight.flatten(1)
+        return up @ down * self.scale
 
-
-def _is_target_layer(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
-
-
-def find_targets(root: nn.Module, prefix: str, target_classes: Iterable[str], name_root: str = "") -> Iterator[TargetLayer]:
-    """Layers inside `target_classes` blocks, named `<prefix>_<path with . -> _>`."""
-    target_classes = tuple(target_classes)
-    seen: set[str] = set()
-    for block_path, block in root.named_modules():
-        if type(block).__name__ not in target_classes:
-            continue
-        for child_path, child in block.named_modules():
-            if not _is_target_layer(child):
-                continue
-            path = ".".join(p for p in (name_root, block_path, child_path) if p)
-            lora_name = f"{prefix}_{path.replace('.', '_')}"
-            if lora_name not in seen:  # nested target blocks would repeat layers
-                seen.add(lora_name)
-                yield TargetLayer(lora_name, child)
-
-
-def text_encoder_name_root(text_encoder: nn.Module) -> str:
-    """Kohya names start at `text_model`; transformers >= 5.6 dropped that level."""
-    return "" if hasattr(text_encoder, "text_model") else "text_model"
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> tuple[bool, float]:
+        """Scale up and down by sqrt(ratio) so ||delta W|| <= max_norm; returns (scaled, new norm)."""
+        norm = self.weight_delta().norm()
+        ratio = max_norm_ratio(norm, max_norm)
+        scaled = bool(ratio < 1)
+        if scaled:
+            self.lora_down.weight.mul_(ratio.sqrt())
+            self.lora_up.weight.mul_(ratio.sqrt())
+        return scaled, float(norm * ratio)
 
 
 class LoRANetwork(nn.Module):
-    """All LoRA modules of one model, keyed by their kohya names."""
+    """All network modules of one model, keyed by their kohya names."""
 
-    def __init__(self, modules: dict[str, LoRAModule]):
+    def __init__(self, modules: dict[str, nn.Module]):
         super().__init__()
         self.loras = nn.ModuleDict(modules)
 
@@ -118,23 +134,27 @@ class LoRANetwork(nn.Module):
         ranks: dict[str, int] | None = None,
         alphas: dict[str, float] | None = None,
     ) -> "LoRANetwork":
-        """Build modules for `unet` and/or `text_encoder` (None = not trained).
+        """Plain kohya LoRA for `unet` and/or `text_encoder` (None = not trained).
 
         `ranks` / `alphas` override the rank and alpha per module name (used when
-        starting from an existing file).
+        starting from an existing file). Other kinds: atelier.network.factory.
         """
         ranks, alphas = ranks or {}, alphas or {}
-        modules: dict[str, LoRAModule] = {}
+        modules: dict[str, nn.Module] = {}
         for target in iter_targets(unet, text_encoder):
             r = ranks.get(target.lora_name, rank)
             a = alphas.get(target.lora_name, alpha)
             modules[target.lora_name] = LoRAModule(target.lora_name, target.module, r, a)
         network = cls(modules)
-        if text_encoder is not None:
-            log.info("create LoRA for Text Encoder: %d modules.", network.count(TEXT_ENCODER_PREFIX))
-        if unet is not None:
-            log.info("create LoRA for U-Net: %d modules.", network.count(UNET_PREFIX))
+        network.log_counts("LoRA", unet is not None, text_encoder is not None)
         return network
+
+    def log_counts(self, kind: str, unet: bool, text_encoder: bool) -> None:
+        # The same lines as sd-scripts, which users grep for.
+        if text_encoder:
+            log.info("create %s for Text Encoder: %d modules.", kind, self.count(TEXT_ENCODER_PREFIX))
+        if unet:
+            log.info("create %s for U-Net: %d modules.", kind, self.count(UNET_PREFIX))
 
     def count(self, prefix: str) -> int:
         return sum(1 for name in self.loras if name.startswith(prefix + "_"))
@@ -155,16 +175,15 @@ class LoRANetwork(nn.Module):
         return [p for name, m in self.loras.items() if name.startswith(prefix + "_") for p in m.parameters()]
 
     def kohya_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors as the kohya file stores them: lora_down/lora_up weights and alpha."""
-        state: dict[str, torch.Tensor] = {}
-        for name, module in self.loras.items():
-            state[f"{name}.lora_down.weight"] = module.lora_down.weight.detach()
-            state[f"{name}.lora_up.weight"] = module.lora_up.weight.detach()
-            state[f"{name}.alpha"] = module.alpha.detach()
-        return state
+        """Tensors as the kohya file stores them (LoRA: lora_down/lora_up weights and alpha)."""
+        return {
+            f"{name}.{key}": value.detach()
+            for name, module in self.loras.items()
+            for key, value in module.state_dict().items()
+        }
 
     def load_kohya_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
-        """Copy weights from a kohya file; the module set must match exactly."""
+        """Copy weights from a kohya file; the module set and shapes must match exactly."""
         expected = set(self.kohya_state_dict())
         missing = sorted(expected - set(state))
         unexpected = sorted(set(state) - expected)
@@ -172,23 +191,37 @@ class LoRANetwork(nn.Module):
             raise ValueError(
                 f"network.weights={source} does not fit this model: "
                 f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
-                f"(e.g. {unexpected[:3]}). Was it trained on another base model or with "
-                "train_unet_only / train_text_encoder_only set differently?"
+                f"(e.g. {unexpected[:3]}). Was it trained on another base model, with another "
+                "network.module, or with train_unet_only / train_text_encoder_only set differently?"
             )
-        with torch.no_grad():
-            for name, module in self.loras.items():
-                module.lora_down.weight.copy_(state[f"{name}.lora_down.weight"])
-                module.lora_up.weight.copy_(state[f"{name}.lora_up.weight"])
-                module.alpha.copy_(state[f"{name}.alpha"])
+        for name, module in self.loras.items():
+            own = {key[len(name) + 1 :]: value for key, value in state.items() if key.split(".", 1)[0] == name}
+            try:
+                with torch.no_grad():
+                    module.load_state_dict(own, strict=True)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"network.weights={source}: module {name} has other shapes than this network builds "
+                    f"({str(error).splitlines()[-1].strip()}). For LoKr, set network.factor to the "
+                    "file's factor."
+                ) from error
 
-
-def iter_targets(unet: nn.Module | None, text_encoder: nn.Module | None) -> Iterator[TargetLayer]:
-    if text_encoder is not None:
-        yield from find_targets(
-            text_encoder, TEXT_ENCODER_PREFIX, TEXT_ENCODER_TARGETS, text_encoder_name_root(text_encoder)
-        )
-    if unet is not None:
-        yield from find_targets(unet, UNET_PREFIX, UNET_TARGETS)
+    def apply_max_norm(self, max_norm: float) -> dict[str, float]:
+        """kohya's scale_weight_norms on every module; the numbers sd-scripts logs."""
+        scaled, norms = 0, []
+        for module in self.loras.values():
+            result = module.apply_max_norm(max_norm)
+            if result is None or result[1] is None:  # (IA)^3 has no update norm to bound
+                continue
+            scaled += int(bool(result[0]))
+            norms.append(float(result[1]))
+        if not norms:
+            return {"max_norm/keys_scaled": 0.0}
+        return {
+            "max_norm/keys_scaled": float(scaled),
+            "max_norm/average_key_norm": sum(norms) / len(norms),
+            "max_norm/max_key_norm": max(norms),
+        }
 
 
 def ranks_and_alphas(state: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:

@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from atelier.config.schema import ModelVersion
+from atelier.network.spec import kohya_module, kohya_network_args
 
 BASE_MODEL_VERSIONS = {
     (ModelVersion.sd1, False): "sd_v1",
@@ -61,10 +62,12 @@ def training_metadata(
     te_lr = None if net.train_unet_only else (opt.text_encoder_lr or opt.learning_rate)
     meta = {
         "ss_output_name": cfg.output.output_name,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": kohya_module(net),
         "ss_network_dim": net.dim,
         "ss_network_alpha": net.alpha,
-        "ss_network_args": json.dumps({}),
+        "ss_network_dropout": net.dropout,
+        "ss_network_args": json.dumps(kohya_network_args(net)),
+        "ss_scale_weight_norms": net.scale_weight_norms,
         "ss_network_weights": net.weights,
         "ss_base_model_version": base_version,
         "ss_v2": cfg.model.version == ModelVersion.sd2,

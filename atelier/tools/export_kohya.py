@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from atelier.network.spec import kohya_module, kohya_network_args
 from atelier.tools.common import ToolError, check_output
 
 CONFIG_TOML = "kohya_config.toml"
@@ -90,6 +91,11 @@ def _model_path(value: str | None, cfg: dict[str, Any]) -> str:
     raise ToolError("the run has neither model.path nor a known model.builtin")
 
 
+def _neuron_dropout(value: float | None, cfg: dict[str, Any]) -> float | None:
+    """--network_dropout is networks.lora's; LyCORIS takes it in network_args."""
+    return value if value and kohya_module(cfg["network"]) == "networks.lora" else None
+
+
 def _with_validation(value: Any, cfg: dict[str, Any]) -> Any:
     """Validation options only when validation is on (older sd-scripts do not know them)."""
     return value if cfg["dataset"].get("validation_split") else None
@@ -114,10 +120,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("model.resolution", None, "covered", note="the default of dataset.resolution"),
     Option("model.allow_pickle", None, note="sd-scripts loads pickled .ckpt files without asking"),
     # network
-    Option("network.module", "network_module", convert=lambda v, c: {"lora": "networks.lora"}.get(v, v)),
+    Option("network.module", "network_module", convert=lambda v, c: kohya_module(c["network"]),
+           note="lycoris.kohya kinds also get network_args algo=... preset=..."),
     Option("network.dim", "network_dim"),
     Option("network.alpha", "network_alpha"),
     Option("network.weights", "network_weights"),
+    Option("network.conv_dim", "network_args", "covered", note="network_args conv_dim=..."),
+    Option("network.conv_alpha", "network_args", "covered", note="network_args conv_alpha=..."),
+    Option("network.dropout", "network_dropout", convert=_neuron_dropout,
+           note="LyCORIS kinds: network_args dropout=..."),
+    Option("network.rank_dropout", "network_args", "covered", note="network_args rank_dropout=..."),
+    Option("network.module_dropout", "network_args", "covered", note="network_args module_dropout=..."),
+    Option("network.factor", "network_args", "covered", note="network_args factor=... (lokr)"),
+    Option("network.unit", "network_args", "covered", note="network_args unit=... (dylora)"),
+    Option("network.scale_weight_norms", "scale_weight_norms"),
     Option("network.train_unet_only", "network_train_unet_only", kind="switch"),
     Option("network.train_text_encoder_only", "network_train_text_encoder_only", kind="switch"),
     # optimizer
@@ -298,6 +314,9 @@ def build_export(cfg: dict[str, Any], out_dir: Path) -> Export:
         (general if option.place == "dataset" else args)[option.flag] = converted
         if option.dataset_key:
             general[option.dataset_key] = converted
+    network_args = kohya_network_args(cfg["network"]) if "network" in cfg else {}
+    if network_args:  # one list, from several keys (sd-scripts: key=value strings)
+        args["network_args"] = [f"{name}={value}" for name, value in network_args.items()]
     precision = cfg.get("training", {}).get("mixed_precision")
     if precision:
         accelerate["mixed_precision"] = precision

@@ -17,8 +17,9 @@ from atelier.config.schema import MixedPrecision
 from atelier.data.dataset import DatasetIndex
 from atelier.models.hashes import model_hashes
 from atelier.models.loading import BaseModel, load_base_model
-from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork, ranks_and_alphas
-from atelier.outputs.lora_file import load_lora, save_lora
+from atelier.network.factory import build_network
+from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork
+from atelier.outputs.lora_file import save_lora
 from atelier.outputs.metadata import checkpoint_metadata, training_metadata
 from atelier.train.caption_encoder import CaptionEncoder
 from atelier.train.data import Batch, TrainingData
@@ -195,22 +196,24 @@ class Trainer:
         return not self.cfg.network.train_unet_only
 
     def _create_network(self) -> LoRANetwork:
-        net = self.cfg.network
         unet = self.base.unet if self.train_unet else None
         text_encoder = self.base.text_encoder if self.train_text_encoder else None
-        if net.weights:
-            state, _ = load_lora(net.weights)
-            ranks, alphas = ranks_and_alphas(state)
-            network = LoRANetwork.create(unet, text_encoder, net.dim, net.alpha, ranks=ranks, alphas=alphas)
-            network.load_kohya_state_dict(state, net.weights)
-            log.info("starting from %s (rank and alpha per module from the file)", net.weights)
-        else:
-            network = LoRANetwork.create(unet, text_encoder, net.dim, net.alpha)
+        # Any network.module; from network.weights (shapes read from the file) when set.
+        network = build_network(self.cfg.network, unet, text_encoder)
         network.to(self.device)
         network.apply_to()
         if self.cfg.training.gradient_checkpointing:
             self._enable_gradient_checkpointing()
         return network
+
+    def scale_weight_norms(self) -> dict[str, float]:
+        """network.scale_weight_norms after an optimizer step: the max_norm/* scalars to log.
+
+        Empty when the option is off. Keys as sd-scripts logs them: max_norm/keys_scaled,
+        max_norm/average_key_norm, max_norm/max_key_norm.
+        """
+        max_norm = self.cfg.network.scale_weight_norms
+        return self.network.apply_max_norm(max_norm) if max_norm else {}
 
     def _enable_gradient_checkpointing(self) -> None:
         # Both libraries checkpoint only in train mode; the base has no dropout, so

@@ -1,0 +1,72 @@
+"""LoHa, LoKr and (IA)^3 modules from the lycoris-lora library, on our kohya targets.
+
+We take LyCORIS' modules (their math, init and kohya tensor names hada_* / lokr_* /
+weight + on_input) but not its network builder: `lycoris.kohya.create_network`
+asserts on diffusers UNets with its default preset, names SD1 text-encoder layers
+without `text_model` under transformers >= 5.6, and its (IA)^3 preset matches no
+layer of a diffusers model. The targets and names come from atelier.network.targets.
+
+Pitfall kept away: lycoris-lora 4.1.3's `merge_to()` applies alpha/dim twice for
+LoHa and decomposed LoKr. Nothing here merges; the forward pass (used in training
+and by A1111 / ComfyUI style loaders) scales once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lycoris.modules.ia3 import IA3Module
+from lycoris.modules.loha import LohaModule
+from lycoris.modules.lokr import LokrModule
+from torch import nn
+
+from atelier.network.patch import GradGatedTraining
+from atelier.network.targets import TargetLayer
+
+# (IA)^3 learns a per-channel scale of keys, values and the FFN output (of its input
+# for the last FFN layer), as in the paper and LyCORIS' ia3 preset.
+IA3_OUTPUT_LAYERS = ("to_k", "to_v", "k_proj", "v_proj")
+IA3_INPUT_LAYERS = ("ff_net_2", "mlp_fc2")
+
+
+class LoHa(GradGatedTraining, LohaModule):
+    """LyCORIS LoHa: delta W = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / dim."""
+
+
+class LoKr(GradGatedTraining, LokrModule):
+    """LyCORIS LoKr: delta W = kron(w1, w2_a @ w2_b) * alpha / dim (full w2: scale 1)."""
+
+
+class IA3(GradGatedTraining, IA3Module):
+    """LyCORIS (IA)^3: W * (1 + weight) on the output (or input) channels."""
+
+    def apply_max_norm(self, max_norm: float, device: Any = None) -> None:
+        return None  # a scale vector, no low-rank update to bound
+
+
+LYCORIS_CLASSES: dict[str, type[nn.Module]] = {"loha": LoHa, "lokr": LoKr, "ia3": IA3}
+
+
+def is_ia3_target(target: TargetLayer) -> bool:
+    return isinstance(target.module, nn.Linear) and target.lora_name.endswith(IA3_OUTPUT_LAYERS + IA3_INPUT_LAYERS)
+
+
+def make_lycoris_module(
+    kind: str,
+    target: TargetLayer,
+    dim: int,
+    alpha: float,
+    rank_dropout: float = 0.0,
+    module_dropout: float = 0.0,
+    **options: Any,
+) -> nn.Module:
+    """One LyCORIS module of `kind` on `target` (options: LoKr's factor, full_matrix)."""
+    if kind == "ia3":
+        return IA3(
+            target.lora_name, target.module, 1.0, module_dropout=module_dropout,
+            train_on_input=target.lora_name.endswith(IA3_INPUT_LAYERS),
+        )  # fmt: skip
+    # Neuron dropout is not implemented by LyCORIS' LoHa / LoKr (the spec refuses it).
+    return LYCORIS_CLASSES[kind](
+        target.lora_name, target.module, 1.0, dim, alpha, 0.0, rank_dropout, module_dropout, **options
+    )

@@ -1,0 +1,132 @@
+"""The `network` config group checked and read once: what to build, and how sd-scripts names it.
+
+`NetworkSpec.from_config` refuses options that do not apply to the chosen
+network.module, naming the key and the fix. `kohya_module` / `kohya_network_args`
+give ss_network_module / ss_network_args as sd-scripts and LyCORIS write them, and
+the `--network_module` / `--network_args` of the same run (atelier export-kohya).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+LYCORIS_KINDS = ("locon", "loha", "lokr", "ia3")
+KOHYA_MODULES = {"lora": "networks.lora", "dylora": "networks.dylora", **{k: "lycoris.kohya" for k in LYCORIS_KINDS}}
+# What each kind implements; anything else set is an error, not silently ignored.
+SUPPORTED = {
+    "lora": {"conv_dim", "dropout", "rank_dropout", "module_dropout"},
+    "locon": {"conv_dim", "dropout", "rank_dropout", "module_dropout"},
+    "loha": {"conv_dim", "rank_dropout", "module_dropout"},
+    "lokr": {"conv_dim", "rank_dropout", "module_dropout", "factor"},
+    "dylora": {"conv_dim", "unit"},
+    "ia3": {"module_dropout"},
+}
+# sd-scripts' default conv_alpha when conv_dim is given without it.
+DEFAULT_CONV_ALPHA = 1.0
+
+
+def _value(net: Any, key: str) -> Any:
+    value = net.get(key) if hasattr(net, "get") else getattr(net, key, None)
+    return getattr(value, "value", value)  # an enum member -> its name
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    kind: str
+    dim: int
+    alpha: float
+    conv_dim: int | None = None
+    conv_alpha: float = DEFAULT_CONV_ALPHA
+    dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    factor: int = -1
+    unit: int = 1
+
+    @property
+    def conv(self) -> bool:
+        return bool(self.conv_dim)
+
+    @classmethod
+    def from_config(cls, net: Any) -> "NetworkSpec":
+        kind = str(_value(net, "module"))
+        if kind not in KOHYA_MODULES:
+            raise ValueError(f"network.module={kind} is not one of {', '.join(KOHYA_MODULES)}")
+        given = {
+            "conv_dim": _value(net, "conv_dim"),
+            "dropout": _value(net, "dropout"),
+            "rank_dropout": _value(net, "rank_dropout"),
+            "module_dropout": _value(net, "module_dropout"),
+            "factor": None if _value(net, "factor") in (None, -1) else _value(net, "factor"),
+            "unit": _value(net, "unit"),
+        }
+        for key, value in given.items():
+            if value and key not in SUPPORTED[kind]:
+                raise ValueError(
+                    f"network.{key}={value} does not apply to network.module={kind} "
+                    f"(it takes: {', '.join(sorted(SUPPORTED[kind])) or 'none of the optional keys'}); "
+                    f"unset it (network.{key}=null)"
+                )
+        for key in ("dropout", "rank_dropout", "module_dropout"):
+            if given[key] is not None and not 0 <= given[key] < 1:
+                raise ValueError(f"network.{key}={given[key]} must be in [0, 1)")
+        dim, conv_dim = int(_value(net, "dim")), given["conv_dim"]
+        if kind != "ia3" and dim <= 0:
+            raise ValueError(f"network.dim={dim} must be a positive rank")
+        if conv_dim is not None and conv_dim < 0:
+            raise ValueError(f"network.conv_dim={conv_dim} must be a positive rank, or null for no conv layers")
+        unit = int(given["unit"] or 1)
+        if kind == "dylora":
+            if unit <= 0 or dim % unit:
+                raise ValueError(f"network.dim={dim} must be a multiple of network.unit={unit} for DyLoRA")
+            if conv_dim and conv_dim != dim:
+                # sd-scripts' networks.dylora asserts the same.
+                raise ValueError(f"DyLoRA needs network.conv_dim equal to network.dim ({dim}), got {conv_dim}")
+        conv_alpha = _value(net, "conv_alpha")
+        return cls(
+            kind=kind,
+            dim=dim,
+            alpha=float(_value(net, "alpha")),
+            conv_dim=int(conv_dim) if conv_dim else None,
+            conv_alpha=float(conv_alpha) if conv_alpha is not None else DEFAULT_CONV_ALPHA,
+            dropout=float(given["dropout"] or 0.0),
+            rank_dropout=float(given["rank_dropout"] or 0.0),
+            module_dropout=float(given["module_dropout"] or 0.0),
+            factor=int(_value(net, "factor") if _value(net, "factor") is not None else -1),
+            unit=unit,
+        )
+
+
+def kohya_module(net: Any) -> str:
+    """ss_network_module / --network_module."""
+    return KOHYA_MODULES[str(_value(net, "module"))]
+
+
+def kohya_network_args(net: Any) -> dict[str, str]:
+    """ss_network_args / --network_args (sd-scripts keeps every value as a string).
+
+    Neuron dropout of networks.lora is the separate --network_dropout
+    (ss_network_dropout); LyCORIS reads it from network_args as `dropout`.
+    """
+    spec = NetworkSpec.from_config(net)
+    args: dict[str, str] = {}
+    if spec.kind in LYCORIS_KINDS:
+        args["algo"] = spec.kind
+        # LyCORIS' presets closest to our targets: attn-mlp is exact; `full` adds
+        # conv_in, conv_out and time_embedding to the conv blocks; (IA)^3 has its own.
+        args["preset"] = "ia3" if spec.kind == "ia3" else ("full" if spec.conv else "attn-mlp")
+    if spec.conv:
+        args["conv_dim"] = str(spec.conv_dim)
+        args["conv_alpha"] = str(spec.conv_alpha)
+    if spec.kind in LYCORIS_KINDS and spec.dropout:
+        args["dropout"] = str(spec.dropout)
+    if spec.rank_dropout:
+        args["rank_dropout"] = str(spec.rank_dropout)
+    if spec.module_dropout:
+        args["module_dropout"] = str(spec.module_dropout)
+    if spec.kind == "lokr":
+        args["factor"] = str(spec.factor)
+    if spec.kind == "dylora":
+        args["unit"] = str(spec.unit)
+    return args

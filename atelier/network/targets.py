@@ -1,0 +1,76 @@
+"""Which layers of a model a kohya-style network adapts, and their kohya names.
+
+A name is `<prefix>_<module path with . -> _>`: `lora_unet_...` for the UNet,
+`lora_te_text_model_...` for the SD1/2 text encoder (transformers >= 5.6 dropped
+the `text_model` level; the name keeps it, as every loader expects it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+UNET_PREFIX = "lora_unet"
+TEXT_ENCODER_PREFIX = "lora_te"
+# The blocks whose Linear / 1x1-conv layers sd-scripts' networks.lora targets.
+UNET_TARGETS = ("Transformer2DModel",)
+# Added with conv_dim (kohya's "C3Lier", LyCORIS' LoCon): their 3x3 convs get
+# conv_dim, their Linear / 1x1 layers (time_emb_proj, conv_shortcut) the linear dim.
+UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    lora_name: str
+    module: nn.Module
+
+    @property
+    def is_conv_kxk(self) -> bool:
+        """A conv with a spatial kernel: it takes conv_dim / conv_alpha, not dim / alpha."""
+        return isinstance(self.module, nn.Conv2d) and self.module.kernel_size != (1, 1)
+
+
+def _is_target_layer(module: nn.Module, conv: bool) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    if not isinstance(module, nn.Conv2d):
+        return False
+    return conv or module.kernel_size == (1, 1)
+
+
+def find_targets(
+    root: nn.Module, prefix: str, target_classes: Iterable[str], name_root: str = "", conv: bool = False
+) -> Iterator[TargetLayer]:
+    """Layers inside `target_classes` blocks (kxk convs too with `conv`), kohya-named."""
+    target_classes = tuple(target_classes)
+    seen: set[str] = set()
+    for block_path, block in root.named_modules():
+        if type(block).__name__ not in target_classes:
+            continue
+        for child_path, child in block.named_modules():
+            if not _is_target_layer(child, conv):
+                continue
+            path = ".".join(p for p in (name_root, block_path, child_path) if p)
+            lora_name = f"{prefix}_{path.replace('.', '_')}"
+            if lora_name not in seen:  # nested target blocks would repeat layers
+                seen.add(lora_name)
+                yield TargetLayer(lora_name, child)
+
+
+def text_encoder_name_root(text_encoder: nn.Module) -> str:
+    """Kohya names start at `text_model`; transformers >= 5.6 dropped that level."""
+    return "" if hasattr(text_encoder, "text_model") else "text_model"
+
+
+def iter_targets(unet: nn.Module | None, text_encoder: nn.Module | None, conv: bool = False) -> Iterator[TargetLayer]:
+    """Text-encoder then UNet targets (None = that model is not trained)."""
+    if text_encoder is not None:
+        yield from find_targets(
+            text_encoder, TEXT_ENCODER_PREFIX, TEXT_ENCODER_TARGETS, text_encoder_name_root(text_encoder)
+        )
+    if unet is not None:
+        classes = UNET_TARGETS + (UNET_CONV_TARGETS if conv else ())
+        yield from find_targets(unet, UNET_PREFIX, classes, conv=conv)
