@@ -115,6 +115,7 @@ def test_prodigy_logs_d_lr_and_lr_find_suggests_the_settled_value(tmp_path, caps
     assert suggestion["source_optimizer"] == "Prodigy"
     assert f"optimizer.learning_rate={suggestion['learning_rate']:.3g}" in suggestion["overrides"]
     assert "lr finder: suggested AdamW learning rate" in capsys.readouterr().out
+    assert (run_dir / "lr_schedule.png").stat().st_size > 0  # drawn at the start of training
 
 
 def test_lr_find_reads_the_tail_of_the_metrics(tmp_path):
