@@ -98,7 +98,8 @@ def suggest_learning_rate(run_dir: Path, optimizer_type: Any = "") -> dict[str, 
     }
     overrides = ["optimizer=adamw", f"optimizer.learning_rate={main['value']:.3g}"]
     for key in ("unet_lr", "text_encoder_lr"):
-        if suggestion[key] is not None and len(groups) > 1:
+        # Per-part rates only where they differ (Prodigy's d is shared; the groups' lr may not be).
+        if suggestion[key] is not None and f"{suggestion[key]:.3g}" != f"{main['value']:.3g}":
             overrides.append(f"optimizer.{key}={suggestion[key]:.3g}")
     suggestion["overrides"] = " ".join(overrides)
     return suggestion

@@ -20,9 +20,11 @@ def plot_lr_schedule(curves: dict[str, Sequence[float]], path: Path, title: str,
     """One line per param group (lr at steps 1..N); written atomically as a PNG."""
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     try:
-        for label, curve in curves.items():
+        for i, (label, curve) in enumerate(curves.items()):
             steps = range(1, len(curve) + 1)
-            ax.plot(steps, curve, label=label, linewidth=1.6, marker="o" if len(curve) < 20 else None, markersize=3)
+            # Dashed after the first line: equal schedules would otherwise hide each other.
+            ax.plot(steps, curve, label=label, linewidth=1.6, linestyle="-" if i == 0 else "--",
+                    marker="o" if len(curve) < 20 else None, markersize=3)  # fmt: skip
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("learning rate")
         ax.set_title(title)
