@@ -159,3 +159,21 @@ def test_schedule_free_run_saves_the_eval_weights(tmp_path):
     to_train = max((saved[k] - train_mode[k]).abs().max().item() for k in ups)
     # Equal up to the rounding of eval()/train() switches; far from the train-mode weights.
     assert to_eval < 1e-7 and to_train > 1e-6
+
+
+def test_schedule_free_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from atelier.outputs.lora_file import load_lora
+    from atelier.train.run import run_training
+    from tests.test_trainer import interrupt_after_epoch
+
+    args = ["optimizer=adamw_schedulefree", "training.max_train_epochs=2", "training.train_batch_size=8",
+            "output.save_every_n_epochs=null"]  # fmt: skip
+    full, _ = train(tmp_path, *args, name="full")
+    interrupt_after_epoch(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, *args, name="interrupted")
+    monkeypatch.undo()
+    run_dir = tmp_path / "interrupted"
+    run_training(make_cfg(*args), run_dir)  # the saved state holds the train-mode weights
+    a, b = load_lora(full / "demo.safetensors")[0], load_lora(run_dir / "demo.safetensors")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
