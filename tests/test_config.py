@@ -18,8 +18,10 @@ GROUPS = ["model", "network", "optimizer", "scheduler", "dataset", "debug"]
 REQUIRED_OPTIONS = {
     "model": {"tiny", "sd15", "sd2_v", "sdxl"},
     "network": {"lora", "locon", "loha", "lokr", "dylora", "ia3"},
-    "optimizer": {"adamw", "adamw8bit", "prodigy", "lion", "adafactor", "dadapt_adam"},
-    "scheduler": {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"},
+    "optimizer": {"adamw", "adamw8bit", "prodigy", "lion", "lion8bit", "adafactor", "dadapt_adam", "sgd_nesterov",
+                  "adamw_schedulefree"},
+    "scheduler": {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                  "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay", "piecewise_constant"},
     "debug": {"smoke"},
 }
 
@@ -84,6 +86,31 @@ def test_sweepable_paths_are_typed(override, cause):
     with pytest.raises(Exception, match=f"Error merging override {override}") as info:
         compose_config(override)
     assert cause in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("training.multires_noise_iteration=6", "Key 'multires_noise_iteration' not in 'TrainingConfig'"),
+        ("training.loss_type=huberr", "Invalid value 'huberr'"),
+        ("training.huber_schedule=snrr", "Invalid value 'snrr'"),
+        ("training.zero_terminal_snr=maybe", "Value 'maybe' is not a valid bool"),
+        ("training.min_timestep=low", "could not be converted to Integer"),
+        ("scheduler.min_lr_ration=0.1", "Key 'min_lr_ration' not in 'SchedulerConfig'"),
+        ("scheduler.type=cosine_min_lr", "Invalid value 'cosine_min_lr'"),
+        ("optimizer.type=AdamWSchedulefree", "Invalid value 'AdamWSchedulefree'"),
+    ],
+)
+def test_new_noise_loss_and_schedule_keys_are_typed(override, expected):
+    with pytest.raises(Exception) as info:
+        compose_config(override)
+    assert expected in f"{info.value} {info.value.__cause__}"
+
+
+def test_lr_find_recipe_asks_for_a_suggestion_from_an_adaptive_optimizer():
+    cfg = compose_config("experiment=lr_find")
+    assert cfg.training.suggest_lr is True and cfg.optimizer.type in {OptimizerType.Prodigy, OptimizerType.DAdaptAdam}
+    assert cfg.scheduler.type == "constant" and cfg.recipe == "lr_find"
 
 
 @pytest.mark.parametrize(

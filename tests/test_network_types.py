@@ -149,9 +149,11 @@ def test_ia3_reloads_in_lycoris(tmp_path, tiny_model_path):
     reproduces(trained, render(pipe), untouched)
 
 
-def test_trainer_scale_weight_norms_returns_the_scalars_to_log(tmp_path):
+def test_trainer_scale_weight_norms_caps_weights_and_logs_every_step(tmp_path):
     trainer = Trainer(make_cfg("training.max_train_steps=2", "optimizer.learning_rate=5e-2", "network.scale_weight_norms=1e-4"), tmp_path)
     trainer.train()
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["max_norm/keys_scaled"] > 0 for r in logged if "loss/step" in r] == [True, True]
     scalars = trainer.scale_weight_norms()
     assert set(scalars) == {"max_norm/keys_scaled", "max_norm/average_key_norm", "max_norm/max_key_norm"}
     assert scalars["max_norm/keys_scaled"] > 0 and scalars["max_norm/max_key_norm"] <= 1e-4 * (1 + 1e-4)

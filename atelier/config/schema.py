@@ -36,6 +36,10 @@ class OptimizerType(str, Enum):
     Lion = "Lion"
     Adafactor = "Adafactor"
     DAdaptAdam = "DAdaptAdam"
+    Lion8bit = "Lion8bit"
+    SGDNesterov = "SGDNesterov"
+    # Needs optimizer.train()/eval() around training and sampling; the trainer does it.
+    AdamWScheduleFree = "AdamWScheduleFree"
 
 
 class SchedulerType(str, Enum):
@@ -45,6 +49,27 @@ class SchedulerType(str, Enum):
     cosine = "cosine"
     cosine_with_restarts = "cosine_with_restarts"
     polynomial = "polynomial"
+    cosine_with_min_lr = "cosine_with_min_lr"
+    inverse_sqrt = "inverse_sqrt"
+    warmup_stable_decay = "warmup_stable_decay"
+    piecewise_constant = "piecewise_constant"
+
+
+class LossType(str, Enum):
+    """sd-scripts' --loss_type."""
+
+    l2 = "l2"
+    l1 = "l1"
+    huber = "huber"
+    smooth_l1 = "smooth_l1"
+
+
+class HuberSchedule(str, Enum):
+    """How huber_c varies with the timestep (sd-scripts' --huber_schedule)."""
+
+    constant = "constant"
+    exponential = "exponential"
+    snr = "snr"
 
 
 class MixedPrecision(str, Enum):
@@ -124,8 +149,24 @@ class SchedulerConfig:
     # Warmup as a step count, or as a fraction of the total steps (set one).
     warmup_steps: int = 0
     warmup_ratio: Optional[float] = None
+    # cosine_with_restarts: restarts; cosine_with_min_lr / warmup_stable_decay: half-cosines
+    # (sd-scripts: --lr_scheduler_num_cycles).
     num_cycles: int = 1
+    # polynomial (sd-scripts: --lr_scheduler_power).
     power: float = 1.0
+    # cosine_with_min_lr, warmup_stable_decay: the final lr as a fraction of the start lr
+    # (sd-scripts: --lr_scheduler_min_lr_ratio).
+    min_lr_ratio: Optional[float] = None
+    # warmup_stable_decay: length of the decay phase, as steps or a fraction of the total
+    # (set one; sd-scripts: --lr_decay_steps).
+    decay_steps: int = 0
+    decay_ratio: Optional[float] = None
+    # inverse_sqrt: lr = lr0 / sqrt((step + timescale - warmup) / timescale) after warmup
+    # (null: the warmup steps, or 10000 without warmup; sd-scripts: --lr_scheduler_timescale).
+    timescale: Optional[int] = None
+    # piecewise_constant: diffusers' rules "mult:until_step,...,final_mult", e.g.
+    # "1:100,0.5:200,0.1" (sd-scripts: --lr_scheduler_args step_rules=...).
+    step_rules: Optional[str] = None
 
 
 @dataclass
@@ -198,6 +239,30 @@ class TrainingConfig:
     min_snr_gamma: Optional[float] = None
     noise_offset: float = 0.0
     max_grad_norm: float = 1.0
+    # Noise and timesteps (sd-scripts' names and formulas; atelier.train.noise).
+    # noise_offset grows by adaptive_noise_scale * |mean of each latent channel| (needs noise_offset).
+    adaptive_noise_scale: Optional[float] = None
+    # Multi-resolution (pyramid) noise: this many coarser noise levels, each weighted by discount^i.
+    multires_noise_iterations: Optional[int] = None
+    multires_noise_discount: float = 0.3
+    # Input perturbation: the latents are noised with noise + gamma * N(0,1); the target stays noise.
+    ip_noise_gamma: Optional[float] = None
+    # Rescale the training noise schedule so the last timestep has SNR 0 (meant for v-prediction).
+    zero_terminal_snr: bool = False
+    # Timesteps are drawn from [min_timestep, max_timestep) (null: 0 and num_train_timesteps).
+    min_timestep: Optional[int] = None
+    max_timestep: Optional[int] = None
+    # Loss (atelier.train.losses).
+    # Weight each sample by 1/sqrt(SNR) (eps) or 1/(SNR+1) (v-prediction).
+    debiased_estimation_loss: bool = False
+    loss_type: LossType = LossType.l2
+    # huber / smooth_l1 threshold: huber_c scheduled per timestep by huber_schedule, times huber_scale.
+    huber_schedule: HuberSchedule = HuberSchedule.snr
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    # After training, turn the logged d*lr of an adaptive optimizer into lr_suggestion.json
+    # (experiment=lr_find sets it; atelier.train.lr_find).
+    suggest_lr: bool = False
 
 
 @dataclass

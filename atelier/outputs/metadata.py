@@ -93,6 +93,7 @@ def training_metadata(
         "ss_clip_skip": t.clip_skip,
         "ss_min_snr_gamma": t.min_snr_gamma,
         "ss_noise_offset": t.noise_offset or None,
+        **noise_and_loss_metadata(t),
         "ss_max_grad_norm": t.max_grad_norm,
         "ss_resolution": f"({res}, {res})",
         **dataset_metadata(cfg.dataset, bucket_info, cache_latents),
@@ -110,7 +111,32 @@ def training_metadata(
     }
     if not net.weights:
         del meta["ss_network_weights"]
+    if t.min_timestep is not None or t.max_timestep is not None:
+        # sd-scripts' get_sai_model_spec: the range trained on, the missing end filled in.
+        low = 0 if t.min_timestep is None else t.min_timestep
+        high = 1000 if t.max_timestep is None else t.max_timestep
+        meta["modelspec.timestep_range"] = f"{low},{high}"
     return {k: _str(v) for k, v in meta.items()}
+
+
+def _value(x: Any) -> Any:
+    return getattr(x, "value", x)
+
+
+def noise_and_loss_metadata(t: Any) -> dict[str, Any]:
+    """sd-scripts' keys for the noise and loss options of TrainingConfig (train_network.py)."""
+    return {
+        "ss_adaptive_noise_scale": t.adaptive_noise_scale,
+        "ss_multires_noise_iterations": t.multires_noise_iterations,
+        "ss_multires_noise_discount": t.multires_noise_discount,
+        "ss_ip_noise_gamma": t.ip_noise_gamma,
+        "ss_zero_terminal_snr": t.zero_terminal_snr,
+        "ss_debiased_estimation": bool(t.debiased_estimation_loss),
+        "ss_loss_type": _value(t.loss_type),
+        "ss_huber_schedule": _value(t.huber_schedule),
+        "ss_huber_c": t.huber_c,
+        "ss_huber_scale": t.huber_scale,
+    }
 
 
 def dataset_metadata(d: Any, bucket_info: dict[str, Any] | None, cache_latents: bool) -> dict[str, Any]:

@@ -81,6 +81,12 @@ def _warmup_steps(value: int, cfg: dict[str, Any]) -> int | None:
     return value or None
 
 
+def _decay_steps(value: int, cfg: dict[str, Any]) -> int | None:
+    if cfg["scheduler"].get("decay_ratio") is not None:
+        return None  # the ratio row gives lr_decay_steps
+    return value or None
+
+
 def _model_path(value: str | None, cfg: dict[str, Any]) -> str:
     if value:
         return str(Path(value).expanduser().resolve())
@@ -149,6 +155,13 @@ OPTIONS: tuple[Option, ...] = (
            note="a float < 1 is a ratio of the total steps in sd-scripts too (it rounds down, we round up)"),
     Option("scheduler.num_cycles", "lr_scheduler_num_cycles"),
     Option("scheduler.power", "lr_scheduler_power"),
+    Option("scheduler.min_lr_ratio", "lr_scheduler_min_lr_ratio"),
+    Option("scheduler.decay_steps", "lr_decay_steps", convert=_decay_steps),
+    Option("scheduler.decay_ratio", "lr_decay_steps", convert=_unless_zero,
+           note="a float < 1 is a ratio of the total steps in sd-scripts too (it rounds down, we round up)"),
+    Option("scheduler.timescale", "lr_scheduler_timescale"),
+    Option("scheduler.step_rules", "lr_scheduler_args", kind="list",
+           convert=lambda v, c: [f"step_rules={v!r}"] if v else None),
     # dataset
     Option("dataset.name", None, "covered", note="names the project folder"),
     Option("dataset.train_data_dir", "train_data_dir", "subsets", convert=lambda v, c: str(Path(v).resolve())),
@@ -199,6 +212,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("training.min_snr_gamma", "min_snr_gamma"),
     Option("training.noise_offset", "noise_offset", convert=_unless_zero),
     Option("training.max_grad_norm", "max_grad_norm"),
+    Option("training.adaptive_noise_scale", "adaptive_noise_scale"),
+    Option("training.multires_noise_iterations", "multires_noise_iterations"),
+    Option("training.multires_noise_discount", "multires_noise_discount"),
+    Option("training.ip_noise_gamma", "ip_noise_gamma"),
+    Option("training.zero_terminal_snr", "zero_terminal_snr", kind="switch"),
+    Option("training.min_timestep", "min_timestep"),
+    Option("training.max_timestep", "max_timestep"),
+    Option("training.debiased_estimation_loss", "debiased_estimation_loss", kind="switch"),
+    Option("training.loss_type", "loss_type"),
+    Option("training.huber_schedule", "huber_schedule"),
+    Option("training.huber_c", "huber_c"),
+    Option("training.huber_scale", "huber_scale", convert=lambda v, c: None if v == 1.0 else v,
+           note="recent sd-scripts; left out at its default 1.0 for older ones"),
+    Option("training.suggest_lr", None,
+           note="atelier's lr finder (experiment=lr_find): reads the logged d*lr into lr_suggestion.json"),
     # sampling
     Option("sampling.prompts", "sample_prompts", "covered", note=f"written to {PROMPTS_TXT}"),
     Option("sampling.prompt_file", "sample_prompts", "covered", note=f"its lines written to {PROMPTS_TXT}"),

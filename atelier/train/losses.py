@@ -1,27 +1,22 @@
-"""Noise, timesteps, targets and loss weighting for the denoising objective.
+"""Targets, loss functions and loss weighting for the denoising objective.
 
-Random draws take an explicit generator so a run's noise stream depends only on
-its seed (needed for resume and for training several adapters side by side).
+sd-scripts' options with its names and formulas (train_util.conditional_loss,
+get_huber_threshold_if_needed; custom_train_functions.apply_snr_weight,
+apply_debiased_estimation). The noise and timesteps are drawn in atelier.train.noise.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from atelier.config.schema import HuberSchedule, LossType
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise like `latents`; noise_offset adds a per-channel constant shift."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    if noise_offset:
-        b, c = latents.shape[:2]
-        noise += noise_offset * torch.randn((b, c, 1, 1), generator=generator, dtype=torch.float32)
-    return noise.to(latents.device, latents.dtype)
-
-
-def sample_timesteps(batch_size: int, scheduler: DDPMScheduler, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+# sd-scripts caps the SNR here for the debiased weight (SNR is ~infinite at t=0).
+DEBIASED_SNR_CAP = 1000.0
 
 
 def training_target(
@@ -43,7 +38,59 @@ def min_snr_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: flo
     clipped = torch.clamp(s, max=gamma)
     if scheduler.config.prediction_type == "v_prediction":
         return clipped / (s + 1)
-    return clipped / s
+    # min(SNR, g) / SNR -> 1 as SNR -> 0 (the last timestep with training.zero_terminal_snr).
+    return torch.where(s > 0, clipped / s.clamp(min=torch.finfo(s.dtype).tiny), torch.ones_like(s))
+
+
+def debiased_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Debiased estimation (Yu et al. 2024): 1/sqrt(SNR) for eps-, 1/(SNR+1) for v-prediction,
+    SNR capped at 1000 as in sd-scripts."""
+    s = torch.clamp(snr(scheduler, timesteps), max=DEBIASED_SNR_CAP)
+    if scheduler.config.prediction_type == "v_prediction":
+        return 1.0 / (s + 1)
+    return 1.0 / torch.sqrt(s)
+
+
+def huber_threshold(
+    scheduler: DDPMScheduler,
+    timesteps: torch.Tensor,
+    schedule: HuberSchedule | str,
+    huber_c: float,
+    huber_scale: float = 1.0,
+) -> torch.Tensor:
+    """The huber/smooth_l1 threshold per sample [B], as sd-scripts' huber_schedule computes it.
+
+    constant: huber_c * scale; exponential: scale * huber_c^(t/T) (scale at t=0, huber_c*scale
+    at t=T); snr: (1 - huber_c) / (1 + sigma_t)^2 + huber_c with sigma_t = sqrt((1-abar)/abar)
+    (sd-scripts leaves huber_scale out of this one).
+    """
+    schedule = HuberSchedule(schedule)
+    t = timesteps.float()
+    if schedule == HuberSchedule.constant:
+        return torch.full_like(t, huber_c * huber_scale)
+    if schedule == HuberSchedule.exponential:
+        alpha = -math.log(huber_c) / scheduler.config.num_train_timesteps
+        return torch.exp(-alpha * t) * huber_scale
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
+
+
+def elementwise_loss(
+    pred: torch.Tensor, target: torch.Tensor, loss_type: LossType | str, huber_c: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Loss per element. huber: 2c(sqrt(d^2+c^2)-c) (~ d^2 for |d| << c, ~ 2c|d| beyond);
+    smooth_l1: 2(sqrt(d^2+c^2)-c) (~ d^2/c, then ~ 2|d|). `huber_c` is [B]."""
+    loss_type = LossType(loss_type)
+    if loss_type == LossType.l2:
+        return F.mse_loss(pred, target, reduction="none")
+    if loss_type == LossType.l1:
+        return F.l1_loss(pred, target, reduction="none")
+    if huber_c is None:
+        raise ValueError(f"loss_type {loss_type.value} needs huber_c")
+    c = huber_c.to(pred.device, pred.dtype).view(-1, *([1] * (pred.ndim - 1)))
+    root = torch.sqrt((pred - target) ** 2 + c**2) - c
+    return 2 * c * root if loss_type == LossType.huber else 2 * root
 
 
 def diffusion_loss(
@@ -53,17 +100,29 @@ def diffusion_loss(
     timesteps: torch.Tensor,
     min_snr_gamma: float | None = None,
     weights: torch.Tensor | None = None,
+    *,
+    loss_type: LossType | str = LossType.l2,
+    huber_schedule: HuberSchedule | str = HuberSchedule.snr,
+    huber_c: float = 0.1,
+    huber_scale: float = 1.0,
+    debiased_estimation: bool = False,
 ) -> torch.Tensor:
-    """Mean squared error per sample, optionally min-SNR weighted, averaged over the batch.
+    """Per-sample loss (loss_type), optionally min-SNR and debiased weighted, averaged over the batch.
 
     `weights` [B] scales each sample's loss before the mean (sd-scripts' loss_weights:
     1 for train images, prior_loss_weight for regularization images).
     """
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma:
-        loss = loss * min_snr_weight(scheduler, timesteps.to(loss.device), min_snr_gamma).to(loss.device)
+    timesteps = timesteps.to(pred.device)
+    threshold = None
+    if LossType(loss_type) in (LossType.huber, LossType.smooth_l1):
+        threshold = huber_threshold(scheduler, timesteps, huber_schedule, huber_c, huber_scale)
+    loss = elementwise_loss(pred.float(), target.float(), loss_type, threshold).mean(dim=(1, 2, 3))
     if weights is not None:
         if weights.shape != loss.shape:
             raise ValueError(f"weights must have one value per sample {tuple(loss.shape)}, got {tuple(weights.shape)}")
         loss = loss * weights.to(loss.device, loss.dtype)
+    if min_snr_gamma:
+        loss = loss * min_snr_weight(scheduler, timesteps, min_snr_gamma).to(loss.device)
+    if debiased_estimation:
+        loss = loss * debiased_weight(scheduler, timesteps).to(loss.device)
     return loss.mean()

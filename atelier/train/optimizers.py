@@ -1,9 +1,10 @@
-"""Optimizer construction from `optimizer.type` and `optimizer.args`."""
+"""Optimizer construction from `optimizer.type` and `optimizer.args`, and what they report."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,28 +26,111 @@ OPTIMIZER_CLASSES: dict[OptimizerType, str] = {
     OptimizerType.AdamW8bit: "bitsandbytes.optim.AdamW8bit",
     OptimizerType.Prodigy: "prodigyopt.Prodigy",
     OptimizerType.Lion: "lion_pytorch.Lion",
+    OptimizerType.Lion8bit: "bitsandbytes.optim.Lion8bit",
     OptimizerType.Adafactor: "transformers.optimization.Adafactor",
     OptimizerType.DAdaptAdam: "dadaptation.DAdaptAdam",
+    OptimizerType.SGDNesterov: "torch.optim.SGD",
+    OptimizerType.AdamWScheduleFree: "schedulefree.AdamWScheduleFree",
 }
+
+# Arguments an optimizer type always gets, and defaults `optimizer.args` may override
+# (sd-scripts does the same: SGDNesterov is SGD with nesterov=True and momentum 0.9).
+FIXED_ARGS: dict[OptimizerType, dict[str, Any]] = {OptimizerType.SGDNesterov: {"nesterov": True}}
+DEFAULT_ARGS: dict[OptimizerType, dict[str, Any]] = {OptimizerType.SGDNesterov: {"momentum": 0.9}}
+
+# Optimizers that estimate their own step size; they log d*lr (sd-scripts: lr/d*lr/<name>).
+ADAPTIVE_TYPES = frozenset({OptimizerType.Prodigy, OptimizerType.DAdaptAdam})
+
+
+# They average their own iterates in place of a learning-rate schedule.
+SCHEDULE_FREE_TYPES = frozenset({OptimizerType.AdamWScheduleFree})
+
+
+def optimizer_type(value: OptimizerType | str) -> OptimizerType:
+    try:
+        return OptimizerType(value)
+    except ValueError:
+        valid = ", ".join(t.value for t in OptimizerType)
+        raise ValueError(f"optimizer.type: unknown optimizer '{value}'; choose one of {valid}") from None
+
+
+def is_adaptive(kind: OptimizerType | str, args: dict[str, Any]) -> bool:
+    """Whether the optimizer picks its own step size: Prodigy, D-Adaptation, Adafactor with
+    relative_step (transformers' default)."""
+    kind = optimizer_type(kind)
+    return kind in ADAPTIVE_TYPES or (kind == OptimizerType.Adafactor and args.get("relative_step", True))
+
+
+def check_schedule_fits(kind: OptimizerType | str, scheduler_type: str, num_warmup_steps: int) -> None:
+    """Schedule-free optimizers replace the schedule (sd-scripts gives them a do-nothing one)."""
+    kind = optimizer_type(kind)
+    if kind in SCHEDULE_FREE_TYPES and (scheduler_type != "constant" or num_warmup_steps):
+        raise ValueError(
+            f"optimizer.type={kind.value} needs no learning-rate schedule: use scheduler=constant without "
+            f"warmup (got scheduler.type={scheduler_type}, {num_warmup_steps} warmup steps); "
+            "for a warmup set optimizer.args.warmup_steps=N"
+        )
 
 
 def build_optimizer(
-    optimizer_type: OptimizerType | str, param_groups: list[dict[str, Any]], learning_rate: float, args: dict[str, Any]
+    kind: OptimizerType | str, param_groups: list[dict[str, Any]], learning_rate: float, args: dict[str, Any]
 ) -> torch.optim.Optimizer:
     """Create the optimizer; each param group carries its own "lr"."""
-    try:
-        optimizer_type = OptimizerType(optimizer_type)
-    except ValueError:
-        valid = ", ".join(t.value for t in OptimizerType)
-        raise ValueError(f"optimizer.type: unknown optimizer '{optimizer_type}'; choose one of {valid}") from None
-    cls = _import(OPTIMIZER_CLASSES[optimizer_type])
-    args = dict(args)
+    kind = optimizer_type(kind)
+    cls = _import(OPTIMIZER_CLASSES[kind])
+    args = {**DEFAULT_ARGS.get(kind, {}), **args}
+    for name, value in FIXED_ARGS.get(kind, {}).items():
+        if args.get(name, value) != value:
+            raise ValueError(f"optimizer.args.{name}={args[name]}: {kind.value} always uses {name}={value}")
+        args[name] = value
     if "betas" in args:
         args["betas"] = tuple(args["betas"])
+    lr: float | None = learning_rate
+    if kind == OptimizerType.Adafactor and args.get("relative_step", True):
+        # Adafactor refuses an lr with relative_step: it computes its own (logged as lr/d*lr/*).
+        lr = None
     try:
-        return cls(param_groups, lr=learning_rate, **args)
+        return cls(param_groups, lr=lr, **args)
     except TypeError as err:
         raise ValueError(f"optimizer.args {sorted(args)} do not fit {cls.__name__}: {err}") from err
+
+
+def effective_learning_rates(optimizer: torch.optim.Optimizer) -> list[float] | None:
+    """The step size each param group really takes, for optimizers that choose it themselves:
+    d*lr for Prodigy / D-Adaptation, the relative step (times the parameter scale) for
+    Adafactor with relative_step. None for the others, whose step size is their lr."""
+    groups = optimizer.param_groups
+    if all("d" in g for g in groups):
+        return [float(g["d"] * g["lr"]) for g in groups]
+    if all(g.get("relative_step") for g in groups) and hasattr(optimizer, "_get_lr"):
+        rates = []
+        for group in groups:
+            # The lr depends on the step count (and RMS) kept per parameter; any stepped one will do.
+            state = next((optimizer.state[p] for p in group["params"] if "step" in optimizer.state.get(p, {})), None)
+            if state is None:
+                return None
+            rates.append(float(optimizer._get_lr(group, state)))
+        return rates
+    return None
+
+
+def has_train_eval_modes(optimizer: torch.optim.Optimizer) -> bool:
+    """Schedule-free optimizers keep two sets of weights: train() for steps, eval() for use."""
+    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+
+
+@contextlib.contextmanager
+def eval_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """The parameters hold the optimizer's evaluation weights inside the block (schedule-free:
+    the averaged x sequence), its training weights again after; a no-op for other optimizers."""
+    if not has_train_eval_modes(optimizer):
+        yield
+        return
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer, args: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from atelier.outputs.run_dir import write_command, write_environment, write_resolved_config
+from atelier.train.lr_find import suggest_and_report
 from atelier.train.metrics import peak_memory_mb, write_summary
 from atelier.train.signals import StopRequested
 from atelier.train.trainer import Trainer, TrainResult
@@ -99,6 +100,8 @@ def run_training(cfg: DictConfig, run_dir: Path, started: float | None = None) -
         trainer = Trainer(cfg, run_dir)
         write_environment(run_dir, str(trainer.device))
         result = trainer.train()
+        # experiment=lr_find: the logged d*lr as a learning rate for AdamW (lr_suggestion.json).
+        suggestion = suggest_and_report(run_dir, cfg.optimizer.type) if cfg.training.suggest_lr else None
     except StopRequested as stop:
         write_summary(run_dir, summarise("interrupted", trainer.result, started, str(stop)))
         log.warning("%s", stop)
@@ -108,6 +111,8 @@ def run_training(cfg: DictConfig, run_dir: Path, started: float | None = None) -
         write_summary(run_dir, summarise("failed", trainer and trainer.result, started, failure_reason(err)))
         raise
     summary = summarise("completed", result, started)
+    if suggestion is not None:
+        summary["lr_suggestion"] = suggestion["learning_rate"]
     write_summary(run_dir, summary)
     log.info(
         "done: %d steps in %.1f s (%.3f s/step), final loss %.4f -> %s",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,12 +24,30 @@ from atelier.outputs.lora_file import save_lora
 from atelier.outputs.metadata import checkpoint_metadata, training_metadata
 from atelier.train.caption_encoder import CaptionEncoder
 from atelier.train.data import Batch, TrainingData
-from atelier.train.losses import diffusion_loss, sample_noise, sample_timesteps, training_target
+from atelier.train.losses import diffusion_loss, training_target
+from atelier.train.lr_find import check_can_suggest
+from atelier.train.lr_plot import LR_SCHEDULE_PNG, plot_lr_schedule
 from atelier.train.metrics import MetricsLog
-from atelier.train.optimizers import build_optimizer, describe_optimizer
+from atelier.train.noise import (
+    check_noise_options,
+    noisy_latents,
+    sample_noise,
+    sample_timesteps,
+    timestep_range,
+    with_zero_terminal_snr,
+)
+from atelier.train.optimizers import (
+    build_optimizer,
+    check_schedule_fits,
+    describe_optimizer,
+    effective_learning_rates,
+    eval_weights,
+    has_train_eval_modes,
+    is_adaptive,
+)
 from atelier.train.plan import TrainingPlan, make_plan
 from atelier.train.samples import SampleWriter
-from atelier.train.schedulers import build_lr_scheduler, warmup_steps
+from atelier.train.schedulers import lr_curve, lr_scheduler_from_config, warmup_steps
 from atelier.train.signals import StopFlag, StopRequested, stop_on_signals
 from atelier.train.state import (
     STATE_FILE,
@@ -107,10 +126,14 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         set_seed(cfg.training.seed)
+        self._check_options()
         self.data = TrainingData(cfg.dataset, cfg.training.seed, cfg.training.train_batch_size)
         self.dataset: DatasetIndex = self.data.index
         self.plan: TrainingPlan = self._make_plan()
         self.base: BaseModel = self._load_base_model()
+        timestep_range(self.base.noise_scheduler, cfg.training.min_timestep, cfg.training.max_timestep)
+        if cfg.training.zero_terminal_snr:
+            self.base.noise_scheduler = with_zero_terminal_snr(self.base.noise_scheduler)
         self.data.prepare(self.base.vae, self.device)
         self.network = self._create_network()
         self.captions: CaptionEncoder = self.data.caption_encoder(
@@ -122,11 +145,50 @@ class Trainer:
         )
         self.validator: Validator | None = self.data.validator(self.base.vae, self.base.noise_scheduler, self.device)
         self.optimizer, self.lr_scheduler = self._create_optimizer()
+        self._use_eval_weights_outside_steps()
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.training.seed)
         self.samples = SampleWriter(
             cfg, self.base, self.dataset, self.run_dir, self.device, self.accelerator.autocast
         )
         self.base_metadata = self._training_metadata()
+        self._plot_lr_schedule()
+
+    def _check_options(self) -> None:
+        """Noise, loss and lr-finder options that cannot work together fail before any loading."""
+        t, opt = self.cfg.training, self.cfg.optimizer
+        check_noise_options(t, self.cfg.model.v_parameterization)
+        if t.suggest_lr:
+            check_can_suggest(opt.type, dict(opt.args))
+
+    def _use_eval_weights_outside_steps(self) -> None:
+        """Schedule-free optimizers (optimizer.train()/eval()): steps are taken in train mode;
+        validation, sampling and saving (_validate, _end_epoch, _finish) see the eval weights.
+
+        Wrapping those three here keeps train() untouched; the training state is saved after
+        _end_epoch returns, so it always holds the train-mode weights it resumes from.
+        """
+        if not has_train_eval_modes(self.optimizer):
+            return
+        self.optimizer.train()
+        for name in ("_validate", "_end_epoch", "_finish"):
+            setattr(self, name, _in_eval_mode(getattr(self, name), self.optimizer))
+
+    def _plot_lr_schedule(self) -> None:
+        """lr_schedule.png in the run dir: the lr of each trained part over the planned steps."""
+        labels = self._param_group_names()
+        base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        curves = lr_curve(self.cfg.scheduler, base_lrs, self.plan.total_steps)
+        opt = self.cfg.optimizer
+        kind = getattr(opt.type, "value", opt.type)
+        note = None
+        if is_adaptive(opt.type, dict(opt.args)):
+            note = f"{kind} scales its steps itself; the step size it takes is logged as lr/d*lr/*"
+        title = f"{getattr(self.cfg.scheduler.type, 'value', self.cfg.scheduler.type)} schedule, {kind}"
+        plot_lr_schedule(dict(zip(labels, curves)), self.run_dir / LR_SCHEDULE_PNG, title, note)
+
+    def _param_group_names(self) -> list[str]:
+        """Metric names of the optimizer's param groups, in order."""
+        return (["unet"] if self.train_unet else []) + (["text_encoder"] if self.train_text_encoder else [])
 
     def _make_plan(self) -> TrainingPlan:
         t = self.cfg.training
@@ -232,11 +294,10 @@ class Trainer:
         if self.train_text_encoder:
             te_lr = opt.text_encoder_lr or opt.learning_rate
             groups.append({"params": self.network.parameters_of(TEXT_ENCODER_PREFIX), "lr": te_lr})
-        optimizer = build_optimizer(opt.type, groups, opt.learning_rate, dict(opt.args))
         warmup = warmup_steps(self.plan.total_steps, sched.warmup_steps, sched.warmup_ratio)
-        lr_scheduler = build_lr_scheduler(
-            sched.type, optimizer, self.plan.total_steps, warmup, sched.num_cycles, sched.power
-        )
+        check_schedule_fits(opt.type, getattr(sched.type, "value", sched.type), warmup)
+        optimizer = build_optimizer(opt.type, groups, opt.learning_rate, dict(opt.args))
+        lr_scheduler = lr_scheduler_from_config(sched, optimizer, self.plan.total_steps)
         return optimizer, lr_scheduler
 
     # -------------------------------------------------------------- training
@@ -291,13 +352,13 @@ class Trainer:
             losses.append(loss.item() * group_size)
             if (i + 1) % accum and i + 1 != len(batches):
                 continue
-            self._optimizer_step()
+            norms = self._optimizer_step()
             self.result.steps += 1
             position.batches_done = i + 1
             elapsed = time.perf_counter() - step_start
             self.result.train_seconds += elapsed
             recent = sum(losses[-group_size:]) / group_size
-            metrics.log(self.result.steps, self._step_scalars(recent, elapsed), epoch=epoch)
+            metrics.log(self.result.steps, {**self._step_scalars(recent, elapsed), **norms}, epoch=epoch)
             progress.update(1)
             progress.set_postfix(epoch=epoch, loss=f"{recent:.4f}")
             if self.result.steps >= self.plan.total_steps:
@@ -379,15 +440,21 @@ class Trainer:
     def _forward(self, batch: Batch) -> torch.Tensor:
         base, t = self.base, self.cfg.training
         latents = batch.latents.to(self.device)
-        noise = sample_noise(latents, self.generator, t.noise_offset)
-        timesteps = sample_timesteps(len(batch), base.noise_scheduler, self.generator).to(self.device)
-        noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
+        noise = sample_noise(latents, self.generator, t.noise_offset, t.adaptive_noise_scale,
+                             t.multires_noise_iterations, t.multires_noise_discount)  # fmt: skip
+        timesteps = sample_timesteps(len(batch), base.noise_scheduler, self.generator, t.min_timestep,
+                                     t.max_timestep).to(self.device)  # fmt: skip
+        noisy = noisy_latents(base.noise_scheduler, latents, noise, timesteps, self.generator, t.ip_noise_gamma)
         with self.accelerator.autocast():
             hidden = self.captions(batch.captions, grad=self.train_text_encoder)
             pred = base.unet(noisy, timesteps, hidden).sample
         target = training_target(base.noise_scheduler, latents, noise, timesteps)
         weights = self.data.loss_weights(batch)
-        return diffusion_loss(pred, target, base.noise_scheduler, timesteps, t.min_snr_gamma, weights)
+        return diffusion_loss(
+            pred, target, base.noise_scheduler, timesteps, t.min_snr_gamma, weights,
+            loss_type=t.loss_type, huber_schedule=t.huber_schedule, huber_c=t.huber_c,
+            huber_scale=t.huber_scale, debiased_estimation=t.debiased_estimation_loss,
+        )  # fmt: skip
 
     def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
         if torch.isfinite(loss).all():
@@ -401,19 +468,24 @@ class Trainer:
             "training.mixed_precision=no or bf16 instead of fp16, or a smaller training.max_grad_norm."
         )
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> dict[str, float]:
+        """One optimizer step; returns network.scale_weight_norms' scalars to log (if on)."""
         max_norm = self.cfg.training.max_grad_norm
         if max_norm:
             self.accelerator.clip_grad_norm_(self.network.parameters(), max_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return self.scale_weight_norms()
 
     def _step_scalars(self, loss: float, seconds: float) -> dict[str, float]:
         scalars = {"loss/step": loss, "time/step_seconds": seconds}
-        names = ([UNET_PREFIX] if self.train_unet else []) + ([TEXT_ENCODER_PREFIX] if self.train_text_encoder else [])
+        names = self._param_group_names()
         for name, lr in zip(names, self.lr_scheduler.get_last_lr()):
-            scalars[f"lr/{'unet' if name == UNET_PREFIX else 'text_encoder'}"] = lr
+            scalars[f"lr/{name}"] = lr
+        # Adaptive optimizers: the step size they really take (sd-scripts' key; experiment=lr_find reads it).
+        for name, lr in zip(names, effective_learning_rates(self.optimizer) or []):
+            scalars[f"lr/d*lr/{name}"] = lr
         return scalars
 
     def _validate(self, epoch: int, metrics: MetricsLog) -> None:
@@ -450,3 +522,13 @@ class Trainer:
         # The final LoRA supersedes it: a finished run is not resumed.
         (self.run_dir / STATE_FILE).unlink(missing_ok=True)
 
+
+def _in_eval_mode(method, optimizer: torch.optim.Optimizer):
+    """`method` run with the optimizer's eval weights in the model (see eval_weights)."""
+
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with eval_weights(optimizer):
+            return method(*args, **kwargs)
+
+    return wrapped
