@@ -245,6 +245,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("output.save_state", None,
            note="sd-scripts' --save_state keeps every saved state for --resume; here the last epoch's "
            "state is kept while a run is unfinished"),
+    Option("output.save_state_every_n_epochs", None,
+           note="sd-scripts saves states with each --save_every_n_epochs checkpoint (with --save_state)"),
+    Option("output.save_state_every_n_steps", None,
+           note="sd-scripts saves states with each --save_every_n_steps checkpoint (with --save_state); "
+           "here a state is also saved on SIGTERM/SIGUSR1/SIGUSR2"),
     # the run
     Option("project", None, "covered", note="the output folder"),
     Option("recipe", None, note="a recipe names sweep axes; export one job's run dir"),
