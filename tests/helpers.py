@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -21,3 +23,21 @@ def run_train(*overrides: str, cwd: Path | None = None, timeout: int = 300) -> s
         text=True,
         timeout=timeout,
     )
+
+
+def logged_steps(run_dir: Path) -> int:
+    """How many optimizer steps a run has logged so far (0 before its metrics.jsonl exists)."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.read_text().count('"loss/step"') if metrics.is_file() else 0
+
+
+def sigterm_after_steps(command: list[str], run_dir: Path, steps: int, env: dict | None = None) -> tuple[int, str]:
+    """Start `command`, send it SIGTERM once `run_dir` has logged `steps` steps; (exit code, output)."""
+    env = env or {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and logged_steps(run_dir) < steps:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out

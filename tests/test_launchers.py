@@ -18,10 +18,19 @@ from tests.helpers import REPO_ROOT, TRAIN, run_train
 
 def test_slots_per_gpu_and_cpu():
     assert [s.label for s in make_slots(["0", "1"], 2, 1)] == ["gpu 0", "gpu 0", "gpu 1", "gpu 1"]
-    assert [s.cuda_visible_devices for s in make_slots([], 1, 3)] == ["", "", ""] or make_slots(None, 1, 3)
+    assert [s.cuda_visible_devices for s in make_slots([], 1, 3)] == ["", "", ""]  # CPU jobs see no GPU
     assert make_slots([], 1, 2) == [Slot(0, None), Slot(1, None)]
     with pytest.raises(ValueError, match="jobs_per_gpu"):
         make_slots(["0"], 0, 1)
+
+
+def test_slots_for_data_parallel_jobs_group_gpus():
+    slots = make_slots(["0", "1", "2", "3", "4"], 1, 1, gpus_per_job=2)
+    # The fifth GPU stays idle: a 2-process job cannot run on one.
+    assert [s.cuda_visible_devices for s in slots] == ["0,1", "2,3"]
+    assert [s.label for s in slots] == ["gpu 0,1", "gpu 2,3"]
+    with pytest.raises(ValueError, match="gpus_per_job=4, but only 2 GPU"):
+        make_slots(["0", "1"], 1, 1, gpus_per_job=4)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from atelier.train.run import run_training
 from atelier.train.signals import StopRequested
 from atelier.train.state import STATE_FILE
 from atelier.train.trainer import Trainer
-from tests.helpers import REPO_ROOT, TRAIN
+from tests.helpers import REPO_ROOT, TRAIN, sigterm_after_steps
 from tests.test_trainer import fresh_accelerate_state, make_cfg, steps_logged, train  # noqa: F401
 
 # 56 samples, batch 4: 14 batches an epoch; with accumulation 3: 5 optimizer steps an epoch.
@@ -141,19 +140,12 @@ def test_sigterm_to_train_py_then_the_same_command_again(tmp_path, uninterrupted
     run_dir = tmp_path / "run"
     command = [sys.executable, str(TRAIN), *ARGS, "sampling.sample_every_n_epochs=null", "sampling.limit=1",
                "sampling.steps=2", f"hydra.run.dir={run_dir}"]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (run_dir / "metrics.jsonl").is_file() and len(steps_logged(run_dir)) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, out[-3000:]
+    code, out = sigterm_after_steps(command, run_dir, steps=3)
+    assert code == 143, out[-3000:]
     assert "stopped by SIGTERM" in out and (run_dir / STATE_FILE).is_file()
     assert not (run_dir / "demo.safetensors").exists()
 
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     again = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from training_state.pt" in again.stderr + again.stdout

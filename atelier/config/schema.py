@@ -235,6 +235,10 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     mixed_precision: MixedPrecision = MixedPrecision.no
     cpu: bool = False
+    # Data-parallel processes for this one run (one per GPU in CUDA_VISIBLE_DEVICES, or
+    # on the CPU with gloo). Each trains train_batch_size images a step, so a step sees
+    # num_processes x train_batch_size x gradient_accumulation_steps images.
+    num_processes: int = 1
     clip_skip: int = 1
     min_snr_gamma: Optional[float] = None
     noise_offset: float = 0.0

@@ -42,11 +42,22 @@ def visible_gpus() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
 
 
-def make_slots(gpus: Sequence[int | str] | None, jobs_per_gpu: int, cpu_slots: int) -> list[Slot]:
-    """`jobs_per_gpu` slots per GPU; `cpu_slots` CPU slots when there is no GPU."""
-    if jobs_per_gpu < 1 or cpu_slots < 1:
-        raise ValueError("hydra.launcher.jobs_per_gpu and hydra.launcher.cpu_slots must be at least 1")
+def make_slots(
+    gpus: Sequence[int | str] | None, jobs_per_gpu: int, cpu_slots: int, gpus_per_job: int = 1
+) -> list[Slot]:
+    """`jobs_per_gpu` slots per GPU (or per group of `gpus_per_job` GPUs, for data-parallel
+    jobs); `cpu_slots` CPU slots when there is no GPU."""
+    if jobs_per_gpu < 1 or cpu_slots < 1 or gpus_per_job < 1:
+        raise ValueError(
+            "hydra.launcher.jobs_per_gpu, hydra.launcher.gpus_per_job and hydra.launcher.cpu_slots must be at least 1"
+        )
     devices = [str(g) for g in gpus] if gpus is not None else visible_gpus()
     if not devices:
         return [Slot(i, None) for i in range(cpu_slots)]
-    return [Slot(i, d) for i, d in enumerate(d for d in devices for _ in range(jobs_per_gpu))]
+    if len(devices) < gpus_per_job:
+        raise ValueError(
+            f"hydra.launcher.gpus_per_job={gpus_per_job}, but only {len(devices)} GPU(s) are available: {devices}"
+        )
+    # Left-over GPUs (fewer than gpus_per_job) stay idle rather than run a job short of devices.
+    groups = [",".join(devices[i : i + gpus_per_job]) for i in range(0, len(devices) - gpus_per_job + 1, gpus_per_job)]
+    return [Slot(i, d) for i, d in enumerate(d for d in groups for _ in range(jobs_per_gpu))]

@@ -69,8 +69,9 @@ class LocalGpusLauncher(Launcher):
         jobs_per_gpu: int = 1,
         cpu_slots: int = 1,
         stop_timeout: float = 60.0,
+        gpus_per_job: int = 1,
     ):
-        self.slots = make_slots(gpus, jobs_per_gpu, cpu_slots)
+        self.slots = make_slots(gpus, jobs_per_gpu, cpu_slots, gpus_per_job)
         self.stop_timeout = stop_timeout
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None

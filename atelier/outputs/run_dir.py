@@ -89,6 +89,7 @@ def environment(device: str) -> dict:
         "device": device,
         "cuda_available": torch.cuda.is_available(),
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "num_processes": int(os.environ.get("WORLD_SIZE", "1")),
         "started_at": time.time(),
         "argv": sys.argv,
     }

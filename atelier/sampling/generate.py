@@ -189,7 +189,9 @@ def _check_device(pipeline: StableDiffusionPipeline, device: torch.device) -> No
 
 
 def _same_device(actual: torch.device, wanted: torch.device) -> bool:
-    return actual.type == wanted.type and (wanted.index is None or actual.index == wanted.index)
+    # There is one CPU: "cpu:0" (accelerate's device in a CPU process group) is "cpu".
+    same_index = wanted.type == "cpu" or wanted.index is None or actual.index == wanted.index
+    return actual.type == wanted.type and same_index
 
 
 def _sampler_label(pipeline: StableDiffusionPipeline, prompt: SamplePrompt) -> str:

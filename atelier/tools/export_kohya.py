@@ -208,6 +208,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("training.gradient_checkpointing", "gradient_checkpointing", kind="switch"),
     Option("training.mixed_precision", "mixed_precision", note="also given to accelerate launch"),
     Option("training.cpu", "cpu", "accelerate", kind="switch"),
+    Option("training.num_processes", "num_processes", "accelerate"),
     Option("training.clip_skip", "clip_skip"),
     Option("training.min_snr_gamma", "min_snr_gamma"),
     Option("training.noise_offset", "noise_offset", convert=_unless_zero),

@@ -7,9 +7,11 @@ caption ops, augmentations, latent cache) behind a few calls:
     data.prepare(vae, device)                            # latent caches
     for batch in data.load(data.epoch(epoch)): ...       # Batch: latents, captions, weights
 
-Every per-step random choice (flip, crop and colour seeds, caption shuffle/dropout)
-is drawn from one `random.Random` when an epoch starts; its state is part of the
-training state (state_dict), so a resumed run draws the same.
+Every per-step random choice (flip, crop and colour seeds, caption shuffle/dropout,
+the seed of each batch's noise and timesteps) is drawn from one `random.Random`
+when an epoch starts; its state is part of the training state (state_dict), so a
+resumed run draws the same, and a batch gets the same noise whichever process of
+a data-parallel run trains it.
 """
 
 from __future__ import annotations
@@ -54,10 +56,14 @@ class Batch:
     flips: list[bool]
     seeds: list[int]
     captions: list[str]
+    noise_seed: int = 0  # seeds this batch's noise and timesteps
     latents: torch.Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def noise_generator(self) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(self.noise_seed)
 
 
 class TrainingData:
@@ -225,7 +231,7 @@ class TrainingData:
             flips = [self.rng.random() < 0.5 for _ in indices] if d.flip_aug else [False] * len(indices)
             seeds = [self.rng.getrandbits(63) for _ in indices] if augmented else [0] * len(indices)
             captions = [process_caption(self.items[i].caption, self.captions, self.rng, epoch) for i in indices]
-            batches.append(Batch(indices, flips, seeds, captions))
+            batches.append(Batch(indices, flips, seeds, captions, noise_seed=self.rng.getrandbits(63)))
         return batches
 
     def load(self, batches: list[Batch]) -> Iterator[Batch]:
@@ -274,4 +280,17 @@ def _subset(index: DatasetIndex, items: list[ImageItem]) -> DatasetIndex:
     return DatasetIndex(root=index.root, folders=folders, items=items, warnings=index.warnings)
 
 
-__all__ = ["Batch", "TrainingData"]
+def shard(batches: list[Batch], rank: int, world_size: int) -> list[Batch]:
+    """Process `rank`'s share of an epoch: every world_size-th batch.
+
+    Every process gets ceil(len / world_size) batches; the last round wraps around
+    to the epoch's first batches, as accelerate's even_batches does, so no process
+    waits for a gradient the others never send.
+    """
+    if world_size == 1:
+        return batches
+    count = -(-len(batches) // world_size)
+    return [batches[(rank + world_size * k) % len(batches)] for k in range(count)]
+
+
+__all__ = ["Batch", "TrainingData", "shard"]

@@ -50,11 +50,28 @@ class MetricsLog:
         self._jsonl.close()
 
 
+class NullMetrics:
+    """Where the processes of a data-parallel run other than the main one log: nowhere."""
+
+    def log(self, step: int, scalars: dict[str, float], **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
     write_text(path, "".join(line + "\n" for line in kept))
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:

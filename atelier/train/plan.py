@@ -21,15 +21,18 @@ class TrainingPlan:
     num_epochs: int
     total_steps: int  # optimizer steps
 
-    def log_summary(self) -> None:
+    def log_summary(self, num_processes: int = 1) -> None:
         log.info(
             "num train images * repeats: %d, num batches per epoch: %d, num epochs: %d, "
-            "batch size: %d, gradient accumulation steps: %d, total optimization steps: %d",
+            "batch size per process: %d, processes: %d, gradient accumulation steps: %d, "
+            "total batch size: %d, total optimization steps: %d",
             self.num_samples,
             self.batches_per_epoch,
             self.num_epochs,
             self.batch_size,
+            num_processes,
             self.gradient_accumulation_steps,
+            self.batch_size * num_processes * self.gradient_accumulation_steps,
             self.total_steps,
         )
 

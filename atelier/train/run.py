@@ -12,7 +12,9 @@ from omegaconf.errors import MissingMandatoryValue
 
 from atelier.outputs.run_dir import write_command, write_environment, write_resolved_config
 from atelier.train.lr_find import suggest_and_report
-from atelier.train.metrics import peak_memory_mb, write_summary
+from atelier.launch.data_parallel import run_processes
+from atelier.train.distributed import in_worker, process_rank
+from atelier.train.metrics import peak_memory_mb, read_summary, write_summary
 from atelier.train.signals import StopRequested
 from atelier.train.trainer import Trainer, TrainResult
 
@@ -39,7 +41,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"'{key}' must be set for this config: pass {hint}") from None
     if cfg.network.train_unet_only and cfg.network.train_text_encoder_only:
         raise ConfigError("network.train_unet_only and network.train_text_encoder_only cannot both be true")
-    for key in ("network.dim", "training.train_batch_size", "training.gradient_accumulation_steps", "training.clip_skip"):
+    for key in ("network.dim", "training.train_batch_size", "training.gradient_accumulation_steps",
+                "training.clip_skip", "training.num_processes"):  # fmt: skip
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
 
@@ -89,31 +92,59 @@ def run_job(
     except Exception as err:
         write_summary(run_dir, summarise("failed", None, started, failure_reason(err)))
         raise
+    if cfg.training.num_processes > 1 and not in_worker():
+        return run_data_parallel(run_dir, cfg.training.num_processes, started)
     return run_training(cfg, run_dir, started)
+
+
+class TrainingProcessFailed(RuntimeError):
+    """A process of a data-parallel run failed; the message says which and why."""
+
+
+def run_data_parallel(run_dir: Path, num_processes: int, started: float) -> dict[str, Any]:
+    """Train on `num_processes` processes (they read run_dir/config.yaml); the main one's summary."""
+    codes, flag = run_processes(run_dir, num_processes)
+    summary = read_summary(run_dir) or {}
+    if flag:
+        reason = summary.get("reason") or f"stopped by {flag.name}"
+        flag.pass_on()  # e.g. submitit's SIGUSR2 handler: requeue the job and exit
+        raise StopRequested(flag, reason)
+    if any(codes):
+        failed = ", ".join(f"process {rank} exited with {code}" for rank, code in enumerate(codes) if code)
+        if summary.get("status") != "failed":  # the main process may have been stopped before it could say
+            summary = summarise("failed", None, started, f"{failed}; see its output above or stderr.log")
+            write_summary(run_dir, summary)
+        raise TrainingProcessFailed(f"{failed}: {summary['reason']}")
+    return summary
 
 
 def run_training(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict[str, Any]:
     """Train one LoRA into `run_dir`; summary.json is written whether it succeeds or fails."""
     started = started or time.time()
+    main = process_rank() == 0  # the other processes of a data-parallel run write nothing
     trainer = None
     try:
         trainer = Trainer(cfg, run_dir)
-        write_environment(run_dir, str(trainer.device))
+        if main:
+            write_environment(run_dir, str(trainer.device))
         result = trainer.train()
         # experiment=lr_find: the logged d*lr as a learning rate for AdamW (lr_suggestion.json).
-        suggestion = suggest_and_report(run_dir, cfg.optimizer.type) if cfg.training.suggest_lr else None
+        suggestion = suggest_and_report(run_dir, cfg.optimizer.type) if cfg.training.suggest_lr and main else None
     except StopRequested as stop:
-        write_summary(run_dir, summarise("interrupted", trainer.result, started, str(stop)))
+        if main:
+            write_summary(run_dir, summarise("interrupted", trainer.result, started, str(stop)))
         log.warning("%s", stop)
         stop.flag.pass_on()  # e.g. submitit's SIGUSR2 handler: requeue the job and exit
         raise
     except BaseException as err:
-        write_summary(run_dir, summarise("failed", trainer and trainer.result, started, failure_reason(err)))
+        if main:
+            write_summary(run_dir, summarise("failed", trainer and trainer.result, started, failure_reason(err)))
         raise
     summary = summarise("completed", result, started)
     if suggestion is not None:
         summary["lr_suggestion"] = suggestion["learning_rate"]
-    write_summary(run_dir, summary)
+    if main:
+        write_summary(run_dir, summary)
     log.info(
         "done: %d steps in %.1f s (%.3f s/step), final loss %.4f -> %s",
         result.steps,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +25,12 @@ from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork
 from atelier.outputs.lora_file import save_lora
 from atelier.outputs.metadata import checkpoint_metadata, training_metadata
 from atelier.train.caption_encoder import CaptionEncoder
-from atelier.train.data import Batch, TrainingData
+from atelier.train.data import Batch, TrainingData, shard
+from atelier.train.distributed import DataParallel
 from atelier.train.losses import diffusion_loss, training_target
 from atelier.train.lr_find import check_can_suggest
 from atelier.train.lr_plot import LR_SCHEDULE_PNG, plot_lr_schedule
-from atelier.train.metrics import MetricsLog
+from atelier.train.metrics import MetricsLog, NullMetrics
 from atelier.train.noise import (
     check_noise_options,
     noisy_latents,
@@ -117,8 +120,11 @@ class Trainer:
         t = cfg.training
         if t.cpu is False and t.mixed_precision == MixedPrecision.fp16 and not torch.cuda.is_available():
             raise ValueError("training.mixed_precision=fp16 needs a CUDA GPU; on a CPU use bf16 or no")
-        self.accelerator = Accelerator(mixed_precision=MixedPrecision(t.mixed_precision).value, cpu=t.cpu)
+        # accelerate forms a CPU process group (gloo) only when told to use the CPU.
+        cpu = t.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+        self.accelerator = Accelerator(mixed_precision=MixedPrecision(t.mixed_precision).value, cpu=cpu)
         self.device = self.accelerator.device
+        self.parallel = DataParallel(self.accelerator)
         self.stop = StopFlag()
         self.position: EpochProgress | None = None  # set when an epoch starts, or by _restore
 
@@ -146,12 +152,12 @@ class Trainer:
         self.validator: Validator | None = self.data.validator(self.base.vae, self.base.noise_scheduler, self.device)
         self.optimizer, self.lr_scheduler = self._create_optimizer()
         self._use_eval_weights_outside_steps()
-        self.generator = torch.Generator(device="cpu").manual_seed(cfg.training.seed)
         self.samples = SampleWriter(
             cfg, self.base, self.dataset, self.run_dir, self.device, self.accelerator.autocast
         )
         self.base_metadata = self._training_metadata()
-        self._plot_lr_schedule()
+        if self.parallel.is_main:
+            self._plot_lr_schedule()
 
     def _check_options(self) -> None:
         """Noise, loss and lr-finder options that cannot work together fail before any loading."""
@@ -198,9 +204,10 @@ class Trainer:
             t.gradient_accumulation_steps,
             t.max_train_epochs,
             t.max_train_steps,
-            batches_per_epoch=self.data.batches_per_epoch,
+            # Each process trains its share of the batches (sd-scripts' arithmetic under accelerate).
+            batches_per_epoch=math.ceil(self.data.batches_per_epoch / self.parallel.world_size),
         )
-        plan.log_summary()
+        plan.log_summary(self.parallel.world_size)
         return plan
 
     def _training_metadata(self) -> dict[str, str]:
@@ -304,9 +311,15 @@ class Trainer:
     def train(self) -> TrainResult:
         self.setup()
         resumed = self._restore()
-        metrics = MetricsLog(self.run_dir, resume_step=self.result.steps if resumed else None)
+        main = self.parallel.is_main
+        metrics = MetricsLog(self.run_dir, resume_step=self.result.steps if resumed else None) if main else NullMetrics()
         progress = tqdm(
-            total=self.plan.total_steps, initial=self.result.steps, desc="training", unit="step", dynamic_ncols=True
+            total=self.plan.total_steps,
+            initial=self.result.steps,
+            desc="training",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not main,
         )
         try:
             with stop_on_signals() as self.stop:
@@ -323,22 +336,24 @@ class Trainer:
         self.result.epochs = epoch
         self.result.epoch_losses.append(epoch_loss)
         metrics.log(self.result.steps, {"loss/epoch": epoch_loss}, epoch=epoch)
-        self._validate(epoch, metrics)
-        self._end_epoch(epoch)
+        if self.parallel.is_main:
+            self._validate(epoch, metrics)
+            self._end_epoch(epoch)
         if epoch == self.plan.num_epochs:
             return  # the final LoRA comes next; no state to keep
         # The next epoch starts from the data state this one left.
         self.position = EpochProgress(self.data.state_dict())
+        _, stop_signal = self.parallel.agree(0.0, self.stop.signal)
         every = self.cfg.output.save_state_every_n_epochs
-        if self.stop or (every and epoch % every == 0):
+        if stop_signal or (every and epoch % every == 0):
             self._save_state()
-        self._stop_if_asked(epoch)
+        self._stop_if_asked(epoch, stop_signal)
 
     def _train_epoch(self, epoch: int, metrics: MetricsLog, progress: tqdm) -> float:
         if self.position is None:
             self.position = EpochProgress(self.data.state_dict())
         position = self.position
-        batches = self.data.epoch(epoch)
+        batches = shard(self.data.epoch(epoch), self.parallel.rank, self.parallel.world_size)
         accum = self.plan.gradient_accumulation_steps
         losses = position.losses
         step_start = time.perf_counter()
@@ -357,34 +372,36 @@ class Trainer:
             position.batches_done = i + 1
             elapsed = time.perf_counter() - step_start
             self.result.train_seconds += elapsed
-            recent = sum(losses[-group_size:]) / group_size
+            # Processes decide together, so none waits for a step the others will not take.
+            recent, stop_signal = self.parallel.agree(sum(losses[-group_size:]) / group_size, self.stop.signal)
             metrics.log(self.result.steps, {**self._step_scalars(recent, elapsed), **norms}, epoch=epoch)
             progress.update(1)
             progress.set_postfix(epoch=epoch, loss=f"{recent:.4f}")
             if self.result.steps >= self.plan.total_steps:
                 break
-            self._after_step(epoch)
+            self._after_step(epoch, stop_signal)
             step_start = time.perf_counter()
         self.position = None
         return sum(losses) / len(losses)
 
-    def _after_step(self, epoch: int) -> None:
+    def _after_step(self, epoch: int, stop_signal: int | None) -> None:
         every = self.cfg.output.save_state_every_n_steps
-        if self.stop or (every and self.result.steps % every == 0):
+        if stop_signal or (every and self.result.steps % every == 0):
             self._save_state()
-        self._stop_if_asked(epoch)
+        self._stop_if_asked(epoch, stop_signal)
 
     # ----------------------------------------------------------------- state
     def _save_state(self) -> None:
-        if not self.cfg.output.save_state:
+        if not self.cfg.output.save_state or not self.parallel.is_main:
             return
         tic = time.perf_counter()
         save_training_state(self.run_dir, self._state_dict())
         log.info("training state saved at step %d (%.2f s)", self.result.steps, time.perf_counter() - tic)
 
-    def _stop_if_asked(self, epoch: int) -> None:
-        if not self.stop:
+    def _stop_if_asked(self, epoch: int, stop_signal: int | None) -> None:
+        if not stop_signal:
             return
+        self.stop.signal = stop_signal  # another process may have got it
         where = f"step {self.result.steps} (epoch {epoch})"
         if self.cfg.output.save_state:
             message = (
@@ -402,7 +419,6 @@ class Trainer:
             "network": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "generator": self.generator.get_state(),
             "rng": rng_states(),
             "position": self.position.as_dict(),
             "epoch": r.epochs,
@@ -421,7 +437,6 @@ class Trainer:
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.generator.set_state(state["generator"])
         set_rng_states(state["rng"])
         position = state["position"]
         self.data.load_state_dict(position["data"])
@@ -440,11 +455,12 @@ class Trainer:
     def _forward(self, batch: Batch) -> torch.Tensor:
         base, t = self.base, self.cfg.training
         latents = batch.latents.to(self.device)
-        noise = sample_noise(latents, self.generator, t.noise_offset, t.adaptive_noise_scale,
+        generator = batch.noise_generator()  # the batch's own stream: any process draws the same
+        noise = sample_noise(latents, generator, t.noise_offset, t.adaptive_noise_scale,
                              t.multires_noise_iterations, t.multires_noise_discount)  # fmt: skip
-        timesteps = sample_timesteps(len(batch), base.noise_scheduler, self.generator, t.min_timestep,
+        timesteps = sample_timesteps(len(batch), base.noise_scheduler, generator, t.min_timestep,
                                      t.max_timestep).to(self.device)  # fmt: skip
-        noisy = noisy_latents(base.noise_scheduler, latents, noise, timesteps, self.generator, t.ip_noise_gamma)
+        noisy = noisy_latents(base.noise_scheduler, latents, noise, timesteps, generator, t.ip_noise_gamma)
         with self.accelerator.autocast():
             hidden = self.captions(batch.captions, grad=self.train_text_encoder)
             pred = base.unet(noisy, timesteps, hidden).sample
@@ -470,6 +486,7 @@ class Trainer:
 
     def _optimizer_step(self) -> dict[str, float]:
         """One optimizer step; returns network.scale_weight_norms' scalars to log (if on)."""
+        self.parallel.average_gradients(self.network.parameters())
         max_norm = self.cfg.training.max_grad_norm
         if max_norm:
             self.accelerator.clip_grad_norm_(self.network.parameters(), max_norm)
@@ -515,6 +532,8 @@ class Trainer:
         log.info("saved %s (epoch %d, step %d)", path.name, epoch, self.result.steps)
 
     def _finish(self) -> None:
+        if not self.parallel.is_main:
+            return
         path = self.run_dir / f"{self.cfg.output.output_name}.safetensors"
         self._save(path, self.result.epochs)
         self.result.output_file = path

@@ -21,6 +21,8 @@ class LocalGpusLauncherConf:
     # GPU ids to use; null = every visible GPU. Without GPUs, cpu_slots jobs run at once.
     gpus: Optional[List[str]] = None
     jobs_per_gpu: int = 1
+    # GPUs per job, for data-parallel jobs (training.num_processes set to the same number).
+    gpus_per_job: int = 1
     cpu_slots: int = 1
     # Seconds a job gets to save its state after SIGTERM before it is killed.
     stop_timeout: float = 60.0

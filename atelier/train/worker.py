@@ -1,0 +1,69 @@
+"""One process of a data-parallel run: `python -m atelier.train.worker <run_dir>`.
+
+Started by atelier.launch.data_parallel with the torch.distributed environment set.
+It trains the run dir's resolved config.yaml (written by the job before it started
+the processes), so every process trains exactly the recorded config.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+import atelier.config
+from atelier.config.schema import AtelierConfig
+from atelier.outputs.run_dir import RESOLVED_CONFIG
+from atelier.train.distributed import process_rank
+from atelier.train.signals import StopRequested
+from atelier.utils.quiet import quiet_third_party_warnings
+
+log = logging.getLogger("atelier.train.worker")
+
+# Hydra's log file of the job (hydra.job.name is "train"): the main process appends to it.
+JOB_LOG = "train.log"
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """A run dir's config.yaml, typed by the schema again (enums, checked keys)."""
+    path = run_dir / RESOLVED_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a data-parallel process trains the config its job wrote there")
+    return OmegaConf.merge(OmegaConf.structured(AtelierConfig), OmegaConf.load(path))
+
+
+def _setup_logging(run_dir: Path, rank: int) -> None:
+    fmt = f"[%(asctime)s][%(name)s][%(levelname)s][rank {rank}] - %(message)s"
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if rank == 0:
+        handlers.append(logging.FileHandler(run_dir / JOB_LOG))
+    # The other processes train the same steps: their warnings and errors are enough.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=fmt, handlers=handlers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m atelier.train.worker <run_dir>", file=sys.stderr)
+        return 2
+    run_dir = Path(args[0])
+    rank = process_rank()
+    _setup_logging(run_dir, rank)
+    quiet_third_party_warnings()
+    atelier.config.register()
+    from atelier.train.run import run_training  # torch and friends: after logging is set up
+
+    try:
+        run_training(load_run_config(run_dir), run_dir)
+    except StopRequested as stop:
+        return stop.exit_code
+    except Exception:
+        log.exception("training failed in process %d", rank)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
