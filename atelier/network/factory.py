@@ -11,7 +11,7 @@ from torch import nn
 from atelier.network.dylora import DyLoRAModule
 from atelier.network.lora import LoRAModule, LoRANetwork
 from atelier.network.lycoris_modules import is_ia3_target, make_lycoris_module
-from atelier.network.spec import NetworkSpec
+from atelier.network.spec import DISPLAY_NAMES, NetworkSpec
 from atelier.network.targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, iter_targets
 from atelier.outputs.lora_file import load_lora
 
@@ -42,7 +42,7 @@ def build_network(net: Any, unet: nn.Module | None, text_encoder: nn.Module | No
             raise FileNotFoundError(f"network.weights={weights}: no such file (train the first stage first?)") from error
         network = network_from_state(spec, unet, text_encoder, state, str(weights))
         log.info("starting from %s (rank and alpha per module from the file)", weights)
-    network.log_counts(spec.kind, unet is not None, text_encoder is not None)
+    network.log_counts(DISPLAY_NAMES[spec.kind], unet is not None, text_encoder is not None)
     return network
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 LYCORIS_KINDS = ("locon", "loha", "lokr", "ia3")
 KOHYA_MODULES = {"lora": "networks.lora", "dylora": "networks.dylora", **{k: "lycoris.kohya" for k in LYCORIS_KINDS}}
+# How logs name each kind (sd-scripts prints "create LoRA for U-Net: ...").
+DISPLAY_NAMES = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "dylora": "DyLoRA", "ia3": "(IA)^3"}
 # What each kind implements; anything else set is an error, not silently ignored.
 SUPPORTED = {
     "lora": {"conv_dim", "dropout", "rank_dropout", "module_dropout"},

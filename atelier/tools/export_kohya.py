@@ -59,6 +59,10 @@ def _unless_zero(value: Any, cfg: dict[str, Any]) -> Any:
     return value or None
 
 
+def _unless_one(value: Any, cfg: dict[str, Any]) -> Any:
+    return None if value == 1 else value
+
+
 def _optimizer_args(value: dict[str, Any] | None, cfg: dict[str, Any]) -> list[str] | None:
     """sd-scripts parses each "key=value" with ast.literal_eval; lists become tuples."""
     if not value:
@@ -208,7 +212,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("training.gradient_checkpointing", "gradient_checkpointing", kind="switch"),
     Option("training.mixed_precision", "mixed_precision", note="also given to accelerate launch"),
     Option("training.cpu", "cpu", "accelerate", kind="switch"),
-    Option("training.num_processes", "num_processes", "accelerate"),
+    Option("training.num_processes", "num_processes", "accelerate", convert=_unless_one),
     Option("training.clip_skip", "clip_skip"),
     Option("training.min_snr_gamma", "min_snr_gamma"),
     Option("training.noise_offset", "noise_offset", convert=_unless_zero),
