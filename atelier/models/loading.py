@@ -144,9 +144,11 @@ def _check_version(version: str) -> None:
 
 
 def _builtin_models() -> dict[str, Any]:
-    from .tiny import TINY_MODEL_NAME, ensure_tiny_model
+    import functools
 
-    return {TINY_MODEL_NAME: ensure_tiny_model}
+    from .tiny import TINY_MODEL_DIRNAMES, ensure_tiny_model
+
+    return {name: functools.partial(ensure_tiny_model, name=name) for name in TINY_MODEL_DIRNAMES}
 
 
 def _resolve_source(
