@@ -38,6 +38,7 @@ from atelier.train.dataset_options import (
 )
 from atelier.train.latents import PixelJob, StepEncoder
 from atelier.train.regularization import balance_reg_repeats
+from atelier.train.sdxl_conditioning import SDXLCaptionEncoder
 from atelier.train.state import as_tuples
 from atelier.train.validation import Validator, split_validation
 
@@ -190,11 +191,17 @@ class TrainingData:
     def caption_encoder(
         self, tokenizer, text_encoder, *, frozen: bool, clip_skip: int, autocast: Callable[[], AbstractContextManager]
     ) -> CaptionEncoder:
-        """The run's caption encoder; it caches per caption when `frozen` and captions are static."""
+        """The run's caption encoder; it caches per caption when `frozen` and captions are static.
+
+        tokenizer / text_encoder: one each, or lists (SDXL's two: an SDXLCaptionEncoder).
+        """
         wanted = bool(self.options.cache_text_encoder_outputs) and frozen
-        encoder = CaptionEncoder(
-            tokenizer,
-            text_encoder,
+        tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+        text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+        encoder_class = SDXLCaptionEncoder if len(text_encoders) > 1 else CaptionEncoder
+        encoder = encoder_class(
+            tokenizers if len(tokenizers) > 1 else tokenizers[0],
+            text_encoders if len(text_encoders) > 1 else text_encoders[0],
             max_token_length=max_token_length(self.options),
             clip_skip=clip_skip,
             cache=wanted and self.static_captions,
