@@ -175,16 +175,20 @@ def test_sdxl_batches_carry_each_images_size_and_bucket(sdxl_run):
         assert row[:2] == [height, width] and row[4:] == [64, 64]
 
 
-def test_sdxl_unet_only_with_cached_long_captions_checkpointing_and_flips(tmp_path):
+def test_sdxl_unet_only_with_cached_long_captions_checkpointing_flips_and_validation(tmp_path):
     from atelier.train.sdxl_conditioning import SDXLCaptionEncoder
 
     cfg = make_cfg(
         "model=tiny_sdxl", "training.max_train_steps=3", "network.train_unet_only=true",
         "dataset.max_token_length=150", "training.gradient_checkpointing=true", "dataset.flip_aug=true",
+        "dataset.validation_split=0.2",
     )  # fmt: skip
     trainer = Trainer(cfg, tmp_path)
     result = trainer.train()
     assert result.steps == 3 and trainer.captions.caching
+    # The validation loss conditions on each held-out image's size and bucket too.
+    assert len(result.validation_losses) == 1 and np.isfinite(result.validation_loss)
+    assert all(chunk.time_ids[:, 4:].eq(64).all() for chunk in trainer.validator.chunks)
     state, _ = load_lora(result.output_file)
     assert all(k.startswith("lora_unet_") for k in state)
     base = trainer.base

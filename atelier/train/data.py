@@ -38,7 +38,7 @@ from atelier.train.dataset_options import (
 )
 from atelier.train.latents import PixelJob, StepEncoder
 from atelier.train.regularization import balance_reg_repeats
-from atelier.train.sdxl_conditioning import SDXLCaptionEncoder
+from atelier.train.sdxl_conditioning import SDXLCaptionEncoder, time_ids
 from atelier.train.state import as_tuples
 from atelier.train.validation import Validator, split_validation
 
@@ -87,7 +87,8 @@ class TrainingData:
         self.assignments = manager.assign(self.items)
         # Before the validation images: with bucket_no_upscale they could add buckets.
         self.bucket_info = manager.info(self.assignments)
-        self.validation_buckets = [a.bucket for a in manager.assign(self.validation_items)]
+        self.validation_assignments = manager.assign(self.validation_items)
+        self.validation_buckets = [a.bucket for a in self.validation_assignments]
         self.batches_per_epoch = bucket_steps_per_epoch(self.assignments, self.batch_size)
         log_bucket_counts(self.bucket_info, log)
 
@@ -220,7 +221,9 @@ class TrainingData:
         if not latents:
             return None
         captions = [self.fixed_caption(item.caption) for item in self.validation_items]
-        return Validator(latents, captions, noise_scheduler, self.validation_seed, self.batch_size)
+        # SDXL's size/crop conditioning of each (centre-cropped, unflipped) validation image.
+        sizes = [time_ids(a.bucket, a.image_size) for a in self.validation_assignments]
+        return Validator(latents, captions, noise_scheduler, self.validation_seed, self.batch_size, sizes)
 
     # -------------------------------------------------------------- batches
     def epoch(self, epoch: int) -> list[Batch]:

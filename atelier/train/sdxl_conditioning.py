@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -116,12 +116,22 @@ def batch_time_ids(data: TrainingData, batch: Batch) -> torch.Tensor:
 # --- the trainer's hooks ------------------------------------------------------------
 
 
-def unet_prediction(unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text,
-                    data: TrainingData, batch: Batch) -> torch.Tensor:  # fmt: skip
-    """The UNet's output; SDXL's (text is SDXLText) gets pooled text and size/crop ids too."""
+def unet_prediction(
+    unet: torch.nn.Module,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    text: torch.Tensor | SDXLText,
+    time_ids: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The UNet's output; SDXL's (text is SDXLText) gets pooled text and the [B, 6] size/crop
+    ids too (`time_ids`, or a function computing them: only called for SDXL)."""
     if not isinstance(text, SDXLText):
         return unet(noisy, timesteps, text).sample
-    ids = batch_time_ids(data, batch).to(device=noisy.device, dtype=text.pooled.dtype)
+    if callable(time_ids):
+        time_ids = time_ids()
+    if time_ids is None:
+        raise ValueError("an SDXL UNet needs the size/crop time_ids of the batch")
+    ids = time_ids.to(device=noisy.device, dtype=text.pooled.dtype)
     added = {"text_embeds": text.pooled, "time_ids": ids}
     return unet(noisy, timesteps, text.hidden, added_cond_kwargs=added).sample
 
@@ -138,23 +148,10 @@ def prepare_text_encoder_2(base: BaseModel, device: torch.device, dtype: torch.d
         encoder.to(dtype)
 
 
-def check_sdxl_options(cfg: Any) -> None:
-    """Options that cannot work with SDXL yet fail before any loading."""
-    version = getattr(cfg.model.version, "value", cfg.model.version)
-    if version != "sdxl":
-        return
-    if cfg.dataset.get("validation_split"):
-        raise ValueError(
-            "dataset.validation_split is not supported for SDXL yet (the validation loss does not "
-            "pass SDXL's size/crop conditioning); set dataset.validation_split=0"
-        )
-
-
 __all__ = [
     "SDXLCaptionEncoder",
     "SDXLText",
     "batch_time_ids",
-    "check_sdxl_options",
     "crop_left_top",
     "prepare_text_encoder_2",
     "time_ids",

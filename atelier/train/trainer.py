@@ -47,8 +47,8 @@ from atelier.train.optimizers import (
 )
 from atelier.train.plan import TrainingPlan, make_plan
 from atelier.train.samples import SampleWriter
-from atelier.train.sdxl_conditioning import check_sdxl_options, prepare_text_encoder_2, unet_prediction
 from atelier.train.schedulers import lr_curve, lr_scheduler_from_config, warmup_steps
+from atelier.train.sdxl_conditioning import batch_time_ids, prepare_text_encoder_2, unet_prediction
 from atelier.train.signals import StopFlag, StopRequested, stop_on_signals
 from atelier.train.state import (
     STATE_FILE,
@@ -158,7 +158,6 @@ class Trainer:
         """Noise, loss and lr-finder options that cannot work together fail before any loading."""
         t, opt = self.cfg.training, self.cfg.optimizer
         check_noise_options(t, self.cfg.model.v_parameterization)
-        check_sdxl_options(self.cfg)
         if t.suggest_lr:
             check_can_suggest(opt.type, dict(opt.args))
 
@@ -450,7 +449,7 @@ class Trainer:
         noisy = noisy_latents(base.noise_scheduler, latents, noise, timesteps, self.generator, t.ip_noise_gamma)
         with self.accelerator.autocast():
             hidden = self.captions(batch.captions, grad=self.train_text_encoder)
-            pred = unet_prediction(base.unet, noisy, timesteps, hidden, self.data, batch)
+            pred = unet_prediction(base.unet, noisy, timesteps, hidden, lambda: batch_time_ids(self.data, batch))
         target = training_target(base.noise_scheduler, latents, noise, timesteps)
         weights = self.data.loss_weights(batch)
         return diffusion_loss(
