@@ -199,3 +199,28 @@ def test_sdxl_unet_only_with_cached_long_captions_checkpointing_flips_and_valida
     assert text.hidden.shape == (2, 152, 80) and text.pooled.shape == (2, 40)
     torch.testing.assert_close(cached.hidden, text.hidden)
     torch.testing.assert_close(cached.pooled, text.pooled)
+
+
+def test_sdxl_lora_file_continues_as_network_weights(sdxl_run):
+    from atelier.network.factory import build_network
+
+    trainer, result = sdxl_run
+    state, _ = load_lora(result.output_file)
+    net_cfg = {**trainer.cfg.network, "weights": str(result.output_file)}
+    network = build_network(net_cfg, trainer.base.unet, trainer.base.text_encoders)
+    again = network.kohya_state_dict()
+    assert set(again) == set(state)
+    assert all(torch.equal(again[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("name", [TINY_SD2_V_NAME, "tiny-sdxl"])
+def test_tiny_builtins_build_deterministically_beside_each_other(tmp_path, atelier_cache, name):
+    import hashlib
+
+    def hashes(folder):
+        return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*.safetensors")}
+
+    cached = ensure_tiny_model(atelier_cache, name)
+    rebuilt = ensure_tiny_model(tmp_path, name)
+    assert rebuilt != cached and hashes(rebuilt) == hashes(cached)
+    assert cached.name != ensure_tiny_model(atelier_cache).name  # its own folder beside tiny-sd15
