@@ -345,12 +345,13 @@ def test_error_not_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_error_sdxl(tmp_path: Path) -> None:
-    _expect_error("SDXL training arrives in a later release", builtin="tiny-sd15", version="sdxl")
+    _expect_error("model.version=sdxl", "not an SDXL model", builtin="tiny-sd15", version="sdxl")
+    _expect_error("model.version=sd1", "is an SDXL model", "model.version=sdxl", builtin="tiny-sdxl", version="sd1")
     from safetensors.torch import save_file
 
     path = tmp_path / "sdxl.safetensors"
     save_file({"conditioner.embedders.1.model.positional_embedding": torch.zeros(2, 2)}, str(path))
-    _expect_error("SDXL", "later release", path=path)
+    _expect_error("SDXL single-file checkpoints cannot be loaded yet", "diffusers folder", path=path, version="sdxl")
 
 
 def test_error_version_mismatch(tiny_single_file: Path, tiny_model_path: Path) -> None:

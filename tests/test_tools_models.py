@@ -291,7 +291,7 @@ def test_inpainting_checkpoint_is_refused() -> None:
 
 def test_load_base_model_on_detected_files(tmp_path: Path) -> None:
     sdxl = header_only(tmp_path / "sdxl.safetensors", SDXL_KEYS)
-    with pytest.raises(ModelLoadError, match="SDXL checkpoint; SDXL training arrives in a later release"):
+    with pytest.raises(ModelLoadError, match="SDXL checkpoint; SDXL single-file checkpoints cannot be loaded yet"):
         load_base_model(sdxl)
     refiner = header_only(tmp_path / "refiner.safetensors", SDXL_REFINER_KEYS)
     with pytest.raises(ModelLoadError, match="SDXL refiner"):

@@ -77,6 +77,12 @@ def encode_chunks(text_encoder: CLIPTextModel, chunk_ids: torch.Tensor, clip_ski
     """Hidden states [batch, n*75+2, dim] of tokenize_long's chunks (see the module doc)."""
     batch, num_chunks, chunk_length = chunk_ids.shape
     hidden = encode_tokens(text_encoder, chunk_ids.reshape(batch * num_chunks, chunk_length), clip_skip)
+    return stitch_chunks(hidden, batch, num_chunks)
+
+
+def stitch_chunks(hidden: torch.Tensor, batch: int, num_chunks: int) -> torch.Tensor:
+    """[batch * num_chunks, chunk_length, dim] states of the chunks -> [batch, n*75+2, dim]."""
+    chunk_length = hidden.shape[1]
     hidden = hidden.reshape(batch, num_chunks * chunk_length, hidden.shape[-1])
     pieces = [hidden[:, :1]]
     for k in range(num_chunks):
@@ -103,5 +109,6 @@ __all__ = [
     "encode_chunks",
     "encode_long",
     "split_into_chunks",
+    "stitch_chunks",
     "tokenize_long",
 ]

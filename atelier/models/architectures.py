@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 # The tiny model's byte-level vocab: 256 byte symbols, the same 256 with the
 # `</w>` end-of-word suffix, then <|startoftext|> and <|endoftext|> (the order
@@ -27,9 +27,21 @@ _SD1_UNET_BLOCKS = {
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 }
 
+# The 2-level VAE downsamples by 2, so a 64 px image is a 32x32 latent.
+_TINY_VAE: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    "latent_channels": 4,
+    "scaling_factor": 0.18215,
+}
+
 _ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
     # SD1.5-shaped, ~1 M parameters in all: for tests and the built-in demo model.
-    # The 2-level VAE downsamples by 2, so a 64 px image is a 32x32 latent.
     "tiny-sd15": {
         "unet": {
             "sample_size": 32,
@@ -42,17 +54,7 @@ _ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
             "cross_attention_dim": 32,
             "attention_head_dim": (2, 4),
         },
-        "vae": {
-            "sample_size": 64,
-            "in_channels": 3,
-            "out_channels": 3,
-            "block_out_channels": (32, 64),
-            "layers_per_block": 1,
-            "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            "latent_channels": 4,
-            "scaling_factor": 0.18215,
-        },
+        "vae": _TINY_VAE,
         "text_encoder": {
             "vocab_size": TINY_VOCAB_SIZE,
             "hidden_size": 32,
@@ -69,6 +71,94 @@ _ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
             "bos_token_id": TINY_BOS_TOKEN_ID,
             "eos_token_id": TINY_EOS_TOKEN_ID,
             "pad_token_id": TINY_EOS_TOKEN_ID,
+        },
+    },
+    # SD2.x-768-v-shaped: what distinguishes SD2 from SD1 at tiny size. Linear
+    # proj_in/proj_out (use_linear_projection), an OpenCLIP-style text tower (gelu,
+    # pads with "!" rather than <|endoftext|>) of another width than SD1's, and a
+    # v-prediction scheduler (set by the builder). Like diffusers' SD2 text encoder,
+    # which keeps 23 of OpenCLIP-H's 24 layers, the last layer here IS the
+    # penultimate layer SD2 conditions on: the UNet reads last_hidden_state.
+    "tiny-sd2-v": {
+        "unet": {
+            "sample_size": 32,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 48,
+            # SD2 keeps the head width (64) fixed and grows the head count; here 16 wide.
+            "attention_head_dim": (2, 4),
+            "use_linear_projection": True,
+        },
+        "vae": _TINY_VAE,
+        "text_encoder": {
+            "vocab_size": TINY_VOCAB_SIZE,
+            "hidden_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 53,
+            "max_position_embeddings": 77,
+            "hidden_act": "gelu",
+            "projection_dim": 48,
+            "bos_token_id": TINY_BOS_TOKEN_ID,
+            "eos_token_id": TINY_EOS_TOKEN_ID,
+            "pad_token_id": 0,
+        },
+    },
+    # SDXL-shaped: two text encoders (CLIP-L-like, and an OpenCLIP-bigG-like one with a
+    # projection whose pooled output feeds the UNet's "text_time" added embedding with
+    # the 6 size/crop numbers), LDM layout of 3 levels with layers_per_block 2 (the
+    # kohya input_blocks_* / output_blocks_* names depend on it), the first level
+    # without attention, and 2 transformer layers at the deepest level as in SDXL.
+    "tiny-sdxl": {
+        "unet": {
+            "sample_size": 32,
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": (32, 64, 64),
+            "layers_per_block": 2,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "transformer_layers_per_block": (1, 1, 2),
+            # hidden states of text encoder 1 (32) and 2 (48), concatenated.
+            "cross_attention_dim": 80,
+            "attention_head_dim": (2, 4, 4),
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            # text encoder 2's projection (40) + 6 time ids x addition_time_embed_dim.
+            "projection_class_embeddings_input_dim": 40 + 6 * 8,
+        },
+        # SDXL's VAE differs from SD1's in its latent scale.
+        "vae": {**_TINY_VAE, "scaling_factor": 0.13025},
+        "text_encoder": {
+            "vocab_size": TINY_VOCAB_SIZE,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 37,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 32,
+            "bos_token_id": TINY_BOS_TOKEN_ID,
+            "eos_token_id": TINY_EOS_TOKEN_ID,
+            "pad_token_id": TINY_EOS_TOKEN_ID,
+        },
+        "text_encoder_2": {
+            "vocab_size": TINY_VOCAB_SIZE,
+            "hidden_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 53,
+            "max_position_embeddings": 77,
+            "hidden_act": "gelu",
+            "projection_dim": 40,
+            "bos_token_id": TINY_BOS_TOKEN_ID,
+            "eos_token_id": TINY_EOS_TOKEN_ID,
+            "pad_token_id": 0,
         },
     },
     # Stable Diffusion 1.5 (runwayml / stable-diffusion-v1-5 configs).
@@ -139,11 +229,38 @@ SD1_PIPELINE_SCHEDULER: dict[str, Any] = {
 }
 
 
+# The DDIM config SD 2.x 768-v ships in its scheduler/ folder.
+SD2_V_PIPELINE_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "v_prediction",
+}
+
+# The Euler config SDXL base 1.0 ships (its training schedule is SD1's DDPM one).
+SDXL_PIPELINE_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+
 def _get(arch: str, component: str) -> dict[str, Any]:
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     try:
         config = _ARCHITECTURES[arch][component]
     except KeyError:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}") from None
+        raise ValueError(f"architecture {arch!r} has no {component}") from None
     return copy.deepcopy(config)
 
 
@@ -157,9 +274,10 @@ def vae_config(arch: str) -> dict[str, Any]:
     return _get(arch, "vae")
 
 
-def text_encoder_config(arch: str) -> dict[str, Any]:
-    """Keyword arguments of `CLIPTextConfig` for `arch` (a fresh copy)."""
-    return _get(arch, "text_encoder")
+def text_encoder_config(arch: str, component: str = "text_encoder") -> dict[str, Any]:
+    """Keyword arguments of `CLIPTextConfig` for `arch` (a fresh copy); SDXL's second
+    encoder is component="text_encoder_2"."""
+    return _get(arch, component)
 
 
 def noise_scheduler_config(v_parameterization: bool = False) -> dict[str, Any]:
@@ -185,6 +303,13 @@ def build_text_encoder(arch: str) -> CLIPTextModel:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(CLIPTextConfig(**text_encoder_config(arch)))
+
+
+def build_text_encoder_2(arch: str) -> CLIPTextModelWithProjection:
+    """SDXL's second text encoder (OpenCLIP-bigG-like, with the projection of its pooled output)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_config(arch, "text_encoder_2")))
 
 
 def build_noise_scheduler(v_parameterization: bool = False) -> DDPMScheduler:

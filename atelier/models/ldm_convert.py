@@ -14,6 +14,7 @@ Key layout of the single file:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -210,10 +211,25 @@ def _rename_all(state_dict: dict[str, torch.Tensor], module_map: dict[str, str],
 def _rename(key: str, module_map: dict[str, str], what: str) -> str:
     """Rename `key` by the longest module path in `module_map` that contains it."""
     module, _, param = key.rpartition(".")
+    renamed = _rename_module(module, module_map)
+    if renamed is None:
+        # Better to fail than to write a file that silently lacks weights.
+        raise ValueError(f"cannot convert {what} key {key!r}: not part of the SD1 original layout")
+    return f"{renamed}.{param}"
+
+
+def _rename_module(module: str, module_map: dict[str, str]) -> str | None:
     prefix = module
     while prefix:
         if prefix in module_map:
-            return f"{module_map[prefix]}{module[len(prefix):]}.{param}"
+            return f"{module_map[prefix]}{module[len(prefix):]}"
         prefix = prefix.rpartition(".")[0]
-    # Better to fail than to write a file that silently lacks weights.
-    raise ValueError(f"cannot convert {what} key {key!r}: not part of the SD1 original layout")
+    return None
+
+
+def unet_module_path_mapper(unet: UNet2DConditionModel) -> Callable[[str], str]:
+    """diffusers UNet module path -> its LDM path (`down_blocks.1.attentions.0.proj_in` ->
+    `input_blocks.4.1.proj_in` in SDXL); kohya names SDXL's LoRA modules this way.
+    Paths outside the mapped blocks are returned unchanged."""
+    module_map = _unet_module_map(unet)
+    return lambda path: _rename_module(path, module_map) or path

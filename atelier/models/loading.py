@@ -29,18 +29,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_VERSIONS = ("sd1", "sd2")
-# Versions the config accepts but this release cannot train yet. Adding SDXL means
-# a loader for its two text encoders and an entry in SUPPORTED_VERSIONS.
-PLANNED_VERSIONS = {"sdxl": "SDXL training arrives in a later release"}
+SUPPORTED_VERSIONS = ("sd1", "sd2", "sdxl")
+# Versions the config accepts but this release cannot train yet.
+PLANNED_VERSIONS: dict[str, str] = {}
+# SDXL is trained from diffusers folders; its single files need a converter we lack.
+SDXL_SINGLE_FILE_MESSAGE = (
+    "SDXL single-file checkpoints cannot be loaded yet; load the SDXL base model as a diffusers folder "
+    "(StableDiffusionXLPipeline.save_pretrained) and set model.path to that folder"
+)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIX = ".safetensors"
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+SDXL_PIPELINE_COMPONENTS = (*PIPELINE_COMPONENTS, "text_encoder_2", "tokenizer_2")
 _COMPONENT_FOLDER_NAMES = (*PIPELINE_COMPONENTS, "scheduler", "text_encoder_2", "tokenizer_2")
 
 # The text encoder's width identifies the real architectures (the tiny test
@@ -68,6 +73,18 @@ class BaseModel:
     v_parameterization: bool
     name: str  # human name for metadata (folder or file stem, or the builtin's name)
     path: str  # absolute path actually loaded
+    # SDXL's second (OpenCLIP-bigG) text encoder and its tokenizer; None for SD1/2.
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """[text_encoder], or SDXL's [text_encoder, text_encoder_2]."""
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [self.tokenizer] + ([self.tokenizer_2] if self.tokenizer_2 is not None else [])
 
 
 @dataclass
@@ -76,6 +93,8 @@ class _Components:
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
 
 
 def load_base_model(
@@ -109,6 +128,8 @@ def load_base_model(
         _check_single_file(
             source, "model.path", version, allow_pickle=allow_pickle, v_parameterization=v_parameterization
         )
+        if version == "sdxl":
+            raise ModelLoadError(f"model.path: '{source}': {SDXL_SINGLE_FILE_MESSAGE}")
         config_folder = _single_file_config_folder(source, config, version)
 
     vae_model = _load_vae(vae, config_folder, allow_pickle=allow_pickle) if vae is not None else None
@@ -129,6 +150,8 @@ def load_base_model(
         v_parameterization=v_parameterization,
         name=name,
         path=str(source),
+        text_encoder_2=components.text_encoder_2,
+        tokenizer_2=components.tokenizer_2,
     )
 
 
@@ -137,16 +160,18 @@ def load_base_model(
 
 def _check_version(version: str) -> None:
     if version in PLANNED_VERSIONS:
-        raise ModelLoadError(f"model.version={version}: {PLANNED_VERSIONS[version]}. Use sd1 or sd2 for now.")
+        raise ModelLoadError(f"model.version={version}: {PLANNED_VERSIONS[version]}.")
     if version not in SUPPORTED_VERSIONS:
         known = ", ".join((*SUPPORTED_VERSIONS, *PLANNED_VERSIONS))
         raise ModelLoadError(f"model.version={version!r} is not a known version; use one of: {known}")
 
 
 def _builtin_models() -> dict[str, Any]:
-    from .tiny import TINY_MODEL_NAME, ensure_tiny_model
+    import functools
 
-    return {TINY_MODEL_NAME: ensure_tiny_model}
+    from .tiny import TINY_MODEL_DIRNAMES, ensure_tiny_model
+
+    return {name: functools.partial(ensure_tiny_model, name=name) for name in TINY_MODEL_DIRNAMES}
 
 
 def _resolve_source(
@@ -188,14 +213,18 @@ def _check_pipeline_folder(folder: Path, key: str) -> None:
         raise ModelLoadError(_not_a_pipeline_message(folder, key))
 
     class_name = _read_json(folder / "model_index.json", key).get("_class_name", "")
-    if "XL" in class_name:
-        raise ModelLoadError(f"{key}: '{folder}' is an SDXL pipeline ({class_name}); {PLANNED_VERSIONS['sdxl']}")
-    missing = [name for name in PIPELINE_COMPONENTS if not (folder / name).is_dir()]
+    if "Img2Img" in class_name and "XL" in class_name:
+        raise ModelLoadError(
+            f"{key}: '{folder}' is an SDXL refiner / img2img pipeline ({class_name}); "
+            "train LoRAs on the SDXL base model"
+        )
+    components = SDXL_PIPELINE_COMPONENTS if "XL" in class_name else PIPELINE_COMPONENTS
+    missing = [name for name in components if not (folder / name).is_dir()]
     if missing:
         raise ModelLoadError(
             f"{key}: the diffusers folder '{folder}' ({class_name or 'unknown pipeline'}) lacks "
-            f"{', '.join(f'{m}/' for m in missing)}; a Stable Diffusion pipeline folder has "
-            f"{', '.join(f'{c}/' for c in PIPELINE_COMPONENTS)}"
+            f"{', '.join(f'{m}/' for m in missing)}; a {'SDXL' if 'XL' in class_name else 'Stable Diffusion'} "
+            f"pipeline folder has {', '.join(f'{c}/' for c in components)}"
         )
 
 
@@ -366,7 +395,7 @@ def _check_single_file(
     info = inspect_single_file(file, key)
     if info.version == "sdxl":
         kind = "an SDXL refiner" if info.refiner else "an SDXL"
-        raise ModelLoadError(f"{key}: '{file}' is {kind} checkpoint; {PLANNED_VERSIONS['sdxl']}")
+        raise ModelLoadError(f"{key}: '{file}' is {kind} checkpoint; {SDXL_SINGLE_FILE_MESSAGE}")
     if info.version != version:
         prefix = _SD1_TEXT if info.version == "sd1" else _SD2_TEXT
         raise ModelLoadError(
@@ -436,7 +465,7 @@ def _cached_hub_configs(repo_id: str) -> Path | None:
 def _load_pipeline_folder(folder: Path, vae: AutoencoderKL | None) -> _Components:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     def load_weights(cls: Any, subfolder: str, dtype_kwarg: str) -> Any:
         variant = _weights_variant(folder / subfolder, "model.path")
@@ -450,14 +479,19 @@ def _load_pipeline_folder(folder: Path, vae: AutoencoderKL | None) -> _Component
                 **{dtype_kwarg: torch.float32},
             )
 
-    with _reraise_as_load_error(f"model.path: cannot load tokenizer/ of '{folder}'"):
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+    def load_tokenizer(subfolder: str) -> CLIPTokenizer:
+        with _reraise_as_load_error(f"model.path: cannot load {subfolder}/ of '{folder}'"):
+            return CLIPTokenizer.from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+
+    sdxl = (folder / "text_encoder_2").is_dir()
     return _Components(
         unet=load_weights(UNet2DConditionModel, "unet", "torch_dtype"),
         vae=vae if vae is not None else load_weights(AutoencoderKL, "vae", "torch_dtype"),
         # transformers 5 renamed torch_dtype to dtype.
         text_encoder=load_weights(CLIPTextModel, "text_encoder", "dtype"),
-        tokenizer=tokenizer,
+        tokenizer=load_tokenizer("tokenizer"),
+        text_encoder_2=load_weights(CLIPTextModelWithProjection, "text_encoder_2", "dtype") if sdxl else None,
+        tokenizer_2=load_tokenizer("tokenizer_2") if sdxl else None,
     )
 
 
@@ -644,8 +678,11 @@ def _check_fully_loaded(module: torch.nn.Module, part: str, file: Path, config_h
 
 
 def _check_matches_version(unet: UNet2DConditionModel, version: str, source: Path) -> None:
-    if unet.config.get("addition_embed_type") == "text_time":
-        raise ModelLoadError(f"model.path: '{source}' is an SDXL model; {PLANNED_VERSIONS['sdxl']}")
+    is_sdxl = unet.config.get("addition_embed_type") == "text_time"
+    if is_sdxl != (version == "sdxl"):
+        actual = "an SDXL model" if is_sdxl else "not an SDXL model (its UNet has no text_time embedding)"
+        fix = "model.version=sdxl (e.g. model=sdxl)" if is_sdxl else "model.version to sd1 or sd2"
+        raise ModelLoadError(f"model.version={version}, but model.path '{source}' is {actual}; set {fix}")
     detected = _VERSION_BY_CONTEXT_DIM.get(unet.config.cross_attention_dim)
     if detected is not None and detected != version:
         raise ModelLoadError(

@@ -1,8 +1,9 @@
-"""The built-in tiny SD1.5-shaped model (random weights) for tests, demos and CI.
+"""The built-in tiny models (random weights) for tests, demos and CI.
 
-It is built once per cache directory, deterministically, and saved as an ordinary
-diffusers StableDiffusionPipeline folder, so it goes through exactly the same
-loading code as a user's model.
+tiny-sd15 (SD1.5-shaped), tiny-sd2-v (SD2 768-v-shaped) and tiny-sdxl (SDXL-shaped;
+the last two are built by atelier.models.tiny_variants). Each is built once per cache
+directory, deterministically, and saved as an ordinary diffusers pipeline folder, so
+it goes through exactly the same loading code as a user's model.
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ TINY_MODEL_NAME = "tiny-sd15"
 # Bump the suffix whenever the recipe changes: old caches then hold an old,
 # still valid folder and the new one is built beside it.
 TINY_MODEL_DIRNAME = "tiny-sd15-v1"
+TINY_SD2_V_NAME = "tiny-sd2-v"
+TINY_SDXL_NAME = "tiny-sdxl"
+# Built-in name -> cache folder name (same versioning rule as TINY_MODEL_DIRNAME).
+TINY_MODEL_DIRNAMES = {
+    TINY_MODEL_NAME: TINY_MODEL_DIRNAME,
+    TINY_SD2_V_NAME: "tiny-sd2-v-v1",
+    TINY_SDXL_NAME: "tiny-sdxl-v1",
+}
 CACHE_ENV_VAR = "ATELIER_CACHE"
 
 # One seed per component, so changing one component leaves the others' weights alone.
-_SEEDS = {"unet": 1234, "vae": 2345, "text_encoder": 3456}
+_SEEDS = {"unet": 1234, "vae": 2345, "text_encoder": 3456, "text_encoder_2": 4567}
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -38,26 +47,37 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kohya-atelier"
 
 
-def ensure_tiny_model(cache_dir: Path | str | None = None) -> Path:
-    """Return the tiny model's diffusers folder, building it on first use.
+def ensure_tiny_model(cache_dir: Path | str | None = None, name: str = TINY_MODEL_NAME) -> Path:
+    """Return the diffusers folder of the tiny model `name`, building it on first use.
 
     The build happens in a temp folder beside the target that is renamed into
     place, so readers never see a half-written model. When several processes
     race, the first rename wins and the others use its folder.
     """
+    if name not in TINY_MODEL_DIRNAMES:
+        raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_MODEL_DIRNAMES)}")
+    dirname = TINY_MODEL_DIRNAMES[name]
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = cache / TINY_MODEL_DIRNAME
+    target = cache / dirname
     if _is_complete(target):
         return target
 
     cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_DIRNAME}.", suffix=".building", dir=cache))
+    staging = Path(tempfile.mkdtemp(prefix=f".{dirname}.", suffix=".building", dir=cache))
     try:
-        build_tiny_model(staging)
+        _builder(name)(staging)
         _move_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _builder(name: str):
+    if name == TINY_MODEL_NAME:
+        return build_tiny_model
+    from . import tiny_variants
+
+    return {TINY_SD2_V_NAME: tiny_variants.build_tiny_sd2_v, TINY_SDXL_NAME: tiny_variants.build_tiny_sdxl}[name]
 
 
 def _is_complete(folder: Path) -> bool:
@@ -77,7 +97,7 @@ def _move_into_place(staging: Path, target: Path) -> None:
             raise
     # A folder without model_index.json is left over from manual tampering:
     # set it aside (atomically, in case another process is doing the same) and retry.
-    trash = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_DIRNAME}.", suffix=".stale", dir=target.parent))
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".stale", dir=target.parent))
     with contextlib.suppress(OSError):
         os.replace(target, trash / "old")
     shutil.rmtree(trash, ignore_errors=True)
@@ -90,23 +110,14 @@ def _move_into_place(staging: Path, target: Path) -> None:
 
 def build_tiny_model(folder: Path | str) -> None:
     """Build the tiny model with fixed seeds and save it as a pipeline folder."""
-    import torch
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     from . import architectures as arch
 
-    builders = {
-        "unet": arch.build_unet,
-        "vae": arch.build_vae,
-        "text_encoder": arch.build_text_encoder,
-    }
-    modules = {}
-    for name, build in builders.items():
-        # fork_rng leaves the caller's global RNG state as it was.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_SEEDS[name])
-            modules[name] = build(TINY_MODEL_NAME).eval()
-
+    modules = build_seeded(
+        TINY_MODEL_NAME,
+        {"unet": arch.build_unet, "vae": arch.build_vae, "text_encoder": arch.build_text_encoder},
+    )
     pipeline = StableDiffusionPipeline(
         **modules,
         tokenizer=build_tiny_tokenizer(),
@@ -115,9 +126,28 @@ def build_tiny_model(folder: Path | str) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    save_pipeline(pipeline, folder)
+
+
+def save_pipeline(pipeline, folder: Path | str, tokenizers: tuple[str, ...] = ("tokenizer",)) -> None:
+    """save_pretrained, plus the slow-tokenizer files, readable by everyone."""
     pipeline.save_pretrained(folder, safe_serialization=True)
-    _write_slow_tokenizer_files(Path(folder) / "tokenizer", pipeline.tokenizer)
+    for name in tokenizers:
+        _write_slow_tokenizer_files(Path(folder) / name, getattr(pipeline, name))
     _make_readable(Path(folder))
+
+
+def build_seeded(arch_name: str, builders: dict) -> dict:
+    """Component name -> module built from its own fixed seed (see _SEEDS), in eval mode."""
+    import torch
+
+    modules = {}
+    for name, build in builders.items():
+        # fork_rng leaves the caller's global RNG state as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_SEEDS[name])
+            modules[name] = build(arch_name).eval()
+    return modules
 
 
 def _write_slow_tokenizer_files(folder: Path, tokenizer: CLIPTokenizer) -> None:
@@ -136,11 +166,12 @@ def _make_readable(folder: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def build_tiny_tokenizer() -> CLIPTokenizer:
+def build_tiny_tokenizer(pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
     """A CLIP tokenizer over the 256 byte-level symbols (no merges).
 
     Every character becomes one token, so any prompt tokenizes without unknown
-    tokens, and the vocab stays 514 entries instead of CLIP's 49408.
+    tokens, and the vocab stays 514 entries instead of CLIP's 49408. SD2's and
+    SDXL's second (OpenCLIP) tokenizers pad with "!" (id 0): pad_token="!".
     """
     from transformers import CLIPTokenizer
 
@@ -156,7 +187,7 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
+        pad_token=pad_token,
         model_max_length=77,
     )
 

@@ -12,7 +12,7 @@ from atelier.network.dylora import DyLoRAModule
 from atelier.network.lora import LoRAModule, LoRANetwork
 from atelier.network.lycoris_modules import is_ia3_target, make_lycoris_module
 from atelier.network.spec import DISPLAY_NAMES, NetworkSpec
-from atelier.network.targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, iter_targets
+from atelier.network.targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, belongs_to, iter_targets
 from atelier.outputs.lora_file import load_lora
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def network_from_state(
             f"continue it with network={family if family != 'lora' else 'lora (or locon, dylora)'}"
         )
     for prefix, trained, key in ((UNET_PREFIX, unet, "train_text_encoder_only"), (TEXT_ENCODER_PREFIX, text_encoder, "train_unet_only")):
-        if trained is not None and not any(name.startswith(prefix + "_") for name in state):
+        if trained is not None and not any(belongs_to(name, prefix) for name in state):
             raise ValueError(
                 f"network.weights={source} has no {prefix}_ modules, but this run trains them; "
                 f"set network.{key}=true to train only what the file holds"

@@ -28,6 +28,7 @@ from atelier.network.targets import (  # noqa: F401  (re-exported: the trainer i
     UNET_PREFIX,
     UNET_TARGETS,
     TargetLayer,
+    belongs_to,
     find_targets,
     iter_targets,
     text_encoder_name_root,
@@ -157,7 +158,7 @@ class LoRANetwork(nn.Module):
             log.info("create %s for U-Net: %d modules.", kind, self.count(UNET_PREFIX))
 
     def count(self, prefix: str) -> int:
-        return sum(1 for name in self.loras if name.startswith(prefix + "_"))
+        return sum(1 for name in self.loras if belongs_to(name, prefix))
 
     def apply_to(self) -> None:
         for module in self.loras.values():
@@ -172,7 +173,7 @@ class LoRANetwork(nn.Module):
             module.multiplier = multiplier
 
     def parameters_of(self, prefix: str) -> list[nn.Parameter]:
-        return [p for name, m in self.loras.items() if name.startswith(prefix + "_") for p in m.parameters()]
+        return [p for name, m in self.loras.items() if belongs_to(name, prefix) for p in m.parameters()]
 
     def kohya_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors as the kohya file stores them (LoRA: lora_down/lora_up weights and alpha)."""

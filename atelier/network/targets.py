@@ -2,18 +2,24 @@
 
 A name is `<prefix>_<module path with . -> _>`: `lora_unet_...` for the UNet,
 `lora_te_text_model_...` for the SD1/2 text encoder (transformers >= 5.6 dropped
-the `text_model` level; the name keeps it, as every loader expects it).
+the `text_model` level; the name keeps it, as every loader expects it). SDXL: the
+two text encoders are `lora_te1_...` / `lora_te2_...`, and the UNet is named in
+the LDM layout (`lora_unet_input_blocks_...`, see atelier.network.sdxl_names).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+from atelier.network.sdxl_names import unet_path_mapper
+
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
+# SDXL's two text encoders.
+SDXL_TEXT_ENCODER_PREFIXES = ("lora_te1", "lora_te2")
 # The blocks whose Linear / 1x1-conv layers sd-scripts' networks.lora targets.
 UNET_TARGETS = ("Transformer2DModel",)
 # Added with conv_dim (kohya's "C3Lier", LyCORIS' LoCon): their 3x3 convs get
@@ -41,10 +47,30 @@ def _is_target_layer(module: nn.Module, conv: bool) -> bool:
     return conv or module.kernel_size == (1, 1)
 
 
+def is_text_encoder_name(lora_name: str) -> bool:
+    """A text-encoder module name: lora_te_ (SD1/2) or lora_te1_ / lora_te2_ (SDXL)."""
+    return lora_name.startswith(tuple(f"{p}_" for p in (TEXT_ENCODER_PREFIX, *SDXL_TEXT_ENCODER_PREFIXES)))
+
+
+def belongs_to(lora_name: str, prefix: str) -> bool:
+    """Whether module `lora_name` is part of `prefix`'s model; TEXT_ENCODER_PREFIX covers SDXL's two."""
+    if prefix == TEXT_ENCODER_PREFIX:
+        return is_text_encoder_name(lora_name)
+    return lora_name.startswith(prefix + "_")
+
+
 def find_targets(
-    root: nn.Module, prefix: str, target_classes: Iterable[str], name_root: str = "", conv: bool = False
+    root: nn.Module,
+    prefix: str,
+    target_classes: Iterable[str],
+    name_root: str = "",
+    conv: bool = False,
+    rename: Callable[[str], str] | None = None,
 ) -> Iterator[TargetLayer]:
-    """Layers inside `target_classes` blocks (kxk convs too with `conv`), kohya-named."""
+    """Layers inside `target_classes` blocks (kxk convs too with `conv`), kohya-named.
+
+    `rename` maps a module path to the one the name is made of (SDXL's LDM UNet names).
+    """
     target_classes = tuple(target_classes)
     seen: set[str] = set()
     for block_path, block in root.named_modules():
@@ -54,6 +80,8 @@ def find_targets(
             if not _is_target_layer(child, conv):
                 continue
             path = ".".join(p for p in (name_root, block_path, child_path) if p)
+            if rename is not None:
+                path = rename(path)
             lora_name = f"{prefix}_{path.replace('.', '_')}"
             if lora_name not in seen:  # nested target blocks would repeat layers
                 seen.add(lora_name)
@@ -65,12 +93,29 @@ def text_encoder_name_root(text_encoder: nn.Module) -> str:
     return "" if hasattr(text_encoder, "text_model") else "text_model"
 
 
-def iter_targets(unet: nn.Module | None, text_encoder: nn.Module | None, conv: bool = False) -> Iterator[TargetLayer]:
-    """Text-encoder then UNet targets (None = that model is not trained)."""
-    if text_encoder is not None:
-        yield from find_targets(
-            text_encoder, TEXT_ENCODER_PREFIX, TEXT_ENCODER_TARGETS, text_encoder_name_root(text_encoder)
-        )
+def text_encoder_prefixes(text_encoder: nn.Module | Sequence[nn.Module] | None) -> list[tuple[str, nn.Module]]:
+    """(prefix, encoder) pairs: one encoder is lora_te, SDXL's pair lora_te1 / lora_te2."""
+    if text_encoder is None:
+        return []
+    if isinstance(text_encoder, nn.Module):
+        return [(TEXT_ENCODER_PREFIX, text_encoder)]
+    encoders = list(text_encoder)
+    if len(encoders) == 1:
+        return [(TEXT_ENCODER_PREFIX, encoders[0])]
+    if len(encoders) != len(SDXL_TEXT_ENCODER_PREFIXES):
+        raise ValueError(f"expected one text encoder or SDXL's two, got {len(encoders)}")
+    return list(zip(SDXL_TEXT_ENCODER_PREFIXES, encoders))
+
+
+def iter_targets(
+    unet: nn.Module | None, text_encoder: nn.Module | Sequence[nn.Module] | None, conv: bool = False
+) -> Iterator[TargetLayer]:
+    """Text-encoder then UNet targets (None = that model is not trained).
+
+    `text_encoder` is one encoder, or SDXL's two (a list) named lora_te1 / lora_te2.
+    """
+    for prefix, encoder in text_encoder_prefixes(text_encoder):
+        yield from find_targets(encoder, prefix, TEXT_ENCODER_TARGETS, text_encoder_name_root(encoder))
     if unet is not None:
         classes = UNET_TARGETS + (UNET_CONV_TARGETS if conv else ())
-        yield from find_targets(unet, UNET_PREFIX, classes, conv=conv)
+        yield from find_targets(unet, UNET_PREFIX, classes, conv=conv, rename=unet_path_mapper(unet))

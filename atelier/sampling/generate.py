@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -50,6 +50,30 @@ def build_pipeline(
     return pipeline
 
 
+def build_sdxl_pipeline(
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    text_encoders: Sequence[torch.nn.Module],
+    tokenizers: Sequence[Any],
+    scheduler_config: Mapping[str, Any],
+    sampler: str = "ddim",
+) -> StableDiffusionXLPipeline:
+    """build_pipeline for SDXL: its two text encoders and tokenizers; nothing is copied or moved."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoders[0],
+        text_encoder_2=text_encoders[1],
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet,
+        scheduler=make_scheduler(sampler, scheduler_config),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 def generate_samples(
     pipeline: StableDiffusionPipeline,
     prompts: Sequence[SamplePrompt],
@@ -73,6 +97,8 @@ def generate_samples(
     device = torch.device(device)
     _check_device(pipeline, device)
     modules = [pipeline.unet, pipeline.vae, pipeline.text_encoder, *eval_modules]
+    if getattr(pipeline, "text_encoder_2", None) is not None:  # SDXL
+        modules.append(pipeline.text_encoder_2)
     paths: list[Path] = []
     # no_grad rather than inference_mode: inference tensors cached by a module (e.g. a LoRA
     # implementation) would break the backward pass of the training that resumes after.

@@ -94,10 +94,11 @@ def _decay_steps(value: int, cfg: dict[str, Any]) -> int | None:
 def _model_path(value: str | None, cfg: dict[str, Any]) -> str:
     if value:
         return str(Path(value).expanduser().resolve())
-    from atelier.models.tiny import TINY_MODEL_DIRNAME, TINY_MODEL_NAME, default_cache_dir
+    from atelier.models.tiny import TINY_MODEL_DIRNAMES, default_cache_dir
 
-    if cfg["model"].get("builtin") == TINY_MODEL_NAME:
-        return str(default_cache_dir() / TINY_MODEL_DIRNAME)
+    builtin = cfg["model"].get("builtin")
+    if builtin in TINY_MODEL_DIRNAMES:
+        return str(default_cache_dir() / TINY_MODEL_DIRNAMES[builtin])
     raise ToolError("the run has neither model.path nor a known model.builtin")
 
 

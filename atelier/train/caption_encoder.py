@@ -49,8 +49,7 @@ class CaptionEncoder:
         if self._cache is None:
             return self._encode(list(captions), grad)
         self.fill(captions)
-        device = self.text_encoder.device
-        return torch.stack([self._cache[caption] for caption in captions]).to(device)
+        return self._batch([self._cache[caption] for caption in captions], self.text_encoder.device)
 
     def fill(self, captions: Sequence[str]) -> int:
         """Encode the captions not cached yet; returns how many were encoded."""
@@ -60,9 +59,19 @@ class CaptionEncoder:
             chunk = missing[start : start + self.batch_size]
             with self.autocast():
                 hidden = self._encode(chunk, grad=False)
-            for caption, states in zip(chunk, hidden.cpu()):
+            for caption, states in zip(chunk, self._rows(hidden)):
                 self._cache[caption] = states
         return len(missing)
+
+    # The cache holds one entry per caption; an encoder whose output is not one
+    # tensor (SDXL's) overrides these two.
+    def _rows(self, encoded: torch.Tensor) -> list:
+        """One batch's output -> one CPU entry per caption."""
+        return list(encoded.cpu())
+
+    def _batch(self, rows: list, device: torch.device):
+        """Cached entries -> one batch's output on `device`."""
+        return torch.stack(rows).to(device)
 
     def _encode(self, captions: list[str], grad: bool) -> torch.Tensor:
         ids = tokenize_long(self.tokenizer, captions, self.max_token_length)

@@ -40,6 +40,7 @@ from atelier.train.dataset_options import (
 )
 from atelier.train.latents import PixelJob, StepEncoder
 from atelier.train.regularization import balance_reg_repeats
+from atelier.train.sdxl_conditioning import SDXLCaptionEncoder, time_ids
 from atelier.train.state import as_tuples
 from atelier.train.validation import Validator, split_validation
 
@@ -92,7 +93,8 @@ class TrainingData:
         self.assignments = manager.assign(self.items)
         # Before the validation images: with bucket_no_upscale they could add buckets.
         self.bucket_info = manager.info(self.assignments)
-        self.validation_buckets = [a.bucket for a in manager.assign(self.validation_items)]
+        self.validation_assignments = manager.assign(self.validation_items)
+        self.validation_buckets = [a.bucket for a in self.validation_assignments]
         self.batches_per_epoch = bucket_steps_per_epoch(self.assignments, self.batch_size)
         log_bucket_counts(self.bucket_info, log)
 
@@ -196,11 +198,17 @@ class TrainingData:
     def caption_encoder(
         self, tokenizer, text_encoder, *, frozen: bool, clip_skip: int, autocast: Callable[[], AbstractContextManager]
     ) -> CaptionEncoder:
-        """The run's caption encoder; it caches per caption when `frozen` and captions are static."""
+        """The run's caption encoder; it caches per caption when `frozen` and captions are static.
+
+        tokenizer / text_encoder: one each, or lists (SDXL's two: an SDXLCaptionEncoder).
+        """
         wanted = bool(self.options.cache_text_encoder_outputs) and frozen
-        encoder = CaptionEncoder(
-            tokenizer,
-            text_encoder,
+        tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+        text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+        encoder_class = SDXLCaptionEncoder if len(text_encoders) > 1 else CaptionEncoder
+        encoder = encoder_class(
+            tokenizers if len(tokenizers) > 1 else tokenizers[0],
+            text_encoders if len(text_encoders) > 1 else text_encoders[0],
             max_token_length=max_token_length(self.options),
             clip_skip=clip_skip,
             cache=wanted and self.static_captions,
@@ -219,7 +227,9 @@ class TrainingData:
         if not latents:
             return None
         captions = [self.fixed_caption(item.caption) for item in self.validation_items]
-        return Validator(latents, captions, noise_scheduler, self.validation_seed, self.batch_size)
+        # SDXL's size/crop conditioning of each (centre-cropped, unflipped) validation image.
+        sizes = [time_ids(a.bucket, a.image_size) for a in self.validation_assignments]
+        return Validator(latents, captions, noise_scheduler, self.validation_seed, self.batch_size, sizes)
 
     # -------------------------------------------------------------- batches
     def epoch(self, epoch: int) -> list[Batch]:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from atelier.data.dataset import DatasetIndex
 from atelier.models.architectures import SD1_PIPELINE_SCHEDULER
 from atelier.models.loading import BaseModel
-from atelier.sampling.generate import build_pipeline, generate_samples
+from atelier.sampling.generate import build_pipeline, build_sdxl_pipeline, generate_samples
 from atelier.sampling.grid import make_grid
 from atelier.sampling.prompts import SampleDefaults, SamplePrompt, load_prompt_file, parse_prompts
 
@@ -61,7 +61,11 @@ class SampleWriter:
             b = self.base
             # Inference schedulers want SD's pipeline settings, not the training DDPM's.
             config = {**SD1_PIPELINE_SCHEDULER, "prediction_type": b.noise_scheduler.config.prediction_type}
-            self._pipeline = build_pipeline(b.unet, b.vae, b.text_encoder, b.tokenizer, config, self.cfg.sampling.sampler)
+            sampler = self.cfg.sampling.sampler
+            if b.text_encoder_2 is not None:
+                self._pipeline = build_sdxl_pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers, config, sampler)
+            else:
+                self._pipeline = build_pipeline(b.unet, b.vae, b.text_encoder, b.tokenizer, config, sampler)
         return self._pipeline
 
     def generate(self, epoch: int, step: int) -> list[Path]:
@@ -78,7 +82,8 @@ class SampleWriter:
                 epoch,
                 step,
                 self.device,
-                clip_skip=self.cfg.training.clip_skip,
+                # SDXL's pipeline always takes the penultimate layers (clip_skip does not apply).
+                clip_skip=None if self.base.text_encoder_2 is not None else self.cfg.training.clip_skip,
             )
 
     def write_grid(self) -> Path | None:

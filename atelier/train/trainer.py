@@ -51,6 +51,7 @@ from atelier.train.optimizers import (
 from atelier.train.plan import TrainingPlan, make_plan
 from atelier.train.samples import SampleWriter
 from atelier.train.schedulers import lr_curve, lr_scheduler_from_config, warmup_steps
+from atelier.train.sdxl_conditioning import batch_time_ids, prepare_text_encoder_2, unet_prediction
 from atelier.train.signals import StopFlag, StopRequested, stop_on_signals
 from atelier.train.state import (
     STATE_FILE,
@@ -143,8 +144,8 @@ class Trainer:
         self.data.prepare(self.base.vae, self.device)
         self.network = self._create_network()
         self.captions: CaptionEncoder = self.data.caption_encoder(
-            self.base.tokenizer,
-            self.base.text_encoder,
+            self.base.tokenizers,
+            self.base.text_encoders,
             frozen=not self.train_text_encoder,
             clip_skip=cfg.training.clip_skip,
             autocast=self.accelerator.autocast,
@@ -254,6 +255,7 @@ class Trainer:
         if weight_dtype != torch.float32:
             base.unet.to(weight_dtype)
             base.text_encoder.to(weight_dtype)
+        prepare_text_encoder_2(base, self.device, weight_dtype)
         return base
 
     @property
@@ -266,7 +268,7 @@ class Trainer:
 
     def _create_network(self) -> LoRANetwork:
         unet = self.base.unet if self.train_unet else None
-        text_encoder = self.base.text_encoder if self.train_text_encoder else None
+        text_encoder = self.base.text_encoders if self.train_text_encoder else None
         # Any network.module; from network.weights (shapes read from the file) when set.
         network = build_network(self.cfg.network, unet, text_encoder)
         network.to(self.device)
@@ -289,9 +291,9 @@ class Trainer:
         # train mode changes nothing else.
         self.base.unet.enable_gradient_checkpointing()
         self.base.unet.train()
-        if self.train_text_encoder:
-            self.base.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.base.text_encoder.train()
+        for text_encoder in self.base.text_encoders if self.train_text_encoder else ():
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            text_encoder.train()
 
     def _create_optimizer(self):
         opt, sched = self.cfg.optimizer, self.cfg.scheduler
@@ -463,7 +465,7 @@ class Trainer:
         noisy = noisy_latents(base.noise_scheduler, latents, noise, timesteps, generator, t.ip_noise_gamma)
         with self.accelerator.autocast():
             hidden = self.captions(batch.captions, grad=self.train_text_encoder)
-            pred = base.unet(noisy, timesteps, hidden).sample
+            pred = unet_prediction(base.unet, noisy, timesteps, hidden, lambda: batch_time_ids(self.data, batch))
         target = training_target(base.noise_scheduler, latents, noise, timesteps)
         weights = self.data.loss_weights(batch)
         return diffusion_loss(

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from atelier.data.dataset import ImageItem
 from atelier.data.errors import DatasetError
 from atelier.train.losses import training_target
+from atelier.train.sdxl_conditioning import unet_prediction
 
 NUM_TIMESTEPS = 5  # t = 100, 300, 500, 700, 900 for a 1000-step schedule
 
@@ -63,6 +64,7 @@ class _Chunk:
     noise: torch.Tensor
     timesteps: torch.Tensor
     captions: list[str]
+    time_ids: torch.Tensor  # [M, 6]: SDXL's size/crop conditioning (unused by SD1/2)
 
 
 class Validator:
@@ -75,21 +77,24 @@ class Validator:
         noise_scheduler,
         seed: int,
         batch_size: int,
+        time_ids: Sequence[Sequence[int]] | None = None,
     ):
+        """time_ids: SDXL's 6 size/crop numbers per image (see atelier.train.sdxl_conditioning)."""
         if len(latents) != len(captions):
             raise ValueError(f"got {len(latents)} latents for {len(captions)} captions")
         self.scheduler = noise_scheduler
         self.timesteps = validation_timesteps(noise_scheduler.config.num_train_timesteps)
         self.num_images = len(latents)
-        self.chunks = self._make_chunks(latents, captions, seed, batch_size)
+        time_ids = time_ids if time_ids is not None else [[0] * 6] * len(latents)
+        self.chunks = self._make_chunks(latents, captions, time_ids, seed, batch_size)
 
-    def _make_chunks(self, latents, captions, seed: int, batch_size: int) -> list[_Chunk]:
+    def _make_chunks(self, latents, captions, time_ids, seed: int, batch_size: int) -> list[_Chunk]:
         generator = torch.Generator().manual_seed(seed)
-        rows: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, int, str]]] = {}
-        for latent, caption in zip(latents, captions):
+        rows: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, int, str, Sequence[int]]]] = {}
+        for latent, caption, ids in zip(latents, captions, time_ids):
             for t in self.timesteps:
                 noise = torch.randn(latent.shape, generator=generator)
-                rows.setdefault(tuple(latent.shape), []).append((latent, noise, t, caption))
+                rows.setdefault(tuple(latent.shape), []).append((latent, noise, t, caption, ids))
         chunks = []
         for shape in sorted(rows):
             group = rows[shape]
@@ -101,6 +106,7 @@ class Validator:
                         torch.stack([row[1] for row in part]),
                         torch.tensor([row[2] for row in part], dtype=torch.long),
                         [row[3] for row in part],
+                        torch.tensor([list(row[4]) for row in part], dtype=torch.float32),
                     )
                 )
         return chunks
@@ -120,7 +126,7 @@ class Validator:
             noisy = self.scheduler.add_noise(latents, noise, timesteps)
             with autocast():
                 hidden = encode_captions(chunk.captions)
-                pred = unet(noisy, timesteps, hidden).sample
+                pred = unet_prediction(unet, noisy, timesteps, hidden, chunk.time_ids)
             target = training_target(self.scheduler, latents, noise, timesteps)
             per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             total += per_sample.sum().item()
