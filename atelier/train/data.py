@@ -37,7 +37,9 @@ from atelier.train.dataset_options import (
     max_token_length,
 )
 from atelier.train.latents import PixelJob, StepEncoder
+from atelier.train.phases import phase
 from atelier.train.regularization import balance_reg_repeats
+from atelier.train.reuse import latent_store
 from atelier.train.state import as_tuples
 from atelier.train.validation import Validator, split_validation
 
@@ -149,6 +151,10 @@ class TrainingData:
     # -------------------------------------------------------------- latents
     def prepare(self, vae: torch.nn.Module, device: torch.device) -> None:
         """Cache the latents (or set up per-step encoding) and the validation latents."""
+        with phase("latents"):
+            self._prepare(vae, device)
+
+    def _prepare(self, vae: torch.nn.Module, device: torch.device) -> None:
         d = self.options
         cacheable, reason = can_cache_latents(d.random_crop, d.color_aug)
         if cache_latents_wanted(d) and not cacheable:
@@ -166,6 +172,7 @@ class TrainingData:
                 random_crop=d.random_crop,
                 color_aug=d.color_aug,
                 num_workers=d.max_data_loader_n_workers,
+                persistent_workers=d.get("persistent_data_loader_workers", True),
             )
             log.info("latents are encoded every step (not cached)")
 
@@ -180,7 +187,9 @@ class TrainingData:
     def _new_cache(self, vae: torch.nn.Module, device: torch.device, flip_aug: bool) -> LatentCache:
         d = self.options
         cache_dir = Path(d.latent_cache_dir) if d.latent_cache_dir else default_cache_dir(self.index.root)
-        return LatentCache(vae, cache_dir, d.cache_latents_to_disk, flip_aug=flip_aug, device=device)
+        # Jobs of an in-process sweep share what they encoded (atelier.train.reuse).
+        return LatentCache(vae, cache_dir, d.cache_latents_to_disk, flip_aug=flip_aug, device=device,
+                           shared=latent_store())
 
     @property
     def caches_latents(self) -> bool:

@@ -12,6 +12,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from atelier.outputs.run_dir import write_command, write_environment, write_resolved_config
 from atelier.train.lr_find import suggest_and_report
+from atelier.train import phases
 from atelier.train.metrics import peak_memory_mb, write_summary
 from atelier.train.signals import StopRequested
 from atelier.train.trainer import Trainer, TrainResult
@@ -51,13 +52,18 @@ def failure_reason(err: BaseException) -> str:
 
 
 def summarise(status: str, result: TrainResult | None, started: float, reason: str | None = None) -> dict[str, Any]:
+    wall = time.time() - started
     summary: dict[str, Any] = {
         "status": status,
         "reason": reason,
-        "wall_seconds": round(time.time() - started, 3),
+        "wall_seconds": round(wall, 3),
         "finished_at": time.time(),
         "peak_memory_mb": peak_memory_mb(),
+        # Where the wall time went: setup phases, "steps" (the timed training steps), "other".
+        "phase_seconds": phases.job_phases(wall, **({"steps": result.train_seconds} if result else {})),
     }
+    if phases.process_start_seconds is not None:  # the first job of a process: imports, Hydra
+        summary["process_start_seconds"] = round(phases.process_start_seconds, 3)
     if result is not None:
         summary.update(
             steps=result.steps,
@@ -82,6 +88,7 @@ def run_job(
     summary.json is written whatever happens, so a sweep report can tell why a job failed.
     """
     started = time.time()
+    phases.start_job(started)
     try:
         validate(cfg)
         write_resolved_config(run_dir, cfg)
@@ -94,7 +101,9 @@ def run_job(
 
 def run_training(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict[str, Any]:
     """Train one LoRA into `run_dir`; summary.json is written whether it succeeds or fails."""
-    started = started or time.time()
+    if started is None:
+        started = time.time()
+        phases.start_job(started)
     trainer = None
     try:
         trainer = Trainer(cfg, run_dir)

@@ -45,10 +45,13 @@ from atelier.train.optimizers import (
     has_train_eval_modes,
     is_adaptive,
 )
+from atelier.train.phases import time_methods
 from atelier.train.plan import TrainingPlan, make_plan
+from atelier.train.reuse import load_base
 from atelier.train.samples import SampleWriter
 from atelier.train.schedulers import lr_curve, lr_scheduler_from_config, warmup_steps
 from atelier.train.signals import StopFlag, StopRequested, stop_on_signals
+from atelier.train.speed import apply_model_settings, compile_unet, optimizer_args
 from atelier.train.state import (
     STATE_FILE,
     config_fingerprint,
@@ -60,6 +63,22 @@ from atelier.train.state import (
 from atelier.train.validation import Validator
 
 log = logging.getLogger(__name__)
+
+
+# Trainer methods timed into summary.json's phase_seconds (atelier.train.phases); the
+# training steps are result.train_seconds, latent caching is timed in TrainingData.prepare.
+TRAINER_PHASES = {
+    "_load_base_model": "model_load",
+    "_create_network": "network",
+    "_create_optimizer": "optimizer",
+    "_plot_lr_schedule": "lr_plot",
+    "_restore": "restore",
+    "_validate": "validation",
+    "_end_epoch": "epoch_outputs",
+    "_save_state": "state_saving",
+    "_finish": "final_outputs",
+    "setup": "setup_other",
+}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -121,6 +140,7 @@ class Trainer:
         self.device = self.accelerator.device
         self.stop = StopFlag()
         self.position: EpochProgress | None = None  # set when an epoch starts, or by _restore
+        time_methods(self, TRAINER_PHASES)  # summary.json's phase_seconds
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -226,7 +246,7 @@ class Trainer:
     def _load_base_model(self) -> BaseModel:
         m = self.cfg.model
         log.info("loading base model %s", m.path or m.builtin)
-        base = load_base_model(
+        base = load_base(m, self.cfg.training, lambda: load_base_model(
             m.path,
             builtin=m.builtin,
             version=m.version.value if hasattr(m.version, "value") else m.version,
@@ -234,7 +254,7 @@ class Trainer:
             config=m.config,
             vae=m.vae,
             allow_pickle=m.allow_pickle,
-        )
+        ))
         weight_dtype = {MixedPrecision.fp16: torch.float16, MixedPrecision.bf16: torch.bfloat16}.get(
             MixedPrecision(self.cfg.training.mixed_precision), torch.float32
         )
@@ -247,6 +267,7 @@ class Trainer:
         if weight_dtype != torch.float32:
             base.unet.to(weight_dtype)
             base.text_encoder.to(weight_dtype)
+        apply_model_settings(base, self.cfg.training, self.device)
         return base
 
     @property
@@ -266,6 +287,7 @@ class Trainer:
         network.apply_to()
         if self.cfg.training.gradient_checkpointing:
             self._enable_gradient_checkpointing()
+        compile_unet(self.base.unet, self.cfg.training)
         return network
 
     def scale_weight_norms(self) -> dict[str, float]:
@@ -296,7 +318,8 @@ class Trainer:
             groups.append({"params": self.network.parameters_of(TEXT_ENCODER_PREFIX), "lr": te_lr})
         warmup = warmup_steps(self.plan.total_steps, sched.warmup_steps, sched.warmup_ratio)
         check_schedule_fits(opt.type, getattr(sched.type, "value", sched.type), warmup)
-        optimizer = build_optimizer(opt.type, groups, opt.learning_rate, dict(opt.args))
+        optimizer = build_optimizer(opt.type, groups, opt.learning_rate,
+                                    optimizer_args(opt.type, dict(opt.args), self.cfg.training, self.device))
         lr_scheduler = lr_scheduler_from_config(sched, optimizer, self.plan.total_steps)
         return optimizer, lr_scheduler
 
