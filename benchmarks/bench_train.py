@@ -113,15 +113,29 @@ def measure_run(overrides: list[str], steps: int, warmup: int) -> tuple[dict, li
     return result, command
 
 
-def measure_compare(overrides: list[str], compare: list[str], steps: int, warmup: int) -> tuple[dict, list[str]]:
-    """The same run without and with `compare` (e.g. training.channels_last=true)."""
-    off, _ = measure_run(overrides, steps, warmup)
-    on, command = measure_run([*overrides, *compare], steps, warmup)
+def measure_compare(
+    overrides: list[str], compare: list[str], steps: int, warmup: int, repeat: int = 1
+) -> tuple[dict, list[str]]:
+    """The same run without and with `compare` (e.g. training.channels_last=true).
+
+    With repeat > 1 the runs alternate off, on, off, on, ... and the medians are reported:
+    on a shared machine the load changes between runs, and alternating spreads it evenly.
+    """
+    offs, ons = [], []
+    for _ in range(repeat):
+        offs.append(measure_run(overrides, steps, warmup)[0])
+        on, command = measure_run([*overrides, *compare], steps, warmup)
+        ons.append(on)
+    off = min(offs, key=lambda r: abs(r["seconds_per_step"] - statistics.median(x["seconds_per_step"] for x in offs)))
+    on = min(ons, key=lambda r: abs(r["seconds_per_step"] - statistics.median(x["seconds_per_step"] for x in ons)))
     result = {
         "feature": " ".join(compare),
-        "seconds_per_step_off": off["seconds_per_step"],
-        "seconds_per_step_on": on["seconds_per_step"],
-        "speedup": round(off["seconds_per_step"] / on["seconds_per_step"], 3),
+        "runs_each": repeat,
+        "seconds_per_step_off": round(statistics.median(r["seconds_per_step"] for r in offs), 4),
+        "seconds_per_step_on": round(statistics.median(r["seconds_per_step"] for r in ons), 4),
+        "speedup": None,  # off / on, set below
+        "all_seconds_per_step_off": [r["seconds_per_step"] for r in offs],
+        "all_seconds_per_step_on": [r["seconds_per_step"] for r in ons],
         "first_step_seconds_off": off["first_step_seconds"],
         "first_step_seconds_on": on["first_step_seconds"],
         "peak_ram_mb_off": off["peak_ram_mb"],
@@ -131,6 +145,7 @@ def measure_compare(overrides: list[str], compare: list[str], steps: int, warmup
         "off": off,
         "on": on,
     }
+    result["speedup"] = round(result["seconds_per_step_off"] / result["seconds_per_step_on"], 3)
     return result, command
 
 
@@ -206,6 +221,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="overrides describe a -m sweep")
     parser.add_argument("--compare", nargs="+", metavar="OVERRIDE",
                         help="measure the run without, then with these overrides (e.g. training.channels_last=true)")
+    parser.add_argument("--repeat", type=int, default=1, help="--compare: alternate off/on runs this many times")
     parser.add_argument("--no-markdown", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
     args = parser.parse_args()
@@ -215,7 +231,7 @@ def main() -> None:
     if args.sweep:
         result, command = measure_sweep(args.overrides)
     elif args.compare:
-        result, command = measure_compare(args.overrides, args.compare, args.steps, args.warmup)
+        result, command = measure_compare(args.overrides, args.compare, args.steps, args.warmup, args.repeat)
     else:
         result, command = measure_run(args.overrides, args.steps, args.warmup)
     record = {"label": args.label, "kind": kind, "result": result, "machine": info,

@@ -157,3 +157,14 @@ def test_summary_has_phase_seconds(tmp_path):
     for name in ("model_load", "latents", "network", "optimizer", "steps", "final_outputs", "other"):
         assert name in phases, phases
     assert sum(phases.values()) == pytest.approx(summary["wall_seconds"], abs=0.05)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_persistent_workers_key_reaches_the_step_encoder(persistent):
+    from atelier.train.data import TrainingData
+
+    cfg = make_cfg("dataset.random_crop=true", "dataset.max_data_loader_n_workers=1",
+                   f"dataset.persistent_data_loader_workers={str(persistent).lower()}")  # fmt: skip
+    data = TrainingData(cfg.dataset, 1, 2)
+    data.prepare(None, torch.device("cpu"))  # augmented: per-step encoding, the VAE is not read yet
+    assert data.step_encoder.pixels._loader.persistent_workers is persistent
