@@ -7,6 +7,8 @@ and code elsewhere can add to a phase with `with phase("latents"): ...`.
 
 Phases overlap nothing: a phase started inside another is subtracted from the outer
 one, so the values add up to at most the job's wall time ("other" is the rest).
+A Trainer made outside run_job (run_training called directly) starts the phases itself
+(`attach_trainer`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 _seconds: dict[str, float] = {}
 _stack: list[list[float]] = []  # per open phase: [start, seconds spent in inner phases]
 _jobs_started = 0
+_trainer_attached = True  # False between run_job's start_job() and its Trainer
 # Seconds from the process start to its first job (imports, Hydra's config); None after it.
 process_start_seconds: float | None = None
 
@@ -35,7 +38,8 @@ def _process_started_at() -> float | None:
 
 def start_job(started: float) -> None:
     """A job starts at time.time() == started: its phases start from zero."""
-    global _jobs_started, process_start_seconds
+    global _jobs_started, process_start_seconds, _trainer_attached
+    _trainer_attached = False
     _seconds.clear()
     _stack.clear()
     process_start_seconds = None
@@ -59,6 +63,14 @@ def phase(name: str) -> Iterator[None]:
             _stack[-1][1] += total
 
 
+def attach_trainer() -> None:
+    """A Trainer was made: phases restart unless run_job just started them for it."""
+    global _trainer_attached
+    if _trainer_attached:
+        start_job(time.time())
+    _trainer_attached = True
+
+
 def add(name: str, seconds: float) -> None:
     """Time measured elsewhere (e.g. the training steps): moved out of the enclosing phase."""
     _seconds[name] = _seconds.get(name, 0.0) + seconds
@@ -77,6 +89,7 @@ def timed(name: str, method):
 
 def time_methods(obj: Any, names: dict[str, str]) -> None:
     """Wrap obj's bound methods {method: phase} so each call is timed as that phase."""
+    attach_trainer()
     for method, name in names.items():
         setattr(obj, method, timed(name, getattr(obj, method)))
 

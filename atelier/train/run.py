@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from atelier.outputs.run_dir import write_command, write_environment, write_resolved_config
-from atelier.train.lr_find import suggest_and_report
 from atelier.train import phases
+from atelier.train.lr_find import suggest_and_report
 from atelier.train.metrics import peak_memory_mb, write_summary
 from atelier.train.signals import StopRequested
 from atelier.train.trainer import Trainer, TrainResult
@@ -101,9 +101,7 @@ def run_job(
 
 def run_training(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict[str, Any]:
     """Train one LoRA into `run_dir`; summary.json is written whether it succeeds or fails."""
-    if started is None:
-        started = time.time()
-        phases.start_job(started)
+    started = started or time.time()
     trainer = None
     try:
         trainer = Trainer(cfg, run_dir)
