@@ -104,10 +104,14 @@ def test_fused_optimizer_on_cpu_trains_with_a_log_line(tmp_path, caplog):
     assert "ignored on cpu" in caplog.text
 
 
-def test_tf32_is_a_logged_no_op_on_cpu(caplog):
+def test_tf32_is_a_logged_no_op_on_cpu(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="atelier.train.speed"):
         assert apply_backend_settings({"allow_tf32": True}, torch.device("cpu")) == {"allow_tf32": False}
     assert "no-op" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="atelier.train.speed"):
+        loaded(tmp_path, "training.allow_tf32=true")  # the trainer applies it as the model loads
+    assert "allow_tf32=true: no-op on cpu" in caplog.text
 
 
 def _worker_pid(self, job):

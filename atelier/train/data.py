@@ -28,6 +28,7 @@ from atelier.data.buckets import BucketManager, bucket_batches, bucket_steps_per
 from atelier.data.caption_ops import captions_are_static, process_caption
 from atelier.data.dataset import DatasetIndex, ImageItem, scan_dataset
 from atelier.data.latent_cache import LatentCache, can_cache_latents, default_cache_dir
+from atelier.train import phases, reuse
 from atelier.train.caption_encoder import CaptionEncoder
 from atelier.train.dataset_options import (
     bucket_settings,
@@ -37,9 +38,7 @@ from atelier.train.dataset_options import (
     max_token_length,
 )
 from atelier.train.latents import PixelJob, StepEncoder
-from atelier.train.phases import phase
 from atelier.train.regularization import balance_reg_repeats
-from atelier.train.reuse import latent_store
 from atelier.train.state import as_tuples
 from atelier.train.validation import Validator, split_validation
 
@@ -151,7 +150,7 @@ class TrainingData:
     # -------------------------------------------------------------- latents
     def prepare(self, vae: torch.nn.Module, device: torch.device) -> None:
         """Cache the latents (or set up per-step encoding) and the validation latents."""
-        with phase("latents"):
+        with phases.phase("latents"):
             self._prepare(vae, device)
 
     def _prepare(self, vae: torch.nn.Module, device: torch.device) -> None:
@@ -189,7 +188,7 @@ class TrainingData:
         cache_dir = Path(d.latent_cache_dir) if d.latent_cache_dir else default_cache_dir(self.index.root)
         # Jobs of an in-process sweep share what they encoded (atelier.train.reuse).
         return LatentCache(vae, cache_dir, d.cache_latents_to_disk, flip_aug=flip_aug, device=device,
-                           shared=latent_store())
+                           shared=reuse.latent_store())
 
     @property
     def caches_latents(self) -> bool:

@@ -92,9 +92,17 @@ def base_key(m: Any) -> tuple:
             _stamp(m.path), _stamp(m.vae))  # fmt: skip
 
 
-def load_base(m: Any, t: Any, load: Callable[[], Any]) -> Any:
-    """The base model for model config `m`: loaded by `load()`, or a fresh copy of the kept one."""
-    load = _random_builtin_loader(m) or load
+def load_base(m: Any, t: Any, device: torch.device, load: Callable[[], Any]) -> Any:
+    """The base model for model config `m`: loaded by `load()`, or a fresh copy of the kept one,
+    with the speed settings of training config `t` applied (atelier.train.speed)."""
+    from atelier.train.speed import apply_model_settings
+
+    base = _load_or_copy(m, t, _random_builtin_loader(m) or load)
+    apply_model_settings(base, t, device)
+    return base
+
+
+def _load_or_copy(m: Any, t: Any, load: Callable[[], Any]) -> Any:
     if not _enabled(t):
         return load()
     key = base_key(m)

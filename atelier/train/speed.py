@@ -2,8 +2,8 @@
 
 The trainer calls three functions, each at one place:
 
-    apply_backend_settings(t, device)        # before the model is loaded: TF32 matmuls
-    apply_model_settings(base, t, device)    # after loading: attention processor, memory format
+    apply_model_settings(base, t, device)    # as the base is loaded (atelier.train.reuse.load_base):
+                                             # TF32, attention processor, memory format
     compile_unet(base.unet, t)               # after the LoRA network is applied: torch.compile
     optimizer_args(type, args, t, device)    # fused AdamW when it can run
 
@@ -83,7 +83,10 @@ def set_attention(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, k
 
 
 def apply_model_settings(base: Any, t: Any, device: torch.device) -> None:
-    """training.attention and training.channels_last on a freshly loaded base model."""
+    """training.allow_tf32, attention and channels_last on a freshly loaded base model.
+
+    channels_last survives the later dtype cast (Tensor.to keeps the memory format)."""
+    apply_backend_settings(t, device)
     kind = _get(t, "attention", "sdpa")
     set_attention(base.unet, base.text_encoder, kind)
     log.info("attention: %s", kind)

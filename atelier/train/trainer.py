@@ -22,6 +22,7 @@ from atelier.network.factory import build_network
 from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork
 from atelier.outputs.lora_file import save_lora
 from atelier.outputs.metadata import checkpoint_metadata, training_metadata
+from atelier.train import phases, reuse, speed
 from atelier.train.caption_encoder import CaptionEncoder
 from atelier.train.data import Batch, TrainingData
 from atelier.train.losses import diffusion_loss, training_target
@@ -45,13 +46,10 @@ from atelier.train.optimizers import (
     has_train_eval_modes,
     is_adaptive,
 )
-from atelier.train.phases import time_methods
 from atelier.train.plan import TrainingPlan, make_plan
-from atelier.train.reuse import load_base
 from atelier.train.samples import SampleWriter
 from atelier.train.schedulers import lr_curve, lr_scheduler_from_config, warmup_steps
 from atelier.train.signals import StopFlag, StopRequested, stop_on_signals
-from atelier.train.speed import apply_model_settings, compile_unet, optimizer_args
 from atelier.train.state import (
     STATE_FILE,
     config_fingerprint,
@@ -140,7 +138,7 @@ class Trainer:
         self.device = self.accelerator.device
         self.stop = StopFlag()
         self.position: EpochProgress | None = None  # set when an epoch starts, or by _restore
-        time_methods(self, TRAINER_PHASES)  # summary.json's phase_seconds
+        phases.time_methods(self, TRAINER_PHASES)  # summary.json's phase_seconds
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -246,7 +244,7 @@ class Trainer:
     def _load_base_model(self) -> BaseModel:
         m = self.cfg.model
         log.info("loading base model %s", m.path or m.builtin)
-        base = load_base(m, self.cfg.training, lambda: load_base_model(
+        base = reuse.load_base(m, self.cfg.training, self.device, lambda: load_base_model(
             m.path,
             builtin=m.builtin,
             version=m.version.value if hasattr(m.version, "value") else m.version,
@@ -267,7 +265,6 @@ class Trainer:
         if weight_dtype != torch.float32:
             base.unet.to(weight_dtype)
             base.text_encoder.to(weight_dtype)
-        apply_model_settings(base, self.cfg.training, self.device)
         return base
 
     @property
@@ -287,7 +284,7 @@ class Trainer:
         network.apply_to()
         if self.cfg.training.gradient_checkpointing:
             self._enable_gradient_checkpointing()
-        compile_unet(self.base.unet, self.cfg.training)
+        speed.compile_unet(self.base.unet, self.cfg.training)
         return network
 
     def scale_weight_norms(self) -> dict[str, float]:
@@ -319,7 +316,7 @@ class Trainer:
         warmup = warmup_steps(self.plan.total_steps, sched.warmup_steps, sched.warmup_ratio)
         check_schedule_fits(opt.type, getattr(sched.type, "value", sched.type), warmup)
         optimizer = build_optimizer(opt.type, groups, opt.learning_rate,
-                                    optimizer_args(opt.type, dict(opt.args), self.cfg.training, self.device))
+                                    speed.optimizer_args(opt.type, dict(opt.args), self.cfg.training, self.device))
         lr_scheduler = lr_scheduler_from_config(sched, optimizer, self.plan.total_steps)
         return optimizer, lr_scheduler
 
