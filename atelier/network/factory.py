@@ -10,6 +10,7 @@ from torch import nn
 
 from atelier.network.dylora import DyLoRAModule
 from atelier.network.lora import LoRAModule, LoRANetwork
+from atelier.network.lycoris_modules import is_ia3_target, make_lycoris_module
 from atelier.network.spec import NetworkSpec
 from atelier.network.targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, iter_targets
 from atelier.outputs.lora_file import load_lora
@@ -59,7 +60,7 @@ def create_network(
     for target in iter_targets(unet, text_encoder, conv=conv):
         if names is not None and target.lora_name not in names:
             continue
-        if spec.kind == "ia3" and not _is_ia3_target(target):
+        if spec.kind == "ia3" and not is_ia3_target(target):
             continue
         modules[target.lora_name] = make_module(spec, target, **per_module.get(target.lora_name, {}))
     return LoRANetwork(modules)
@@ -80,16 +81,7 @@ def make_module(spec: NetworkSpec, target: TargetLayer, dim: int | None = None, 
         return DyLoRAModule(target.lora_name, target.module, dim, alpha, spec.unit)
     if spec.kind == "lokr":
         options = {"factor": spec.factor, **options}
-    # Imported here: lycoris pulls in peft and bitsandbytes (seconds per process) for LoHa/LoKr/IA3 only.
-    from atelier.network.lycoris_modules import make_lycoris_module
-
     return make_lycoris_module(spec.kind, target, dim, alpha, spec.rank_dropout, spec.module_dropout, **options)
-
-
-def _is_ia3_target(target: TargetLayer) -> bool:
-    from atelier.network.lycoris_modules import is_ia3_target
-
-    return is_ia3_target(target)
 
 
 def file_family(state: dict[str, torch.Tensor]) -> str:
