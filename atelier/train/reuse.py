@@ -116,8 +116,9 @@ def _load_or_copy(m: Any, t: Any, load: Callable[[], Any]) -> Any:
 
 
 def fresh_copy(base: Any) -> Any:
-    """Deep copy of a BaseModel; the tokenizer (read-only) is shared."""
-    memo = {id(base.tokenizer): base.tokenizer}
+    """Deep copy of a BaseModel; the tokenizers (read-only) are shared."""
+    tokenizers = [base.tokenizer, getattr(base, "tokenizer_2", None)]
+    memo = {id(t): t for t in tokenizers if t is not None}
     return copy.deepcopy(base, memo)
 
 

@@ -72,9 +72,11 @@ def attention_processor(kind: str):
     raise ValueError(f"training.attention={kind!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
 
 
-def set_attention(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, kind: str) -> None:
+def set_attention(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], kind: str) -> None:
     unet.set_attn_processor(attention_processor(kind))
-    if text_encoder is not None and hasattr(text_encoder, "set_attn_implementation"):
+    for text_encoder in text_encoders:
+        if not hasattr(text_encoder, "set_attn_implementation"):
+            continue
         # transformers: "sdpa" or "eager" (its plain matmul/softmax attention); no xformers there.
         try:
             text_encoder.set_attn_implementation("eager" if kind == "math" else "sdpa")
@@ -88,7 +90,8 @@ def apply_model_settings(base: Any, t: Any, device: torch.device) -> None:
     channels_last survives the later dtype cast (Tensor.to keeps the memory format)."""
     apply_backend_settings(t, device)
     kind = _get(t, "attention", "sdpa")
-    set_attention(base.unet, base.text_encoder, kind)
+    # SDXL: both text encoders (BaseModel.text_encoders); SD1/2: the one.
+    set_attention(base.unet, list(getattr(base, "text_encoders", [base.text_encoder])), kind)
     log.info("attention: %s", kind)
     if _get(t, "channels_last", False):
         # Convolutions (most of a UNet's time) run NHWC kernels; Linear layers are unaffected.
