@@ -5,10 +5,20 @@
         model=sd15 model.path=/models/sd15 dataset.resolution=256 training.train_batch_size=1
     python benchmarks/bench_train.py --sweep --label sweep8-debug -- \
         -m optimizer=adamw,prodigy network.dim=4,8 training.seed=1,2 debug=smoke
+    python benchmarks/bench_train.py --label tiny-nhwc --compare training.channels_last=true -- \
+        training.train_batch_size=2
+    python benchmarks/bench_train.py --label sd15-256-nhwc --steps 4 --warmup 1 \
+        --compare training.channels_last=true -- model=sd15_random dataset.resolution=256 \
+        training.train_batch_size=1
 
 Single runs report the median seconds per optimizer step after warm-up, images per
 second, the time from process start to the end of the first step, and peak RAM/VRAM.
-Sweeps report the total wall time and the share spent outside training steps.
+Sweeps report the total wall time and the share spent outside training steps, with the
+seconds per phase summed over the jobs (summary.json's phase_seconds: model_load, latents,
+lr_plot, epoch_outputs (samples, checkpoints), final_outputs, steps, ...) and
+`process_start` (process start to the first job: imports, Hydra). --compare runs the
+config twice, without and with the given overrides, and reports both and the speed-up.
+Every figure carries the load average (the machine may be shared).
 Figures go to stdout, to benchmarks/results/<label>-<time>.json, and as a row of
 BENCHMARKS.md with the machine, versions and exact command.
 """
@@ -58,6 +68,10 @@ def machine() -> dict:
     return info
 
 
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def run(command: list[str]) -> float:
     """Run train.py; returns the process start time. Fails loudly with its output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -86,6 +100,7 @@ def measure_run(overrides: list[str], steps: int, warmup: int) -> tuple[dict, li
     per_step = statistics.median(timed)
     images = cfg["training"]["train_batch_size"] * cfg["training"]["gradient_accumulation_steps"]
     result = {
+        "load_average": load_average(),
         "seconds_per_step": round(per_step, 4),
         "images_per_second": round(images / per_step, 3),
         "first_step_seconds": round(records[0]["time"] - started, 2),
@@ -93,8 +108,56 @@ def measure_run(overrides: list[str], steps: int, warmup: int) -> tuple[dict, li
         "peak_ram_mb": round(summary["peak_memory_mb"]["ram_mb"]),
         "peak_vram_mb": round(summary["peak_memory_mb"].get("vram_mb", 0)) or None,
         "steps_timed": len(timed),
+        "phase_seconds": summary.get("phase_seconds"),
     }
     return result, command
+
+
+def measure_compare(
+    overrides: list[str], compare: list[str], steps: int, warmup: int, repeat: int = 1
+) -> tuple[dict, list[str]]:
+    """The same run without and with `compare` (e.g. training.channels_last=true).
+
+    With repeat > 1 the runs alternate off, on, off, on, ... and the medians are reported:
+    on a shared machine the load changes between runs, and alternating spreads it evenly.
+    """
+    offs, ons = [], []
+    for _ in range(repeat):
+        offs.append(measure_run(overrides, steps, warmup)[0])
+        on, command = measure_run([*overrides, *compare], steps, warmup)
+        ons.append(on)
+    off = min(offs, key=lambda r: abs(r["seconds_per_step"] - statistics.median(x["seconds_per_step"] for x in offs)))
+    on = min(ons, key=lambda r: abs(r["seconds_per_step"] - statistics.median(x["seconds_per_step"] for x in ons)))
+    result = {
+        "feature": " ".join(compare),
+        "runs_each": repeat,
+        "seconds_per_step_off": round(statistics.median(r["seconds_per_step"] for r in offs), 4),
+        "seconds_per_step_on": round(statistics.median(r["seconds_per_step"] for r in ons), 4),
+        "speedup": None,  # off / on, set below
+        "all_seconds_per_step_off": [r["seconds_per_step"] for r in offs],
+        "all_seconds_per_step_on": [r["seconds_per_step"] for r in ons],
+        "first_step_seconds_off": off["first_step_seconds"],
+        "first_step_seconds_on": on["first_step_seconds"],
+        "peak_ram_mb_off": off["peak_ram_mb"],
+        "peak_ram_mb_on": on["peak_ram_mb"],
+        "load_average_off": off["load_average"],
+        "load_average_on": on["load_average"],
+        "off": off,
+        "on": on,
+    }
+    result["speedup"] = round(result["seconds_per_step_off"] / result["seconds_per_step_on"], 3)
+    return result, command
+
+
+def _phase_totals(jobs: list[Path]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for job in jobs:
+        summary = json.loads((job / "summary.json").read_text())
+        if summary.get("process_start_seconds") is not None:
+            totals["process_start"] = totals.get("process_start", 0.0) + summary["process_start_seconds"]
+        for name, seconds in (summary.get("phase_seconds") or {}).items():
+            totals[name] = totals.get(name, 0.0) + seconds
+    return {name: round(seconds, 2) for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 def measure_sweep(overrides: list[str]) -> tuple[dict, list[str]]:
@@ -105,27 +168,44 @@ def measure_sweep(overrides: list[str]) -> tuple[dict, list[str]]:
         wall = time.time() - started
         jobs = [p for p in sweep_dir.iterdir() if (p / "metrics.jsonl").is_file()]
         train = sum(r["time/step_seconds"] for job in jobs for r in step_records(job))
+        phases = _phase_totals(jobs)
+        in_jobs = sum(json.loads((job / "summary.json").read_text())["wall_seconds"] for job in jobs)
+    phases["between_jobs"] = round(max(0.0, wall - in_jobs - phases.get("process_start", 0.0)), 2)
     result = {
+        "load_average": load_average(),
         "jobs": len(jobs),
         "wall_seconds": round(wall, 2),
         "training_step_seconds": round(train, 2),
         "outside_steps_fraction": round(1 - train / wall, 3),
         "seconds_outside_steps_per_job": round((wall - train) / max(len(jobs), 1), 2),
+        "phase_seconds": phases,
     }
     return result, command
+
+
+def _cell(value) -> str:
+    if isinstance(value, dict):  # phase seconds: the largest first
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value)
 
 
 def append_markdown(label: str, kind: str, result: dict, info: dict, command: list[str]) -> None:
     header = "# Benchmarks\n\nRows appended by `benchmarks/*.py`; each names its machine and exact command.\n"
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else header
-    title = {"run": "## Training speed (benchmarks/bench_train.py)", "sweep": "## Sweep overhead (benchmarks/bench_train.py --sweep)"}[kind]
-    columns = list(result)
+    title = {
+        "run": "## Training speed (benchmarks/bench_train.py)",
+        "sweep": "## Sweep overhead (benchmarks/bench_train.py --sweep)",
+        "compare": "## Feature on/off (benchmarks/bench_train.py --compare)",
+    }[kind]
+    columns = [c for c in result if c not in ("off", "on", "phase_seconds")]
+    if kind == "sweep":
+        columns.append("phase_seconds")
     if title not in text:
         text += f"\n{title}\n\n| date | label | machine | " + " | ".join(columns) + " | command |\n"
         text += "|" + " --- |" * (len(columns) + 4) + "\n"
     where = f"{info['cores']}x {info['cpu']}" + (f", {info['gpu']}" if info.get("gpu") else "") + f", torch {info['torch']}"
     row = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {label} | {where} | "
-           + " | ".join(str(result[c]) for c in columns) + f" | `{shlex.join(command[1:])}` |\n")
+           + " | ".join(_cell(result.get(c)) for c in columns) + f" | `{shlex.join(command[1:])}` |\n")
     # Insert the row at the end of its table (the table ends at the next blank line).
     start = text.index(title)
     end = text.find("\n\n", text.index("|", start))
@@ -139,16 +219,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--sweep", action="store_true", help="overrides describe a -m sweep")
+    parser.add_argument("--compare", nargs="+", metavar="OVERRIDE",
+                        help="measure the run without, then with these overrides (e.g. training.channels_last=true)")
+    parser.add_argument("--repeat", type=int, default=1, help="--compare: alternate off/on runs this many times")
     parser.add_argument("--no-markdown", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
     args = parser.parse_args()
 
     info = machine()
+    kind = "sweep" if args.sweep else "compare" if args.compare else "run"
     if args.sweep:
         result, command = measure_sweep(args.overrides)
+    elif args.compare:
+        result, command = measure_compare(args.overrides, args.compare, args.steps, args.warmup, args.repeat)
     else:
         result, command = measure_run(args.overrides, args.steps, args.warmup)
-    record = {"label": args.label, "kind": "sweep" if args.sweep else "run", "result": result, "machine": info,
+    record = {"label": args.label, "kind": kind, "result": result, "machine": info,
               "command": shlex.join(command[1:]), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.label}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"

@@ -78,6 +78,14 @@ class MixedPrecision(str, Enum):
     bf16 = "bf16"
 
 
+class Attention(str, Enum):
+    """The UNet's attention kernel (sd-scripts: --sdpa, --xformers; neither = math)."""
+
+    sdpa = "sdpa"  # torch scaled_dot_product_attention (flash / memory-efficient kernels)
+    math = "math"  # plain matmul + softmax (diffusers AttnProcessor)
+    xformers = "xformers"  # needs the xformers package (CUDA)
+
+
 class SavePrecision(str, Enum):
     float = "float"
     fp16 = "fp16"
@@ -198,6 +206,9 @@ class DatasetConfig:
     # Processes that decode images when latents are encoded per step (0 = in the
     # training process); sd-scripts: --max_data_loader_n_workers.
     max_data_loader_n_workers: int = 0
+    # Keep those worker processes from one epoch to the next instead of starting them
+    # again each epoch (sd-scripts: --persistent_data_loader_workers, off there by default).
+    persistent_data_loader_workers: bool = True
     # Captions, processed every step in this order: prefix/suffix, dropout, shuffle.
     shuffle_caption: bool = False
     caption_separator: str = ","
@@ -264,6 +275,24 @@ class TrainingConfig:
     huber_schedule: HuberSchedule = HuberSchedule.snr
     huber_c: float = 0.1
     huber_scale: float = 1.0
+    # Speed (atelier.train.speed; each logs what it did, or why it does nothing here).
+    attention: Attention = Attention.sdpa
+    # UNet weights and activations in NHWC memory format (faster convolutions on GPUs).
+    channels_last: bool = False
+    # torch.compile the UNet (LoRA included); backend and mode as torch.compile takes them
+    # (sd-scripts: --torch_compile, --dynamo_backend; mode: inductor's "default",
+    # "reduce-overhead", "max-autotune", ...).
+    torch_compile: bool = False
+    dynamo_backend: str = "inductor"
+    torch_compile_mode: Optional[str] = None
+    # AdamW's fused CUDA kernel (optimizer.args fused=True) when the run is on a GPU;
+    # ignored with a log line on a CPU or for other optimizers.
+    fused_optimizer: bool = False
+    # TF32 matmuls/convolutions on Ampere+ NVIDIA GPUs; a logged no-op elsewhere.
+    allow_tf32: bool = False
+    # Jobs of a sweep run in one process (the default launcher) load the base model once
+    # and each get a fresh copy of it, and share their cached latents.
+    reuse_base_model: bool = True
     # After training, turn the logged d*lr of an adaptive optimizer into lr_suggestion.json
     # (experiment=lr_find sets it; atelier.train.lr_find).
     suggest_lr: bool = False

@@ -121,6 +121,7 @@ class LatentCache:
         batch_size: int = 4,
         device: torch.device | str | None = None,
         sample_posterior: bool = True,
+        shared: dict[str, torch.Tensor] | None = None,
     ):
         if to_disk and cache_dir is None:
             raise ValueError("a disk latent cache needs a cache_dir (e.g. default_cache_dir(dataset root))")
@@ -137,6 +138,8 @@ class LatentCache:
         self.stats = CacheStats()
         self._by_key: dict[str, torch.Tensor] = {}
         self._keys: dict[tuple[int, bool], str] = {}
+        # Latents other caches of this process built (same content keys): read, never encoded twice.
+        self._shared = shared
 
     # ------------------------------------------------------------- lookup
     def get(self, item_index: int, flipped: bool = False) -> torch.Tensor:
@@ -191,6 +194,10 @@ class LatentCache:
         if key in self._by_key:
             self.stats.memory_hits += 1
             return True
+        if self._shared is not None and key in self._shared:
+            self._by_key[key] = self._shared[key]
+            self.stats.memory_hits += 1
+            return True
         latent = self._read_disk(key, bucket)
         if latent is None:
             return False
@@ -230,6 +237,8 @@ class LatentCache:
         latents = self._encode_pixels(torch.stack(pixels), keys)
         for key, latent in zip(keys, latents):
             self._by_key[key] = latent
+            if self._shared is not None:
+                self._shared[key] = latent
             self.stats.encoded += 1
             if self.to_disk:
                 self._write_disk(key, latent, bucket)

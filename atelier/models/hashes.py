@@ -37,6 +37,8 @@ def model_hashes(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     where the hash cache lives (default: $ATELIER_CACHE, as the tiny model).
     Raises FileNotFoundError / ValueError when there is nothing to hash.
     """
+    if str(path).startswith("builtin:"):  # built in memory with random weights: no file to hash
+        return {}
     files = weights_files(path)
     key = "|".join(str(f) for f in files)
     stamp = [[f.stat().st_size, f.stat().st_mtime_ns] for f in files]

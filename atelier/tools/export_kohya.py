@@ -112,6 +112,14 @@ def _with_validation(value: Any, cfg: dict[str, Any]) -> Any:
     return value if cfg["dataset"].get("validation_split") else None
 
 
+def _attention(value: Any, cfg: dict[str, Any]) -> bool:
+    return value == "sdpa"
+
+
+def _with_torch_compile(value: Any, cfg: dict[str, Any]) -> Any:
+    return value if cfg["training"].get("torch_compile") else None
+
+
 def _args_value(name: str, value: Any) -> Any:
     """The dataset TOML's resolution is a number; train_network.py's --resolution a string."""
     return str(value) if name == "resolution" else value
@@ -185,6 +193,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("dataset.cache_text_encoder_outputs", None,
            note="train_network.py (SD1/2) has no text-encoder cache; sdxl_train_network.py has"),
     Option("dataset.max_data_loader_n_workers", "max_data_loader_n_workers"),
+    Option("dataset.persistent_data_loader_workers", "persistent_data_loader_workers", kind="switch",
+           note="atelier's default is true; sd-scripts' is off"),
     Option("dataset.shuffle_caption", "shuffle_caption", "dataset", kind="switch"),
     Option("dataset.caption_separator", "caption_separator"),
     Option("dataset.keep_tokens", "keep_tokens", "dataset"),
@@ -231,6 +241,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("training.huber_c", "huber_c"),
     Option("training.huber_scale", "huber_scale", convert=lambda v, c: None if v == 1.0 else v,
            note="recent sd-scripts; left out at its default 1.0 for older ones"),
+    Option("training.attention", "sdpa", kind="switch", convert=_attention,
+           note="xformers: --xformers; math: neither switch"),
+    Option("training.channels_last", None, note="sd-scripts has no channels_last switch"),
+    Option("training.torch_compile", "torch_compile", kind="switch"),
+    Option("training.dynamo_backend", "dynamo_backend", convert=_with_torch_compile),
+    Option("training.torch_compile_mode", None,
+           note="sd-scripts' --torch_compile uses torch.compile's default mode"),
+    Option("training.fused_optimizer", None,
+           note="pass optimizer_args fused=True to sd-scripts (CUDA only)"),
+    Option("training.allow_tf32", None, note="sd-scripts leaves torch's TF32 defaults"),
+    Option("training.reuse_base_model", None,
+           note="atelier's in-process sweeps; sd-scripts trains one run per process"),
     Option("training.suggest_lr", None,
            note="atelier's lr finder (experiment=lr_find): reads the logged d*lr into lr_suggestion.json"),
     # sampling

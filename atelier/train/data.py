@@ -30,6 +30,7 @@ from atelier.data.buckets import BucketManager, bucket_batches, bucket_steps_per
 from atelier.data.caption_ops import captions_are_static, process_caption
 from atelier.data.dataset import DatasetIndex, ImageItem, scan_dataset
 from atelier.data.latent_cache import LatentCache, can_cache_latents, default_cache_dir
+from atelier.train import phases, reuse
 from atelier.train.caption_encoder import CaptionEncoder
 from atelier.train.dataset_options import (
     bucket_settings,
@@ -157,6 +158,10 @@ class TrainingData:
     # -------------------------------------------------------------- latents
     def prepare(self, vae: torch.nn.Module, device: torch.device) -> None:
         """Cache the latents (or set up per-step encoding) and the validation latents."""
+        with phases.phase("latents"):
+            self._prepare(vae, device)
+
+    def _prepare(self, vae: torch.nn.Module, device: torch.device) -> None:
         d = self.options
         cacheable, reason = can_cache_latents(d.random_crop, d.color_aug)
         if cache_latents_wanted(d) and not cacheable:
@@ -174,6 +179,7 @@ class TrainingData:
                 random_crop=d.random_crop,
                 color_aug=d.color_aug,
                 num_workers=d.max_data_loader_n_workers,
+                persistent_workers=d.get("persistent_data_loader_workers", True),
             )
             log.info("latents are encoded every step (not cached)")
 
@@ -188,7 +194,9 @@ class TrainingData:
     def _new_cache(self, vae: torch.nn.Module, device: torch.device, flip_aug: bool) -> LatentCache:
         d = self.options
         cache_dir = Path(d.latent_cache_dir) if d.latent_cache_dir else default_cache_dir(self.index.root)
-        return LatentCache(vae, cache_dir, d.cache_latents_to_disk, flip_aug=flip_aug, device=device)
+        # Jobs of an in-process sweep share what they encoded (atelier.train.reuse).
+        return LatentCache(vae, cache_dir, d.cache_latents_to_disk, flip_aug=flip_aug, device=device,
+                           shared=reuse.latent_store())
 
     @property
     def caches_latents(self) -> bool:

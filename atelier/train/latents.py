@@ -1,7 +1,8 @@
 """VAE latents of a training batch when they are not cached: encoded every step.
 
 Pixels are decoded, cropped and augmented in a torch DataLoader (worker processes
-with dataset.max_data_loader_n_workers > 0, started once and kept for the run) from
+with dataset.max_data_loader_n_workers > 0, started once and kept for the run unless
+dataset.persistent_data_loader_workers=false) from
 per-sample seeds drawn in the training process, so workers never decide anything
 random themselves. The VAE runs in the training process.
 
@@ -68,14 +69,17 @@ class _Jobs(Sampler):
 class PixelLoader:
     """Pixels of PixelJobs, in order; `num_workers` processes decode ahead (0: in this process)."""
 
-    def __init__(self, random_crop: bool, color_aug: bool, num_workers: int = 0):
+    def __init__(self, random_crop: bool, color_aug: bool, num_workers: int = 0, persistent_workers: bool = True):
         self.dataset = PixelBatches(random_crop, color_aug)
         self._jobs = _Jobs()
         self._loader = None
         if num_workers > 0:
+            # persistent (dataset.persistent_data_loader_workers): the workers are started once
+            # and kept for every epoch; otherwise started again for each epoch.
             self._loader = DataLoader(
-                self.dataset, batch_size=None, sampler=self._jobs, num_workers=num_workers, persistent_workers=True
-            )
+                self.dataset, batch_size=None, sampler=self._jobs, num_workers=num_workers,
+                persistent_workers=persistent_workers,
+            )  # fmt: skip
 
     def __call__(self, jobs: Sequence[PixelJob]) -> Iterator[torch.Tensor]:
         if self._loader is None:
@@ -96,12 +100,13 @@ class StepEncoder:
         random_crop: bool,
         color_aug: bool,
         num_workers: int = 0,
+        persistent_workers: bool = True,
     ):
         self.vae = vae
         self.device = device
         self.random_crop = random_crop
         self.color_aug = color_aug
-        self.pixels = PixelLoader(random_crop, color_aug, num_workers)
+        self.pixels = PixelLoader(random_crop, color_aug, num_workers, persistent_workers)
         self.paths = list(paths)
         self.augmented = random_crop or color_aug
         # Unaugmented samples reuse the cache's noise seeds, which need the content key.

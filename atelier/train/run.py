@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from atelier.outputs.run_dir import write_command, write_environment, write_resolved_config
+from atelier.train import phases
 from atelier.train.lr_find import suggest_and_report
 from atelier.launch.data_parallel import run_processes
 from atelier.train.distributed import in_worker, process_rank
@@ -54,13 +55,18 @@ def failure_reason(err: BaseException) -> str:
 
 
 def summarise(status: str, result: TrainResult | None, started: float, reason: str | None = None) -> dict[str, Any]:
+    wall = time.time() - started
     summary: dict[str, Any] = {
         "status": status,
         "reason": reason,
-        "wall_seconds": round(time.time() - started, 3),
+        "wall_seconds": round(wall, 3),
         "finished_at": time.time(),
         "peak_memory_mb": peak_memory_mb(),
+        # Where the wall time went: setup phases, "steps" (the timed training steps), "other".
+        "phase_seconds": phases.job_phases(wall, **({"steps": result.train_seconds} if result else {})),
     }
+    if phases.process_start_seconds is not None:  # the first job of a process: imports, Hydra
+        summary["process_start_seconds"] = round(phases.process_start_seconds, 3)
     if result is not None:
         summary.update(
             steps=result.steps,
@@ -85,6 +91,7 @@ def run_job(
     summary.json is written whatever happens, so a sweep report can tell why a job failed.
     """
     started = time.time()
+    phases.start_job(started)
     try:
         validate(cfg)
         write_resolved_config(run_dir, cfg)

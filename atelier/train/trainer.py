@@ -24,6 +24,7 @@ from atelier.network.factory import build_network
 from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork
 from atelier.outputs.lora_file import save_lora
 from atelier.outputs.metadata import checkpoint_metadata, training_metadata
+from atelier.train import phases, reuse, speed
 from atelier.train.caption_encoder import CaptionEncoder
 from atelier.train.data import Batch, TrainingData, shard
 from atelier.train.distributed import DataParallel
@@ -64,6 +65,22 @@ from atelier.train.state import (
 from atelier.train.validation import Validator
 
 log = logging.getLogger(__name__)
+
+
+# Trainer methods timed into summary.json's phase_seconds (atelier.train.phases); the
+# training steps are result.train_seconds, latent caching is timed in TrainingData.prepare.
+TRAINER_PHASES = {
+    "_load_base_model": "model_load",
+    "_create_network": "network",
+    "_create_optimizer": "optimizer",
+    "_plot_lr_schedule": "lr_plot",
+    "_restore": "restore",
+    "_validate": "validation",
+    "_end_epoch": "epoch_outputs",
+    "_save_state": "state_saving",
+    "_finish": "final_outputs",
+    "setup": "setup_other",
+}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -128,6 +145,7 @@ class Trainer:
         self.parallel = DataParallel(self.accelerator)
         self.stop = StopFlag()
         self.position: EpochProgress | None = None  # set when an epoch starts, or by _restore
+        phases.time_methods(self, TRAINER_PHASES)  # summary.json's phase_seconds
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -234,7 +252,7 @@ class Trainer:
     def _load_base_model(self) -> BaseModel:
         m = self.cfg.model
         log.info("loading base model %s", m.path or m.builtin)
-        base = load_base_model(
+        base = reuse.load_base(m, self.cfg.training, self.device, lambda: load_base_model(
             m.path,
             builtin=m.builtin,
             version=m.version.value if hasattr(m.version, "value") else m.version,
@@ -242,7 +260,7 @@ class Trainer:
             config=m.config,
             vae=m.vae,
             allow_pickle=m.allow_pickle,
-        )
+        ))
         weight_dtype = {MixedPrecision.fp16: torch.float16, MixedPrecision.bf16: torch.bfloat16}.get(
             MixedPrecision(self.cfg.training.mixed_precision), torch.float32
         )
@@ -275,6 +293,7 @@ class Trainer:
         network.apply_to()
         if self.cfg.training.gradient_checkpointing:
             self._enable_gradient_checkpointing()
+        speed.compile_unet(self.base.unet, self.cfg.training)
         return network
 
     def scale_weight_norms(self) -> dict[str, float]:
@@ -305,7 +324,8 @@ class Trainer:
             groups.append({"params": self.network.parameters_of(TEXT_ENCODER_PREFIX), "lr": te_lr})
         warmup = warmup_steps(self.plan.total_steps, sched.warmup_steps, sched.warmup_ratio)
         check_schedule_fits(opt.type, getattr(sched.type, "value", sched.type), warmup)
-        optimizer = build_optimizer(opt.type, groups, opt.learning_rate, dict(opt.args))
+        optimizer = build_optimizer(opt.type, groups, opt.learning_rate,
+                                    speed.optimizer_args(opt.type, dict(opt.args), self.cfg.training, self.device))
         lr_scheduler = lr_scheduler_from_config(sched, optimizer, self.plan.total_steps)
         return optimizer, lr_scheduler
 

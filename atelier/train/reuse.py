@@ -1,0 +1,176 @@
+"""What jobs of one process share: the loaded base model and the latents they encoded.
+
+Hydra's default (basic) launcher runs a sweep's jobs one after another in one process.
+Loading the base model and encoding the dataset's latents once per job is then most of
+a short job's time. Here:
+
+- `load_base(m, load)` keeps a pristine copy of the base model per (path/builtin,
+  version, prediction, config, vae, allow_pickle, file times) and hands every job a deep
+  copy: fresh modules that no LoRA network has patched, no dtype/device move, attention
+  processor, memory format, gradient checkpointing or torch.compile has touched. A job
+  therefore trains exactly as it would alone (tests/test_speed.py checks the weights).
+- `latent_store()` is one process-wide dict of latents keyed by the latent cache's
+  content keys (image bytes, bucket, flip, VAE encoder weights): a job whose images,
+  buckets and VAE are the same reads them instead of encoding them again.
+
+Both are used only inside an in-process sweep (`in_process_sweep()`), and only when
+training.reuse_base_model is true (the default): a single run, or a sweep whose jobs are
+separate processes (submitit, local_gpus), keeps no second copy of the model in memory.
+
+The `sd15-random` builtin (a full-size SD1.5-shaped model with random weights, built
+from atelier.models.architectures, nothing on disk) is made here too: the benchmark's
+full-size model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+RANDOM_BUILTINS = ("sd15-random",)
+_BASES: dict[tuple, Any] = {}  # at most one entry: a sweep trains one base model at a time
+_LATENTS: dict[str, torch.Tensor] = {}
+_FORCE: bool | None = None  # tests: force reuse on/off outside Hydra
+
+
+def in_process_sweep() -> bool:
+    """True inside a Hydra multirun whose launcher runs the jobs in this process."""
+    if _FORCE is not None:
+        return _FORCE
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:
+        return False
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return False
+    target = str(hydra_cfg.launcher.get("_target_", ""))
+    return target.endswith("BasicLauncher")
+
+
+def force_reuse(value: bool | None) -> None:
+    """Tests: reuse on (True), off (False) or as detected (None); clears what is kept."""
+    global _FORCE
+    _FORCE = value
+    clear()
+
+
+def clear() -> None:
+    _BASES.clear()
+    _LATENTS.clear()
+
+
+def _enabled(t: Any) -> bool:
+    return bool(t.get("reuse_base_model", True)) and in_process_sweep()
+
+
+def _stamp(value: str | None) -> tuple:
+    """A file's (or a folder's files') modification times: a model rebuilt on disk is reloaded."""
+    if not value:
+        return ()
+    path = Path(value).expanduser()
+    if path.is_file():
+        return (path.stat().st_mtime_ns, path.stat().st_size)
+    if path.is_dir():
+        return tuple(sorted((str(p), p.stat().st_mtime_ns) for p in path.rglob("*.safetensors")))
+    return ()
+
+
+def base_key(m: Any) -> tuple:
+    version = getattr(m.version, "value", m.version)
+    return (m.path, m.builtin, version, bool(m.v_parameterization), m.config, m.vae, bool(m.allow_pickle),
+            _stamp(m.path), _stamp(m.vae))  # fmt: skip
+
+
+def load_base(m: Any, t: Any, device: torch.device, load: Callable[[], Any]) -> Any:
+    """The base model for model config `m`: loaded by `load()`, or a fresh copy of the kept one,
+    with the speed settings of training config `t` applied (atelier.train.speed)."""
+    from atelier.train.speed import apply_model_settings
+
+    base = _load_or_copy(m, t, _random_builtin_loader(m) or load)
+    apply_model_settings(base, t, device)
+    return base
+
+
+def _load_or_copy(m: Any, t: Any, load: Callable[[], Any]) -> Any:
+    if not _enabled(t):
+        return load()
+    key = base_key(m)
+    if key not in _BASES:
+        _BASES.clear()  # another base model: drop the old one first (memory)
+        _BASES[key] = load()
+        log.info("base model kept in memory for the next jobs of this sweep")
+    else:
+        log.info("base model reused from the previous job of this sweep (a fresh copy)")
+    return fresh_copy(_BASES[key])
+
+
+def fresh_copy(base: Any) -> Any:
+    """Deep copy of a BaseModel; the tokenizers (read-only) are shared."""
+    tokenizers = [base.tokenizer, getattr(base, "tokenizer_2", None)]
+    memo = {id(t): t for t in tokenizers if t is not None}
+    return copy.deepcopy(base, memo)
+
+
+def latent_store() -> dict[str, torch.Tensor] | None:
+    """The process-wide latents shared by the jobs of an in-process sweep; None otherwise."""
+    return _LATENTS if in_process_sweep() else None
+
+
+# ------------------------------------------------------------ random builtins
+def _random_builtin_loader(m: Any) -> Callable[[], Any] | None:
+    if m.builtin not in RANDOM_BUILTINS:
+        return None
+    if m.path:
+        raise ValueError(f"both model.path ({m.path}) and model.builtin ({m.builtin}) are set; set only one of them")
+    return lambda: build_random_base(m.builtin, v_parameterization=bool(m.v_parameterization))
+
+
+def build_random_base(name: str, v_parameterization: bool = False, seed: int = 0) -> Any:
+    """A full-size SD1.5-shaped base model with random weights, built in memory (benchmarks).
+
+    The tokenizer is the tiny model's byte-level one: its ids fit the 49408-entry embedding.
+    """
+    from transformers import CLIPTokenizer
+
+    from atelier.models.architectures import build_noise_scheduler, build_text_encoder, build_unet, build_vae
+    from atelier.models.loading import BaseModel
+    from atelier.models.tiny import ensure_tiny_model
+
+    arch = name.removesuffix("-random")
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(ensure_tiny_model() / "tokenizer", local_files_only=True)
+    return BaseModel(
+        unet=build_unet(arch),
+        vae=build_vae(arch),
+        text_encoder=build_text_encoder(arch),
+        tokenizer=tokenizer,
+        noise_scheduler=build_noise_scheduler(v_parameterization),
+        version="sd1",
+        v_parameterization=v_parameterization,
+        name=name,
+        path=f"builtin:{name}",
+    )
+
+
+__all__ = [
+    "RANDOM_BUILTINS",
+    "base_key",
+    "build_random_base",
+    "clear",
+    "force_reuse",
+    "fresh_copy",
+    "in_process_sweep",
+    "latent_store",
+    "load_base",
+]

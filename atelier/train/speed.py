@@ -1,0 +1,157 @@
+"""Speed switches (training.attention, channels_last, torch_compile, fused_optimizer, allow_tf32).
+
+The trainer calls three functions, each at one place:
+
+    apply_model_settings(base, t, device)    # as the base is loaded (atelier.train.reuse.load_base):
+                                             # TF32, attention processor, memory format
+    compile_unet(base.unet, t)               # after the LoRA network is applied: torch.compile
+    optimizer_args(type, args, t, device)    # fused AdamW when it can run
+
+Every switch logs what it did, and why it did nothing where it cannot apply (e.g. TF32
+or fused AdamW on a CPU), so a config that asks for a speed-up never fails silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ATTENTION_CHOICES = ("sdpa", "math", "xformers")
+# Optimizers whose torch implementation has a fused CUDA kernel (`fused=True`).
+_TORCH_FUSED = ("AdamW",)
+
+
+def _get(t: Any, key: str, default: Any = None) -> Any:
+    value = t.get(key, default) if hasattr(t, "get") else getattr(t, key, default)
+    return getattr(value, "value", value)
+
+
+# --------------------------------------------------------------------- backend
+def apply_backend_settings(t: Any, device: torch.device) -> dict[str, Any]:
+    """training.allow_tf32: TF32 matmuls and convolutions on Ampere+ GPUs (sd-scripts: none; it
+    is what `torch.backends.cuda.matmul.allow_tf32` does). Returns what was set."""
+    want = bool(_get(t, "allow_tf32", False))
+    if not want:
+        return {"allow_tf32": False}
+    if device.type != "cuda" or not torch.cuda.is_available():
+        log.info("training.allow_tf32=true: no-op on %s (TF32 exists on NVIDIA Ampere or newer GPUs only)", device)
+        return {"allow_tf32": False}
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 8:
+        log.info("training.allow_tf32=true: no-op, %s is older than Ampere (compute capability %d.x)",
+                 torch.cuda.get_device_name(device), major)  # fmt: skip
+        return {"allow_tf32": False}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    log.info("training.allow_tf32=true: TF32 matmuls and convolutions enabled")
+    return {"allow_tf32": True}
+
+
+# ----------------------------------------------------------------------- model
+def attention_processor(kind: str):
+    """The diffusers attention processor for training.attention."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
+
+    if kind == "sdpa":
+        return AttnProcessor2_0()
+    if kind == "math":
+        return AttnProcessor()
+    if kind == "xformers":
+        try:
+            import xformers.ops  # noqa: F401
+        except ImportError as err:
+            raise ValueError(
+                "training.attention=xformers needs the xformers package (pip install xformers, CUDA only); "
+                "training.attention=sdpa (the default) is as fast on torch >= 2"
+            ) from err
+        return XFormersAttnProcessor()
+    raise ValueError(f"training.attention={kind!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+
+
+def set_attention(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], kind: str) -> None:
+    unet.set_attn_processor(attention_processor(kind))
+    for text_encoder in text_encoders:
+        if not hasattr(text_encoder, "set_attn_implementation"):
+            continue
+        # transformers: "sdpa" or "eager" (its plain matmul/softmax attention); no xformers there.
+        try:
+            text_encoder.set_attn_implementation("eager" if kind == "math" else "sdpa")
+        except (ValueError, ImportError) as err:  # an encoder without SDPA support keeps its own
+            log.info("text encoder keeps its attention implementation: %s", err)
+
+
+def apply_model_settings(base: Any, t: Any, device: torch.device) -> None:
+    """training.allow_tf32, attention and channels_last on a freshly loaded base model.
+
+    channels_last survives the later dtype cast (Tensor.to keeps the memory format)."""
+    apply_backend_settings(t, device)
+    kind = _get(t, "attention", "sdpa")
+    # SDXL: both text encoders (BaseModel.text_encoders); SD1/2: the one.
+    set_attention(base.unet, list(getattr(base, "text_encoders", [base.text_encoder])), kind)
+    log.info("attention: %s", kind)
+    if _get(t, "channels_last", False):
+        # Convolutions (most of a UNet's time) run NHWC kernels; Linear layers are unaffected.
+        base.unet.to(memory_format=torch.channels_last)
+        log.info("training.channels_last=true: UNet weights in channels_last (NHWC) memory format")
+
+
+def compile_unet(unet: torch.nn.Module, t: Any) -> bool:
+    """training.torch_compile: compile the UNet in place (nn.Module.compile), LoRA included.
+
+    Called after the network patched the UNet's layers, so the compiled graph holds them.
+    In place: the UNet keeps its class, so sampling and saving see the same object.
+    """
+    if not _get(t, "torch_compile", False):
+        return False
+    backend = _get(t, "dynamo_backend", "inductor") or "inductor"
+    mode = _get(t, "torch_compile_mode", None)
+    kwargs = {"backend": backend}
+    if mode and backend == "inductor":
+        kwargs["mode"] = mode
+    elif mode:
+        log.info("training.torch_compile_mode=%s ignored: modes belong to the inductor backend", mode)
+    unet.compile(**kwargs)
+    log.info("training.torch_compile=true: UNet compiled with %s (first steps are slow while it compiles)",
+             ", ".join(f"{k}={v}" for k, v in kwargs.items()))  # fmt: skip
+    return True
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+# ------------------------------------------------------------------- optimizer
+def optimizer_args(kind: Any, args: dict[str, Any], t: Any, device: torch.device) -> dict[str, Any]:
+    """optimizer.args with fused=True added when training.fused_optimizer asks and it can run.
+
+    torch's fused AdamW kernel needs CUDA (and float parameters, which LoRA weights are).
+    On a CPU, or for another optimizer, the switch is logged and ignored; an explicit
+    optimizer.args.fused is passed through untouched.
+    """
+    kind = getattr(kind, "value", kind)
+    if not _get(t, "fused_optimizer", False) or "fused" in args:
+        return args
+    if kind not in _TORCH_FUSED:
+        log.info("training.fused_optimizer=true ignored: %s has no fused kernel (only %s)", kind, ", ".join(_TORCH_FUSED))
+        return args
+    if device.type != "cuda":
+        log.info("training.fused_optimizer=true ignored on %s: the fused AdamW kernel is CUDA only", device)
+        return args
+    log.info("training.fused_optimizer=true: %s(fused=True)", kind)
+    return {**args, "fused": True}
+
+
+__all__ = [
+    "ATTENTION_CHOICES",
+    "apply_backend_settings",
+    "apply_model_settings",
+    "attention_processor",
+    "compile_unet",
+    "is_compiled",
+    "optimizer_args",
+    "set_attention",
+]

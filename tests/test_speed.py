@@ -1,0 +1,174 @@
+"""Speed switches really change what runs; jobs of one process reuse the base model safely."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from atelier.outputs.lora_file import load_lora
+from atelier.train import reuse
+from atelier.train.latents import PixelBatches, PixelJob, PixelLoader
+from atelier.train.speed import apply_backend_settings, is_compiled, optimizer_args
+from atelier.train.trainer import Trainer
+from tests.test_trainer import fresh_accelerate_state, make_cfg, train  # noqa: F401  (fixture)
+
+
+@pytest.fixture(autouse=True)
+def no_reuse_left_over():
+    reuse.force_reuse(None)
+    yield
+    reuse.force_reuse(None)
+
+
+def loaded(tmp_path, *overrides):
+    trainer = Trainer(make_cfg(*overrides), tmp_path)
+    trainer.base = trainer._load_base_model()
+    return trainer
+
+
+def conv_weights(unet):
+    return [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_channels_last_puts_the_unet_convs_in_nhwc(tmp_path):
+    plain = loaded(tmp_path)
+    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(plain.base.unet)
+                   if w.shape[-1] > 1)  # fmt: skip
+    nhwc = loaded(tmp_path, "training.channels_last=true")
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(nhwc.base.unet))
+
+
+def test_attention_sets_the_processor(tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    sdpa = loaded(tmp_path)
+    assert {type(p) for p in sdpa.base.unet.attn_processors.values()} == {AttnProcessor2_0}
+    math_ = loaded(tmp_path, "training.attention=math")
+    assert {type(p) for p in math_.base.unet.attn_processors.values()} == {AttnProcessor}
+    assert math_.base.text_encoder.config._attn_implementation == "eager"
+
+
+def test_xformers_without_the_package_says_what_to_do(tmp_path):
+    pytest.importorskip("diffusers")
+    try:
+        import xformers  # noqa: F401
+
+        pytest.skip("xformers is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match="xformers package"):
+        loaded(tmp_path, "training.attention=xformers")
+
+
+def test_math_and_sdpa_attention_train_to_the_same_weights(tmp_path):
+    a, _ = train(tmp_path, "training.max_train_steps=2", name="sdpa")
+    b, _ = train(tmp_path, "training.max_train_steps=2", "training.attention=math", name="math")
+    wa, wb = load_lora(a / "demo.safetensors")[0], load_lora(b / "demo.safetensors")[0]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_torch_compile_wraps_the_unet_and_trains(tmp_path):
+    # backend "eager": Dynamo traces the UNet (LoRA included) without generating kernels.
+    trainer = Trainer(make_cfg("training.torch_compile=true", "training.dynamo_backend=eager"), tmp_path)
+    trainer.setup()
+    assert is_compiled(trainer.base.unet)
+    assert not is_compiled(loaded(tmp_path).base.unet)
+    run_dir, summary = train(tmp_path, "training.max_train_steps=2", "training.torch_compile=true",
+                             "training.dynamo_backend=eager", name="compiled")  # fmt: skip
+    plain, _ = train(tmp_path, "training.max_train_steps=2", name="plain")
+    assert summary["status"] == "completed"
+    wa, wb = load_lora(run_dir / "demo.safetensors")[0], load_lora(plain / "demo.safetensors")[0]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_fused_adamw_only_where_it_can_run(caplog):
+    on = {"fused_optimizer": True}
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with caplog.at_level(logging.INFO, logger="atelier.train.speed"):
+        assert optimizer_args("AdamW", {}, on, cpu) == {}
+    assert "CUDA only" in caplog.text
+    assert optimizer_args("AdamW", {}, on, cuda) == {"fused": True}
+    assert optimizer_args("Prodigy", {}, on, cuda) == {}
+    assert optimizer_args("AdamW", {"fused": False}, on, cuda) == {"fused": False}
+    assert optimizer_args("AdamW", {}, {"fused_optimizer": False}, cuda) == {}
+
+
+def test_fused_optimizer_on_cpu_trains_with_a_log_line(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="atelier.train.speed"):
+        trainer = Trainer(make_cfg("training.fused_optimizer=true"), tmp_path)
+        trainer.setup()
+    assert "fused" not in trainer.optimizer.defaults or not trainer.optimizer.defaults["fused"]
+    assert "ignored on cpu" in caplog.text
+
+
+def test_tf32_is_a_logged_no_op_on_cpu(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="atelier.train.speed"):
+        assert apply_backend_settings({"allow_tf32": True}, torch.device("cpu")) == {"allow_tf32": False}
+    assert "no-op" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="atelier.train.speed"):
+        loaded(tmp_path, "training.allow_tf32=true")  # the trainer applies it as the model loads
+    assert "allow_tf32=true: no-op on cpu" in caplog.text
+
+
+def _worker_pid(self, job):
+    return torch.tensor([os.getpid()])
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_persistent_workers_are_kept_across_epochs(persistent, monkeypatch):
+    # Workers are forked: they run the patched method and report their process id.
+    monkeypatch.setattr(PixelBatches, "__getitem__", _worker_pid)
+    loader = PixelLoader(False, False, num_workers=1, persistent_workers=persistent)
+    job = PixelJob((), (), (), ())
+    epoch1 = {int(t) for t in loader([job, job])}
+    epoch2 = {int(t) for t in loader([job, job])}
+    assert os.getpid() not in epoch1 and len(epoch1) == 1
+    assert (epoch1 == epoch2) == persistent
+
+
+# --------------------------------------------------------------- reuse in sweeps
+def test_second_job_of_a_process_trains_as_if_alone(tmp_path):
+    """Job 1 dirties its base (LoRA patches, channels_last, checkpointing, math attention);
+    job 2 gets a fresh copy of the kept base and ends with the same weights as alone."""
+    job2 = ["training.max_train_steps=3", "network.dim=4", "training.seed=5"]
+    alone, _ = train(tmp_path, *job2, name="alone")
+    reuse.force_reuse(True)
+    train(tmp_path, "training.max_train_steps=2", "training.channels_last=true", "training.attention=math",
+          "training.gradient_checkpointing=true", name="job1")  # fmt: skip
+    assert len(reuse._BASES) == 1 and reuse._LATENTS
+    kept = next(iter(reuse._BASES.values()))
+    assert not any(type(m).__name__.endswith("LoRAModule") for m in kept.unet.modules())
+    second, summary = train(tmp_path, *job2, name="job2")
+    wa, wb = load_lora(alone / "demo.safetensors")[0], load_lora(second / "demo.safetensors")[0]
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert summary["phase_seconds"]["model_load"] < 5
+
+
+def test_reuse_only_in_an_in_process_sweep(tmp_path):
+    assert not reuse.in_process_sweep()  # no Hydra multirun here
+    train(tmp_path, "training.max_train_steps=1", name="a")
+    assert not reuse._BASES and not reuse._LATENTS
+
+
+def test_summary_has_phase_seconds(tmp_path):
+    _, summary = train(tmp_path, "training.max_train_steps=2")
+    phases = summary["phase_seconds"]
+    for name in ("model_load", "latents", "network", "optimizer", "steps", "final_outputs", "other"):
+        assert name in phases, phases
+    assert sum(phases.values()) == pytest.approx(summary["wall_seconds"], abs=0.05)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_persistent_workers_key_reaches_the_step_encoder(persistent):
+    from atelier.train.data import TrainingData
+
+    cfg = make_cfg("dataset.random_crop=true", "dataset.max_data_loader_n_workers=1",
+                   f"dataset.persistent_data_loader_workers={str(persistent).lower()}")  # fmt: skip
+    data = TrainingData(cfg.dataset, 1, 2)
+    data.prepare(None, torch.device("cpu"))  # augmented: per-step encoding, the VAE is not read yet
+    assert data.step_encoder.pixels._loader.persistent_workers is persistent
