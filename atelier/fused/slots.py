@@ -92,11 +92,13 @@ class Slot(PatchedLayer):
                 f"fused forward: a patched layer got {x.shape[0]} rows, the lanes hold {total}; "
                 "this model reshapes the batch dimension before a targeted layer"
             )
+        # split, not out[s:e]: a slice's backward writes a zero tensor of the whole batch per
+        # lane (K^2 work per layer); split's backward is one cat.
+        sizes = [rows.end - rows.start for rows in router.rows]
         pieces = []
-        for rows in router.rows:
+        for rows, x_rows, out_rows in zip(router.rows, x.split(sizes), out.split(sizes)):
             module = self.lanes[rows.lane]
-            part = out[rows.start : rows.end]
-            pieces.append(part if module is None else _with_base_output(module, x[rows.start : rows.end], part))
+            pieces.append(out_rows if module is None else _with_base_output(module, x_rows, out_rows))
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 

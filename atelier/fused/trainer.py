@@ -269,8 +269,8 @@ class FusedTrainer:
         with self.router.fused([(s.lane.index, len(s.batch)) for s in group]) as rows:
             with first.accelerator.autocast():
                 pred = unet_prediction(first.base.unet, noisy, timesteps, hidden, time_ids)
-        for step, r in zip(group, rows):
-            step.loss = step.lane.trainer._step_loss(step.batch, step.inputs, pred[r.start : r.end]) / step.lane.group_size
+        for step, lane_pred in zip(group, pred.split([r.end - r.start for r in rows])):
+            step.loss = step.lane.trainer._step_loss(step.batch, step.inputs, lane_pred) / step.lane.group_size
 
     def _lane_batches(self, lane: Lane) -> Iterator[Batch]:
         """Trainer._train_epoch / _run_epoch for one lane, a batch at a time (no state saving).
