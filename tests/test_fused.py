@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from atelier.fused.trainer import FusedGroupError, FusedTrainer, check_group, run_fused
 from atelier.outputs.lora_file import load_lora
@@ -77,6 +79,13 @@ def test_three_lanes_equal_their_solo_runs(tmp_path):
             assert meta[key] == solo_meta[key], key
         assert summaries[i]["steps"] == solo_summary["steps"] == 3
         assert summaries[i]["final_loss"] == pytest.approx(solo_summary["final_loss"], rel=1e-4)
+        # Samples are drawn with this lane's LoRA alone (router.only): the solo run's images.
+        fused_pngs = sorted((dirs[i] / "samples").glob("*.png"))
+        solo_pngs = sorted((tmp_path / f"solo{i}" / "samples").glob("*.png"))
+        assert fused_pngs and len(fused_pngs) == len(solo_pngs)  # names carry a timestamp
+        for a, b in zip(fused_pngs, solo_pngs):
+            pa, pb = (np.asarray(Image.open(p), dtype=np.int16) for p in (a, b))
+            assert np.abs(pa - pb).max() <= 1, a.name  # 8-bit rounding of equal-to-rounding weights
         on_disk = json.loads((dirs[i] / "summary.json").read_text())
         assert on_disk["status"] == "completed" and on_disk["fused"] == {"lane": i, "lanes": 3}
         assert len([line for line in (dirs[i] / "metrics.jsonl").read_text().splitlines() if "loss/step" in line]) == 3
