@@ -119,6 +119,17 @@ class TrainResult:
 
 
 @dataclass
+class StepInputs:
+    """What one batch's UNet call takes (noisy, timesteps, hidden) and its loss needs."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy: torch.Tensor
+    hidden: object  # text embeddings; SDXLText for SDXL
+
+
+@dataclass
 class EpochProgress:
     """Where the epoch in progress stands: what a state saved mid-epoch needs to continue."""
 
@@ -475,6 +486,15 @@ class Trainer:
         return True
 
     def _forward(self, batch: Batch) -> torch.Tensor:
+        inputs = self._step_inputs(batch)
+        with self.accelerator.autocast():
+            pred = unet_prediction(self.base.unet, inputs.noisy, inputs.timesteps, inputs.hidden,
+                                   lambda: batch_time_ids(self.data, batch))  # fmt: skip
+        return self._step_loss(batch, inputs, pred)
+
+    # _forward in two halves around the UNet call: atelier.fused runs one UNet call for
+    # the inputs of several trainers (each its own noise, timesteps and loss options).
+    def _step_inputs(self, batch: Batch) -> StepInputs:
         base, t = self.base, self.cfg.training
         latents = batch.latents.to(self.device)
         generator = batch.noise_generator()  # the batch's own stream: any process draws the same
@@ -485,11 +505,14 @@ class Trainer:
         noisy = noisy_latents(base.noise_scheduler, latents, noise, timesteps, generator, t.ip_noise_gamma)
         with self.accelerator.autocast():
             hidden = self.captions(batch.captions, grad=self.train_text_encoder)
-            pred = unet_prediction(base.unet, noisy, timesteps, hidden, lambda: batch_time_ids(self.data, batch))
-        target = training_target(base.noise_scheduler, latents, noise, timesteps)
+        return StepInputs(latents, noise, timesteps, noisy, hidden)
+
+    def _step_loss(self, batch: Batch, inputs: StepInputs, pred: torch.Tensor) -> torch.Tensor:
+        t, scheduler = self.cfg.training, self.base.noise_scheduler
+        target = training_target(scheduler, inputs.latents, inputs.noise, inputs.timesteps)
         weights = self.data.loss_weights(batch)
         return diffusion_loss(
-            pred, target, base.noise_scheduler, timesteps, t.min_snr_gamma, weights,
+            pred, target, scheduler, inputs.timesteps, t.min_snr_gamma, weights,
             loss_type=t.loss_type, huber_schedule=t.huber_schedule, huber_c=t.huber_c,
             huber_scale=t.huber_scale, debiased_estimation=t.debiased_estimation_loss,
         )  # fmt: skip
