@@ -43,9 +43,10 @@ from atelier.network.factory import build_network
 from atelier.network.lora import LoRANetwork
 from atelier.network.spec import NetworkSpec
 from atelier.outputs.run_dir import write_environment, write_resolved_config
+from atelier.outputs.summary import write_summary
 from atelier.train import phases
 from atelier.train.data import Batch
-from atelier.train.metrics import MetricsLog, write_summary
+from atelier.train.metrics import MetricsLog
 from atelier.train.run import failure_reason, summarise, validate
 from atelier.train.sdxl_conditioning import batch_time_ids, unet_prediction
 from atelier.train.trainer import StepInputs, Trainer, TrainResult

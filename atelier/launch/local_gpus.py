@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 import sys
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, open_dict
 
 from atelier.launch.devices import make_slots
 from atelier.launch.process_queue import Job, ProcessQueue
+from atelier.outputs.summary import read_summary
 from atelier.sweep.outcome import JobFailed, JobInterrupted
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,7 @@ def job_return(job: Job, overrides: Sequence[str]) -> JobReturn:
 def failure_reason(job: Job) -> str:
     if job.state == "not started":
         return "not started: the sweep was interrupted"
-    try:
-        reason = json.loads((job.run_dir / "summary.json").read_text()).get("reason")
-    except (OSError, ValueError):
-        reason = None
+    reason = (read_summary(job.run_dir) or {}).get("reason")
     if job.state == "interrupted":
         return f"interrupted after {job.elapsed:.0f} s ({reason or 'its last saved state is kept'})"
     return reason or f"exit code {job.returncode}; see {job.run_dir / 'stderr.log'}"

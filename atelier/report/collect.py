@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from atelier.outputs.summary import read_summary
 from atelier.sampling.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,6 @@ logger = logging.getLogger(__name__)
 # File names written by training; atelier.train.metrics/samples define them too, but
 # importing those pulls in torch, which a report does not need.
 METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
 SAMPLES_DIR = "samples"
 RESOLVED_CONFIG = "config.yaml"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
@@ -152,7 +152,7 @@ def read_run(job_dir: Path, sweep_dir: Path) -> RunRecord:
     )
     run = _with_metrics(run, read_metrics(job_dir / METRICS))
     run = replace(run, samples=_existing_samples(job_dir))
-    summary = _read_summary(job_dir / SUMMARY)
+    summary = read_summary(job_dir)
     if summary is not None:
         return _with_summary(run, summary)
     if run.loss_curve or (job_dir / RESOLVED_CONFIG).is_file():
@@ -257,17 +257,6 @@ def _existing_samples(job_dir: Path) -> list[dict[str, Any]]:
         logger.warning("%s: unreadable samples manifest (%s); its samples are left out", job_dir, error)
         return []
     return [r for r in records if isinstance(r, dict) and "file" in r and (samples_dir / r["file"]).is_file()]
-
-
-def _read_summary(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        logger.warning("%s: unreadable (%s); treating the job as unfinished", path, error)
-        return None
-    return summary if isinstance(summary, dict) else None
 
 
 def _read_yaml(path: Path) -> Any:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+from atelier.outputs.summary import read_summary
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,8 @@ class JobOutcome:
 
 def outcome_from_run_dir(name: str, job_dir: Path) -> JobOutcome:
     """What a job's summary.json says of it (used when a sweep was stopped mid-way)."""
-    try:
-        summary = json.loads((job_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+    summary = read_summary(job_dir)
+    if summary is None:
         return JobOutcome(name, "not started", "the sweep was interrupted")
     status = summary.get("status")
     return JobOutcome(name, status if status in STATUSES else "failed", summary.get("reason"))
@@ -40,9 +40,8 @@ def outcome_from_run_dir(name: str, job_dir: Path) -> JobOutcome:
 
 def finished(job_dir: Path) -> bool:
     """A job whose summary.json says it completed (its LoRA file is there)."""
-    try:
-        summary = json.loads((job_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+    summary = read_summary(job_dir)
+    if summary is None:
         return False
     output = summary.get("output_file")
     return summary.get("status") == "completed" and bool(output) and (job_dir / output).is_file()

@@ -13,7 +13,6 @@ import torch
 from atelier.utils.atomic import write_text
 
 METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
 TENSORBOARD = "tensorboard"
 
 
@@ -67,14 +66,3 @@ def _truncate_after(path: Path, step: int) -> None:
     write_text(path, "".join(line + "\n" for line in kept))
 
 
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((run_dir / SUMMARY).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    path = run_dir / SUMMARY
-    write_text(path, json.dumps(summary, indent=2, default=str) + "\n")
-    return path

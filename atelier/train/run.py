@@ -11,11 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from atelier.outputs.run_dir import write_command, write_environment, write_resolved_config
+from atelier.outputs.summary import read_summary, write_summary
 from atelier.train import phases
 from atelier.train.lr_find import suggest_and_report
 from atelier.launch.data_parallel import run_processes
 from atelier.train.distributed import in_worker, process_rank
-from atelier.train.metrics import peak_memory_mb, read_summary, write_summary
+from atelier.train.metrics import peak_memory_mb
 from atelier.train.signals import StopRequested
 from atelier.train.trainer import Trainer, TrainResult
 
