@@ -84,11 +84,15 @@ CONF
 
 start_munge() {
   mkdir -p /run/munge && chown munge:munge /run/munge && chmod 755 /run/munge
-  if [ ! -S /run/munge/munge.socket.2 ] || ! munge -n >/dev/null 2>&1; then
-    runuser -u munge -- /usr/sbin/munged --pid-file="$DIR/run/munged.pid" 2>>"$DIR/log/munged.log" || true
-    [ -f /run/munge/munged.pid ] && cp /run/munge/munged.pid "$DIR/run/munged.pid" 2>/dev/null || true
+  if [ -S /run/munge/munge.socket.2 ] && munge -n >/dev/null 2>&1; then
+    log "munged already running: using it, and leaving it running at 'down'"
+    return 0
   fi
+  runuser -u munge -- /usr/sbin/munged 2>>"$DIR/log/munged.log" || true
   wait_for 20 munged munge -n
+  # munged (user munge) cannot write a pid file into our root-owned run dir: record it here,
+  # so that 'down' stops the munged this script started.
+  pgrep -n -u munge -x munged >"$DIR/run/munged.pid"
 }
 
 start_mariadb() {
