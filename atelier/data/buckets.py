@@ -82,6 +82,19 @@ class BucketSettings:
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
 
+    @classmethod
+    def from_options(cls, options: Any) -> BucketSettings:
+        """From anything holding sd-scripts' option names as attributes: the dataset config,
+        or the parsed flags of `atelier dataset check`."""
+        return cls(
+            resolution=parse_resolution(options.resolution),
+            enable_bucket=options.enable_bucket,
+            min_bucket_reso=options.min_bucket_reso,
+            max_bucket_reso=options.max_bucket_reso,
+            bucket_reso_steps=options.bucket_reso_steps,
+            bucket_no_upscale=options.bucket_no_upscale,
+        )
+
     def __post_init__(self) -> None:
         if self.bucket_reso_steps < 1:
             raise ValueError(f"bucket_reso_steps must be at least 1, got {self.bucket_reso_steps}")

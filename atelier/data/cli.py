@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from atelier.config.schema import DatasetConfig
-from atelier.data.buckets import BucketSettings, parse_resolution
+from atelier.data.buckets import BucketSettings
 from atelier.data.check import CheckOptions, check_dataset, render, seconds_per_step_from_run
 
 CHECK_EPILOG = """\
@@ -78,15 +78,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 def _check_options(args: argparse.Namespace) -> CheckOptions:
     seconds = seconds_per_step_from_run(args.from_run) if args.from_run else args.seconds_per_step
-    buckets = BucketSettings(
-        resolution=parse_resolution(args.resolution),
-        enable_bucket=args.enable_bucket,
-        min_bucket_reso=args.min_bucket_reso,
-        max_bucket_reso=args.max_bucket_reso,
-        bucket_reso_steps=args.bucket_reso_steps,
-        bucket_no_upscale=args.bucket_no_upscale,
-    )
-    return CheckOptions(buckets, args.batch_size, args.epochs, args.gradient_accumulation_steps, seconds)
+    return CheckOptions(BucketSettings.from_options(args), args.batch_size, args.epochs, args.gradient_accumulation_steps, seconds)
 
 
 def _print_help(parser: argparse.ArgumentParser) -> int:

@@ -40,39 +40,49 @@ _TINY_VAE: dict[str, Any] = {
     "scaling_factor": 0.18215,
 }
 
+# SD1.5-shaped, ~1 M parameters in all: for tests and the built-in demo model.
+_TINY_SD15_UNET: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": (2, 4),
+}
+
+_TINY_SD15_TEXT_ENCODER: dict[str, Any] = {
+    "vocab_size": TINY_VOCAB_SIZE,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    # Deliberately not a multiple of hidden_size: LoRA code that mixes up
+    # in/out features fails on this model instead of passing by accident.
+    "intermediate_size": 37,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 32,
+    # The pooled output is read at the first eos token, so these must be
+    # the tokenizer's real ids.
+    "bos_token_id": TINY_BOS_TOKEN_ID,
+    "eos_token_id": TINY_EOS_TOKEN_ID,
+    "pad_token_id": TINY_EOS_TOKEN_ID,
+}
+
+# OpenCLIP-style (SD2's, SDXL's second): gelu, pads with "!", wider than SD1's.
+_TINY_OPENCLIP_TEXT_ENCODER: dict[str, Any] = {
+    **_TINY_SD15_TEXT_ENCODER,
+    "hidden_size": 48,
+    "intermediate_size": 53,
+    "hidden_act": "gelu",
+    "projection_dim": 48,
+    "pad_token_id": 0,
+}
+
 _ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
-    # SD1.5-shaped, ~1 M parameters in all: for tests and the built-in demo model.
-    "tiny-sd15": {
-        "unet": {
-            "sample_size": 32,
-            "in_channels": 4,
-            "out_channels": 4,
-            "block_out_channels": (32, 64),
-            "layers_per_block": 1,
-            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-            "cross_attention_dim": 32,
-            "attention_head_dim": (2, 4),
-        },
-        "vae": _TINY_VAE,
-        "text_encoder": {
-            "vocab_size": TINY_VOCAB_SIZE,
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            # Deliberately not a multiple of hidden_size: LoRA code that mixes up
-            # in/out features fails on this model instead of passing by accident.
-            "intermediate_size": 37,
-            "max_position_embeddings": 77,
-            "hidden_act": "quick_gelu",
-            "projection_dim": 32,
-            # The pooled output is read at the first eos token, so these must be
-            # the tokenizer's real ids.
-            "bos_token_id": TINY_BOS_TOKEN_ID,
-            "eos_token_id": TINY_EOS_TOKEN_ID,
-            "pad_token_id": TINY_EOS_TOKEN_ID,
-        },
-    },
+    "tiny-sd15": {"unet": _TINY_SD15_UNET, "vae": _TINY_VAE, "text_encoder": _TINY_SD15_TEXT_ENCODER},
     # SD2.x-768-v-shaped: what distinguishes SD2 from SD1 at tiny size. Linear
     # proj_in/proj_out (use_linear_projection), an OpenCLIP-style text tower (gelu,
     # pads with "!" rather than <|endoftext|>) of another width than SD1's, and a
@@ -80,33 +90,10 @@ _ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
     # which keeps 23 of OpenCLIP-H's 24 layers, the last layer here IS the
     # penultimate layer SD2 conditions on: the UNet reads last_hidden_state.
     "tiny-sd2-v": {
-        "unet": {
-            "sample_size": 32,
-            "in_channels": 4,
-            "out_channels": 4,
-            "block_out_channels": (32, 64),
-            "layers_per_block": 1,
-            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-            "cross_attention_dim": 48,
-            # SD2 keeps the head width (64) fixed and grows the head count; here 16 wide.
-            "attention_head_dim": (2, 4),
-            "use_linear_projection": True,
-        },
+        # SD2 keeps the head width (64) fixed and grows the head count; here 16 wide.
+        "unet": {**_TINY_SD15_UNET, "cross_attention_dim": 48, "use_linear_projection": True},
         "vae": _TINY_VAE,
-        "text_encoder": {
-            "vocab_size": TINY_VOCAB_SIZE,
-            "hidden_size": 48,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 53,
-            "max_position_embeddings": 77,
-            "hidden_act": "gelu",
-            "projection_dim": 48,
-            "bos_token_id": TINY_BOS_TOKEN_ID,
-            "eos_token_id": TINY_EOS_TOKEN_ID,
-            "pad_token_id": 0,
-        },
+        "text_encoder": _TINY_OPENCLIP_TEXT_ENCODER,
     },
     # SDXL-shaped: two text encoders (CLIP-L-like, and an OpenCLIP-bigG-like one with a
     # projection whose pooled output feeds the UNet's "text_time" added embedding with
@@ -134,32 +121,8 @@ _ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
         },
         # SDXL's VAE differs from SD1's in its latent scale.
         "vae": {**_TINY_VAE, "scaling_factor": 0.13025},
-        "text_encoder": {
-            "vocab_size": TINY_VOCAB_SIZE,
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 37,
-            "max_position_embeddings": 77,
-            "hidden_act": "quick_gelu",
-            "projection_dim": 32,
-            "bos_token_id": TINY_BOS_TOKEN_ID,
-            "eos_token_id": TINY_EOS_TOKEN_ID,
-            "pad_token_id": TINY_EOS_TOKEN_ID,
-        },
-        "text_encoder_2": {
-            "vocab_size": TINY_VOCAB_SIZE,
-            "hidden_size": 48,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 53,
-            "max_position_embeddings": 77,
-            "hidden_act": "gelu",
-            "projection_dim": 40,
-            "bos_token_id": TINY_BOS_TOKEN_ID,
-            "eos_token_id": TINY_EOS_TOKEN_ID,
-            "pad_token_id": 0,
-        },
+        "text_encoder": _TINY_SD15_TEXT_ENCODER,
+        "text_encoder_2": {**_TINY_OPENCLIP_TEXT_ENCODER, "projection_dim": 40},
     },
     # Stable Diffusion 1.5 (runwayml / stable-diffusion-v1-5 configs).
     "sd15": {

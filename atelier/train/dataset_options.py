@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from atelier.data.buckets import BucketSettings, parse_resolution
+from atelier.data.buckets import BucketSettings
 from atelier.data.caption_ops import CaptionOptions
 from atelier.data.errors import DatasetError
 from atelier.data.text_chunks import SUPPORTED_MAX_TOKEN_LENGTHS
@@ -64,14 +64,7 @@ def caption_options(d: Any) -> CaptionOptions:
 def bucket_settings(d: Any) -> BucketSettings:
     """The same settings `atelier dataset check` builds from its --enable-bucket ... flags."""
     try:
-        return BucketSettings(
-            resolution=parse_resolution(d.resolution),
-            enable_bucket=d.enable_bucket,
-            min_bucket_reso=d.min_bucket_reso,
-            max_bucket_reso=d.max_bucket_reso,
-            bucket_reso_steps=d.bucket_reso_steps,
-            bucket_no_upscale=d.bucket_no_upscale,
-        )
+        return BucketSettings.from_options(d)
     except ValueError as err:
         raise DatasetError(f"{KEY}.{err}") from None
 
