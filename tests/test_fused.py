@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from atelier.fused.trainer import FusedGroupError, FusedTrainer, check_group, run_fused
+from atelier.fused.grouping import FusedGroupError, check_group
+from atelier.fused.trainer import FusedTrainer, run_fused
 from atelier.outputs.lora_file import load_lora
 from tests.test_trainer import fresh_accelerate_state, make_cfg, train  # noqa: F401  (fixture)
 

@@ -18,10 +18,14 @@ A lane whose loss is NaN/inf is marked failed (summary.json: status failed + rea
 and leaves the batch; a lane that has done its steps saves its LoRA (Trainer._finish:
 same file, metadata and samples as a solo run) and leaves. The others go on.
 
-Not fused here: text-encoder training (lanes need network.train_unet_only=true: the
-frozen text encoder only encodes captions), fp16 (one grad scaler per lane), dropouts
-and DyLoRA (they draw from the global RNG, so no lane could match its solo run), state
-saving / resuming and signal handling, multi-process data parallel.
+Each lane saves and restores its training state as a run alone does (periodically and on
+SIGTERM / SIGUSR1 / SIGUSR2, in its run dir), so a stopped fused sweep continues lane by
+lane when it is run again.
+
+Not fused here (atelier.fused.grouping says which configs can be lanes): text-encoder
+training (the frozen text encoder only encodes captions), fp16 (one grad scaler per
+lane), dropouts and DyLoRA (they draw from the global RNG, so no lane could match its
+solo run), multi-process data parallel.
 """
 
 from __future__ import annotations
@@ -30,18 +34,18 @@ import copy
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
-from atelier.config.schema import MixedPrecision
 from atelier.models.loading import BaseModel
 from atelier.network.factory import build_network
 from atelier.network.lora import LoRANetwork
-from atelier.network.spec import NetworkSpec
 from atelier.outputs.run_dir import write_environment, write_resolved_config
 from atelier.outputs.summary import write_summary
 from atelier.train import phases
@@ -49,60 +53,14 @@ from atelier.train.data import Batch
 from atelier.train.metrics import MetricsLog
 from atelier.train.run import failure_reason, summarise, validate
 from atelier.train.sdxl_conditioning import batch_time_ids, unet_prediction
-from atelier.train.trainer import StepInputs, Trainer, TrainResult
+from atelier.train.signals import StopFlag, StopRequested, stop_on_signals
+from atelier.train.trainer import EpochProgress, StepInputs, Trainer, TrainResult
 
+from atelier.fused.grouping import check_group
+from atelier.fused.lane_logs import as_lane
 from atelier.fused.slots import LaneRouter, Slot, install_slots, remove_lane
 
 log = logging.getLogger(__name__)
-
-# Config keys every lane of a group must share: one base model, one batch shape.
-SHARED_KEYS = (
-    "model",
-    "dataset",
-    "training.train_batch_size",
-    "training.mixed_precision",
-    "training.cpu",
-    "training.gradient_checkpointing",
-    "training.attention",
-    "training.channels_last",
-    "training.torch_compile",
-    "network.train_unet_only",
-)
-FUSABLE_KINDS = ("lora", "locon")
-
-
-class FusedGroupError(ValueError):
-    """These configs cannot be trained in one fused pass; the message says why."""
-
-
-def check_group(cfgs: Sequence[DictConfig]) -> None:
-    """Raise FusedGroupError unless every config can be a lane of one fused run."""
-    if not cfgs:
-        raise FusedGroupError("no configs to fuse")
-    problems = []
-    for key in SHARED_KEYS:
-        values = [OmegaConf.to_container(v, resolve=True) if isinstance(v := OmegaConf.select(c, key), DictConfig) else v
-                  for c in cfgs]  # fmt: skip
-        if any(v != values[0] for v in values[1:]):
-            problems.append(f"{key} differs between the configs")
-    for i, cfg in enumerate(cfgs):
-        t, spec = cfg.training, NetworkSpec.from_config(cfg.network)
-        where = f"config {i}"
-        if not cfg.network.train_unet_only:
-            problems.append(f"{where}: network.train_unet_only must be true (text-encoder training is not fused)")
-        if spec.kind not in FUSABLE_KINDS:
-            problems.append(f"{where}: network.module={spec.kind} cannot be fused (only {', '.join(FUSABLE_KINDS)})")
-        if spec.dropout or spec.rank_dropout or spec.module_dropout:
-            problems.append(f"{where}: network dropouts draw from the global RNG; set them to 0 to fuse")
-        if MixedPrecision(t.mixed_precision) == MixedPrecision.fp16:
-            problems.append(f"{where}: training.mixed_precision=fp16 is not fused (use bf16 or no)")
-        if t.num_processes != 1:
-            problems.append(f"{where}: training.num_processes must be 1")
-        if t.torch_compile:
-            problems.append(f"{where}: training.torch_compile is not fused")
-    if problems:
-        raise FusedGroupError("cannot fuse these configs: " + "; ".join(problems))
-
 
 class SharedBase:
     """The base model the first lane loads; every lane gets a shallow copy (same modules,
@@ -137,14 +95,14 @@ class Lane:
     index: int
     trainer: LaneTrainer
     started: float
-    status: str = "running"  # running | completed | failed
+    status: str = "running"  # running | completed | failed | interrupted
     reason: str | None = None
     summary: dict[str, Any] | None = None
     metrics: MetricsLog | None = None
     batches: Iterator[Batch] | None = None
-    # The step in progress.
+    # The batch in progress (its place in the epoch and in its accumulation group).
     epoch: int = 0
-    losses: list[float] = field(default_factory=list)
+    batch_index: int = 0
     group_size: int = 1
     closes_group: bool = True
 
@@ -155,6 +113,10 @@ class Lane:
     @property
     def result(self) -> TrainResult:
         return self.trainer.result
+
+    @property
+    def done(self) -> bool:
+        return self.result.steps >= self.trainer.plan.total_steps
 
 
 @dataclass
@@ -175,26 +137,34 @@ class FusedTrainer:
         self.shared = SharedBase()
         self.lanes: list[Lane] = []
         self.slots: list[Slot] = []
+        self.stop = StopFlag()
         self.fused_steps = 0
         self.step_seconds: list[float] = []
+
+    @contextmanager
+    def _as_lane(self, lane: Lane) -> Iterator[None]:
+        """Lane `lane` alone: its LoRA in the model (validation, samples) and its log."""
+        with self.router.only(lane.index), as_lane(lane.index):
+            yield
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
         for index, (cfg, run_dir) in enumerate(zip(self.cfgs, self.run_dirs)):
-            started = time.time()
-            trainer = LaneTrainer(cfg, run_dir, self.shared)
-            lane = Lane(index, trainer, started)
+            lane = Lane(index, None, time.time())  # type: ignore[arg-type]
             self.lanes.append(lane)
-            write_environment(run_dir, str(trainer.device))
-            try:
-                with self.router.only(index):
-                    trainer.setup()  # set_seed(seed) first: its network starts as in a solo run
-            except Exception as err:
-                self._fail(lane, err)
+            with as_lane(index):
+                try:
+                    lane.trainer = LaneTrainer(cfg, run_dir, self.shared)
+                    write_environment(run_dir, str(lane.trainer.device))
+                    with self.router.only(index):
+                        lane.trainer.setup()  # set_seed(seed) first: its network starts as in a solo run
+                        resumed = lane.trainer._restore()
+                    lane.metrics = MetricsLog(run_dir, resume_step=lane.result.steps if resumed else None)
+                except Exception as err:
+                    self._fail(lane, err)
         self.slots = install_slots([lane.trainer.network if lane.status == "running" else _EMPTY
                                     for lane in self.lanes], self.router)  # fmt: skip
         for lane in self._active():
-            lane.metrics = MetricsLog(lane.run_dir)
             lane.batches = self._lane_batches(lane)
 
     def _active(self) -> list[Lane]:
@@ -202,12 +172,26 @@ class FusedTrainer:
 
     # -------------------------------------------------------------- training
     def train(self) -> list[dict[str, Any]]:
-        """Train every lane; each lane's summary (also written to its run dir)."""
+        """Train every lane; each lane's summary (also written to its run dir).
+
+        A stop signal (SIGTERM, SIGUSR1/2) lets each lane finish its accumulation group,
+        save its state and say "interrupted"; then StopRequested is raised.
+        """
         self.setup()
+        total = max((lane.trainer.plan.total_steps - lane.result.steps for lane in self._active()), default=0)
+        progress = tqdm(total=total, desc=f"training {len(self.lanes)} lanes", unit="step", dynamic_ncols=True)
         try:
-            while self._active():
-                self._fused_step()
+            with stop_on_signals() as self.stop:
+                while self._active():
+                    if self._fused_step():
+                        progress.update(1)
+                        progress.set_postfix(lanes=len(self._active()))
+                    if self.stop.signal:
+                        self._stop_lanes()
+            if self.stop.signal:
+                raise StopRequested(self.stop, f"stopped by {self.stop.name}: {self._stopped_summary()}")
         finally:
+            progress.close()
             for slot in self.slots:
                 slot.restore()
             for lane in self.lanes:
@@ -216,18 +200,19 @@ class FusedTrainer:
                     lane.metrics = None
         return [lane.summary for lane in self.lanes]
 
-    def _fused_step(self) -> None:
+    def _fused_step(self) -> bool:
+        """One forward/backward of every active lane; False when none had a batch left."""
         steps: list[_Step] = []
         for lane in self._active():
+            batch = self._next_batch(lane)
+            if batch is None:
+                continue
             try:
-                batch = next(lane.batches)  # may first finish lane's previous epoch
                 steps.append(_Step(lane, batch, lane.trainer._step_inputs(batch)))
-            except StopIteration:
-                self._complete(lane)
             except Exception as err:
                 self._fail(lane, err)
         if not steps:
-            return
+            return False
         tic = time.perf_counter()
         for group in _same_shapes(steps):
             try:
@@ -256,6 +241,17 @@ class FusedTrainer:
                 self._fail(step.lane, err)
         self.fused_steps += 1
         self.step_seconds.append(elapsed)
+        return True
+
+    def _next_batch(self, lane: Lane) -> Batch | None:
+        """The lane's next batch; None when it has left (done: its LoRA saved, or failed)."""
+        try:
+            return next(lane.batches)  # may first run the epoch outputs of its previous epoch
+        except StopIteration:
+            self._complete(lane)
+        except Exception as err:
+            self._fail(lane, err)
+        return None
 
     def _forward(self, group: list[_Step]) -> None:
         """One UNet call on the group's concatenated inputs; each lane's loss on its rows."""
@@ -274,57 +270,106 @@ class FusedTrainer:
             step.loss = step.lane.trainer._step_loss(step.batch, step.inputs, lane_pred) / step.lane.group_size
 
     def _lane_batches(self, lane: Lane) -> Iterator[Batch]:
-        """Trainer._train_epoch / _run_epoch for one lane, a batch at a time (no state saving).
+        """Trainer._run_epoch / _train_epoch for one lane, a batch at a time.
 
         The caller steps the lane (_after_backward) between two batches; the epoch's
-        outputs (epoch loss, validation, checkpoints, samples) run with this lane alone.
+        outputs (epoch loss, validation, checkpoints, samples, state) run with this lane
+        alone. A lane restored from its training state starts where it stopped.
         """
         t = lane.trainer
         plan = t.plan
         accum = plan.gradient_accumulation_steps
-        for epoch in range(1, plan.num_epochs + 1):
-            lane.epoch, lane.losses = epoch, []
+        for epoch in range(t.result.epochs + 1, plan.num_epochs + 1):
+            lane.epoch = epoch
+            if t.position is None:
+                t.position = EpochProgress(t.data.state_dict())
             batches = t.data.epoch(epoch)
-            for i, batch in enumerate(t.data.load(batches)):
+            skip = t.position.batches_done
+            for i, batch in enumerate(t.data.load(batches[skip:]), start=skip):
+                lane.batch_index = i
                 lane.group_size = min(accum, len(batches) - (i // accum) * accum)
                 lane.closes_group = not ((i + 1) % accum and i + 1 != len(batches))
                 yield batch
-                if t.result.steps >= plan.total_steps:
+                if lane.done:
                     break
-            epoch_loss = sum(lane.losses) / len(lane.losses)
-            t.result.epochs = epoch
-            t.result.epoch_losses.append(epoch_loss)
-            lane.metrics.log(t.result.steps, {"loss/epoch": epoch_loss}, epoch=epoch)
-            with self.router.only(lane.index):
-                t._validate(epoch, lane.metrics)
-                t._end_epoch(epoch)
+            losses = t.position.losses
+            t.position = None
+            with self._as_lane(lane):
+                self._end_epoch(lane, epoch, sum(losses) / len(losses))
+
+    def _end_epoch(self, lane: Lane, epoch: int, epoch_loss: float) -> None:
+        t = lane.trainer
+        t.result.epochs = epoch
+        t.result.epoch_losses.append(epoch_loss)
+        lane.metrics.log(t.result.steps, {"loss/epoch": epoch_loss}, epoch=epoch)
+        t._validate(epoch, lane.metrics)
+        t._end_epoch(epoch)
+        if epoch == t.plan.num_epochs:
+            return
+        t.position = EpochProgress(t.data.state_dict())  # the next epoch starts from here
+        every = t.cfg.output.save_state_every_n_epochs
+        if every and epoch % every == 0:
+            t._save_state()
 
     def _after_backward(self, lane: Lane, loss: float, elapsed: float) -> None:
         t = lane.trainer
-        lane.losses.append(loss * lane.group_size)
+        t.position.losses.append(loss * lane.group_size)
         if not lane.closes_group:
             return
         norms = t._optimizer_step()
         t.result.steps += 1
+        t.position.batches_done = lane.batch_index + 1
         t.result.train_seconds += elapsed  # the fused step's time, shared by its lanes
-        recent = sum(lane.losses[-lane.group_size :]) / lane.group_size
+        recent = sum(t.position.losses[-lane.group_size :]) / lane.group_size
         lane.metrics.log(t.result.steps, {**t._step_scalars(recent, elapsed), **norms}, epoch=lane.epoch)
+        every = t.cfg.output.save_state_every_n_steps
+        if every and t.result.steps % every == 0 and not lane.done:
+            with as_lane(lane.index):
+                t._save_state()
 
     # ------------------------------------------------------------ lane exits
+    def _stop_lanes(self) -> None:
+        """A stop was asked: lanes at the end of an accumulation group stop now (state
+        saved, "interrupted"); lanes inside one take their next batch first."""
+        for lane in self._active():
+            if lane.done:  # as a run alone: its last step taken, it finishes
+                if self._next_batch(lane) is not None:
+                    self._fail(lane, RuntimeError("a lane that had taken all its steps drew another batch"))
+            elif lane.closes_group:
+                self._interrupt(lane)
+
+    def _interrupt(self, lane: Lane) -> None:
+        with as_lane(lane.index):
+            try:
+                lane.trainer._save_state()
+                lane.trainer._stop_if_asked(lane.epoch, self.stop.signal)
+            except StopRequested as stop:
+                lane.reason = str(stop)
+                log.warning("%s", stop)
+            except Exception as err:
+                self._fail(lane, err)
+                return
+        self._leave(lane, "interrupted")
+
+    def _stopped_summary(self) -> str:
+        return ", ".join(f"{lane.run_dir.name} {lane.status}" for lane in self.lanes)
+
     def _complete(self, lane: Lane) -> None:
         try:
-            with self.router.only(lane.index):
+            with self._as_lane(lane):
                 lane.trainer._finish()
         except Exception as err:
             self._fail(lane, err)
             return
         self._leave(lane, "completed")
-        log.info("lane %d (%s) completed: %d steps", lane.index, lane.run_dir.name, lane.result.steps)
+        with as_lane(lane.index):
+            log.info("lane %d (%s) completed: %d steps", lane.index, lane.run_dir.name, lane.result.steps)
 
     def _fail(self, lane: Lane, err: BaseException) -> None:
         lane.reason = failure_reason(err)
         self._leave(lane, "failed")
-        log.warning("lane %d (%s) failed, the others go on: %s", lane.index, lane.run_dir.name, lane.reason)
+        with as_lane(lane.index):
+            log.warning("lane %d (%s) failed, the others go on: %s", lane.index, lane.run_dir.name, lane.reason)
 
     def _leave(self, lane: Lane, status: str) -> None:
         lane.status = status
@@ -334,9 +379,10 @@ class FusedTrainer:
             network.requires_grad_(False)
             for p in network.parameters():
                 p.grad = None
-        lane.summary = summarise(status, lane.result, lane.started, lane.reason)
-        lane.summary["fused"] = {"lane": lane.index, "lanes": len(self.lanes)}
-        write_summary(lane.run_dir, lane.summary)
+        result = lane.trainer.result if lane.trainer is not None else None
+        lane.summary = summarise(status, result, lane.started, lane.reason)
+        lane.summary["fused"] = {"lane": lane.index, "lanes": len(self.cfgs)}
+        write_summary(self.run_dirs[lane.index], lane.summary)
         if lane.metrics is not None:
             lane.metrics.close()
             lane.metrics = None
@@ -375,10 +421,14 @@ def _cat(parts: list[Any]) -> Any:
 def run_fused(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     """Train `cfgs` fused, each into its run dir (config.yaml, environment, summary.json,
     metrics, the LoRA as a solo run writes them); the lanes' summaries."""
-    started = time.time()
-    phases.start_job(started)
     for cfg, run_dir in zip(cfgs, run_dirs):
         validate(cfg)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         write_resolved_config(Path(run_dir), cfg)
+    return train_fused(cfgs, run_dirs)
+
+
+def train_fused(cfgs: Sequence[DictConfig], run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Train `cfgs` fused into run dirs that already hold their config.yaml (atelier.fused.worker)."""
+    phases.start_job(time.time())
     return FusedTrainer(cfgs, run_dirs).train()

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, open_dict, read_write
 
 from atelier.launch.devices import make_slots
 from atelier.launch.process_queue import Job, ProcessQueue
@@ -31,13 +31,20 @@ def child_command(config: DictConfig, overrides: Sequence[str], run_dir: Path) -
     """`python train.py <the job's overrides> hydra.run.dir=<its dir>` with the same config source."""
     hydra = config.hydra
     command = [sys.executable, sys.argv[0]]
-    for source in hydra.runtime.config_sources:
-        if source.provider == "command-line":
-            command += ["--config-dir", source.path.removeprefix("file://")]
+    if user_config_dir(config):
+        command += ["--config-dir", user_config_dir(config)]
     if hydra.job.config_name != "config":
         command += ["--config-name", hydra.job.config_name]
     command += [o for o in overrides if not o.startswith("hydra.sweep.")]
     return command + [f"hydra.run.dir={_quote(str(run_dir))}"]
+
+
+def user_config_dir(config: DictConfig) -> str | None:
+    """The --config-dir the sweep was started with, if any."""
+    for source in config.hydra.runtime.config_sources:
+        if source.provider == "command-line":
+            return source.path.removeprefix("file://")
+    return None
 
 
 def job_return(job: Job, overrides: Sequence[str]) -> JobReturn:
@@ -92,10 +99,18 @@ class LocalGpusLauncher(Launcher):
         return [job_return(job, o) for job, o in zip(jobs, job_overrides)]
 
     def _job(self, index: int, overrides: list[str]) -> Job:
+        _, subdir, run_dir = self._compose(index, overrides)
+        return Job(index, subdir, child_command(self.config, overrides, run_dir), run_dir)
+
+    def _compose(self, index: int, overrides: list[str]) -> tuple[DictConfig, str, Path]:
+        """The job's whole config (hydra node included, as Hydra's own launcher has it),
+        its name (hydra.sweep.subdir) and its run dir."""
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = sweep_config.hydra.job.num = index
         HydraConfig.instance().set_config(sweep_config)
         subdir = str(sweep_config.hydra.sweep.subdir)
         run_dir = Path(str(sweep_config.hydra.sweep.dir)).absolute() / subdir
-        return Job(index, subdir, child_command(self.config, overrides, run_dir), run_dir)
+        with read_write(sweep_config.hydra.runtime), open_dict(sweep_config.hydra.runtime):
+            sweep_config.hydra.runtime.output_dir = str(run_dir)
+        return sweep_config, subdir, run_dir

@@ -36,6 +36,8 @@ class Job:
     ended: float | None = None
     state: str = "queued"  # queued | running | completed | failed | interrupted | not started
     returncode: int | None = None
+    # A fused group (atelier.launch.fused): the run dirs it trains; its own run_dir holds its logs.
+    lanes: list[Path] = field(default_factory=list)
     _logs: list = field(default_factory=list)
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.live import Live
@@ -17,9 +18,9 @@ log = logging.getLogger(__name__)
 STYLES = {"queued": "dim", "running": "cyan", "completed": "green", "failed": "red", "interrupted": "yellow"}
 
 
-def last_metrics(job: Job) -> dict:
-    """The last step record of the job's metrics.jsonl (read from the file's end)."""
-    path = job.run_dir / "metrics.jsonl"
+def last_metrics(run_dir: Path) -> dict:
+    """The last step record of a run's metrics.jsonl (read from the file's end)."""
+    path = run_dir / "metrics.jsonl"
     try:
         with open(path, "rb") as fh:
             fh.seek(0, 2)
@@ -40,7 +41,10 @@ def last_metrics(job: Job) -> dict:
 def describe(job: Job) -> str:
     if job.state != "running":
         return "" if job.returncode in (None, 0) else f"exit {job.returncode}, see {job.run_dir / 'stderr.log'}"
-    metrics = last_metrics(job)
+    if job.lanes:
+        steps = [str(last_metrics(lane).get("step", 0)) for lane in job.lanes]
+        return f"{len(job.lanes)} lanes fused, steps {'/'.join(steps)}"
+    metrics = last_metrics(job.run_dir)
     if not metrics:
         return "starting"
     return f"step {metrics['step']}  loss {metrics['loss/step']:.4f}"
