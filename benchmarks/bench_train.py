@@ -166,21 +166,41 @@ def measure_sweep(overrides: list[str]) -> tuple[dict, list[str]]:
         command = [sys.executable, "train.py", *overrides, f"hydra.sweep.dir={sweep_dir}"]
         started = run(command)
         wall = time.time() - started
-        jobs = [p for p in sweep_dir.iterdir() if (p / "metrics.jsonl").is_file()]
+        all_jobs = [p for p in sweep_dir.iterdir() if (p / "metrics.jsonl").is_file()]
+        summaries = {job: json.loads((job / "summary.json").read_text()) for job in all_jobs}
+        jobs = _one_per_process_run(summaries)
         train = sum(r["time/step_seconds"] for job in jobs for r in step_records(job))
         phases = _phase_totals(jobs)
-        in_jobs = sum(json.loads((job / "summary.json").read_text())["wall_seconds"] for job in jobs)
+        in_jobs = sum(summaries[job]["wall_seconds"] for job in jobs)
     phases["between_jobs"] = round(max(0.0, wall - in_jobs - phases.get("process_start", 0.0)), 2)
+    memory = [s.get("peak_memory_mb") or {} for s in summaries.values()]
     result = {
         "load_average": load_average(),
-        "jobs": len(jobs),
+        "jobs": len(all_jobs),
+        "fused_groups": len({tuple(s["fused"]["runs"]) for s in summaries.values() if s.get("fused")}),
         "wall_seconds": round(wall, 2),
         "training_step_seconds": round(train, 2),
         "outside_steps_fraction": round(1 - train / wall, 3),
-        "seconds_outside_steps_per_job": round((wall - train) / max(len(jobs), 1), 2),
+        "seconds_outside_steps_per_job": round((wall - train) / max(len(all_jobs), 1), 2),
+        "peak_ram_mb": max((m.get("ram_mb", 0) for m in memory), default=None),
+        "peak_vram_mb": max((m["vram_mb"] for m in memory if m.get("vram_mb")), default=None),
         "phase_seconds": phases,
     }
     return result, command
+
+
+def _one_per_process_run(summaries: dict[Path, dict]) -> list[Path]:
+    """The jobs, a fused group (hydra/launcher=fused) counted once: by its lane that finished
+    last, which took part in every fused step and whose phases are the group's."""
+    jobs, groups = [], {}
+    for job, summary in summaries.items():
+        if not summary.get("fused"):
+            jobs.append(job)
+            continue
+        key = tuple(summary["fused"]["runs"])
+        if key not in groups or summary["wall_seconds"] > summaries[groups[key]]["wall_seconds"]:
+            groups[key] = job
+    return jobs + list(groups.values())
 
 
 def _cell(value) -> str:
@@ -203,14 +223,35 @@ def append_markdown(label: str, kind: str, result: dict, info: dict, command: li
     if title not in text:
         text += f"\n{title}\n\n| date | label | machine | " + " | ".join(columns) + " | command |\n"
         text += "|" + " --- |" * (len(columns) + 4) + "\n"
-    where = f"{info['cores']}x {info['cpu']}" + (f", {info['gpu']}" if info.get("gpu") else "") + f", torch {info['torch']}"
-    row = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {label} | {where} | "
-           + " | ".join(_cell(result.get(c)) for c in columns) + f" | `{shlex.join(command[1:])}` |\n")
-    # Insert the row at the end of its table (the table ends at the next blank line).
     start = text.index(title)
     end = text.find("\n\n", text.index("|", start))
     end = len(text) if end == -1 else end + 1
-    BENCHMARKS_MD.write_text(text[:end] + row + text[end:])
+    table, columns = _with_columns(text[start:end], columns)
+    where = f"{info['cores']}x {info['cpu']}" + (f", {info['gpu']}" if info.get("gpu") else "") + f", torch {info['torch']}"
+    row = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {label} | {where} | "
+           + " | ".join(_cell(result.get(c)) for c in columns) + f" | `{shlex.join(command[1:])}` |\n")
+    # The row goes at the end of its table (the table ends at the next blank line).
+    BENCHMARKS_MD.write_text(text[:start] + table + row + text[end:])
+
+
+def _with_columns(table: str, columns: list[str]) -> tuple[str, list[str]]:
+    """The table with a column added for each of `columns` it lacks (earlier rows get an empty
+    cell), and its figure columns in order: between machine and command."""
+    lines = table.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith("| date |"))
+    have = [c.strip() for c in lines[at].strip().strip("|").split("|")][3:-1]
+    extra = [c for c in columns if c not in have]
+    if not extra:
+        return table, have
+    def widen(line: str, cells: list[str]) -> str:
+        head, _, command = line.rstrip("\n").rpartition(" | ")
+        return f"{head} | " + " | ".join(cells) + f" | {command}\n"
+    lines[at] = widen(lines[at], extra)
+    lines[at + 1] = "|" + " --- |" * (len(have) + len(extra) + 4) + "\n"
+    for i in range(at + 2, len(lines)):
+        if lines[i].startswith("|"):
+            lines[i] = widen(lines[i], [""] * len(extra))
+    return "".join(lines), have + extra
 
 
 def main() -> None:

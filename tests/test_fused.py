@@ -91,7 +91,7 @@ def test_three_lanes_equal_their_solo_runs(tmp_path):
             pa, pb = (np.asarray(Image.open(p), dtype=np.int16) for p in (a, b))
             assert np.abs(pa - pb).max() <= 1, a.name  # 8-bit rounding of equal-to-rounding weights
         on_disk = json.loads((dirs[i] / "summary.json").read_text())
-        assert on_disk["status"] == "completed" and on_disk["fused"] == {"lane": i, "lanes": 3}
+        assert on_disk["status"] == "completed" and on_disk["fused"] == {"lane": i, "lanes": 3, "runs": ["lane0", "lane1", "lane2"]}
         assert len([line for line in (dirs[i] / "metrics.jsonl").read_text().splitlines() if "loss/step" in line]) == 3
 
 

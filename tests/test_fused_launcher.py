@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from atelier.fused.grouping import plan_groups
 from atelier.fused.trainer import run_fused
 from atelier.outputs.lora_file import load_lora
 from atelier.outputs.run_dir import write_resolved_config
-from tests.helpers import REPO_ROOT, run_train, sigterm_after_steps
+from tests.helpers import REPO_ROOT, TRAIN, logged_steps, run_train, sigterm_after_steps
 from tests.test_fused import COMMON, LANES, assert_same_weights
 from tests.test_trainer import fresh_accelerate_state, make_cfg  # noqa: F401  (fixture)
 
@@ -86,7 +88,9 @@ def test_groupable_jobs_share_a_pass_and_the_others_run_alone(sweep):
     assert "fused group 0: case=lane_ok, case=lane_nan" in out
     assert "case=alone runs alone: network.train_unet_only must be true" in out
     lane_ok, lane_nan, alone = (summary_of(sweep_dir / f"case={name}") for name in CASES)
-    assert lane_ok["fused"] == {"lane": 0, "lanes": 2} and lane_nan["fused"] == {"lane": 1, "lanes": 2}
+    runs = ["case=lane_ok", "case=lane_nan"]
+    assert lane_ok["fused"] == {"lane": 0, "lanes": 2, "runs": runs}
+    assert lane_nan["fused"] == {"lane": 1, "lanes": 2, "runs": runs}
     assert "fused" not in alone
     assert (lane_ok["status"], lane_nan["status"], alone["status"]) == ("completed", "failed", "completed")
     # One process per GPU of the list: the group on the first, the job alone on the second.
@@ -194,3 +198,39 @@ def test_a_stopped_fused_group_saves_each_lane_and_resumes_to_the_same_weights(t
         got, want = load_lora(run_dir / "demo.safetensors")[0], load_lora(expected / "demo.safetensors")[0]
         assert all(torch.equal(got[k], want[k]) for k in want), run_dir.name
     assert "resuming from training_state.pt" in (dirs[0] / "train.log").read_text()
+
+
+def test_ctrl_c_interrupts_every_lane_and_resume_true_finishes_them(tmp_path):
+    """SIGINT to a fused sweep: the group saves each lane; the same sweep with resume=true
+    regroups the unfinished jobs and each lane continues to the weights of a run never stopped."""
+    sweep_dir = tmp_path / "sweep"
+    axes = [*SGD, "network.train_unet_only=true", "training.max_train_steps=12", "sampling.limit=1",
+            "sampling.steps=1", "sampling.sample_every_n_epochs=null", "output.save_every_n_epochs=null"]  # fmt: skip
+    command = [sys.executable, str(TRAIN), "-m", "hydra/launcher=fused", *axes, "network.dim=2,4",
+               f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lanes = [sweep_dir / "network.dim=2", sweep_dir / "network.dim=4"]
+    deadline = time.time() + 240
+    while logged_steps(lanes[0]) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 1, out[-3000:]
+    assert "2 interrupted" in out
+    for lane in lanes:
+        summary = summary_of(lane)
+        assert summary["status"] == "interrupted" and "stopped by SIGTERM" in summary["reason"], summary
+        assert (lane / "training_state.pt").is_file()
+    assert logged_steps(lanes[0]) < 12
+
+    resumed = subprocess.run([*command, "resume=true"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "fused group 0: network.dim=2, network.dim=4" in resumed.stdout + resumed.stderr
+    expected_dirs = [tmp_path / "expected" / lane.name for lane in lanes]
+    run_fused([make_cfg(*axes, f"network.dim={d}") for d in (2, 4)], expected_dirs)
+    for lane, expected in zip(lanes, expected_dirs):
+        assert summary_of(lane)["status"] == "completed" and logged_steps(lane) == 12
+        gap = assert_same_weights(load_lora(lane / "demo.safetensors")[0], load_lora(expected / "demo.safetensors")[0])
+        assert gap < 1e-8, (lane.name, gap)

@@ -154,6 +154,7 @@ class FusedTrainer:
             self.lanes.append(lane)
             with as_lane(index):
                 try:
+                    phases.share_job()
                     lane.trainer = LaneTrainer(cfg, run_dir, self.shared)
                     write_environment(run_dir, str(lane.trainer.device))
                     with self.router.only(index):
@@ -381,7 +382,8 @@ class FusedTrainer:
                 p.grad = None
         result = lane.trainer.result if lane.trainer is not None else None
         lane.summary = summarise(status, result, lane.started, lane.reason)
-        lane.summary["fused"] = {"lane": lane.index, "lanes": len(self.cfgs)}
+        # Which runs shared the pass (benchmarks/bench_train.py counts a group's steps once).
+        lane.summary["fused"] = {"lane": lane.index, "lanes": len(self.cfgs), "runs": [d.name for d in self.run_dirs]}
         write_summary(self.run_dirs[lane.index], lane.summary)
         if lane.metrics is not None:
             lane.metrics.close()

@@ -71,6 +71,13 @@ def attach_trainer() -> None:
     _trainer_attached = True
 
 
+def share_job() -> None:
+    """The next Trainer belongs to the job in progress (a lane of a fused group: the lanes'
+    phases are the group process's), instead of starting a job of its own."""
+    global _trainer_attached
+    _trainer_attached = False
+
+
 def add(name: str, seconds: float) -> None:
     """Time measured elsewhere (e.g. the training steps): moved out of the enclosing phase."""
     _seconds[name] = _seconds.get(name, 0.0) + seconds
