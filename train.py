@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 import atelier.config
 from atelier.train.signals import StopRequested
+from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
 from atelier.utils.quiet import quiet_third_party_warnings
 
 atelier.config.register()
@@ -18,6 +19,9 @@ quiet_third_party_warnings()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
+    # Imported here, not above, so --help and config errors stay fast; diffusers is told
+    # first that peft and bitsandbytes are missing (see atelier.utils.lean_imports).
+    hide_peft_and_bitsandbytes_from_diffusers()
     from atelier.train.run import run_job
 
     hydra_cfg = HydraConfig.get()
