@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import hydra
@@ -40,3 +41,8 @@ if __name__ == "__main__":
         main()
     except StopRequested as stop:  # already logged; the state is saved
         raise SystemExit(stop.exit_code) from None
+    finally:
+        # The process ends here: spare it the garbage collector's passes over the ~600k objects
+        # that importing torch, transformers and diffusers made (~1 s of each exit on 2 cores).
+        # atexit handlers still run (logging flushes its files, child processes are joined).
+        gc.freeze()
