@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from atelier.config.schema import SchedulerConfig
-from atelier.train.lr_plot import plot_lr_schedule
+from atelier.train.lr_plot import _render_png, plot_lr_schedule
 from atelier.train.schedulers import lr_curve, lr_scheduler_from_config, parse_step_rules
 
 LR = 1e-3
@@ -102,3 +102,14 @@ def test_lr_schedule_plot_is_a_png(tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (800, 400)
     assert [p.name for p in tmp_path.iterdir()] == ["lr_schedule.png"]  # no temp file left
+
+
+def test_a_schedule_planned_again_is_drawn_once(tmp_path):
+    curves = {"unet": curve("cosine")}
+    first = plot_lr_schedule(curves, tmp_path / "a.png", "cosine")
+    drawn = _render_png.cache_info().misses
+    second = plot_lr_schedule(curves, tmp_path / "b.png", "cosine")
+    assert _render_png.cache_info().misses == drawn  # the next job of a sweep: the same PNG again
+    assert second.read_bytes() == first.read_bytes()
+    other = plot_lr_schedule({"unet": curve("linear")}, tmp_path / "c.png", "cosine")
+    assert _render_png.cache_info().misses == drawn + 1 and other.read_bytes() != first.read_bytes()

@@ -13,6 +13,8 @@ from atelier.train import reuse
 from atelier.train.latents import PixelBatches, PixelJob, PixelLoader
 from atelier.train.speed import apply_backend_settings, is_compiled, optimizer_args
 from atelier.train.trainer import Trainer
+from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
+from tests.helpers import run_train
 from tests.test_trainer import fresh_accelerate_state, make_cfg, train  # noqa: F401  (fixture)
 
 
@@ -128,6 +130,45 @@ def test_persistent_workers_are_kept_across_epochs(persistent, monkeypatch):
     epoch2 = {int(t) for t in loader([job, job])}
     assert os.getpid() not in epoch1 and len(epoch1) == 1
     assert (epoch1 == epoch2) == persistent
+
+
+# ------------------------------------------------------------- process start
+NEVER_FOR_LORA = {"peft", "bitsandbytes", "lycoris"}
+
+
+def imported_packages(importtime_log: str) -> set[str]:
+    """Top-level packages named in `python -X importtime` output."""
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in importtime_log.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2}  # fmt: skip
+
+
+def test_a_lora_run_never_imports_peft_or_bitsandbytes(tmp_path, monkeypatch):
+    """diffusers and lycoris would import them (~1 s of every process; atelier.utils.lean_imports)."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # every import to stderr
+    proc = run_train("debug=smoke", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = imported_packages(proc.stderr)
+    assert {"torch", "diffusers", "transformers"} <= imported
+    assert not imported & NEVER_FOR_LORA
+
+
+def test_8bit_optimizer_and_lycoris_still_import_what_they_need(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    proc = run_train("debug=smoke", f"hydra.run.dir={tmp_path / 'adamw8bit'}", "optimizer=adamw8bit")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert imported_packages(proc.stderr) & NEVER_FOR_LORA == {"bitsandbytes"}
+    proc = run_train("debug=smoke", f"hydra.run.dir={tmp_path / 'loha'}", "network=loha")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert imported_packages(proc.stderr) & NEVER_FOR_LORA == NEVER_FOR_LORA  # lycoris imports both
+
+
+def test_diffusers_is_left_alone_once_a_model_class_is_imported():
+    import diffusers.utils
+    from diffusers import UNet2DConditionModel  # noqa: F401
+
+    peft_backend = diffusers.utils.USE_PEFT_BACKEND
+    assert hide_peft_and_bitsandbytes_from_diffusers() is False
+    assert diffusers.utils.USE_PEFT_BACKEND == peft_backend
 
 
 # --------------------------------------------------------------- reuse in sweeps

@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import atelier.config
+from atelier.sweep.compose_once import composed_once
 from atelier.sweep.naming import job_names, swept_keys
 from tests.helpers import REPO_ROOT, run_train
 
@@ -84,6 +85,39 @@ def test_typo_in_a_sweep_fails_before_any_job(tmp_path):
     proc = run_train("-m", "network.dimm=4,8", "debug=smoke", cwd=tmp_path, timeout=120)
     assert proc.returncode != 0 and "Key 'dimm' not in 'NetworkConfig'" in proc.stderr
     assert not list(tmp_path.rglob("summary.json"))
+
+
+def test_one_bad_value_fails_the_sweep_before_any_job(tmp_path):
+    proc = run_train("-m", "optimizer=adamw,adamw_typo", "debug=smoke", cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0 and "adamw_typo" in proc.stderr
+    assert not list(tmp_path.rglob("summary.json"))
+
+
+class CountingLoader:
+    """Stands in for Hydra's config loader: 'composes' by returning a new dict."""
+
+    def __init__(self):
+        self.composed = []
+
+    def load_sweep_config(self, master_config, sweep_overrides):
+        self.composed.append(list(sweep_overrides))
+        return {"overrides": list(sweep_overrides)}
+
+
+def test_the_launcher_gets_the_configs_the_check_composed():
+    loader, master = CountingLoader(), object()
+    batch = [["a=1"], ["a=2"]]
+    with composed_once(loader) as configs:
+        configs.check(master, batch)
+        assert loader.composed == batch
+        first = loader.load_sweep_config(master, ["a=1"])
+        assert loader.load_sweep_config(master, ["a=2"]) == {"overrides": ["a=2"]}
+        assert loader.composed == batch  # nothing composed again
+        assert loader.load_sweep_config(master, ["a=1"]) is not first  # each kept config is handed out once
+        assert loader.composed == [*batch, ["a=1"]]
+    assert "load_sweep_config" not in vars(loader)  # Hydra's own method again
+    loader.load_sweep_config(master, ["a=1"])
+    assert len(loader.composed) == 4
 
 
 RECIPES = sorted(p.stem for p in (REPO_ROOT / "conf" / "experiment").glob("*.yaml"))

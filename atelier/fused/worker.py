@@ -21,6 +21,7 @@ from atelier.fused.lane_logs import FORMAT, lane_log_files
 from atelier.outputs.summary import read_summary, write_summary
 from atelier.train.signals import StopRequested
 from atelier.train.worker import load_run_config
+from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
 from atelier.utils.quiet import quiet_third_party_warnings
 
 log = logging.getLogger("atelier.fused.worker")
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=FORMAT, handlers=[logging.StreamHandler()])
     quiet_third_party_warnings()
     atelier.config.register()
+    hide_peft_and_bitsandbytes_from_diffusers()
     with lane_log_files(run_dirs):
         log.info("training %d runs in one fused pass: %s", len(run_dirs), ", ".join(d.name for d in run_dirs))
         try:

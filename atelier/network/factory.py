@@ -10,9 +10,15 @@ from torch import nn
 
 from atelier.network.dylora import DyLoRAModule
 from atelier.network.lora import LoRAModule, LoRANetwork
-from atelier.network.lycoris_modules import is_ia3_target, make_lycoris_module
 from atelier.network.spec import DISPLAY_NAMES, NetworkSpec
-from atelier.network.targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, belongs_to, iter_targets
+from atelier.network.targets import (
+    TEXT_ENCODER_PREFIX,
+    UNET_PREFIX,
+    TargetLayer,
+    belongs_to,
+    is_ia3_target,
+    iter_targets,
+)
 from atelier.outputs.lora_file import load_lora
 
 log = logging.getLogger(__name__)
@@ -81,6 +87,9 @@ def make_module(spec: NetworkSpec, target: TargetLayer, dim: int | None = None, 
         return DyLoRAModule(target.lora_name, target.module, dim, alpha, spec.unit)
     if spec.kind == "lokr":
         options = {"factor": spec.factor, **options}
+    # Imported here: lycoris pulls in peft and bitsandbytes (~3 s), which LoRA runs never need.
+    from atelier.network.lycoris_modules import make_lycoris_module
+
     return make_lycoris_module(spec.kind, target, dim, alpha, spec.rank_dropout, spec.module_dropout, **options)
 
 

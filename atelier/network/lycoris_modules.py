@@ -5,6 +5,8 @@ weight + on_input) but not its network builder: `lycoris.kohya.create_network`
 asserts on diffusers UNets with its default preset, names SD1 text-encoder layers
 without `text_model` under transformers >= 5.6, and its (IA)^3 preset matches no
 layer of a diffusers model. The targets and names come from atelier.network.targets.
+Imported only when one of these kinds is built: lycoris imports peft and bitsandbytes
+(~3 s on a small CPU), which LoRA / LoCon / DyLoRA runs never need.
 
 Pitfall kept away: lycoris-lora 4.1.3's `merge_to()` applies alpha/dim twice for
 LoHa and decomposed LoKr. Nothing here merges; the forward pass (used in training
@@ -21,12 +23,7 @@ from lycoris.modules.lokr import LokrModule
 from torch import nn
 
 from atelier.network.patch import GradGatedTraining
-from atelier.network.targets import TargetLayer
-
-# (IA)^3 learns a per-channel scale of keys, values and the FFN output (of its input
-# for the last FFN layer), as in the paper and LyCORIS' ia3 preset.
-IA3_OUTPUT_LAYERS = ("to_k", "to_v", "k_proj", "v_proj")
-IA3_INPUT_LAYERS = ("ff_net_2", "mlp_fc2")
+from atelier.network.targets import IA3_INPUT_LAYERS, TargetLayer
 
 
 class LoHa(GradGatedTraining, LohaModule):
@@ -45,10 +42,6 @@ class IA3(GradGatedTraining, IA3Module):
 
 
 LYCORIS_CLASSES: dict[str, type[nn.Module]] = {"loha": LoHa, "lokr": LoKr, "ia3": IA3}
-
-
-def is_ia3_target(target: TargetLayer) -> bool:
-    return isinstance(target.module, nn.Linear) and target.lora_name.endswith(IA3_OUTPUT_LAYERS + IA3_INPUT_LAYERS)
 
 
 def make_lycoris_module(

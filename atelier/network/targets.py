@@ -26,6 +26,10 @@ UNET_TARGETS = ("Transformer2DModel",)
 # conv_dim, their Linear / 1x1 layers (time_emb_proj, conv_shortcut) the linear dim.
 UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+# (IA)^3 learns a per-channel scale of keys, values and the FFN output (of its input
+# for the last FFN layer), as in the paper and LyCORIS' ia3 preset.
+IA3_OUTPUT_LAYERS = ("to_k", "to_v", "k_proj", "v_proj")
+IA3_INPUT_LAYERS = ("ff_net_2", "mlp_fc2")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,10 @@ class TargetLayer:
     def is_conv_kxk(self) -> bool:
         """A conv with a spatial kernel: it takes conv_dim / conv_alpha, not dim / alpha."""
         return isinstance(self.module, nn.Conv2d) and self.module.kernel_size != (1, 1)
+
+
+def is_ia3_target(target: TargetLayer) -> bool:
+    return isinstance(target.module, nn.Linear) and target.lora_name.endswith(IA3_OUTPUT_LAYERS + IA3_INPUT_LAYERS)
 
 
 def _is_target_layer(module: nn.Module, conv: bool) -> bool:

@@ -19,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
+from atelier.sweep.compose_once import composed_once
 from atelier.sweep.naming import job_names
 from atelier.sweep.outcome import (
     JobFailed,
@@ -73,9 +74,11 @@ class TrainingSweeper(BasicSweeper):
             batch_names.append(name)
         log.info("sweep of %d jobs into %s (%d to run)", len(jobs), sweep_dir, len(batch))
 
-        self.validate_batch_is_legal(batch)
         try:
-            results = self.launcher.launch(batch, initial_job_idx=0) if batch else []
+            with composed_once(self.hydra_context.config_loader) as configs:
+                # Hydra's validate_batch_is_legal, keeping the configs for the launcher.
+                configs.check(self.config, batch)
+                results = self.launcher.launch(batch, initial_job_idx=0) if batch else []
         except StopRequested:
             # A signal stopped the job running in this process (its state is saved):
             # report the sweep as it stands, then stop instead of starting the next job.

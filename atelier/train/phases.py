@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 _seconds: dict[str, float] = {}
@@ -28,11 +30,20 @@ process_start_seconds: float | None = None
 
 
 def _process_started_at() -> float | None:
+    """When this process started, as a time.time() value; None when it cannot be told."""
+    try:
+        # The start time in /proc/self/stat and /proc/uptime count on the same clock, in
+        # 1/100 s; psutil's create_time() adds the boot time in whole seconds (up to 1 s off).
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):  # not Linux
+        pass
     try:
         import psutil
 
         return psutil.Process().create_time()
-    except Exception:  # psutil missing or /proc unreadable: no figure rather than a wrong one
+    except Exception:  # psutil missing or unreadable: no figure rather than a wrong one
         return None
 
 

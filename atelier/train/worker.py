@@ -18,6 +18,7 @@ from atelier.config.schema import AtelierConfig
 from atelier.outputs.run_dir import RESOLVED_CONFIG
 from atelier.train.distributed import process_rank
 from atelier.train.signals import StopRequested
+from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
 from atelier.utils.quiet import quiet_third_party_warnings
 
 log = logging.getLogger("atelier.train.worker")
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(run_dir, rank)
     quiet_third_party_warnings()
     atelier.config.register()
+    hide_peft_and_bitsandbytes_from_diffusers()
     from atelier.train.run import run_training  # torch and friends: after logging is set up
 
     try:
