@@ -51,7 +51,8 @@ from atelier.outputs.summary import write_summary
 from atelier.train import phases
 from atelier.train.data import Batch
 from atelier.train.metrics import MetricsLog
-from atelier.train.run import failure_reason, summarise, validate
+from atelier.config.validate import validate
+from atelier.train.run import failure_reason, summarise
 from atelier.train.sdxl_conditioning import batch_time_ids, unet_prediction
 from atelier.train.signals import StopFlag, StopRequested, stop_on_signals
 from atelier.train.trainer import EpochProgress, StepInputs, Trainer, TrainResult

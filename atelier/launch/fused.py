@@ -27,6 +27,7 @@ from pathlib import Path
 from hydra.core.utils import JobReturn, JobStatus, _save_config, setup_globals
 from omegaconf import DictConfig, open_dict, read_write
 
+from atelier.config.validate import validate
 from atelier.fused.grouping import plan_groups
 from atelier.launch.local_gpus import LocalGpusLauncher, child_command, job_return, user_config_dir
 from atelier.launch.process_queue import Job, ProcessQueue
@@ -98,8 +99,6 @@ class FusedLauncher(LocalGpusLauncher):
         with read_write(task), open_dict(task):
             del task["hydra"]
         try:
-            from atelier.train.run import validate
-
             validate(task)
         except Exception as err:  # its own process fails with this and writes its summary
             log.warning("%s: %s", name, err)
