@@ -152,20 +152,26 @@ BUCKETS = ["dataset.enable_bucket=true", "dataset.min_bucket_reso=32", "dataset.
 SGD = ["optimizer=sgd_nesterov", "network.dim=4", "optimizer.learning_rate=1e-2", "training.max_grad_norm=0"]
 
 
+CHECKPOINTING = "training.gradient_checkpointing=true"
+
+
 @pytest.mark.parametrize(
     "lanes",
-    [[[*LANES[0], *BUCKETS], [*LANES[1], *BUCKETS]], [[*SGD, "model=tiny_sdxl"], [*LANES[1], "model=tiny_sdxl"]]],
-    ids=["buckets", "sdxl"],
+    [[[*LANES[0], *BUCKETS], [*LANES[1], *BUCKETS]], [[*SGD, "model=tiny_sdxl"], [*LANES[1], "model=tiny_sdxl"]],
+     [[*SGD, CHECKPOINTING], [*LANES[1], CHECKPOINTING]]],
+    ids=["buckets", "sdxl", "gradient_checkpointing"],
 )
 def test_bucketed_and_sdxl_lanes_equal_their_solo_runs(tmp_path, lanes):
     # SDXL with AdamW: 3 steps move 30 of 576 tensors by up to 4e-5 (Adam amplifying
     # rounding, see ATOL); two SGD lanes check the SDXL path (pooled text, time ids) tightly.
+    # Gradient checkpointing recomputes the forward in the backward: the rows must be
+    # routed as in the forward (the backward runs inside the router's fused context).
     bucketed = "dataset.enable_bucket=true" in lanes[0]
     cfgs, dirs = fused(tmp_path, lanes)
     trainer = FusedTrainer(cfgs, dirs)
     groups = []
-    forward = trainer._forward
-    trainer._forward = lambda group: (groups.append(len(group)), forward(group))
+    forward_backward = trainer._forward_backward
+    trainer._forward_backward = lambda group: groups.append(len(group)) or forward_backward(group)
     assert [s["status"] for s in trainer.train()] == ["completed"] * 2
     if bucketed:  # lanes drew batches of other buckets: run as separate UNet calls
         assert 1 in groups

@@ -10,8 +10,8 @@ shared one and whose network is not patched in by itself. Per step:
    and the UNet runs once on them (atelier.fused.slots: base layers once, each lane's
    LoRA on its own rows); lanes with other shapes (buckets) run in another group;
 3. each lane's loss is its own loss options on its own rows (Trainer._step_loss);
-4. one backward of the sum of the finite lane losses: a lane's parameters only see its
-   rows, so each gets the gradient of its own loss;
+4. one backward of the sum of the group's finite lane losses: a lane's parameters only
+   see its rows, so each gets the gradient of its own loss;
 5. each lane steps its own optimizer / scheduler and logs to its own metrics.
 
 A lane whose loss is NaN/inf is marked failed (summary.json: status failed + reason)
@@ -216,25 +216,14 @@ class FusedTrainer:
         if not steps:
             return False
         tic = time.perf_counter()
+        finite: list[_Step] = []
         for group in _same_shapes(steps):
             try:
-                self._forward(group)
+                finite += self._forward_backward(group)
             except Exception as err:  # the shared forward: every lane of the group stops
                 for step in group:
-                    self._fail(step.lane, err)
-                    step.loss = None
-        steps = [s for s in steps if s.loss is not None]
-        finite = []
-        for step in steps:
-            lane, trainer = step.lane, step.lane.trainer
-            try:
-                trainer._check_finite(step.loss, lane.epoch)
-                finite.append(step)
-            except Exception as err:
-                self._fail(lane, err)
-        if finite:
-            # One backward: each lane's parameters get the gradient of its own loss only.
-            finite[0].lane.trainer.accelerator.backward(torch.stack([s.loss for s in finite]).sum())
+                    if step.lane.status == "running":
+                        self._fail(step.lane, err)
         elapsed = time.perf_counter() - tic
         for step in finite:
             try:
@@ -255,8 +244,14 @@ class FusedTrainer:
             self._fail(lane, err)
         return None
 
-    def _forward(self, group: list[_Step]) -> None:
-        """One UNet call on the group's concatenated inputs; each lane's loss on its rows."""
+    def _forward_backward(self, group: list[_Step]) -> list[_Step]:
+        """One UNet call on the group's concatenated inputs, each lane's loss on its rows, one
+        backward of the finite losses; the steps with a finite loss.
+
+        The backward runs while the router still holds the group's rows: with gradient
+        checkpointing it recomputes the forward, which must route the rows as the forward did.
+        Each lane's parameters only see its rows, so each gets the gradient of its own loss.
+        """
         first = group[0].lane.trainer
         noisy = torch.cat([s.inputs.noisy for s in group])
         timesteps = torch.cat([s.inputs.timesteps for s in group])
@@ -268,8 +263,17 @@ class FusedTrainer:
         with self.router.fused([(s.lane.index, len(s.batch)) for s in group]) as rows:
             with first.accelerator.autocast():
                 pred = unet_prediction(first.base.unet, noisy, timesteps, hidden, time_ids)
-        for step, lane_pred in zip(group, pred.split([r.end - r.start for r in rows])):
-            step.loss = step.lane.trainer._step_loss(step.batch, step.inputs, lane_pred) / step.lane.group_size
+            finite = []
+            for step, lane_pred in zip(group, pred.split([r.end - r.start for r in rows])):
+                step.loss = step.lane.trainer._step_loss(step.batch, step.inputs, lane_pred) / step.lane.group_size
+                try:
+                    step.lane.trainer._check_finite(step.loss, step.lane.epoch)
+                    finite.append(step)
+                except Exception as err:
+                    self._fail(step.lane, err)
+            if finite:
+                first.accelerator.backward(torch.stack([s.loss for s in finite]).sum())
+        return finite
 
     def _lane_batches(self, lane: Lane) -> Iterator[Batch]:
         """Trainer._run_epoch / _train_epoch for one lane, a batch at a time.
