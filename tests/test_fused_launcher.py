@@ -131,6 +131,8 @@ def test_a_fused_run_dir_holds_what_a_run_alone_does(sweep):
     assert "training 2 runs in one fused pass" in log0 and "training 2 runs in one fused pass" in log1
     assert "lane 0 (case=lane_ok) completed: 3 steps" in log0 and "lane 1" not in log0
     assert "lane 1 (case=lane_nan) failed" in log1 and "lane 0" not in log1
+    # The lanes share one dataset and VAE: the first encodes the latents, the second reads them.
+    assert "encoded=11" in log0 and "memory_hits=11, disk_hits=0, encoded=0" in log1
 
 
 def test_a_fused_lane_replays_alone_to_the_same_weights(sweep, tmp_path):

@@ -38,6 +38,7 @@ RANDOM_BUILTINS = ("sd15-random",)
 _BASES: dict[tuple, Any] = {}  # at most one entry: a sweep trains one base model at a time
 _LATENTS: dict[str, torch.Tensor] = {}
 _FORCE: bool | None = None  # tests: force reuse on/off outside Hydra
+_SHARE_LATENTS = False  # share_latents()
 
 
 def in_process_sweep() -> bool:
@@ -123,8 +124,16 @@ def fresh_copy(base: Any) -> Any:
 
 
 def latent_store() -> dict[str, torch.Tensor] | None:
-    """The process-wide latents shared by the jobs of an in-process sweep; None otherwise."""
-    return _LATENTS if in_process_sweep() else None
+    """The process-wide latents shared by the jobs of an in-process sweep or the lanes of a
+    fused group; None otherwise."""
+    return _LATENTS if in_process_sweep() or _SHARE_LATENTS else None
+
+
+def share_latents() -> None:
+    """The runs of this process share their latents (the lanes of a fused group: one dataset,
+    one VAE), without the base-model copies of an in-process sweep (the group shares one)."""
+    global _SHARE_LATENTS
+    _SHARE_LATENTS = True
 
 
 # ------------------------------------------------------------ random builtins
@@ -172,5 +181,6 @@ __all__ = [
     "fresh_copy",
     "in_process_sweep",
     "latent_store",
+    "share_latents",
     "load_base",
 ]
