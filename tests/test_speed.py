@@ -213,3 +213,28 @@ def test_persistent_workers_key_reaches_the_step_encoder(persistent):
     data = TrainingData(cfg.dataset, 1, 2)
     data.prepare(None, torch.device("cpu"))  # augmented: per-step encoding, the VAE is not read yet
     assert data.step_encoder.pixels._loader.persistent_workers is persistent
+
+
+def test_a_reused_base_frees_the_previous_jobs_copy_first():
+    """In an in-process sweep, the previous job's copy of the base model (kept alive by a
+    reference cycle) is freed before the next job's copy is made: two models, not three."""
+    import gc
+    import types
+    import weakref
+
+    reuse.force_reuse(True)
+    m, t = make_cfg().model, make_cfg().training
+
+    def load():
+        return types.SimpleNamespace(tokenizer=None, unet=torch.nn.Linear(4, 4))
+
+    previous = reuse._load_or_copy(m, t, load)
+    previous.cycle = previous
+    alive = weakref.ref(previous.unet)
+    del previous
+    gc.disable()  # only the reuse code may collect
+    try:
+        reuse._load_or_copy(m, t, load)
+        assert alive() is None
+    finally:
+        gc.enable()
