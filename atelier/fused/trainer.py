@@ -48,7 +48,7 @@ from atelier.network.factory import build_network
 from atelier.network.lora import LoRANetwork
 from atelier.outputs.run_dir import write_environment, write_resolved_config
 from atelier.outputs.summary import write_summary
-from atelier.train import phases
+from atelier.train import phases, reuse
 from atelier.train.data import Batch
 from atelier.train.metrics import MetricsLog
 from atelier.config.validate import validate
@@ -150,24 +150,28 @@ class FusedTrainer:
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
-        for index, (cfg, run_dir) in enumerate(zip(self.cfgs, self.run_dirs)):
-            lane = Lane(index, None, time.time())  # type: ignore[arg-type]
-            self.lanes.append(lane)
-            with as_lane(index):
-                try:
-                    phases.share_job()
-                    lane.trainer = LaneTrainer(cfg, run_dir, self.shared)
-                    write_environment(run_dir, str(lane.trainer.device))
-                    with self.router.only(index):
-                        lane.trainer.setup()  # set_seed(seed) first: its network starts as in a solo run
-                        resumed = lane.trainer._restore()
-                    lane.metrics = MetricsLog(run_dir, resume_step=lane.result.steps if resumed else None)
-                except Exception as err:
-                    self._fail(lane, err)
+        with reuse.sharing_latents():  # one dataset, one VAE: the first lane encodes, the others read
+            for index, (cfg, run_dir) in enumerate(zip(self.cfgs, self.run_dirs)):
+                self._setup_lane(index, cfg, run_dir)
         self.slots = install_slots([lane.trainer.network if lane.status == "running" else _EMPTY
                                     for lane in self.lanes], self.router)  # fmt: skip
         for lane in self._active():
             lane.batches = self._lane_batches(lane)
+
+    def _setup_lane(self, index: int, cfg: DictConfig, run_dir: Path) -> None:
+        lane = Lane(index, None, time.time())  # type: ignore[arg-type]
+        self.lanes.append(lane)
+        with as_lane(index):
+            try:
+                phases.share_job()
+                lane.trainer = LaneTrainer(cfg, run_dir, self.shared)
+                write_environment(run_dir, str(lane.trainer.device))
+                with self.router.only(index):
+                    lane.trainer.setup()  # set_seed(seed) first: its network starts as in a solo run
+                    resumed = lane.trainer._restore()
+                lane.metrics = MetricsLog(run_dir, resume_step=lane.result.steps if resumed else None)
+            except Exception as err:
+                self._fail(lane, err)
 
     def _active(self) -> list[Lane]:
         return [lane for lane in self.lanes if lane.status == "running"]

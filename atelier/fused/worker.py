@@ -41,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("training %d runs in one fused pass: %s", len(run_dirs), ", ".join(d.name for d in run_dirs))
         try:
             from atelier.fused.trainer import train_fused  # torch and friends: after logging is set up
-            from atelier.train import reuse
 
-            reuse.share_latents()  # the lanes' dataset and VAE are the same: encode once
             train_fused([load_run_config(d) for d in run_dirs], run_dirs)
         except StopRequested as stop:
             log.warning("%s", stop)

@@ -61,9 +61,7 @@ class FusedLauncher(LocalGpusLauncher):
         stop_timeout: float = 60.0,
     ):
         super().__init__(gpus=gpus, jobs_per_gpu=1, cpu_slots=cpu_slots, stop_timeout=stop_timeout)
-        if max_adapters < 1:
-            raise ValueError(f"hydra.launcher.max_adapters must be at least 1, got {max_adapters}")
-        self.max_adapters = max_adapters
+        self.max_adapters = max_adapters  # checked by plan_groups, before any job starts
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         setup_globals()
@@ -106,7 +104,8 @@ class FusedLauncher(LocalGpusLauncher):
         return SweepJob(index, name, overrides, config, task, run_dir)
 
     def _group_job(self, number: int, members: list[SweepJob]) -> Job:
-        group_dir = members[0].run_dir.parent / GROUPS_DIR / str(number)
+        # The sweep dir, not a run dir's parent: hydra.sweep.subdir may nest (a/b/...).
+        group_dir = Path(str(members[0].config.hydra.sweep.dir)).absolute() / GROUPS_DIR / str(number)
         for job in members:
             self._write_run_dir(job)
             link_group_logs(group_dir, job.run_dir)

@@ -24,10 +24,11 @@ full-size model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ RANDOM_BUILTINS = ("sd15-random",)
 _BASES: dict[tuple, Any] = {}  # at most one entry: a sweep trains one base model at a time
 _LATENTS: dict[str, torch.Tensor] = {}
 _FORCE: bool | None = None  # tests: force reuse on/off outside Hydra
-_SHARE_LATENTS = False  # share_latents()
+_SHARE_LATENTS = False  # inside sharing_latents()
 
 
 def in_process_sweep() -> bool:
@@ -130,14 +131,25 @@ def fresh_copy(base: Any) -> Any:
 def latent_store() -> dict[str, torch.Tensor] | None:
     """The process-wide latents shared by the jobs of an in-process sweep or the lanes of a
     fused group; None otherwise."""
-    return _LATENTS if in_process_sweep() or _SHARE_LATENTS else None
+    return _LATENTS if latent_store_active() else None
 
 
-def share_latents() -> None:
-    """The runs of this process share their latents (the lanes of a fused group: one dataset,
-    one VAE), without the base-model copies of an in-process sweep (the group shares one)."""
+@contextlib.contextmanager
+def sharing_latents() -> Iterator[None]:
+    """Runs set up inside share their latents (the lanes of a fused group: one dataset, one
+    VAE), without the base-model copies of an in-process sweep (the group shares one)."""
     global _SHARE_LATENTS
-    _SHARE_LATENTS = True
+    previous, _SHARE_LATENTS = _SHARE_LATENTS, True
+    try:
+        yield
+    finally:
+        _SHARE_LATENTS = previous
+        if not latent_store_active():
+            _LATENTS.clear()  # each lane holds its own; the store's copies would only cost memory
+
+
+def latent_store_active() -> bool:
+    return in_process_sweep() or _SHARE_LATENTS
 
 
 # ------------------------------------------------------------ random builtins
@@ -185,6 +197,6 @@ __all__ = [
     "fresh_copy",
     "in_process_sweep",
     "latent_store",
-    "share_latents",
+    "sharing_latents",
     "load_base",
 ]
