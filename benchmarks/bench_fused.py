@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 
+from atelier.utils.atomic import write_text  # noqa: E402
+
 LANE_VARIANTS = [
     ["optimizer=adamw", "network.dim=4", "network.alpha=2", "optimizer.learning_rate=1e-3"],
     ["optimizer=lion", "network.dim=8", "network.alpha=4", "optimizer.learning_rate=1e-4"],
@@ -132,7 +134,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = RESULTS / f"{args.label}-{stamp}.json"
-    out.write_text(json.dumps({
+    write_text(out, json.dumps({
         "label": args.label,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "steps_per_config": args.steps,

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import yaml
 
+from atelier.utils.atomic import write_text
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
@@ -102,6 +104,9 @@ def measure_run(overrides: list[str], steps: int, warmup: int) -> tuple[dict, li
     result = {
         "load_average": load_average(),
         "seconds_per_step": round(per_step, 4),
+        # The mean keeps what the median drops: stalls at epoch starts (data workers
+        # starting again), cache misses, periodic saves.
+        "mean_seconds_per_step": round(statistics.fmean(timed), 4),
         "images_per_second": round(images / per_step, 3),
         "first_step_seconds": round(records[0]["time"] - started, 2),
         "wall_seconds": round(time.time() - started, 2),
@@ -136,8 +141,12 @@ def measure_compare(
         "speedup": None,  # off / on, set below
         "all_seconds_per_step_off": [r["seconds_per_step"] for r in offs],
         "all_seconds_per_step_on": [r["seconds_per_step"] for r in ons],
+        "mean_seconds_per_step_off": round(statistics.median(r["mean_seconds_per_step"] for r in offs), 4),
+        "mean_seconds_per_step_on": round(statistics.median(r["mean_seconds_per_step"] for r in ons), 4),
         "first_step_seconds_off": off["first_step_seconds"],
         "first_step_seconds_on": on["first_step_seconds"],
+        "wall_seconds_off": off["wall_seconds"],
+        "wall_seconds_on": on["wall_seconds"],
         "peak_ram_mb_off": off["peak_ram_mb"],
         "peak_ram_mb_on": on["peak_ram_mb"],
         "load_average_off": off["load_average"],
@@ -231,7 +240,7 @@ def append_markdown(label: str, kind: str, result: dict, info: dict, command: li
     row = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {label} | {where} | "
            + " | ".join(_cell(result.get(c)) for c in columns) + f" | `{shlex.join(command[1:])}` |\n")
     # The row goes at the end of its table (the table ends at the next blank line).
-    BENCHMARKS_MD.write_text(text[:start] + table + row + text[end:])
+    write_text(BENCHMARKS_MD, text[:start] + table + row + text[end:])
 
 
 def _with_columns(table: str, columns: list[str]) -> tuple[str, list[str]]:
@@ -279,7 +288,7 @@ def main() -> None:
               "command": shlex.join(command[1:]), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{args.label}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_text(out, json.dumps(record, indent=2) + "\n")
     if not args.no_markdown:
         append_markdown(args.label, record["kind"], result, info, command)
     print(json.dumps(record, indent=2))

@@ -43,6 +43,7 @@ from PIL import Image  # noqa: E402
 from atelier.config.schema import DatasetConfig  # noqa: E402
 from atelier.train.data import TrainingData  # noqa: E402
 from atelier.train.latents import PixelLoader  # noqa: E402
+from atelier.utils.atomic import write_text  # noqa: E402
 
 BATCH_SIZE = 8
 SYNTHETIC_RESOLUTION = 128
@@ -192,7 +193,7 @@ def write_section(result: str, args: argparse.Namespace) -> None:
     # The same header as benchmarks/bench_train.py writes, whichever script runs first.
     header = "# Benchmarks\n\nRows appended by `benchmarks/*.py`; each names its machine and exact command.\n"
     text = path.read_text(encoding="utf-8") if path.is_file() else header
-    path.write_text(text.rstrip("\n") + "\n\n" + "\n".join(section), encoding="utf-8")
+    write_text(path, text.rstrip("\n") + "\n\n" + "\n".join(section))
     print(f"appended to {path}")
 
 

@@ -249,7 +249,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("training.torch_compile_mode", None,
            note="sd-scripts' --torch_compile uses torch.compile's default mode"),
     Option("training.fused_optimizer", None,
-           note="pass optimizer_args fused=True to sd-scripts (CUDA only)"),
+           note="pass optimizer_args fused=True to sd-scripts (AdamW, SGD)"),
     Option("training.allow_tf32", None, note="sd-scripts leaves torch's TF32 defaults"),
     Option("training.reuse_base_model", None,
            note="atelier's in-process sweeps; sd-scripts trains one run per process"),

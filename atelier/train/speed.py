@@ -8,7 +8,7 @@ The trainer calls three functions, each at one place:
     optimizer_args(type, args, t, device)    # fused AdamW when it can run
 
 Every switch logs what it did, and why it did nothing where it cannot apply (e.g. TF32
-or fused AdamW on a CPU), so a config that asks for a speed-up never fails silently.
+on a CPU), so a config that asks for a speed-up never fails silently.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 log = logging.getLogger(__name__)
 
 ATTENTION_CHOICES = ("sdpa", "math", "xformers")
-# Optimizers whose torch implementation has a fused CUDA kernel (`fused=True`).
-_TORCH_FUSED = ("AdamW",)
+# Optimizers whose torch implementation has a fused kernel (`fused=True`).
+_TORCH_FUSED = ("AdamW", "SGDNesterov")
 
 
 def _get(t: Any, key: str, default: Any = None) -> Any:
@@ -128,9 +128,9 @@ def is_compiled(module: torch.nn.Module) -> bool:
 def optimizer_args(kind: Any, args: dict[str, Any], t: Any, device: torch.device) -> dict[str, Any]:
     """optimizer.args with fused=True added when training.fused_optimizer asks and it can run.
 
-    torch's fused AdamW kernel needs CUDA (and float parameters, which LoRA weights are).
-    On a CPU, or for another optimizer, the switch is logged and ignored; an explicit
-    optimizer.args.fused is passed through untouched.
+    torch has fused AdamW and SGD kernels for CUDA and, since 2.4, for the CPU (and a few
+    other devices; torch keeps the list). For another optimizer or device the switch is
+    logged and ignored; an explicit optimizer.args.fused is passed through untouched.
     """
     kind = getattr(kind, "value", kind)
     if not _get(t, "fused_optimizer", False) or "fused" in args:
@@ -138,11 +138,20 @@ def optimizer_args(kind: Any, args: dict[str, Any], t: Any, device: torch.device
     if kind not in _TORCH_FUSED:
         log.info("training.fused_optimizer=true ignored: %s has no fused kernel (only %s)", kind, ", ".join(_TORCH_FUSED))
         return args
-    if device.type != "cuda":
-        log.info("training.fused_optimizer=true ignored on %s: the fused AdamW kernel is CUDA only", device)
+    if device.type not in _fused_devices():
+        log.info("training.fused_optimizer=true ignored on %s: torch %s has no fused %s kernel there",
+                 device, torch.__version__, kind)  # fmt: skip
         return args
-    log.info("training.fused_optimizer=true: %s(fused=True)", kind)
+    log.info("training.fused_optimizer=true: %s(fused=True) on %s", kind, device)
     return {**args, "fused": True}
+
+
+def _fused_devices() -> list[str]:
+    try:  # private, but it is the list torch's optimizers check `fused=True` against
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # older torch: CUDA only
+        return ["cuda"]
+    return _get_fused_kernels_supported_devices()
 
 
 __all__ = [
