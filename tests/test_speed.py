@@ -186,13 +186,69 @@ def test_second_job_of_a_process_trains_as_if_alone(tmp_path):
     train(tmp_path, "training.max_train_steps=2", "training.channels_last=true", "training.attention=math",
           "training.gradient_checkpointing=true", name="job1")  # fmt: skip
     assert len(reuse._BASES) == 1 and reuse._LATENTS
-    kept = next(iter(reuse._BASES.values()))
+    kept = next(iter(reuse._BASES.values()))[0]
     assert not any(type(m).__name__.endswith("LoRAModule") for m in kept.unet.modules())
     second, summary = train(tmp_path, *job2, name="job2")
     wa, wb = load_lora(alone / "demo.safetensors")[0], load_lora(second / "demo.safetensors")[0]
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert summary["phase_seconds"]["model_load"] < 5
+
+
+def test_a_reused_base_shares_the_kept_weights_in_new_modules(tmp_path):
+    reuse.force_reuse(True)
+    job = loaded(tmp_path)
+    kept = next(iter(reuse._BASES.values()))[0]
+    for name in ("unet", "vae", "text_encoder"):
+        theirs, ours = getattr(kept, name), getattr(job.base, name)
+        assert ours is not theirs
+        assert all(a is not b for a, b in zip(ours.modules(), theirs.modules()))
+        assert [p.data_ptr() for p in ours.parameters()] == [p.data_ptr() for p in theirs.parameters()]
+        assert [b.data_ptr() for b in ours.buffers()] == [b.data_ptr() for b in theirs.buffers()]
+    assert job.base.tokenizer is kept.tokenizer
+
+
+def _counting_loader():
+    import types
+
+    calls = []
+
+    def load():
+        calls.append(1)
+        torch.manual_seed(0)
+        return types.SimpleNamespace(tokenizer=None, unet=torch.nn.Linear(4, 4))
+
+    return load, calls
+
+
+def test_a_job_that_writes_the_kept_weights_makes_the_next_one_reload(caplog):
+    reuse.force_reuse(True)
+    m, t = make_cfg().model, make_cfg().training
+    load, calls = _counting_loader()
+    first = reuse._load_or_copy(m, t, load)
+    pristine = first.unet.weight.detach().clone()
+    second = reuse._load_or_copy(m, t, load)
+    assert len(calls) == 1  # untouched: copied, not loaded
+    with torch.no_grad():
+        second.unet.weight.add_(1.0)  # a (buggy) job writes a frozen base weight in place
+    with caplog.at_level(logging.WARNING, logger="atelier.train.reuse"):
+        third = reuse._load_or_copy(m, t, load)
+    assert len(calls) == 2 and "loading it again" in caplog.text
+    assert torch.equal(third.unet.weight, pristine)
+
+
+def test_a_job_moving_its_copy_leaves_the_kept_weights_alone():
+    reuse.force_reuse(True)
+    m, t = make_cfg().model, make_cfg().training
+    load, calls = _counting_loader()
+    job = reuse._load_or_copy(m, t, load)
+    kept = next(iter(reuse._BASES.values()))[0]
+    pristine = kept.unet.weight.detach().clone()
+    job.unet.to(torch.bfloat16).requires_grad_(False)  # what a bf16 run does to its frozen base
+    assert kept.unet.weight.dtype == torch.float32 and kept.unet.weight.requires_grad
+    assert torch.equal(kept.unet.weight, pristine)
+    reuse._load_or_copy(m, t, load)
+    assert len(calls) == 1
 
 
 def test_reuse_only_in_an_in_process_sweep(tmp_path):

@@ -291,7 +291,8 @@ class TrainingConfig:
     # TF32 matmuls/convolutions on Ampere+ NVIDIA GPUs; a logged no-op elsewhere.
     allow_tf32: bool = False
     # Jobs of a sweep run in one process (the default launcher) load the base model once
-    # and each get a fresh copy of it, and share their cached latents.
+    # and each get fresh modules over its weights (atelier.train.reuse), and share their
+    # cached latents.
     reuse_base_model: bool = True
     # After training, turn the logged d*lr of an adaptive optimizer into lr_suggestion.json
     # (experiment=lr_find sets it; atelier.train.lr_find).

@@ -4,11 +4,13 @@ Hydra's default (basic) launcher runs a sweep's jobs one after another in one pr
 Loading the base model and encoding the dataset's latents once per job is then most of
 a short job's time. Here:
 
-- `load_base(m, load)` keeps a pristine copy of the base model per (path/builtin,
-  version, prediction, config, vae, allow_pickle, file times) and hands every job a deep
-  copy: fresh modules that no LoRA network has patched, no dtype/device move, attention
+- `load_base(m, load)` keeps a pristine base model per (path/builtin, version,
+  prediction, config, vae, allow_pickle, file times) and hands every job a copy of it:
+  fresh modules that no LoRA network has patched, no dtype/device move, attention
   processor, memory format, gradient checkpointing or torch.compile has touched. A job
   therefore trains exactly as it would alone (tests/test_speed.py checks the weights).
+  The copy's weights share the kept model's memory (`fresh_copy`), so a job costs no
+  second copy of the weights.
 - `latent_store()` is one process-wide dict of latents keyed by the latent cache's
   content keys (image bytes, bucket, flip, VAE encoder weights): a job whose images,
   buckets and VAE are the same reads them instead of encoding them again.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +40,7 @@ import torch
 log = logging.getLogger(__name__)
 
 RANDOM_BUILTINS = ("sd15-random",)
-_BASES: dict[tuple, Any] = {}  # at most one entry: a sweep trains one base model at a time
+_BASES: dict[tuple, tuple[Any, list[int]]] = {}  # (model, tensor versions); one entry: one base at a time
 _LATENTS: dict[str, torch.Tensor] = {}
 _FORCE: bool | None = None  # tests: force reuse on/off outside Hydra
 _SHARE_LATENTS = False  # inside sharing_latents()
@@ -109,23 +112,57 @@ def _load_or_copy(m: Any, t: Any, load: Callable[[], Any]) -> Any:
     if not _enabled(t):
         return load()
     key = base_key(m)
+    if key in _BASES and _written(*_BASES[key]):
+        log.warning("the last job wrote the kept base model's weights in place: loading it again")
+        del _BASES[key]
     if key not in _BASES:
         _BASES.clear()  # another base model: drop the old one first (memory)
-        _BASES[key] = load()
+        base = load()
+        _BASES[key] = (base, _versions(base))
         log.info("base model kept in memory for the next jobs of this sweep")
     else:
         log.info("base model reused from the previous job of this sweep (a fresh copy)")
         # The previous job's copy can outlive its job in reference cycles until the collector
         # runs: free it before making the new copy (SD1.5 at 256 px: 13.3 -> 9.4 GB peak).
         gc.collect()
-    return fresh_copy(_BASES[key])
+    return fresh_copy(_BASES[key][0])
 
 
 def fresh_copy(base: Any) -> Any:
-    """Deep copy of a BaseModel; the tokenizers (read-only) are shared."""
-    tokenizers = [base.tokenizer, getattr(base, "tokenizer_2", None)]
-    memo = {id(t): t for t in tokenizers if t is not None}
+    """A copy of a BaseModel for the next job: new module objects, whose parameters and
+    buffers share the kept model's memory; the tokenizers (read-only) are shared.
+
+    Training never writes a frozen base weight in place: dtype casts, device moves and
+    memory-format changes make new tensors (Module._apply swaps `param.data`), patches
+    replace forwards. So the kept model stays as loaded, and no job pays a copy of the
+    weights (full-size SD1.5: ~4 GB and ~7 s a job on a CPU). `_written` checks it.
+    """
+    memo: dict[int, Any] = {id(t): t for t in (base.tokenizer, getattr(base, "tokenizer_2", None)) if t is not None}
+    for tensor in _tensors(base):
+        memo[id(tensor)] = _sharing(tensor)
     return copy.deepcopy(base, memo)
+
+
+def _sharing(tensor: torch.Tensor) -> torch.Tensor:
+    # detach() shares the memory and the version counter that in-place writes bump.
+    if isinstance(tensor, torch.nn.Parameter):
+        return torch.nn.Parameter(tensor.detach(), requires_grad=tensor.requires_grad)
+    return tensor.detach()
+
+
+def _tensors(base: Any) -> Iterator[torch.Tensor]:
+    modules = [v for v in vars(base).values() if isinstance(v, torch.nn.Module)]
+    for module in modules:
+        yield from itertools.chain(module.parameters(), module.buffers())
+
+
+def _versions(base: Any) -> list[int]:
+    return [tensor._version for tensor in _tensors(base)]
+
+
+def _written(base: Any, versions: list[int]) -> bool:
+    """True if a job wrote one of the kept model's tensors in place (through its copy)."""
+    return _versions(base) != versions
 
 
 def latent_store() -> dict[str, torch.Tensor] | None:
