@@ -23,7 +23,10 @@ def main(cfg: DictConfig) -> dict:
     # Imported here, not above, so --help and config errors stay fast; diffusers is told
     # first that peft and bitsandbytes are missing (see atelier.utils.lean_imports).
     hide_peft_and_bitsandbytes_from_diffusers()
+    from atelier.train.reuse import freeze_startup_objects
     from atelier.train.run import run_job
+
+    freeze_startup_objects()
 
     hydra_cfg = HydraConfig.get()
     user_config_dirs = [s.path for s in hydra_cfg.runtime.config_sources if s.provider == "command-line"]

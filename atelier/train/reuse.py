@@ -44,6 +44,7 @@ _BASES: dict[tuple, tuple[Any, list[int]]] = {}  # (model, tensor versions); one
 _LATENTS: dict[str, torch.Tensor] = {}
 _FORCE: bool | None = None  # tests: force reuse on/off outside Hydra
 _SHARE_LATENTS = False  # inside sharing_latents()
+_STARTUP_FROZEN = False
 
 
 def in_process_sweep() -> bool:
@@ -62,6 +63,21 @@ def in_process_sweep() -> bool:
         return False
     target = str(hydra_cfg.launcher.get("_target_", ""))
     return target.endswith("BasicLauncher")
+
+
+def freeze_startup_objects() -> None:
+    """Once per process, before its first job: put the objects the imports made (~600k for
+    torch, transformers and diffusers) in the garbage collector's permanent generation.
+
+    They live as long as the process anyway. Collections then walk only what the jobs
+    make: the one before each reused job (`_load_or_copy`) takes ~0.01 s instead of ~0.2 s
+    on the tiny model, and so do the collector's own passes during training. Only once: a
+    later freeze could pin a finished job's cyclic garbage (and its model) for good.
+    """
+    global _STARTUP_FROZEN
+    if not _STARTUP_FROZEN:
+        gc.freeze()
+        _STARTUP_FROZEN = True
 
 
 def force_reuse(value: bool | None) -> None:
@@ -231,6 +247,7 @@ __all__ = [
     "build_random_base",
     "clear",
     "force_reuse",
+    "freeze_startup_objects",
     "fresh_copy",
     "in_process_sweep",
     "latent_store",
