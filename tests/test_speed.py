@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -249,6 +251,23 @@ def test_a_job_moving_its_copy_leaves_the_kept_weights_alone():
     assert torch.equal(kept.unet.weight, pristine)
     reuse._load_or_copy(m, t, load)
     assert len(calls) == 1
+
+
+def test_startup_objects_are_frozen_once_per_process():
+    """Freezing again later could pin a finished job's cyclic garbage (its model) for good."""
+    code = (
+        "import gc\n"
+        "from atelier.train import reuse\n"
+        "reuse.freeze_startup_objects()\n"
+        "frozen = gc.get_freeze_count()\n"
+        "job = [[] for _ in range(1000)]\n"
+        "reuse.freeze_startup_objects()\n"
+        "print(frozen, gc.get_freeze_count())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    first, second = map(int, out.split())
+    assert first > 100_000  # torch's import alone makes more
+    assert second == first
 
 
 def test_reuse_only_in_an_in_process_sweep(tmp_path):
