@@ -16,7 +16,8 @@ second, the time from process start to the end of the first step, and peak RAM/V
 Sweeps report the total wall time and the share spent outside training steps, with the
 seconds per phase summed over the jobs (summary.json's phase_seconds: model_load, latents,
 lr_plot, epoch_outputs (samples, checkpoints), final_outputs, steps, ...) and
-`process_start` (process start to the first job: imports, Hydra). --compare runs the
+`process_start` (process start to the first job: imports, Hydra), and (JSON only) each
+job's own wall time, time in steps and time outside them. --compare runs the
 config twice, without and with the given overrides, and reports both and the speed-up.
 Every figure carries the load average (the machine may be shared).
 Figures go to stdout, to benchmarks/results/<label>-<time>.json, and as a row of
@@ -181,6 +182,7 @@ def measure_sweep(overrides: list[str]) -> tuple[dict, list[str]]:
         train = sum(r["time/step_seconds"] for job in jobs for r in step_records(job))
         phases = _phase_totals(jobs)
         in_jobs = sum(summaries[job]["wall_seconds"] for job in jobs)
+        per_job = [_job_times(job, summaries[job]) for job in sorted(all_jobs)]
     phases["between_jobs"] = round(max(0.0, wall - in_jobs - phases.get("process_start", 0.0)), 2)
     memory = [s.get("peak_memory_mb") or {} for s in summaries.values()]
     result = {
@@ -194,8 +196,21 @@ def measure_sweep(overrides: list[str]) -> tuple[dict, list[str]]:
         "peak_ram_mb": max((m.get("ram_mb", 0) for m in memory), default=None),
         "peak_vram_mb": max((m["vram_mb"] for m in memory if m.get("vram_mb")), default=None),
         "phase_seconds": phases,
+        # JSON only (too wide for the table); a fused lane's own wall time includes the
+        # steps it shared with its group.
+        "per_job": per_job,
     }
     return result, command
+
+
+def _job_times(job: Path, summary: dict) -> dict:
+    steps = sum(r["time/step_seconds"] for r in step_records(job))
+    return {
+        "job": job.name,
+        "wall_seconds": round(summary["wall_seconds"], 2),
+        "step_seconds": round(steps, 2),
+        "outside_steps_seconds": round(summary["wall_seconds"] - steps, 2),
+    }
 
 
 def _one_per_process_run(summaries: dict[Path, dict]) -> list[Path]:
@@ -218,15 +233,16 @@ def _cell(value) -> str:
     return str(value)
 
 
-def append_markdown(label: str, kind: str, result: dict, info: dict, command: list[str]) -> None:
+def append_markdown(label: str, kind: str, result: dict, info: dict, command: list[str],
+                    markdown: Path = BENCHMARKS_MD) -> None:
     header = "# Benchmarks\n\nRows appended by `benchmarks/*.py`; each names its machine and exact command.\n"
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else header
+    text = markdown.read_text() if markdown.exists() else header
     title = {
         "run": "## Training speed (benchmarks/bench_train.py)",
         "sweep": "## Sweep overhead (benchmarks/bench_train.py --sweep)",
         "compare": "## Feature on/off (benchmarks/bench_train.py --compare)",
     }[kind]
-    columns = [c for c in result if c not in ("off", "on", "phase_seconds")]
+    columns = [c for c in result if c not in ("off", "on", "phase_seconds", "per_job")]
     if kind == "sweep":
         columns.append("phase_seconds")
     if title not in text:
@@ -240,7 +256,7 @@ def append_markdown(label: str, kind: str, result: dict, info: dict, command: li
     row = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {label} | {where} | "
            + " | ".join(_cell(result.get(c)) for c in columns) + f" | `{shlex.join(command[1:])}` |\n")
     # The row goes at the end of its table (the table ends at the next blank line).
-    write_text(BENCHMARKS_MD, text[:start] + table + row + text[end:])
+    write_text(markdown, text[:start] + table + row + text[end:])
 
 
 def _with_columns(table: str, columns: list[str]) -> tuple[str, list[str]]:
@@ -273,6 +289,8 @@ def main() -> None:
                         help="measure the run without, then with these overrides (e.g. training.channels_last=true)")
     parser.add_argument("--repeat", type=int, default=1, help="--compare: alternate off/on runs this many times")
     parser.add_argument("--no-markdown", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON (default %(default)s)")
+    parser.add_argument("--markdown", type=Path, default=BENCHMARKS_MD, help="file the row goes to (default %(default)s)")
     parser.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
     args = parser.parse_args()
 
@@ -286,11 +304,11 @@ def main() -> None:
         result, command = measure_run(args.overrides, args.steps, args.warmup)
     record = {"label": args.label, "kind": kind, "result": result, "machine": info,
               "command": shlex.join(command[1:]), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{args.label}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"{args.label}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
     write_text(out, json.dumps(record, indent=2) + "\n")
     if not args.no_markdown:
-        append_markdown(args.label, record["kind"], result, info, command)
+        append_markdown(args.label, record["kind"], result, info, command, args.markdown)
     print(json.dumps(record, indent=2))
 
 
