@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import atelier.config
+from atelier.train import phases
 from atelier.train.signals import StopRequested
 from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
 from atelier.utils.quiet import quiet_third_party_warnings
@@ -22,9 +23,10 @@ quiet_third_party_warnings()
 def main(cfg: DictConfig) -> dict:
     # Imported here, not above, so --help and config errors stay fast; diffusers is told
     # first that peft and bitsandbytes are missing (see atelier.utils.lean_imports).
-    hide_peft_and_bitsandbytes_from_diffusers()
-    from atelier.train.reuse import freeze_startup_objects
-    from atelier.train.run import run_job
+    with phases.timing_imports():
+        hide_peft_and_bitsandbytes_from_diffusers()
+        from atelier.train.reuse import freeze_startup_objects
+        from atelier.train.run import run_job
 
     freeze_startup_objects()
 

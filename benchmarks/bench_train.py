@@ -16,7 +16,8 @@ second, the time from process start to the end of the first step, and peak RAM/V
 Sweeps report the total wall time and the share spent outside training steps, with the
 seconds per phase summed over the jobs (summary.json's phase_seconds: model_load, latents,
 lr_plot, epoch_outputs (samples, checkpoints), final_outputs, steps, ...) and
-`process_start` (process start to the first job: imports, Hydra), and (JSON only) each
+`process_start` (process start to the first job: imports, Hydra; `process_start.imports` is
+the part spent importing the training stack), and (JSON only) each
 job's own wall time, time in steps and time outside them. --compare runs the
 config twice, without and with the given overrides, and reports both and the speed-up.
 Every figure carries the load average (the machine may be shared).
@@ -165,6 +166,8 @@ def _phase_totals(jobs: list[Path]) -> dict[str, float]:
         summary = json.loads((job / "summary.json").read_text())
         if summary.get("process_start_seconds") is not None:
             totals["process_start"] = totals.get("process_start", 0.0) + summary["process_start_seconds"]
+        if summary.get("import_seconds") is not None:  # a part of process_start, not added to it
+            totals["process_start.imports"] = totals.get("process_start.imports", 0.0) + summary["import_seconds"]
         for name, seconds in (summary.get("phase_seconds") or {}).items():
             totals[name] = totals.get(name, 0.0) + seconds
     return {name: round(seconds, 2) for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1])}

@@ -56,7 +56,8 @@ def test_sweep_reports_wall_steps_and_each_jobs_time_outside_steps(tmp_path):
     for job in jobs.values():
         assert job["outside_steps_seconds"] == pytest.approx(job["wall_seconds"] - job["step_seconds"], abs=0.02)
     phases = result["phase_seconds"]
-    assert {"process_start", "model_load", "steps", "between_jobs"} <= set(phases)
+    assert {"process_start", "process_start.imports", "model_load", "steps", "between_jobs"} <= set(phases)
+    assert 0 < phases["process_start.imports"] < phases["process_start"]
     assert phases["steps"] == pytest.approx(steps, abs=0.05)
     assert result["peak_ram_mb"] > 0
     # The row names the machine and the exact command, so the figure can be reproduced.

@@ -19,6 +19,7 @@ from pathlib import Path
 import atelier.config
 from atelier.fused.lane_logs import FORMAT, lane_log_files
 from atelier.outputs.summary import read_summary, write_summary
+from atelier.train import phases
 from atelier.train.signals import StopRequested
 from atelier.train.worker import load_run_config
 from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
@@ -36,11 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=FORMAT, handlers=[logging.StreamHandler()])
     quiet_third_party_warnings()
     atelier.config.register()
-    hide_peft_and_bitsandbytes_from_diffusers()
+    with phases.timing_imports():
+        hide_peft_and_bitsandbytes_from_diffusers()
     with lane_log_files(run_dirs):
         log.info("training %d runs in one fused pass: %s", len(run_dirs), ", ".join(d.name for d in run_dirs))
         try:
-            from atelier.fused.trainer import train_fused  # torch and friends: after logging is set up
+            with phases.timing_imports():
+                from atelier.fused.trainer import train_fused  # torch and friends: after logging is set up
 
             train_fused([load_run_config(d) for d in run_dirs], run_dirs)
         except StopRequested as stop:

@@ -27,6 +27,22 @@ _jobs_started = 0
 _trainer_attached = True  # False between run_job's start_job() and its Trainer
 # Seconds from the process start to its first job (imports, Hydra's config); None after it.
 process_start_seconds: float | None = None
+# Of those, the seconds spent importing the training stack (torch, diffusers, ...).
+import_seconds: float | None = None
+_imports_timed: float | None = None
+
+
+@contextlib.contextmanager
+def timing_imports() -> Iterator[None]:
+    """Around the entry point's imports of the training stack: the first job reports them as
+    part of its process start (later jobs find them imported)."""
+    global _imports_timed
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if _jobs_started == 0:
+            _imports_timed = (_imports_timed or 0.0) + time.perf_counter() - started
 
 
 def _process_started_at() -> float | None:
@@ -49,14 +65,15 @@ def _process_started_at() -> float | None:
 
 def start_job(started: float) -> None:
     """A job starts at time.time() == started: its phases start from zero."""
-    global _jobs_started, process_start_seconds, _trainer_attached
+    global _jobs_started, process_start_seconds, import_seconds, _trainer_attached
     _trainer_attached = False
     _seconds.clear()
     _stack.clear()
-    process_start_seconds = None
+    process_start_seconds = import_seconds = None
     if _jobs_started == 0:
         created = _process_started_at()
         process_start_seconds = started - created if created else None
+        import_seconds = _imports_timed
     _jobs_started += 1
 
 

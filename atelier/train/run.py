@@ -41,6 +41,8 @@ def summarise(status: str, result: TrainResult | None, started: float, reason: s
     }
     if phases.process_start_seconds is not None:  # the first job of a process: imports, Hydra
         summary["process_start_seconds"] = round(phases.process_start_seconds, 3)
+    if phases.import_seconds is not None:  # ... of which importing the training stack
+        summary["import_seconds"] = round(phases.import_seconds, 3)
     if result is not None:
         summary.update(
             steps=result.steps,

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 import atelier.config
 from atelier.config.schema import AtelierConfig
 from atelier.outputs.run_dir import RESOLVED_CONFIG
+from atelier.train import phases
 from atelier.train.distributed import process_rank
 from atelier.train.signals import StopRequested
 from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
@@ -54,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(run_dir, rank)
     quiet_third_party_warnings()
     atelier.config.register()
-    hide_peft_and_bitsandbytes_from_diffusers()
-    from atelier.train.run import run_training  # torch and friends: after logging is set up
+    with phases.timing_imports():
+        hide_peft_and_bitsandbytes_from_diffusers()
+        from atelier.train.run import run_training  # torch and friends: after logging is set up
 
     try:
         run_training(load_run_config(run_dir), run_dir)
