@@ -255,7 +255,8 @@ def append_markdown(label: str, kind: str, result: dict, info: dict, command: li
     end = text.find("\n\n", text.index("|", start))
     end = len(text) if end == -1 else end + 1
     table, columns = _with_columns(text[start:end], columns)
-    where = f"{info['cores']}x {info['cpu']}" + (f", {info['gpu']}" if info.get("gpu") else "") + f", torch {info['torch']}"
+    versions = ", ".join(f"{name} {info[name]}" for name in ("torch", "diffusers", "transformers", "python"))
+    where = f"{info['cores']}x {info['cpu']}" + (f", {info['gpu']}" if info.get("gpu") else "") + f", {versions}"
     row = (f"| {datetime.now(timezone.utc):%Y-%m-%d} | {label} | {where} | "
            + " | ".join(_cell(result.get(c)) for c in columns) + f" | `{shlex.join(command[1:])}` |\n")
     # The row goes at the end of its table (the table ends at the next blank line).
