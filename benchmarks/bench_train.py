@@ -181,11 +181,12 @@ def measure_sweep(overrides: list[str]) -> tuple[dict, list[str]]:
         wall = time.time() - started
         all_jobs = [p for p in sweep_dir.iterdir() if (p / "metrics.jsonl").is_file()]
         summaries = {job: json.loads((job / "summary.json").read_text()) for job in all_jobs}
+        step_seconds = {job: sum(r["time/step_seconds"] for r in step_records(job)) for job in all_jobs}
         jobs = _one_per_process_run(summaries)
-        train = sum(r["time/step_seconds"] for job in jobs for r in step_records(job))
+        train = sum(step_seconds[job] for job in jobs)
         phases = _phase_totals(jobs)
         in_jobs = sum(summaries[job]["wall_seconds"] for job in jobs)
-        per_job = [_job_times(job, summaries[job]) for job in sorted(all_jobs)]
+    per_job = [_job_times(job.name, summaries[job]["wall_seconds"], step_seconds[job]) for job in sorted(all_jobs)]
     phases["between_jobs"] = round(max(0.0, wall - in_jobs - phases.get("process_start", 0.0)), 2)
     memory = [s.get("peak_memory_mb") or {} for s in summaries.values()]
     result = {
@@ -206,13 +207,12 @@ def measure_sweep(overrides: list[str]) -> tuple[dict, list[str]]:
     return result, command
 
 
-def _job_times(job: Path, summary: dict) -> dict:
-    steps = sum(r["time/step_seconds"] for r in step_records(job))
+def _job_times(name: str, wall: float, steps: float) -> dict:
     return {
-        "job": job.name,
-        "wall_seconds": round(summary["wall_seconds"], 2),
+        "job": name,
+        "wall_seconds": round(wall, 2),
         "step_seconds": round(steps, 2),
-        "outside_steps_seconds": round(summary["wall_seconds"] - steps, 2),
+        "outside_steps_seconds": round(wall - steps, 2),
     }
 
 

@@ -151,7 +151,7 @@ def fresh_copy(base: Any) -> Any:
     Training never writes a frozen base weight in place: dtype casts, device moves and
     memory-format changes make new tensors (Module._apply swaps `param.data`), patches
     replace forwards. So the kept model stays as loaded, and no job pays a copy of the
-    weights (full-size SD1.5: ~4 GB and ~7 s a job on a CPU). `_written` checks it.
+    weights (full-size SD1.5: ~4 GB and 8-9 s a job on a CPU). `_written` checks it.
     """
     memo: dict[int, Any] = {id(t): t for t in (base.tokenizer, getattr(base, "tokenizer_2", None)) if t is not None}
     for tensor in _tensors(base):
