@@ -28,10 +28,12 @@ BENCHMARKS.md with the machine, versions and exact command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -63,12 +65,15 @@ def machine() -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
     for package in ("torch", "diffusers", "transformers"):
         info[package] = metadata.version(package)
+    info["gpu"], info["gpu_driver"] = None, None
     try:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
-        info["gpu"] = gpu.stdout.strip().splitlines()[0] if gpu.returncode == 0 and gpu.stdout.strip() else None
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
-        info["gpu"] = None
+        return info
+    if gpu.returncode == 0 and gpu.stdout.strip():
+        name, _, driver = gpu.stdout.strip().splitlines()[0].rpartition(",")
+        info["gpu"], info["gpu_driver"] = (name.strip(), driver.strip()) if name else (driver.strip(), None)
     return info
 
 
@@ -76,13 +81,31 @@ def load_average() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run(command: list[str]) -> float:
-    """Run train.py; returns the process start time. Fails loudly with its output."""
+class BenchmarkFailed(RuntimeError):
+    """A measured command failed or ran past its time limit; the message holds its output's end."""
+
+
+def run(command: list[str], timeout: float | None = None) -> float:
+    """Run train.py; returns the process start time. Raises BenchmarkFailed with its output.
+
+    The command runs in its own process group, so a time-out also ends the processes it
+    started (a launcher's workers), not only train.py.
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     started = time.time()
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        raise BenchmarkFailed(f"benchmark command ran past {timeout:.0f} s:\n{shlex.join(command)}\n{stderr[-4000:]}") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything the command left running
     if proc.returncode != 0:
-        sys.exit(f"benchmark command failed ({proc.returncode}):\n{shlex.join(command)}\n{proc.stderr[-4000:]}")
+        raise BenchmarkFailed(f"benchmark command failed ({proc.returncode}):\n{shlex.join(command)}\n{stderr[-4000:]}")
     return started
 
 
@@ -91,12 +114,12 @@ def step_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if "time/step_seconds" in r]
 
 
-def measure_run(overrides: list[str], steps: int, warmup: int) -> tuple[dict, list[str]]:
+def measure_run(overrides: list[str], steps: int, warmup: int, timeout: float | None = None) -> tuple[dict, list[str]]:
     with tempfile.TemporaryDirectory(prefix="atelier-bench-") as tmp:
         run_dir = Path(tmp) / "run"
         command = [sys.executable, "train.py", *overrides, *QUIET, f"training.max_train_steps={steps}",
                    f"hydra.run.dir={run_dir}"]
-        started = run(command)
+        started = run(command, timeout)
         records = step_records(run_dir)
         summary = json.loads((run_dir / "summary.json").read_text())
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -173,11 +196,11 @@ def _phase_totals(jobs: list[Path]) -> dict[str, float]:
     return {name: round(seconds, 2) for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def measure_sweep(overrides: list[str]) -> tuple[dict, list[str]]:
+def measure_sweep(overrides: list[str], timeout: float | None = None) -> tuple[dict, list[str]]:
     with tempfile.TemporaryDirectory(prefix="atelier-bench-") as tmp:
         sweep_dir = Path(tmp) / "sweep"
         command = [sys.executable, "train.py", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-        started = run(command)
+        started = run(command, timeout)
         wall = time.time() - started
         all_jobs = [p for p in sweep_dir.iterdir() if (p / "metrics.jsonl").is_file()]
         summaries = {job: json.loads((job / "summary.json").read_text()) for job in all_jobs}
@@ -186,7 +209,7 @@ def measure_sweep(overrides: list[str]) -> tuple[dict, list[str]]:
         train = sum(step_seconds[job] for job in jobs)
         phases = _phase_totals(jobs)
         in_jobs = sum(summaries[job]["wall_seconds"] for job in jobs)
-    per_job = [_job_times(job.name, summaries[job]["wall_seconds"], step_seconds[job]) for job in sorted(all_jobs)]
+    per_job = [_job_times(job.name, summaries[job], step_seconds[job]) for job in sorted(all_jobs)]
     phases["between_jobs"] = round(max(0.0, wall - in_jobs - phases.get("process_start", 0.0)), 2)
     memory = [s.get("peak_memory_mb") or {} for s in summaries.values()]
     result = {
@@ -207,13 +230,18 @@ def measure_sweep(overrides: list[str]) -> tuple[dict, list[str]]:
     return result, command
 
 
-def _job_times(name: str, wall: float, steps: float) -> dict:
-    return {
+def _job_times(name: str, summary: dict, steps: float) -> dict:
+    wall = summary["wall_seconds"]
+    times = {
         "job": name,
         "wall_seconds": round(wall, 2),
         "step_seconds": round(steps, 2),
         "outside_steps_seconds": round(wall - steps, 2),
     }
+    vram = (summary.get("peak_memory_mb") or {}).get("vram_mb")
+    if vram:  # the process's peak at the job's end (in-process sweeps: earlier jobs' too)
+        times["peak_vram_mb"] = round(vram)
+    return times
 
 
 def _one_per_process_run(summaries: dict[Path, dict]) -> list[Path]:
@@ -300,12 +328,15 @@ def main() -> None:
 
     info = machine()
     kind = "sweep" if args.sweep else "compare" if args.compare else "run"
-    if args.sweep:
-        result, command = measure_sweep(args.overrides)
-    elif args.compare:
-        result, command = measure_compare(args.overrides, args.compare, args.steps, args.warmup, args.repeat)
-    else:
-        result, command = measure_run(args.overrides, args.steps, args.warmup)
+    try:
+        if args.sweep:
+            result, command = measure_sweep(args.overrides)
+        elif args.compare:
+            result, command = measure_compare(args.overrides, args.compare, args.steps, args.warmup, args.repeat)
+        else:
+            result, command = measure_run(args.overrides, args.steps, args.warmup)
+    except BenchmarkFailed as err:
+        sys.exit(str(err))
     record = {"label": args.label, "kind": kind, "result": result, "machine": info,
               "command": shlex.join(command[1:]), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     args.results.mkdir(parents=True, exist_ok=True)

@@ -166,6 +166,42 @@ _ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+# Stable Diffusion XL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 configs): a 2.6 B
+# UNet, SD1's VAE layout with SDXL's latent scale, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14.
+_ARCHITECTURES["sdxl"] = {
+    "unet": {
+        "sample_size": 128,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (320, 640, 1280),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2, 10),
+        "cross_attention_dim": 2048,  # 768 (CLIP-L) + 1280 (bigG) hidden states, concatenated
+        "attention_head_dim": (5, 10, 20),
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 1280 + 6 * 256,
+    },
+    "vae": {**_ARCHITECTURES["sd15"]["vae"], "sample_size": 1024, "scaling_factor": 0.13025},
+    "text_encoder": _ARCHITECTURES["sd15"]["text_encoder"],
+    "text_encoder_2": {
+        "vocab_size": 49408,
+        "hidden_size": 1280,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 20,
+        "intermediate_size": 5120,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "projection_dim": 1280,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
+}
+
 ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
 
 # Training noise schedule of SD1.x / SD2.x (the DDPM schedule they were trained with).

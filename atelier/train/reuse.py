@@ -19,9 +19,9 @@ Both are used only inside an in-process sweep (`in_process_sweep()`), and only w
 training.reuse_base_model is true (the default): a single run, or a sweep whose jobs are
 separate processes (submitit, local_gpus), keeps no second copy of the model in memory.
 
-The `sd15-random` builtin (a full-size SD1.5-shaped model with random weights, built
-from atelier.models.architectures, nothing on disk) is made here too: the benchmark's
-full-size model.
+The `sd15-random` and `sdxl-random` builtins (full-size SD1.5- and SDXL-shaped models with
+random weights, built from atelier.models.architectures, nothing on disk) are made here too:
+the benchmarks' full-size models.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-RANDOM_BUILTINS = ("sd15-random",)
+RANDOM_BUILTINS = ("sd15-random", "sdxl-random")
 _BASES: dict[tuple, tuple[Any, list[int]]] = {}  # (model, tensor versions); one entry: one base at a time
 _LATENTS: dict[str, torch.Tensor] = {}
 _FORCE: bool | None = None  # tests: force reuse on/off outside Hydra
@@ -215,29 +215,37 @@ def _random_builtin_loader(m: Any) -> Callable[[], Any] | None:
 
 
 def build_random_base(name: str, v_parameterization: bool = False, seed: int = 0) -> Any:
-    """A full-size SD1.5-shaped base model with random weights, built in memory (benchmarks).
+    """A full-size SD1.5- or SDXL-shaped base model with random weights, built in memory (benchmarks).
 
-    The tokenizer is the tiny model's byte-level one: its ids fit the 49408-entry embedding.
+    The tokenizers are the tiny models' byte-level ones: their ids fit the 49408-entry embeddings.
     """
     from transformers import CLIPTokenizer
 
-    from atelier.models.architectures import build_noise_scheduler, build_text_encoder, build_unet, build_vae
+    from atelier.models import architectures as arch
     from atelier.models.loading import BaseModel
-    from atelier.models.tiny import ensure_tiny_model
+    from atelier.models.tiny import TINY_SDXL_NAME, ensure_tiny_model
 
-    arch = name.removesuffix("-random")
+    name_arch = name.removesuffix("-random")
+    sdxl = name_arch == "sdxl"
     torch.manual_seed(seed)
-    tokenizer = CLIPTokenizer.from_pretrained(ensure_tiny_model() / "tokenizer", local_files_only=True)
+    tokenizers = ensure_tiny_model(name=TINY_SDXL_NAME) if sdxl else ensure_tiny_model()
+    extra = {}
+    if sdxl:
+        extra = {
+            "text_encoder_2": arch.build_text_encoder_2(name_arch),
+            "tokenizer_2": CLIPTokenizer.from_pretrained(tokenizers / "tokenizer_2", local_files_only=True),
+        }
     return BaseModel(
-        unet=build_unet(arch),
-        vae=build_vae(arch),
-        text_encoder=build_text_encoder(arch),
-        tokenizer=tokenizer,
-        noise_scheduler=build_noise_scheduler(v_parameterization),
-        version="sd1",
+        unet=arch.build_unet(name_arch),
+        vae=arch.build_vae(name_arch),
+        text_encoder=arch.build_text_encoder(name_arch),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizers / "tokenizer", local_files_only=True),
+        noise_scheduler=arch.build_noise_scheduler(v_parameterization),
+        version="sdxl" if sdxl else "sd1",
         v_parameterization=v_parameterization,
         name=name,
         path=f"builtin:{name}",
+        **extra,
     )
 
 
