@@ -43,11 +43,7 @@ class DyLoRAModule(PatchedLayer):
         self.up_blocks = nn.ParameterList([torch.zeros(up_shape) for _ in range(blocks)])
         for block in self.down_blocks:
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
-
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        self.register_alpha(alpha, rank)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat(tuple(self.down_blocks), dim=0), torch.cat(tuple(self.up_blocks), dim=1)

@@ -68,14 +68,10 @@ class LoRAModule(PatchedLayer):
         # A zero `up` makes the untrained network an exact no-op.
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.register_alpha(alpha, rank)
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
-
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.rank
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
