@@ -220,14 +220,18 @@ def measure_sweep(overrides: list[str], timeout: float | None = None) -> tuple[d
         "training_step_seconds": round(train, 2),
         "outside_steps_fraction": round(1 - train / wall, 3),
         "seconds_outside_steps_per_job": round((wall - train) / max(len(all_jobs), 1), 2),
-        "peak_ram_mb": max((m.get("ram_mb", 0) for m in memory), default=None),
-        "peak_vram_mb": max((m["vram_mb"] for m in memory if m.get("vram_mb")), default=None),
+        "peak_ram_mb": _rounded(max((m.get("ram_mb", 0) for m in memory), default=None)),
+        "peak_vram_mb": _rounded(max((m["vram_mb"] for m in memory if m.get("vram_mb")), default=None)),
         "phase_seconds": phases,
         # JSON only (too wide for the table); a fused lane's own wall time includes the
         # steps it shared with its group.
         "per_job": per_job,
     }
     return result, command
+
+
+def _rounded(mb: float | None) -> int | None:
+    return None if mb is None else round(mb)
 
 
 def _job_times(name: str, summary: dict, steps: float) -> dict:

@@ -95,3 +95,49 @@ def test_loading_mismatched_file_names_the_file(tiny_parts):
     unet_only = LoRANetwork.create(unet, None, rank=4, alpha=1)
     with pytest.raises(ValueError, match="network.weights=old.safetensors does not fit"):
         unet_only.load_kohya_state_dict(full.kohya_state_dict(), "old.safetensors")
+
+
+def test_scale_is_a_python_float_that_follows_a_loaded_alpha():
+    from atelier.network.dylora import DyLoRAModule
+    from atelier.network.lora import LoRAModule
+
+    for module in (LoRAModule("lora_unet_x", torch.nn.Linear(8, 8), rank=4, alpha=2.0),
+                   DyLoRAModule("lora_unet_x", torch.nn.Linear(8, 8), rank=4, alpha=2.0, unit=2)):
+        assert type(module.scale) is float and module.scale == 0.5
+        state = {**module.state_dict(), "alpha": torch.tensor(8.0)}
+        module.load_state_dict(state)
+        assert module.scale == 2.0  # the float follows the buffer a state dict brings
+
+
+def test_network_forward_and_backward_read_no_tensor_back_to_the_host():
+    """`float(self.alpha)` in the forward copied the buffer to the host at every patched layer
+    of every step: a GPU sync each time (hundreds a step), and a torch.compile graph break.
+    Every tensor-to-Python read goes through aten._local_scalar_dense; none may read the
+    module's own tensors, which live on the GPU in training. (DyLoRA's block draw reads a
+    CPU random number: no sync.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from atelier.network.dylora import DyLoRAModule
+    from atelier.network.lora import LoRAModule
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self, module):
+            super().__init__()
+            self.own = {t.data_ptr() for t in (*module.parameters(), *module.buffers())}
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.count += args[0].data_ptr() in self.own
+            return func(*args, **(kwargs or {}))
+
+    for make in (lambda layer: LoRAModule("lora_unet_x", layer, rank=4, alpha=2.0),
+                 lambda layer: DyLoRAModule("lora_unet_x", layer, rank=4, alpha=2.0, unit=4)):
+        layer = torch.nn.Linear(8, 8).requires_grad_(False)
+        module = make(layer)
+        module.apply_to()
+        x = torch.randn(3, 8)
+        with HostReads(module) as reads:
+            layer(x).square().mean().backward()
+        module.restore()
+        assert reads.count == 0, type(module).__name__
