@@ -94,3 +94,23 @@ def test_compare_runs_off_then_on_and_widens_an_older_table(tmp_path):
     assert len(old) == len(new) == len(header)  # the old row got empty cells for the new columns
     assert old[1] == "old" and old[header.index("wall_seconds_on")] == "" and old[-1] == "`train.py x=1`"
     assert new[1] == "cmp" and float(new[header.index("speedup")]) == result["speedup"]
+
+
+def test_profile_launches_counts_the_ops_each_lora_and_each_fused_lane_adds(tmp_path):
+    """benchmarks/profile_launches.py on the tiny UNet: counts, not times. A LoRA adds ops to
+    the base step, batch size does not change the count, and each fused lane adds about one
+    LoRA's worth (the lanes' updates are launched one by one)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "profile_launches.py"), "--arch", "tiny-sd15", "--lanes", "3",
+         "--repeats", "1", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = tmp_path.glob("launches-tiny-sd15-cpu-*.json")
+    record = json.loads(path.read_text())
+    base, solo, solo_batch, fused = (row["aten_ops_per_step"] for row in record["rows"])
+    assert record["patched_layers"] > 0
+    assert solo > base
+    assert solo_batch == solo
+    per_lane = solo - base
+    assert fused >= base + 3 * per_lane
