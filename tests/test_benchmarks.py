@@ -98,8 +98,8 @@ def test_compare_runs_off_then_on_and_widens_an_older_table(tmp_path):
 
 def test_profile_launches_counts_the_ops_each_lora_and_each_fused_lane_adds(tmp_path):
     """benchmarks/profile_launches.py on the tiny UNet: counts, not times. A LoRA adds ops to
-    the base step, batch size does not change the count, and each fused lane adds about one
-    LoRA's worth (the lanes' updates are launched one by one)."""
+    the base step, batch size does not change the count, and 3 fused lanes of one rank
+    dispatch fewer ops than 3 LoRAs' worth (their updates are batched, atelier/fused/slots.py)."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "profile_launches.py"), "--arch", "tiny-sd15", "--lanes", "3",
          "--repeats", "1", "--out", str(tmp_path)],
@@ -112,5 +112,5 @@ def test_profile_launches_counts_the_ops_each_lora_and_each_fused_lane_adds(tmp_
     assert record["patched_layers"] > 0
     assert solo > base
     assert solo_batch == solo
-    per_lane = solo - base
-    assert fused >= base + 3 * per_lane
+    per_lora = solo - base
+    assert solo < fused < base + 3 * per_lora

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from atelier.fused.grouping import FusedGroupError, check_group
+from atelier.fused.slots import BatchedLoRA, LaneRouter, Slot
 from atelier.fused.trainer import FusedTrainer, run_fused
+from atelier.network.lora import LoRAModule
 from atelier.outputs.lora_file import load_lora
 from tests.test_trainer import fresh_accelerate_state, make_cfg, train  # noqa: F401  (fixture)
 
@@ -183,3 +185,87 @@ def test_bucketed_and_sdxl_lanes_equal_their_solo_runs(tmp_path, lanes):
         gap = assert_same_weights(got, expected)
         if lanes[i][0] == "optimizer=sgd_nesterov":
             assert gap < 1e-8, gap
+
+
+# ----------------------------------------------------------------- batched lanes
+def _lanes_on(base: torch.nn.Module, rank: int, alphas: list[float], **options) -> list[LoRAModule]:
+    torch.manual_seed(0)
+    modules = []
+    for i, alpha in enumerate(alphas):
+        module = LoRAModule(f"lane{i}", base, rank, alpha, **options)
+        torch.nn.init.normal_(module.lora_up.weight)  # a trained-looking (non-zero) update
+        module.multiplier = 1.0 - 0.25 * i
+        modules.append(module)
+    return modules
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv1x1"])
+def test_lanes_of_one_rank_run_batched_and_equal_each_module_alone(layer, monkeypatch):
+    """One base layer, three lanes of one rank: BatchedLoRA's output and gradients equal
+    each lane's own module run on its rows. Float32 rounding only (bmm may sum in another
+    order than the solo matmul): measured gap ~1e-7 on O(1) values, tolerance 1e-5."""
+    base = torch.nn.Linear(12, 10) if layer == "linear" else torch.nn.Conv2d(12, 10, 1)
+    base.requires_grad_(False)
+    x = torch.randn(3, 5, 12) if layer == "linear" else torch.randn(3, 12, 4, 4)
+    lanes = _lanes_on(base, rank=4, alphas=[1.0, 2.0, 4.0])
+    calls = []
+    batched_forward = BatchedLoRA.forward
+    monkeypatch.setattr(BatchedLoRA, "forward", lambda self, *a: calls.append(len(a[0])) or batched_forward(self, *a))
+
+    router = LaneRouter()
+    slot = Slot(base, router, num_lanes=3)
+    slot.lanes[:] = lanes
+    slot.apply_to()
+    with router.fused([(0, 1), (1, 1), (2, 1)]):
+        fused_out = base(x)
+    fused_out.square().sum().backward()
+    fused_grads = [(m.lora_down.weight.grad.clone(), m.lora_up.weight.grad.clone()) for m in lanes]
+    slot.restore()
+    assert calls == [3]
+
+    for i, module in enumerate(lanes):
+        module.zero_grad()
+        module.apply_to()
+        alone = base(x[i : i + 1])
+        alone.square().sum().backward()
+        module.restore()
+        assert torch.allclose(fused_out[i : i + 1], alone, atol=1e-5), (i, (fused_out[i : i + 1] - alone).abs().max())
+        assert torch.allclose(fused_grads[i][0], module.lora_down.weight.grad, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(fused_grads[i][1], module.lora_up.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_lanes_that_differ_or_draw_at_random_run_one_by_one():
+    linear, conv3 = torch.nn.Linear(8, 8), torch.nn.Conv2d(8, 8, 3, padding=1)
+    (a,) = _lanes_on(linear, 4, [1.0])
+    (b,) = _lanes_on(linear, 2, [1.0])
+    (dropping,) = _lanes_on(linear, 4, [1.0], dropout=0.1)
+    (c3,) = _lanes_on(conv3, 4, [1.0])
+    (c1,) = _lanes_on(torch.nn.Conv2d(8, 8, 1), 4, [1.0])
+    assert BatchedLoRA.key(a, 1) is not None
+    assert BatchedLoRA.key(a, 1) != BatchedLoRA.key(b, 1)  # another rank
+    assert BatchedLoRA.key(a, 1) != BatchedLoRA.key(a, 2)  # another share of rows
+    assert BatchedLoRA.key(dropping, 1) is None  # a random draw per lane
+    with torch.no_grad():  # outside a training step the dropout does not act
+        assert BatchedLoRA.key(dropping, 1) is not None
+    assert BatchedLoRA.key(c3, 1) is None and BatchedLoRA.key(c1, 1) is not None and BatchedLoRA.key(c1, 2) is None
+    assert BatchedLoRA.key(None, 1) is None
+
+
+ONE_RANK = [["optimizer=sgd_nesterov", "network.dim=4", f"optimizer.learning_rate={lr}", f"training.seed={seed}",
+             "training.max_grad_norm=0"] for lr, seed in ((1e-2, 1), (3e-2, 2), (5e-3, 3))]  # fmt: skip
+
+
+def test_lanes_of_one_rank_train_batched_to_their_solo_weights(tmp_path, monkeypatch):
+    """The batched path in a real fused run: SGD lanes (step linear in the gradient, see SGD
+    above) equal their solo runs to rounding."""
+    calls = []
+    batched_forward = BatchedLoRA.forward
+    monkeypatch.setattr(BatchedLoRA, "forward", lambda self, *a: calls.append(len(a[0])) or batched_forward(self, *a))
+    cfgs, dirs = fused(tmp_path, ONE_RANK)
+    assert [s["status"] for s in run_fused(cfgs, dirs)] == ["completed"] * 3
+    assert calls and set(calls) == {3}
+    for i, overrides in enumerate(ONE_RANK):
+        expected, _ = solo(tmp_path, overrides, f"solo{i}")
+        gap = assert_same_weights(load_lora(dirs[i] / "demo.safetensors")[0], expected)
+        print(f"lane {i}: largest weight gap vs solo {gap:.3g}")
+        assert gap < 1e-8, gap
