@@ -335,6 +335,9 @@ class AtelierConfig:
     project: str = MISSING
     recipe: Optional[str] = None
     resume: bool = False
+    # A run dir that holds a finished run, or a run of another config, is refused
+    # (atelier/outputs/guard.py); overwrite=true moves its files into replaced-<time>/ first.
+    overwrite: bool = False
     model: ModelConfig = MISSING
     network: NetworkConfig = MISSING
     optimizer: OptimizerConfig = MISSING

@@ -16,6 +16,39 @@ class ConfigError(ValueError):
     """A config that composes but cannot be trained; the message names the key."""
 
 
+# Config values that become file or folder names inside a run dir (or the outputs/ tree).
+NAME_KEYS = ("project", "output.output_name")
+
+
+def check_names(cfg: DictConfig) -> None:
+    """`project` and `output.output_name` are names, not paths: a separator, `..`, an empty or
+    hidden name would write outside the run dir (or a hidden file), so they fail here, before
+    Hydra or the run writes anything."""
+    for key in NAME_KEYS:
+        value = OmegaConf.select(cfg, key, throw_on_missing=False, throw_on_resolution_failure=False)
+        if value is None and key == "project":
+            continue
+        problem = name_problem(str(value) if value is not None else "")
+        if problem:
+            raise ConfigError(
+                f"{key}={value!r} {problem}: it is a name, not a path (files go into the run dir). "
+                f"Pass a plain name such as {key}=my_lora; choose the folder with hydra.run.dir / hydra.sweep.dir."
+            )
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be a file name of ours, or None."""
+    if not name.strip():
+        return "is empty"
+    if "/" in name or "\\" in name:
+        return "holds a path separator"
+    if name in (".", "..") or name.startswith("."):
+        return "starts with '.' (a hidden file, or a parent folder)"
+    if "\0" in name:
+        return "holds a NUL character"
+    return None
+
+
 def validate(cfg: DictConfig) -> None:
     """Fail before any work on values Hydra's schema cannot check."""
     try:
@@ -24,6 +57,7 @@ def validate(cfg: DictConfig) -> None:
         key = err.full_key
         hint = MISSING_HINTS.get(key, f"{key}=<value>")
         raise ConfigError(f"'{key}' must be set for this config: pass {hint}") from None
+    check_names(cfg)
     if cfg.network.train_unet_only and cfg.network.train_text_encoder_only:
         raise ConfigError("network.train_unet_only and network.train_text_encoder_only cannot both be true")
     for key in ("network.dim", "training.train_batch_size", "training.gradient_accumulation_steps",

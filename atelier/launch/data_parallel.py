@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from atelier.launch.lifetime import die_with_parent
 from atelier.train.signals import StopFlag, stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ def run_processes(run_dir: Path, num_processes: int, poll_seconds: float = 0.2) 
     command = [sys.executable, "-m", "atelier.train.worker", str(run_dir)]
     log.info("data-parallel training on %d processes (port %d)", num_processes, port)
     with stop_on_signals() as flag:
-        procs = [subprocess.Popen(command, env=worker_env(r, num_processes, port)) for r in range(num_processes)]
+        procs = [subprocess.Popen(command, env=worker_env(r, num_processes, port), preexec_fn=die_with_parent())
+                 for r in range(num_processes)]
         _wait(procs, flag, poll_seconds)
     return [p.returncode for p in procs], flag
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atelier.launch.devices import Slot
+from atelier.launch.lifetime import die_with_parent
 from atelier.launch.status import StatusBoard
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ class ProcessQueue:
             # Own session: a Ctrl-C in the terminal reaches the launcher only, which
             # then stops the jobs in order.
             job.process = subprocess.Popen(
-                job.command, env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, start_new_session=True
+                job.command, env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=die_with_parent(),  # a launcher killed with SIGKILL leaves no job training
             )
             job._logs = [stdout, stderr]
             job.slot, job.started, job.state = slot, time.time(), "running"

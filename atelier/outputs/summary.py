@@ -34,3 +34,12 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = run_dir / SUMMARY
     write_text(path, json.dumps(summary, indent=2, default=str) + "\n")
     return path
+
+
+def finished(job_dir: Path) -> bool:
+    """A job whose summary.json says it completed (its LoRA file is there)."""
+    summary = read_summary(job_dir)
+    if summary is None:
+        return False
+    output = summary.get("output_file")
+    return summary.get("status") == "completed" and bool(output) and (job_dir / output).is_file()

@@ -1,4 +1,4 @@
-"""What a sweep prints at the end, and which finished jobs a resumed sweep skips."""
+"""What a sweep prints at the end."""
 
 from __future__ import annotations
 
@@ -36,15 +36,6 @@ def outcome_from_run_dir(name: str, job_dir: Path) -> JobOutcome:
         return JobOutcome(name, "not started", "the sweep was interrupted")
     status = summary.get("status")
     return JobOutcome(name, status if status in STATUSES else "failed", summary.get("reason"))
-
-
-def finished(job_dir: Path) -> bool:
-    """A job whose summary.json says it completed (its LoRA file is there)."""
-    summary = read_summary(job_dir)
-    if summary is None:
-        return False
-    output = summary.get("output_file")
-    return summary.get("status") == "completed" and bool(output) and (job_dir / output).is_file()
 
 
 def format_summary(outcomes: list[JobOutcome]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +20,20 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
+from atelier.outputs.summary import finished
 from atelier.sweep.compose_once import composed_once
 from atelier.sweep.naming import job_names
+from atelier.sweep.placement import place
+from atelier.outputs.guard import differing_keys
 from atelier.sweep.outcome import (
     JobFailed,
     JobInterrupted,
     JobOutcome,
-    finished,
     format_summary,
     outcome_from_run_dir,
 )
 from atelier.train.signals import StopRequested
+from atelier.utils.atomic import write_text
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +64,18 @@ class TrainingSweeper(BasicSweeper):
         names = job_names(jobs)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-
         resume = bool(OmegaConf.select(self.config, "resume", default=False))
+        self._save_multirun_yaml(sweep_dir, resume)
+
         outcomes, batch, batch_names = [], [], []
         for job, name in zip(jobs, names):
-            if resume and finished(sweep_dir / name):
-                outcomes.append(JobOutcome(name, "skipped"))
-                log.info("resume: %s already finished, skipping it", name)
-                continue
-            # Quoted: a name holds '=' and ',' which the override grammar would split.
-            batch.append([*job, f"hydra.sweep.subdir='{name}'"])
+            if resume:  # the guard refused a used sweep dir without resume=true or overwrite=true
+                name = self._place(sweep_dir, job, name)
+                if finished(sweep_dir / name):
+                    outcomes.append(JobOutcome(name, "skipped"))
+                    log.info("resume: %s already finished, skipping it", name)
+                    continue
+            batch.append(self._job_overrides(job, name))
             batch_names.append(name)
         log.info("sweep of %d jobs into %s (%d to run)", len(jobs), sweep_dir, len(batch))
 
@@ -93,6 +98,34 @@ class TrainingSweeper(BasicSweeper):
             log.error("%d of %d jobs did not complete (see the summary above)", len(unsuccessful), len(outcomes))
             raise SystemExit(1)
         return [results]
+
+    @staticmethod
+    def _job_overrides(job: list[str], name: str) -> list[str]:
+        # Quoted: a name holds '=' and ',' which the override grammar would split.
+        return [*job, f"hydra.sweep.subdir='{name}'"]
+
+    def _place(self, sweep_dir: Path, job: list[str], name: str) -> str:
+        """The job's dir name in a resumed sweep: its own, or `<name>@N` if that dir holds a
+        run of another config (atelier/sweep/placement.py)."""
+        loader = self.hydra_context.config_loader
+        placed, moved_by = place(sweep_dir, name,
+                                 lambda dir_name: loader.load_sweep_config(self.config, self._job_overrides(job, dir_name)))
+        if placed != name:
+            log.info("resume: %s holds a run of another config (differing: %s); this job runs as %s",
+                     name, ", ".join(moved_by), placed)
+        return placed
+
+    def _save_multirun_yaml(self, sweep_dir: Path, resume: bool) -> None:
+        """multirun.yaml describes the sweep that made the dir; a resume with other values keeps
+        it and saves its own config beside it (multirun-resumed-<UTC time>.yaml)."""
+        path = sweep_dir / "multirun.yaml"
+        if resume and path.is_file():
+            old, new = (OmegaConf.to_container(c, resolve=False) for c in (OmegaConf.load(path), self.config))
+            old.pop("hydra", None), new.pop("hydra", None)  # Hydra's node holds this command's overrides
+            if not differing_keys(old, new):
+                return
+            path = sweep_dir / f"multirun-resumed-{datetime.now(timezone.utc):%Y-%m-%d_%H-%M-%S}.yaml"
+        write_text(path, OmegaConf.to_yaml(self.config))
 
     def _finish(self, sweep_dir: Path, outcomes: list[JobOutcome]) -> None:
         summary = format_summary(outcomes)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from atelier.config.validate import validate
 from atelier.outputs.run_dir import write_command, write_environment, write_resolved_config
-from atelier.outputs.summary import read_summary, write_summary
+from atelier.outputs.summary import finished, read_summary, write_summary
 from atelier.train import phases
 from atelier.train.lr_find import suggest_and_report
 from atelier.launch.data_parallel import run_processes
@@ -68,6 +68,9 @@ def run_job(
     """
     started = time.time()
     phases.start_job(started)
+    if cfg.resume and finished(run_dir):  # the run dir guard let it through to be kept as it is
+        log.info("resume: %s already holds this finished run; nothing to train", run_dir)
+        return read_summary(run_dir)
     try:
         validate(cfg)
         write_resolved_config(run_dir, cfg)
