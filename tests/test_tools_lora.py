@@ -374,3 +374,30 @@ def test_every_tool_has_help_with_an_example(command: str, capsys) -> None:
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "example" in text and f"atelier {command}" in text
+
+
+def test_merge_refuses_nan_input_naming_file_and_module(lora_file: Path, tmp_path: Path, capsys) -> None:
+    """[14]: `atelier merge` wrote NaN tensors from a NaN LoRA with rc 0; it now refuses, as resize does."""
+    state, meta = load_lora(lora_file)
+    name = sorted({k.split(".")[0] for k in state})[0]
+    state[f"{name}.lora_down.weight"][0, 0] = float("inf")
+    bad = tmp_path / "nan.safetensors"
+    save_lora(bad, state, meta)
+    out = tmp_path / "merged.safetensors"
+    assert cli("merge", "--loras", lora_file, bad, "-o", out) != 0
+    err = capsys.readouterr().err
+    assert str(bad) in err and name in err and "NaN or Inf" in err
+    assert not out.exists()
+
+
+def test_mismatched_ranks_get_a_message_naming_the_module(lora_file: Path, tmp_path: Path, capsys) -> None:
+    state, meta = load_lora(lora_file)
+    name = sorted({k.split(".")[0] for k in state})[0]
+    state[f"{name}.lora_up.weight"] = state[f"{name}.lora_up.weight"][:, :3].clone()  # rank 3 against 8
+    bad = tmp_path / "ranks.safetensors"
+    save_lora(bad, state, meta)
+    for command in (("check", bad), ("resize", bad, tmp_path / "r.safetensors", "--rank", "2"),
+                    ("merge", "--loras", bad, lora_file, "-o", tmp_path / "m.safetensors")):  # fmt: skip
+        assert cli(*command) != 0, command
+        err = capsys.readouterr().err
+        assert name in err and "ranks" in err and "disagree" in err and "Traceback" not in err, (command, err)

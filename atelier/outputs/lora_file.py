@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from atelier.config.schema import SavePrecision
 from atelier.utils.atomic import write_bytes
@@ -50,10 +49,24 @@ def save_lora(
     return path
 
 
+class LoRAIntegrityError(ValueError):
+    """A LoRA file whose tensors do not match the digest written with them."""
+
+
 def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA file's tensors and metadata. Its tensor data is checked against the digest
+    saved with it (sshs_model_hash, which sd-scripts writes too) before it is used."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
-    with safe_open(str(path), framework="pt") as fh:
-        metadata = fh.metadata() or {}
-    return load_file(str(path)), metadata
+    data = path.read_bytes()
+    tensors = load(data)  # a malformed file raises here, before its header is read below
+    header_len = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    expected = metadata.get("sshs_model_hash")
+    if expected and addnet_model_hash(data) != expected:
+        raise LoRAIntegrityError(
+            f"{path}: its tensors do not match the digest saved with them (sshs_model_hash): the file was "
+            "damaged or changed after it was written. Use another copy, or an earlier checkpoint of the run."
+        )
+    return tensors, metadata

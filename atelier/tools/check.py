@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from atelier.tools.common import ALPHA, DOWN, UP, LoRAFactors, ToolError, existing_file, module_names
+from atelier.tools.common import ALPHA, DOWN, UP, LoRAFactors, ToolError, existing_file, module_names, read_lora
 
 
 @dataclass
@@ -117,15 +117,8 @@ def _jsonable(value):
 
 
 def run(args: argparse.Namespace) -> int:
-    from safetensors import SafetensorError
-
-    from atelier.outputs.lora_file import load_lora
-
     path = existing_file(Path(args.lora), "LoRA file")
-    try:
-        state, _ = load_lora(path)
-    except SafetensorError as error:
-        raise ToolError(f"'{path}' is not a readable .safetensors file ({error})") from error
+    state, _ = read_lora(path)
     if not state:
         raise ToolError(f"'{path}' holds no tensors")
     checks = check_modules(state)

@@ -63,6 +63,13 @@ class LoRAFactors:
     up: torch.Tensor  # [out, r] or [out, r, 1, 1]
     alpha: float
 
+    def __post_init__(self) -> None:
+        if self.down.ndim < 2 or self.up.ndim < 2 or self.up.shape[1] != self.down.shape[0]:
+            raise ToolError(
+                f"{self.name} has lora_down {tuple(self.down.shape)} and lora_up {tuple(self.up.shape)}: their ranks "
+                "disagree, so the file is damaged or not a kohya LoRA"
+            )
+
     @property
     def rank(self) -> int:
         return self.down.shape[0]
@@ -131,21 +138,35 @@ def split_lora(state: dict[str, torch.Tensor], source: str) -> dict[str, LoRAFac
     return modules
 
 
-def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, LoRAFactors], dict[str, str], torch.dtype]:
-    """Modules, metadata and storage dtype of a kohya LoRA file."""
+def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A .safetensors file's tensors and metadata, its damage said in one ToolError."""
     from safetensors import SafetensorError
 
-    from atelier.outputs.lora_file import load_lora
+    from atelier.outputs.lora_file import LoRAIntegrityError, load_lora
 
+    try:
+        return load_lora(path)
+    except SafetensorError as error:
+        raise ToolError(f"'{path}' is not a readable .safetensors file ({error})") from error
+    except LoRAIntegrityError as error:
+        raise ToolError(str(error)) from None
+
+
+def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, LoRAFactors], dict[str, str], torch.dtype]:
+    """Modules, metadata and storage dtype of a kohya LoRA file."""
     path = existing_file(path, "LoRA file")
     if path.suffix.lower() != ".safetensors":
         raise ToolError(f"'{path}' is not a .safetensors file")
-    try:
-        state, metadata = load_lora(path)
-    except SafetensorError as error:
-        raise ToolError(f"'{path}' is not a readable .safetensors file ({error})") from error
+    state, metadata = read_lora(path)
     modules = split_lora(state, str(path))
     return modules, metadata, storage_dtype(m.down.dtype for m in modules.values())
+
+
+def require_finite(modules: dict[str, LoRAFactors], source: str | os.PathLike) -> None:
+    """A LoRA with NaN or Inf weights would spread them into whatever it is merged with."""
+    for module in modules.values():
+        if not (torch.isfinite(module.up).all() and torch.isfinite(module.down).all()):
+            raise ToolError(f"{source}: {module.name} holds NaN or Inf weights; see `atelier check {source}`")
 
 
 def storage_dtype(dtypes: Iterator[torch.dtype] | list[torch.dtype]) -> torch.dtype:

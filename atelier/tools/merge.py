@@ -35,6 +35,7 @@ from atelier.tools.common import (
     existing_file,
     load_lora_file,
     precision_for,
+    require_finite,
 )
 
 log = logging.getLogger(__name__)
@@ -311,6 +312,8 @@ def run(args: argparse.Namespace) -> int:
         out = check_output(args.output, args.force, paths)
         ratios = _ratios(args, len(paths))
         loaded = [(p, *load_lora_file(p)) for p in paths]
+        for path, modules, _, _ in loaded:
+            require_finite(modules, path)
         merged = merge_loras([(modules, r) for (_, modules, _, _), r in zip(loaded, ratios)])
         state = {k: v for module in merged.values() for k, v in module.to_state().items()}
         meta = merged_lora_metadata([(p, m, r) for (p, _, m, _), r in zip(loaded, ratios)], merged, out)
@@ -333,6 +336,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(args.output, args.force, inputs)
     ratios = _ratios(args, len(lora_paths))
     loras = [(p, load_lora_file(p)[0], r) for p, r in zip(lora_paths, ratios)]
+    for path, modules, _ in loras:
+        require_finite(modules, path)
     config = Path(args.config) if args.config else None
     state, metadata, report = merge_into_checkpoint(base, loras, config, args.device)
     with atomic_path(out) as tmp:

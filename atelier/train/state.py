@@ -18,13 +18,18 @@ from atelier.utils.atomic import atomic_path
 
 STATE_FILE = "training_state.pt"
 # Bumped when the state's layout changes; an older state is refused, not misread.
-STATE_VERSION = 2
+# 3: the state carries a sha256 digest of its content, checked before use.
+STATE_VERSION = 3
 # Keys that do not change what is trained.
 IGNORED_KEYS = ("resume", "sampling")
 
 
 class StateMismatchError(ValueError):
     """The run dir's state was made by another config."""
+
+
+class StateIntegrityError(ValueError):
+    """The run dir's state cannot be read, or does not match its digest."""
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
@@ -54,10 +59,37 @@ def as_tuples(value: Any) -> Any:
     return tuple(as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def content_digest(value: Any) -> str:
+    """sha256 of a state's content: every key, tensor (dtype, shape, bytes) and value, in a
+    fixed order, so a changed float anywhere changes it."""
+    h = hashlib.sha256()
+    _feed(h, value)
+    return h.hexdigest()
+
+
+def _feed(h: "hashlib._Hash", value: Any) -> None:
+    if isinstance(value, dict):
+        h.update(b"{%d" % len(value))
+        for key in sorted(value, key=str):
+            h.update(repr(key).encode())
+            _feed(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[%d" % len(value))
+        for item in value:
+            _feed(h, item)
+    elif isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(repr(value).encode())
+
+
 def save_training_state(run_dir: Path, state: dict[str, Any]) -> Path:
     path = run_dir / STATE_FILE
+    state = {**state, "version": STATE_VERSION}
     with atomic_path(path) as tmp:
-        torch.save({**state, "version": STATE_VERSION}, tmp)
+        torch.save({**state, "digest": content_digest(state)}, tmp)
     return path
 
 
@@ -65,7 +97,22 @@ def load_training_state(run_dir: Path, fingerprint: str) -> dict[str, Any] | Non
     path = run_dir / STATE_FILE
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # empty, truncated or not a torch file: never unpickle it further
+        raise StateIntegrityError(
+            f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'empty'}); "
+            f"the file is damaged. Move {path.name} away to start this run over, or train into a new run dir."
+        ) from None
+    if not isinstance(state, dict):
+        raise StateIntegrityError(f"{path} is not a training state; move it away or train into a new run dir.")
+    digest = state.pop("digest", None)
+    if state.get("version") == STATE_VERSION and digest != content_digest(state):
+        raise StateIntegrityError(
+            f"{path} does not match the digest saved in it: its content changed after it was written "
+            f"(damaged disk or an edit). Move {path.name} away to start this run over from step 0, "
+            "or train into a new run dir."
+        )
     if state.get("version") != STATE_VERSION:
         raise StateMismatchError(
             f"{path} was saved by another version of the trainer and cannot be read. "
