@@ -99,3 +99,40 @@ def test_training_from_a_damaged_lora_file_fails_naming_it(tmp_path):
     assert proc.returncode != 0
     reason = json.loads((tmp_path / "second" / "summary.json").read_text())["reason"]
     assert "LoRAIntegrityError" in reason and "demo.safetensors" in reason
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"loss/step"' in line]  # fmt: skip
+
+
+def test_a_kill_before_the_first_state_leaves_no_step_twice_and_no_temp_file(tmp_path):
+    """SIGKILL before any state was saved: the run starts again from step 0; what the killed
+    run logged is dropped (no step twice in metrics.jsonl), a half-written line and the temp
+    files it left are removed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import logged_steps
+
+    run_dir = tmp_path / "run"
+    args = ["training.max_train_steps=6", "output.save_state_every_n_epochs=null", "sampling.sample_every_n_epochs=null",
+            "output.save_every_n_epochs=null", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and logged_steps(run_dir) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / STATE_FILE).exists() and logged_steps(run_dir) >= 2
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "loss/st')  # cut short by the kill
+    stale = run_dir / ".demo.safetensors.k1ll3d.tmp"
+    stale.write_bytes(b"half a LoRA")
+    proc = run_train(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert not stale.exists() and not list(run_dir.rglob("*.tmp"))

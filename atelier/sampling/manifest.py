@@ -27,6 +27,8 @@ from atelier.utils.atomic import write_text
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "samples.json"
+# The run dir's folder of sample images (and their manifest).
+SAMPLES_DIR = "samples"
 
 
 def manifest_record(path: Path, prompt: SamplePrompt, epoch: int | None, step: int, sampler: str) -> dict[str, Any]:
@@ -70,3 +72,16 @@ def append_manifest(samples_dir: str | Path, records: Sequence[Mapping[str, Any]
         (samples_dir / MANIFEST_NAME).replace(broken)
         existing = []
     write_text(samples_dir / MANIFEST_NAME, json.dumps([*existing, *map(dict, records)], indent=1) + "\n")
+
+
+def drop_records_after(samples_dir: str | Path, step: int) -> None:
+    """Forget the samples taken after `step` (a run continuing from there takes them again);
+    their images stay on disk, only the manifest stops listing them."""
+    samples_dir = Path(samples_dir)
+    try:
+        records = read_manifest(samples_dir)
+    except ValueError:
+        return  # append_manifest sets an unreadable manifest aside
+    kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= step]
+    if len(kept) != len(records):
+        write_text(samples_dir / MANIFEST_NAME, json.dumps(kept, indent=1) + "\n")

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from atelier.sampling.manifest import SAMPLES_DIR, drop_records_after
 from atelier.utils.atomic import write_text
 
 METRICS = "metrics.jsonl"
@@ -28,14 +29,16 @@ class MetricsLog:
     """Per-step scalars to TensorBoard and metrics.jsonl (read by sweep reports)."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None):
-        """`resume_step`: continuing a run; drop what was logged after that step."""
+        """`resume_step`: continuing a run from that step; None: starting it (again) from 0.
+        What a killed run logged after the state it continues from is dropped (metrics.jsonl,
+        TensorBoard, the samples manifest), so no step is ever recorded twice."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
-        purge = resume_step + 1 if resume_step is not None else None
-        self.writer = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=purge)
-        if resume_step is not None:
-            _truncate_after(run_dir / METRICS, resume_step)
+        kept = resume_step if resume_step is not None else -1  # a fresh start keeps nothing
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=kept + 1)
+        _truncate_after(run_dir / METRICS, kept)
+        drop_records_after(run_dir / SAMPLES_DIR, kept)
         self._jsonl = open(run_dir / METRICS, "a", encoding="utf-8", buffering=1)
 
     def log(self, step: int, scalars: dict[str, float], **fields: Any) -> None:
@@ -60,9 +63,16 @@ class NullMetrics:
 
 
 def _truncate_after(path: Path, step: int) -> None:
+    """Keep the records up to `step`; a line cut short by a kill is dropped too."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     write_text(path, "".join(line + "\n" for line in kept))
 
 

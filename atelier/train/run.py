@@ -19,6 +19,7 @@ from atelier.train.distributed import in_worker, process_rank
 from atelier.train.metrics import peak_memory_mb
 from atelier.train.signals import StopRequested
 from atelier.train.trainer import Trainer, TrainResult
+from atelier.utils.atomic import remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ def run_job(
     if cfg.resume and finished(run_dir):  # the run dir guard let it through to be kept as it is
         log.info("resume: %s already holds this finished run; nothing to train", run_dir)
         return read_summary(run_dir)
+    if not in_worker():  # the dir's one writer (it holds the lock); data-parallel ranks share it
+        for stale in remove_stale_temp_files(run_dir):
+            log.info("removed %s, left by a killed run", stale.relative_to(run_dir))
     try:
         validate(cfg)
         write_resolved_config(run_dir, cfg)

@@ -15,11 +15,11 @@ from atelier.models.architectures import SD1_PIPELINE_SCHEDULER
 from atelier.models.loading import BaseModel
 from atelier.sampling.generate import build_pipeline, build_sdxl_pipeline, generate_samples
 from atelier.sampling.grid import make_grid
+from atelier.sampling.manifest import SAMPLES_DIR
 from atelier.sampling.prompts import SampleDefaults, SamplePrompt, load_prompt_file, parse_prompts
 
 log = logging.getLogger(__name__)
 
-SAMPLES_DIR = "samples"
 GRID = "sample_grid.png"
 
 

@@ -20,12 +20,26 @@ def _umask() -> int:
     return mask
 
 
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temp files a killed writer left below `directory` (`.<name>.<random>.tmp`).
+    Called by the one writer of a run dir as it starts, so none of them is in use."""
+    removed = []
+    for path in Path(directory).rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path in the target's folder; rename it onto target on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates 0600; give the file the permissions a plain open() would.
