@@ -21,7 +21,7 @@ from atelier.report.table import lora_name
 
 STATUS_ORDER = {"completed": 0, "running": 1, "interrupted": 2, "pending": 3, "not started": 4, "failed": 5}
 # Longer names are cut in the middle in the table; the full name is in the title (hover).
-SHORT_NAME = 28
+SHORT_NAME = 30
 
 CSS = """
 :root { --ink:#1f2430; --muted:#667085; --line:#e4e7ec; --bg:#f7f8fa; --card:#fff;
@@ -45,6 +45,7 @@ section { background:var(--card); border:1px solid var(--line); border-radius:10
 table { border-collapse:collapse; width:100%; font-size:13px; }
 th, td { padding:6px 7px; border-bottom:1px solid var(--line); text-align:left; vertical-align:top;
   overflow-wrap:anywhere; }
+th { overflow-wrap:normal; }
 td.num, .badge, td .short { white-space:nowrap; }
 .spread { color:var(--muted); font-size:12px; }
 th { background:#f2f4f7; font-weight:600; position:sticky; top:0; }
@@ -208,7 +209,7 @@ def _runs_section(sweep: Sweep, ranking: Ranking) -> str:
     columns = _table_columns(sweep, ranking)
     # Titles are trusted text (with entities); swept keys come from the user and are escaped.
     head = "".join(
-        f"<th class=\"{css}\">{escape(title) if css == 'swept' else title}</th>" for title, css, _ in columns
+        f"<th class=\"{css}\">{_breakable(title) if css == 'swept' else title}</th>" for title, css, _ in columns
     )
     rows = []
     for run in sorted(sweep.runs, key=lambda run: _sort_key(run, metric)):
@@ -251,8 +252,7 @@ def _epochs_section(sweep: Sweep, ranking: Ranking) -> str:
             star = "<span class=\"star\">&#9733;</span> " if e is best else ""
             cells = (f"<td class=\"num\">{star}{e.epoch}</td>{_num(e.step)}{_num(_loss(e.train_loss))}"
                      + (_num(_loss(e.val_loss)) if has_val else ""))
-            link = (f"<a href=\"{_href(sweep, e.checkpoint)}\" title=\"{escape(e.checkpoint.name)}\">"
-                    f"{escape(_shorten(e.checkpoint.name))}</a>") if e.checkpoint else ""
+            link = f"<a href=\"{_href(sweep, e.checkpoint)}\">{escape(e.checkpoint.name)}</a>" if e.checkpoint else ""
             rows.append(f"<tr class=\"{'best-epoch' if e is best else ''}\">{cells}<td>{link}</td></tr>")
         by = "validation loss" if has_val else "training loss of the epoch"
         summary = f"{escape(run.label)} <span class=\"spread\">({len(run.saved_epochs)} saved"
@@ -324,7 +324,15 @@ def _file_link(sweep: Sweep, run: RunRecord) -> str:
         planned = lora_name(run)  # not written yet
         return f"<td class=\"spread\">{_short(planned)}</td>" if planned else "<td></td>"
     name = run.output_file.name
-    return f"<td><a href=\"{_href(sweep, run.output_file)}\" title=\"{escape(name)}\">{escape(_shorten(name))}</a></td>"
+    # Without the extension (every one is .safetensors): the room goes to the swept values.
+    shown = _shorten(run.output_file.stem)
+    return f"<td><a href=\"{_href(sweep, run.output_file)}\" title=\"{escape(name)}\">{escape(shown)}</a></td>"
+
+
+def _breakable(key: str) -> str:
+    """A dotted key that may wrap after each dot (network.<wbr>dim), never inside a word."""
+    return "<wbr>".join(escape(part) + "." for part in key.split(".")[:-1]) + (
+        "<wbr>" if "." in key else "") + escape(key.split(".")[-1])
 
 
 def _shorten(text: str, limit: int = SHORT_NAME) -> str:
