@@ -167,9 +167,14 @@ def _table_columns(sweep: Sweep, ranking: Ranking) -> list[Column]:
     def sorted_if(name: str) -> str:
         return "num sorted" if metric == name else "num"
 
+    numbers = {run.name: i for i, run in enumerate(sweep.runs, 1)}
+
     def job_cell(run: RunRecord) -> str:
-        star = "<span class=\"star\">&#9733;</span> " if run is best else ""
-        return f"<td>{star}{_short(run.name, 'code')}</td>"
+        star = "<span class=\"star\">&#9733;</span>" if run is best else ""
+        if sweep.swept_keys:
+            # The swept columns say what the job is: its folder name only on hover, to keep the table narrow.
+            return f"<td class=\"num\">{star}<span title=\"{escape(run.name)}\">#{numbers[run.name]}</span></td>"
+        return f"<td>{star} {_short(run.name, 'code')}</td>"
 
     def recent_cell(run: RunRecord) -> str:
         if run.recent_loss is None:
@@ -187,8 +192,7 @@ def _table_columns(sweep: Sweep, ranking: Ranking) -> list[Column]:
     ]
     if any(run.val_loss_last is not None for run in sweep.runs):
         columns += [
-            ("val loss (last)", sorted_if("val_loss_last"), lambda run: _num(_loss(run.val_loss_last))),
-            ("val loss (best)", "num", lambda run: _num(_loss(run.val_loss_best))),
+            ("val loss", sorted_if("val_loss_last"), lambda run: _num(_loss(run.val_loss_last))),
         ]
     columns += [
         ("wall time", "num", lambda run: _num(_duration(run.wall_seconds))),
@@ -321,7 +325,7 @@ def _sort_key(run: RunRecord, metric: str) -> tuple:
 
 def _file_link(sweep: Sweep, run: RunRecord) -> str:
     if run.output_file is None:
-        planned = lora_name(run)  # not written yet
+        planned = lora_name(run) if run.status in ("pending", "running") else None  # not written yet
         return f"<td class=\"spread\">{_short(planned)}</td>" if planned else "<td></td>"
     name = run.output_file.name
     # Without the extension (every one is .safetensors): the room goes to the swept values.
