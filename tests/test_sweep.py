@@ -49,7 +49,7 @@ def test_a_failing_job_does_not_stop_the_others(failing_sweep):
     for name in JOBS:
         summary = json.loads((sweep_dir / name / "summary.json").read_text())
         assert summary["status"] == ("failed" if name.endswith("=0") else "completed")
-    assert (sweep_dir / "optimizer=prodigy,network.dim=4" / "demo.safetensors").is_file()
+    assert (sweep_dir / "optimizer=prodigy,network.dim=4" / "demo_optimizer-prodigy_dim-4.safetensors").is_file()
 
 
 def test_report_is_written_after_failures(failing_sweep):
@@ -145,4 +145,6 @@ def test_demo_recipe_runs_as_a_smoke_sweep(tmp_path):
     (sweep_dir,) = (tmp_path / "outputs" / "demo" / "demo").iterdir()
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert jobs == sorted(f"optimizer={o},network.dim={d}" for o in ("adamw", "prodigy") for d in (4, 8))
-    assert all((sweep_dir / j / "demo.safetensors").is_file() for j in jobs)
+    # Each LoRA file is named by its swept values, so all four can share one LoRA folder.
+    assert all((sweep_dir / f"optimizer={o},network.dim={d}" / f"demo_optimizer-{o}_dim-{d}.safetensors").is_file()
+               for o in ("adamw", "prodigy") for d in (4, 8))
