@@ -16,7 +16,7 @@ It reads train.py's config, so its steps are the run's: give the same overrides 
 train.py (model=..., dataset.*, training.*, debug=smoke, experiment=...), or a run's
 folder with --config. Flags such as --batch-size override the config.
 
-examples:
+example:
   atelier dataset check                                   # the demo dataset, as `python train.py` trains it
   atelier dataset check data/train model=sd15 model.path=/models/sd15.safetensors \\
       dataset=folder training.train_batch_size=4 dataset.enable_bucket=true
