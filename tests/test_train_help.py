@@ -30,3 +30,15 @@ def test_help_page_names_examples_groups_and_where_options_are() -> None:
         options = {p.stem for p in (REPO_ROOT / "conf" / group).glob("*.yaml")}
         assert options <= listed[group], (group, options - listed[group])
     assert "conf/<group>/<option>.yaml" in out and "--cfg job" in out
+
+
+def test_readme_commands_run_from_the_venv_as_written() -> None:
+    """Each command line in README's code blocks names .venv/bin/ (a plain shell has no `atelier`)."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    commands = [line.strip() for line in readme.splitlines()
+                if re.match(r"    (\S*/)?(atelier|python|tensorboard|pytest)\b(?!/)", line)]  # fmt: skip
+    assert len(commands) > 10
+    bare = [c for c in commands if not c.startswith(".venv/bin/")]
+    assert not bare, bare
+    for tool in {c.split()[0] for c in commands}:
+        assert (REPO_ROOT / tool).is_file(), tool  # the setup script made it
