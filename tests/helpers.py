@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,3 +43,18 @@ def sigterm_after_steps(command: list[str], run_dir: Path, steps: int, env: dict
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     return proc.returncode, out
+
+
+def final_loras(run_dir: Path) -> list[Path]:
+    """The run's final LoRA files (not the -NNNNNN epoch checkpoints); a sweep job's name
+    carries its swept values (demo_dim-4.safetensors), so tests do not spell it."""
+    return sorted(p for p in run_dir.glob("*.safetensors") if not re.search(r"-\d{6}\.safetensors$", p.name))
+
+
+def final_lora(run_dir: Path) -> Path:
+    """The one final LoRA file of a finished run (the one its summary.json names, when it has one)."""
+    found = final_loras(run_dir)
+    assert len(found) == 1, (run_dir, found)
+    if (run_dir / "summary.json").is_file():
+        assert json.loads((run_dir / "summary.json").read_text())["output_file"] == found[0].name
+    return found[0]

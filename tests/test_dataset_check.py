@@ -156,7 +156,9 @@ def test_buckets_and_time_from_a_run(tmp_path: Path, capsys: pytest.CaptureFixtu
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "seconds_per_step": 1.5}))
-    code, out = check(capsys, root, "--enable-bucket", "--batch-size", "4", "--epochs", "2", "--from-run", run_dir)
+    code, out = check(capsys, root, "--enable-bucket", "--batch-size", "4", "--epochs", "2", "--from-run", run_dir,
+                      "--resolution", "512", "--min-bucket-reso", "256", "--max-bucket-reso", "1024",
+                      "--bucket-reso-steps", "64")  # fmt: skip
     assert code == 0
     lines = [line.split() for line in out.splitlines()]
     assert ["8", "512x512", "3", "6"] in lines  # sd-scripts' bucket numbers, counts with repeats

@@ -22,7 +22,7 @@ from atelier.fused.grouping import plan_groups
 from atelier.fused.trainer import run_fused
 from atelier.outputs.lora_file import load_lora
 from atelier.outputs.run_dir import write_resolved_config
-from tests.helpers import REPO_ROOT, TRAIN, logged_steps, run_train, sigterm_after_steps
+from tests.helpers import REPO_ROOT, TRAIN, final_lora, final_loras, logged_steps, run_train, sigterm_after_steps
 from tests.test_fused import COMMON, LANES, assert_same_weights
 from tests.test_trainer import fresh_accelerate_state, make_cfg  # noqa: F401  (fixture)
 
@@ -38,7 +38,7 @@ CASES = {
 }
 RUN_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "command.sh", "config.yaml",
              "env.json", "metrics.jsonl", "summary.json", "train.log", "stdout.log", "stderr.log", "lr_schedule.png",
-             "demo.safetensors", "sample_grid.png", "samples/samples.json"}  # fmt: skip
+             "<lora>.safetensors", "sample_grid.png", "samples/samples.json"}  # fmt: skip
 
 
 def write_cases(root: Path) -> Path:
@@ -60,6 +60,8 @@ def files_of(run_dir: Path) -> set[str]:
                 name = "tensorboard/<events>"
             elif name.startswith("samples/") and name.endswith(".png"):
                 name = "samples/<image>.png"
+            elif path in final_loras(run_dir):  # named by the job's swept values
+                name = "<lora>.safetensors"
             names.add(name)
     return names
 
@@ -106,7 +108,7 @@ def test_a_nan_lane_fails_alone_and_the_sweep_reports_why(sweep):
     proc, sweep_dir, _ = sweep
     lane_ok, lane_nan = summary_of(sweep_dir / "case=lane_ok"), summary_of(sweep_dir / "case=lane_nan")
     assert "NonFiniteLossError" in lane_nan["reason"] and "step 2" in lane_nan["reason"]
-    assert lane_nan["steps"] == 1 and not (sweep_dir / "case=lane_nan" / "demo.safetensors").exists()
+    assert lane_nan["steps"] == 1 and not final_loras(sweep_dir / "case=lane_nan")
     assert lane_ok["steps"] == 3 and lane_ok["final_loss"] == lane_ok["final_loss"]  # finite, not NaN
     assert "sweep finished: 2 completed, 0 skipped (already done), 1 failed" in proc.stdout
     runs = json.loads((sweep_dir / "runs.json").read_text())
@@ -144,7 +146,7 @@ def test_a_fused_lane_replays_alone_to_the_same_weights(sweep, tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fused" not in summary_of(replay)
-    gap = assert_same_weights(load_lora(fused / "demo.safetensors")[0], load_lora(replay / "demo.safetensors")[0])
+    gap = assert_same_weights(load_lora(final_lora(fused))[0], load_lora(final_lora(replay))[0])
     assert gap < 1e-8, gap  # SGD: linear in the gradient, equal to rounding
 
 
@@ -187,7 +189,7 @@ def test_a_stopped_fused_group_saves_each_lane_and_resumes_to_the_same_weights(t
     for run_dir in dirs:
         summary = summary_of(run_dir)
         assert summary["status"] == "interrupted" and "stopped by SIGTERM" in summary["reason"], summary
-        assert (run_dir / "training_state.pt").is_file() and not (run_dir / "demo.safetensors").exists()
+        assert (run_dir / "training_state.pt").is_file() and not final_loras(run_dir)
     assert summary_of(dirs[0])["steps"] < 8
     proc = subprocess.run([*WORKER, *map(str, dirs)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -197,7 +199,7 @@ def test_a_stopped_fused_group_saves_each_lane_and_resumes_to_the_same_weights(t
         steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                  if "loss/step" in line]  # fmt: skip
         assert steps == list(range(1, len(steps) + 1))  # each step logged once
-        got, want = load_lora(run_dir / "demo.safetensors")[0], load_lora(expected / "demo.safetensors")[0]
+        got, want = load_lora(final_lora(run_dir))[0], load_lora(final_lora(expected))[0]
         assert all(torch.equal(got[k], want[k]) for k in want), run_dir.name
     assert "resuming from training_state.pt" in (dirs[0] / "train.log").read_text()
 
@@ -234,5 +236,5 @@ def test_ctrl_c_interrupts_every_lane_and_resume_true_finishes_them(tmp_path):
     run_fused([make_cfg(*axes, f"network.dim={d}") for d in (2, 4)], expected_dirs)
     for lane, expected in zip(lanes, expected_dirs):
         assert summary_of(lane)["status"] == "completed" and logged_steps(lane) == 12
-        gap = assert_same_weights(load_lora(lane / "demo.safetensors")[0], load_lora(expected / "demo.safetensors")[0])
+        gap = assert_same_weights(load_lora(final_lora(lane))[0], load_lora(final_lora(expected))[0])
         assert gap < 1e-8, (lane.name, gap)

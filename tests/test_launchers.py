@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from atelier.launch.devices import Slot, make_slots
-from tests.helpers import REPO_ROOT, TRAIN, run_train
+from tests.helpers import REPO_ROOT, TRAIN, final_lora, run_train
 
 
 def test_slots_per_gpu_and_cpu():
@@ -72,7 +72,7 @@ def test_each_job_has_its_logs_and_outputs(gpu_sweep):
     for job in (p for p in gpu_sweep.iterdir() if p.is_dir()):
         assert (job / "stdout.log").is_file() and (job / "stderr.log").is_file()
         assert "total optimization steps" in (job / "train.log").read_text()
-        assert (job / "demo.safetensors").is_file()
+        assert final_lora(job).is_file()
     assert (gpu_sweep / "report.html").is_file()
 
 

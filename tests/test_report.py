@@ -11,7 +11,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 from PIL import Image
@@ -111,9 +111,7 @@ def test_completed_and_failed_rows(report: Path) -> None:
             assert row["final_loss"] > 0 and row["best_loss"] <= row["final_loss"]
             assert row["wall_seconds"] > 0 and row["seconds_per_step"] > 0 and row["peak_ram_mb"] > 0
             assert (report.parent / row["output_file"]).is_file()
-    best = [r for r in rows if r["best"]]
-    assert len(best) == 1
-    assert best[0]["final_loss"] == min(r["final_loss"] for r in rows if r["status"] == "completed")
+    assert not any(r["best"] for r in rows)  # a 2-step smoke sweep compares nothing
 
 
 def test_loss_plot_is_an_image(report: Path) -> None:
@@ -157,21 +155,6 @@ def test_grid_has_a_column_per_saved_epoch(report: Path, tmp_path: Path) -> None
         assert image.size == grid_layout(len(runs), 2, cell, title=grid_title(index, prompt)).size
 
 
-def test_validation_loss_picks_the_best_run_when_logged(report: Path, tmp_path: Path) -> None:
-    sweep = shutil.copytree(report.parent, tmp_path / "sweep")
-    rows = json.loads((sweep / "runs.json").read_text())
-    by_final = sorted((r for r in rows if r["status"] == "completed"), key=lambda r: r["final_loss"])
-    # The run with the worse training loss gets the better validation loss.
-    for val_loss, row in zip([0.5, 0.4], by_final):
-        with open(sweep / row["job"] / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": 2, "epoch": 1, "loss/validation": val_loss}) + "\n")
-    html = write_report(sweep).read_text(encoding="utf-8")
-    rows = json.loads((sweep / "runs.json").read_text())
-    assert [r["job"] for r in rows if r["best"]] == [by_final[1]["job"]]
-    assert next(r for r in rows if r["job"] == by_final[1]["job"])["val_loss_last"] == 0.4
-    assert "Best run by validation loss" in html and "val loss (last)" in html
-
-
 class _Links(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -193,7 +176,9 @@ def test_html_links_only_relative_existing_files(report: Path) -> None:
     assert "<script" not in text
     parser = _Links()
     parser.feed(text)
-    assert set(parser.images) == {"loss_curves.png", *(f"samples_prompt{i:02d}.png" for i in range(N_PROMPTS))}
+    per_run = {f"{quote(run.name)}/report_loss.png" for run in collect_sweep(report.parent).runs if run.loss_curve}
+    assert len(per_run) == N_COMPLETED
+    assert set(parser.images) == {"loss_curves.png", *per_run, *(f"samples_prompt{i:02d}.png" for i in range(N_PROMPTS))}
     for link in parser.links:
         assert not link.startswith(("/", "file:", "//")) and ":" not in link.split("/")[0], link
         assert (report.parent / unquote(link)).is_file(), link
@@ -294,7 +279,7 @@ def test_browser_renders_table_and_images(chromium: str, report: Path, tmp_path:
     dom = _browse(chromium, report, tmp_path, "--dump-dom").stdout
     assert len(re.findall(r"<tr [^>]*data-job=", dom)) == N_JOBS
     assert len(re.findall(r'<tr [^>]*data-status="failed"', dom)) == N_JOBS - N_COMPLETED
-    assert len(re.findall(r"<img ", dom)) == 1 + N_PROMPTS
+    assert len(re.findall(r"<img ", dom)) == 1 + N_COMPLETED + N_PROMPTS
 
 
 def test_browser_loads_every_image(chromium: str, report: Path, tmp_path: Path) -> None:
@@ -304,7 +289,8 @@ def test_browser_loads_every_image(chromium: str, report: Path, tmp_path: Path) 
         dom = _browse(chromium, probe, tmp_path, "--virtual-time-budget=5000", "--dump-dom").stdout
     finally:
         probe.unlink()
-    assert f'data-images-loaded="{1 + N_PROMPTS}/{1 + N_PROMPTS}"' in dom
+    images = 1 + N_COMPLETED + N_PROMPTS  # all runs, one chart per run, one grid per prompt
+    assert f'data-images-loaded="{images}/{images}"' in dom
 
 
 def test_browser_screenshot_is_not_blank(chromium: str, report: Path, tmp_path: Path) -> None:

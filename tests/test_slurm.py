@@ -14,7 +14,7 @@ import torch
 
 from atelier.outputs.lora_file import load_lora
 from atelier.train.run import run_training
-from tests.helpers import REPO_ROOT, TRAIN, run_train
+from tests.helpers import REPO_ROOT, TRAIN, final_lora, run_train
 from tests.test_trainer import make_cfg
 
 
@@ -45,7 +45,7 @@ def test_sweep_runs_through_slurm(tmp_path):
     for job in jobs:
         summary = json.loads((sweep_dir / job / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["steps"] == 2
-        assert (sweep_dir / job / "demo.safetensors").is_file()
+        assert final_lora(sweep_dir / job).is_file()
         env = json.loads((sweep_dir / job / "env.json").read_text())
         assert env["hostname"]
     # submitit ran them as SLURM array tasks.
@@ -105,7 +105,7 @@ def test_a_signalled_job_is_requeued_and_resumes_to_the_same_weights(tmp_path):
     reference = tmp_path / "reference"
     reference.mkdir()
     run_training(make_cfg(*args, "network.dim=4"), reference)
-    a, b = load_lora(reference / "demo.safetensors")[0], load_lora(job_dir / "demo.safetensors")[0]
+    a, b = load_lora(final_lora(reference))[0], load_lora(final_lora(job_dir))[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (job_dir / "metrics.jsonl").read_text().splitlines()
              if "loss/step" in line]  # fmt: skip

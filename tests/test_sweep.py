@@ -49,7 +49,7 @@ def test_a_failing_job_does_not_stop_the_others(failing_sweep):
     for name in JOBS:
         summary = json.loads((sweep_dir / name / "summary.json").read_text())
         assert summary["status"] == ("failed" if name.endswith("=0") else "completed")
-    assert (sweep_dir / "optimizer=prodigy,network.dim=4" / "demo.safetensors").is_file()
+    assert (sweep_dir / "optimizer=prodigy,network.dim=4" / "demo_optimizer-prodigy_dim-4.safetensors").is_file()
 
 
 def test_report_is_written_after_failures(failing_sweep):
@@ -69,16 +69,16 @@ def test_sweep_job_command_replays_only_that_job(failing_sweep):
 
 def test_resume_skips_finished_jobs_and_reruns_the_rest(failing_sweep):
     _, sweep_dir = failing_sweep
-    done = sweep_dir / "optimizer=adamw,network.dim=4" / "demo.safetensors"
+    done = sweep_dir / "optimizer=adamw,network.dim=4" / "demo_optimizer-adamw_dim-4.safetensors"
     unfinished = sweep_dir / "optimizer=prodigy,network.dim=4"
-    (unfinished / "demo.safetensors").unlink()  # as if the job had been killed before its end
+    (unfinished / "demo_optimizer-prodigy_dim-4.safetensors").unlink()  # as if killed before its end
     before = done.stat().st_mtime_ns
     proc = run_train("-m", "optimizer=adamw,prodigy", "network.dim=0,4", "debug=smoke",
                      f"hydra.sweep.dir={sweep_dir}", "resume=true", cwd=sweep_dir.parent)
     out = proc.stdout + proc.stderr
     assert "sweep finished: 1 completed, 1 skipped (already done), 2 failed" in out
     assert done.stat().st_mtime_ns == before
-    assert (unfinished / "demo.safetensors").is_file()
+    assert (unfinished / "demo_optimizer-prodigy_dim-4.safetensors").is_file()
 
 
 def test_typo_in_a_sweep_fails_before_any_job(tmp_path):
@@ -145,4 +145,6 @@ def test_demo_recipe_runs_as_a_smoke_sweep(tmp_path):
     (sweep_dir,) = (tmp_path / "outputs" / "demo" / "demo").iterdir()
     jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert jobs == sorted(f"optimizer={o},network.dim={d}" for o in ("adamw", "prodigy") for d in (4, 8))
-    assert all((sweep_dir / j / "demo.safetensors").is_file() for j in jobs)
+    # Each LoRA file is named by its swept values, so all four can share one LoRA folder.
+    assert all((sweep_dir / f"optimizer={o},network.dim={d}" / f"demo_optimizer-{o}_dim-{d}.safetensors").is_file()
+               for o in ("adamw", "prodigy") for d in (4, 8))

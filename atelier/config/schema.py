@@ -110,6 +110,12 @@ class ModelConfig:
     v_parameterization: bool = False
     # The resolution the model was trained at; the dataset's default.
     resolution: int = 512
+    # Aspect-bucket bounds that suit that resolution: the dataset's defaults (conf/dataset/*.yaml
+    # read them as ${model.min_bucket_reso} ...). sd-scripts' values fit 512-1024 px models; a
+    # 64 px model needs smaller ones, or bucketing collapses to a single bucket.
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
 
 
 @dataclass

@@ -110,6 +110,39 @@ class BucketSettings:
         return self.resolution[0] * self.resolution[1]
 
 
+def suggested_bucket_bounds(resolution: Resolution) -> tuple[int, int, int]:
+    """(min_bucket_reso, max_bucket_reso, bucket_reso_steps) that give several buckets at this
+    resolution: half and twice its side, in steps of a quarter side (at most 64, sd-scripts' step).
+
+    At 512 px this is sd-scripts' 256, 1024, 64; at 64 px, 32, 128, 16.
+    """
+    side = int(math.sqrt(resolution[0] * resolution[1]))
+    step = max(8, min(64, side // 4 // 8 * 8))
+    return max(step, side // 2 // step * step), side * 2 // step * step, step
+
+
+def single_bucket_warning(settings: BucketSettings, key_prefix: str = "dataset.") -> str | None:
+    """A warning when bucketing is on but its bounds leave one bucket (every image cropped square).
+
+    Names the keys and values that would work; None when bucketing is off, makes buckets from
+    the image sizes (bucket_no_upscale), or gives several buckets.
+    """
+    if not settings.enable_bucket or settings.bucket_no_upscale:
+        return None
+    s = settings
+    buckets = make_bucket_resolutions(s.resolution, s.min_bucket_reso, s.max_bucket_reso, s.bucket_reso_steps)
+    if len(buckets) > 1:
+        return None
+    low, high, step = suggested_bucket_bounds(s.resolution)
+    (width, height), = buckets
+    return (
+        f"{key_prefix}enable_bucket=true gives a single {width}x{height} bucket: {key_prefix}min_bucket_reso={s.min_bucket_reso}, "
+        f"{key_prefix}max_bucket_reso={s.max_bucket_reso} and {key_prefix}bucket_reso_steps={s.bucket_reso_steps} do not fit "
+        f"resolution {s.resolution[0]}x{s.resolution[1]}, so every image is cropped to it. For aspect buckets set "
+        f"{key_prefix}min_bucket_reso={low} {key_prefix}max_bucket_reso={high} {key_prefix}bucket_reso_steps={step}"
+    )
+
+
 @dataclass(frozen=True)
 class BucketAssignment:
     """Where one image goes; kept in item order, one per dataset item."""
@@ -305,4 +338,6 @@ __all__ = [
     "mean_ar_error",
     "parse_resolution",
     "resize_and_crop_to_bucket",
+    "single_bucket_warning",
+    "suggested_bucket_bounds",
 ]

@@ -13,13 +13,21 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
-from atelier.data.buckets import BucketAssignment, BucketManager, BucketSettings, Resolution, bucket_steps_per_epoch
+from atelier.data.buckets import (
+    BucketAssignment,
+    BucketManager,
+    BucketSettings,
+    Resolution,
+    bucket_steps_per_epoch,
+    single_bucket_warning,
+)
 from atelier.data.captions import normalize_caption_extension, read_caption, split_tags
 from atelier.data.dataset import ImageItem, parse_concept_folder_name
 from atelier.data.errors import DatasetError
 from atelier.data.images import is_image_file, is_unsupported_image_file, unreadable_reason, upright_size
-from atelier.data.schedule import total_steps
+from atelier.train.plan import plan_for
 
 ERROR = "error"  # training would stop
 WARNING = "warning"  # training runs, maybe not as intended
@@ -224,11 +232,17 @@ def _check_root_images(loose_images: list[Path], inspection: DatasetInspection) 
 
 @dataclass(frozen=True)
 class CheckOptions:
+    """What decides a run's steps; `atelier dataset check` takes them from the training config."""
+
     buckets: BucketSettings
     batch_size: int = 1
     epochs: int = 10
     gradient_accumulation_steps: int = 1
     seconds_per_step: float | None = None
+    max_train_steps: int | None = None  # fixes the run's length when set, as in training
+    processes: int = 1  # training.num_processes: each trains its share of the batches
+    validation_split: float = 0.0  # held-out images are not trained on
+    validation_seed: int = 0
 
 
 @dataclass
@@ -240,6 +254,7 @@ class CheckReport:
     bucket_info: dict
     steps_per_epoch: int
     total_steps: int
+    epochs: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -249,16 +264,40 @@ class CheckReport:
 def analyse(inspection: DatasetInspection, options: CheckOptions) -> CheckReport:
     """Buckets, steps and upscale warnings for the readable images."""
     images = [(folder, image) for folder in inspection.folders for image in folder.readable]
-    manager = BucketManager(options.buckets)
-    sizes = [image.size for _, image in images]
     items = [ImageItem(image.path, image.caption, folder.path.name, folder.repeats) for folder, image in images]
+    if options.validation_split > 0 and items:
+        # Imported here: it brings torch, which a check without validation does not need.
+        from atelier.train.validation import split_validation
+
+        trained = {item.path for item in split_validation(items, options.validation_split, options.validation_seed)[0]}
+        images = [(folder, image) for folder, image in images if image.path in trained]
+        items = [item for item in items if item.path in trained]
+    manager = BucketManager(options.buckets)
+    warning = single_bucket_warning(options.buckets)
+    if warning:
+        inspection.add(WARNING, inspection.root, warning)
+    sizes = [image.size for _, image in images]
     assignments = manager.assign(items, sizes)
     for (_, image), assignment in zip(images, assignments):
         if assignment.upscaled:
             inspection.add(WARNING, image.path, _upscale_message(assignment))
     per_epoch = bucket_steps_per_epoch(assignments, options.batch_size)
-    total = total_steps(per_epoch, options.epochs, options.gradient_accumulation_steps)
-    return CheckReport(inspection, options, images, assignments, manager.info(assignments), per_epoch, total)
+    total, epochs = _total_steps(options, sum(a.repeats for a in assignments), per_epoch)
+    return CheckReport(inspection, options, images, assignments, manager.info(assignments), per_epoch, total, epochs)
+
+
+def _total_steps(options: CheckOptions, num_samples: int, per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps, epochs) of the run, by the trainer's own plan ((0, 0) with nothing to train)."""
+    if per_epoch < 1:
+        return 0, 0
+    training = SimpleNamespace(
+        train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        max_train_epochs=options.epochs,
+        max_train_steps=options.max_train_steps,
+    )
+    plan = plan_for(training, num_samples, per_epoch, options.processes)
+    return plan.total_steps, plan.num_epochs
 
 
 def _upscale_message(assignment: BucketAssignment) -> str:
@@ -287,7 +326,10 @@ def _settings_line(inspection: DatasetInspection, options: CheckOptions) -> str:
         bucketing = f"bucketing on ({b.min_bucket_reso}-{b.max_bucket_reso}, step {b.bucket_reso_steps}{no_upscale})"
     return (
         f"caption extension {inspection.caption_extension} | resolution {b.resolution[0]}x{b.resolution[1]} | "
-        f"batch size {options.batch_size} | {options.epochs} epochs | {bucketing}"
+        f"batch size {options.batch_size} | "
+        + (f"{options.max_train_steps} steps" if options.max_train_steps is not None else f"{options.epochs} epochs")
+        + (f" | validation_split {options.validation_split}" if options.validation_split else "")
+        + f" | {bucketing}"
     )
 
 
@@ -310,7 +352,8 @@ def _steps_section(report: CheckReport) -> list[str]:
         "Steps:",
         f"  steps per epoch: {report.steps_per_epoch}  (batch size {options.batch_size}; "
         f"sum over {buckets} bucket(s) of ceil(images x repeats / batch size))",
-        f"  total steps: {report.total_steps}  ({options.epochs} epochs"
+        f"  total steps: {report.total_steps}  ({report.epochs} epochs"
+        + (f", max_train_steps {options.max_train_steps}" if options.max_train_steps is not None else "")
         + (f", gradient accumulation {accumulation})" if accumulation > 1 else ")"),
     ]
     if options.seconds_per_step is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,6 +21,8 @@ import yaml
 
 from atelier.outputs.summary import read_summary
 from atelier.sampling.manifest import read_manifest
+from atelier.sweep.naming import is_bookkeeping
+from atelier.sweep.plan import SweepPlan, read_plan
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +39,28 @@ MULTIRUN = "multirun.yaml"
 # .hydra/; a job that has not done so after this long was rejected before training.
 START_GRACE_SECONDS = 120
 
+# Intermediate checkpoints are <output_name>-<epoch, 6 digits>.safetensors (atelier.train.trainer).
+CHECKPOINT_EPOCH = re.compile(r"-(\d{6})\.safetensors$")
+# The training loss of a run is summarised over its last steps: their mean ranks runs
+# when there is no validation loss, their spread says how much of a difference is noise.
+RECENT_STEPS = 50
+
 NOT_A_SWEEP_HINT = "is this a sweep dir? it should contain one folder per job with .hydra/overrides.yaml"
 
 
 class NotASweepError(ValueError):
     """The folder does not exist or holds no Hydra job folders."""
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch of a run: its losses and the LoRA file saved at its end, if any."""
+
+    epoch: int
+    step: int | None = None
+    train_loss: float | None = None  # mean step loss over the epoch (loss/epoch)
+    val_loss: float | None = None
+    checkpoint: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,11 @@ class RunRecord:
     peak_ram_mb: float | None = None
     peak_vram_mb: float | None = None
     output_file: Path | None = None
+    planned_output: str | None = None  # the output_name the sweeper gave the job (sweep.json)
+    recent_loss: float | None = None  # mean step loss over the last `recent_steps` steps
+    recent_std: float | None = None  # their standard deviation
+    recent_steps: int = 0
+    epoch_records: list[EpochRecord] = field(default_factory=list)
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     val_curve: list[tuple[int, float]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)  # manifest records whose image exists
@@ -78,6 +104,20 @@ class RunRecord:
     def sample_path(self, record: dict[str, Any]) -> Path:
         return self.path / SAMPLES_DIR / record["file"]
 
+    @property
+    def saved_epochs(self) -> list[EpochRecord]:
+        return [e for e in self.epoch_records if e.checkpoint is not None]
+
+    @property
+    def best_epoch(self) -> EpochRecord | None:
+        """The saved epoch to use: lowest validation loss when logged, else lowest epoch training loss."""
+        saved = self.saved_epochs
+        for key in ("val_loss", "train_loss"):
+            scored = [e for e in saved if _is_number(getattr(e, key))]
+            if scored:
+                return min(scored, key=lambda e: getattr(e, key))
+        return saved[-1] if saved else None
+
 
 @dataclass(frozen=True)
 class Sweep:
@@ -85,6 +125,7 @@ class Sweep:
     runs: list[RunRecord]
     swept_keys: list[str]  # override keys whose value differs between jobs, in command-line order
     constant: dict[str, str]  # overrides shared by every job, e.g. debug=smoke
+    state: str | None = None  # sweep.json's "running" | "finished" | "interrupted"; None without a plan
 
 
 def collect_sweep(sweep_dir: str | Path) -> Sweep:
@@ -93,15 +134,44 @@ def collect_sweep(sweep_dir: str | Path) -> Sweep:
     if not sweep_dir.is_dir():
         raise NotASweepError(f"{sweep_dir}: no such directory")
     job_dirs = find_job_dirs(sweep_dir)
-    if not job_dirs:
+
+    plan = read_plan(sweep_dir)
+    if not job_dirs and plan is None:
         raise NotASweepError(f"{sweep_dir}: no job folders found; {NOT_A_SWEEP_HINT}")
 
     runs = [read_run(job_dir, sweep_dir) for job_dir in job_dirs]
     runs.sort(key=lambda run: (run.job_num is None, run.job_num or 0, run.name))
-    swept_keys, constant = split_overrides([run.overrides for run in runs])
-    runs = [replace(run, swept={key: run.overrides.get(key, "(default)") for key in swept_keys}) for run in runs]
     runs = _settle_unstarted(runs, sequential=_launcher_is_sequential(sweep_dir))
-    return Sweep(sweep_dir, runs, swept_keys, constant)
+    if plan is None:
+        swept_keys, constant = split_overrides([run.overrides for run in runs])
+    else:
+        runs = _with_plan(runs, plan, sweep_dir)
+        swept_keys, constant = plan.swept_keys, plan.constant
+    runs = [replace(run, swept={key: run.overrides.get(key, "(default)") for key in swept_keys}) for run in runs]
+    return Sweep(sweep_dir, runs, swept_keys, constant, plan.state if plan else None)
+
+
+def _with_plan(runs: list[RunRecord], plan: SweepPlan, sweep_dir: Path) -> list[RunRecord]:
+    """Runs in the plan's order, a record for each planned job without a folder yet, then any others.
+
+    A planned job with no folder is pending while the sweep runs, "not started" once it stopped.
+    """
+    by_name = {run.name: run for run in runs}
+    ordered = []
+    for number, job in enumerate(plan.jobs):
+        run = by_name.pop(job.name, None)
+        if run is None:
+            stopped = plan.state != "running"
+            run = RunRecord(
+                name=job.name,
+                path=sweep_dir / job.name,
+                job_num=None,
+                overrides=parse_overrides(job.overrides),
+                status="not started" if stopped else "pending",
+                reason="the sweep stopped before this job" if stopped else None,
+            )
+        ordered.append(replace(run, planned_output=job.output_name))
+    return ordered + list(by_name.values())
 
 
 def find_job_dirs(sweep_dir: Path) -> list[Path]:
@@ -129,10 +199,15 @@ def split_overrides(per_job: Sequence[dict[str, str]]) -> tuple[list[str], dict[
 
 
 def parse_overrides(lines: Iterable[str]) -> dict[str, str]:
-    """["optimizer=prodigy", "+x.y=1", "~z"] -> {"optimizer": "prodigy", "x.y": "1", "z": "(deleted)"}."""
+    """["optimizer=prodigy", "+x.y=1", "~z"] -> {"optimizer": "prodigy", "x.y": "1", "z": "(deleted)"}.
+
+    Bookkeeping (`resume`, `hydra.*`) is left out: it says how a job ran, not what it trained.
+    """
     overrides: dict[str, str] = {}
     for line in lines:
         line = str(line)
+        if is_bookkeeping(line.split("=", 1)[0]):
+            continue
         if line.startswith("~"):
             overrides[line[1:].split("=", 1)[0]] = "(deleted)"
             continue
@@ -150,14 +225,15 @@ def read_run(job_dir: Path, sweep_dir: Path) -> RunRecord:
         job_num=_job_num(job_dir),
         overrides=overrides,
     )
-    run = _with_metrics(run, read_metrics(job_dir / METRICS))
+    rows = read_metrics(job_dir / METRICS)
+    run = _with_metrics(run, rows)
     run = replace(run, samples=_existing_samples(job_dir))
     summary = read_summary(job_dir)
     if summary is not None:
-        return _with_summary(run, summary)
-    if run.loss_curve or (job_dir / RESOLVED_CONFIG).is_file():
-        return replace(run, status="running")
-    return run
+        run = _with_summary(run, summary)
+    elif run.loss_curve or (job_dir / RESOLVED_CONFIG).is_file():
+        run = replace(run, status="running")
+    return replace(run, epoch_records=_epoch_records(run, rows))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -179,8 +255,12 @@ def _with_metrics(run: RunRecord, rows: list[dict[str, Any]]) -> RunRecord:
     loss_curve = _curve(rows, "loss/step")
     val_curve = _curve(rows, "loss/validation")
     step_times = [row["time/step_seconds"] for row in rows if _is_number(row.get("time/step_seconds"))]
+    recent = [loss for _, loss in loss_curve[-RECENT_STEPS:]]
     return replace(
         run,
+        recent_loss=statistics.fmean(recent) if recent else None,
+        recent_std=statistics.stdev(recent) if len(recent) > 1 else None,
+        recent_steps=len(recent),
         loss_curve=loss_curve,
         val_curve=val_curve,
         steps=max((int(row["step"]) for row in rows if "step" in row), default=None),
@@ -211,6 +291,34 @@ def _with_summary(run: RunRecord, summary: dict[str, Any]) -> RunRecord:
     )
 
 
+def _epoch_records(run: RunRecord, rows: list[dict[str, Any]]) -> list[EpochRecord]:
+    """Every epoch that logged a loss or saved a file, with its checkpoint.
+
+    The final LoRA file belongs to the last epoch (summary.json's `epochs`); the others are
+    found by their `-NNNNNN.safetensors` suffix, so a running job shows its saved epochs too.
+    """
+    epochs: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        epoch = row.get("epoch")
+        if not isinstance(epoch, int):
+            continue
+        entry = epochs.setdefault(epoch, {})
+        if "step" in row:
+            entry["step"] = max(int(row["step"]), entry.get("step", 0))
+        if _is_number(row.get("loss/epoch")):
+            entry["train_loss"] = float(row["loss/epoch"])
+        if _is_number(row.get("loss/validation")):
+            entry["val_loss"] = float(row["loss/validation"])
+    for path in run.path.glob("*.safetensors"):
+        match = CHECKPOINT_EPOCH.search(path.name)
+        if match and path != run.output_file:
+            epochs.setdefault(int(match.group(1)), {})["checkpoint"] = path
+    if run.output_file is not None:
+        last = run.epochs or max(epochs, default=1)
+        epochs.setdefault(last, {})["checkpoint"] = run.output_file
+    return [EpochRecord(epoch, **epochs[epoch]) for epoch in sorted(epochs)]
+
+
 def _settle_unstarted(runs: list[RunRecord], sequential: bool) -> list[RunRecord]:
     """A job that never recorded its config is "pending" only while it could still start.
 
@@ -223,7 +331,7 @@ def _settle_unstarted(runs: list[RunRecord], sequential: bool) -> list[RunRecord
     now = time.time()
     settled = []
     for run in runs:
-        if run.status == "pending":
+        if run.status == "pending" and (run.path / OVERRIDES).is_file():
             overtaken = sequential and run.job_num is not None and run.job_num < last_started
             stale = now - (run.path / OVERRIDES).stat().st_mtime > START_GRACE_SECONDS
             if overtaken or stale:

@@ -7,14 +7,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from atelier.report.collect import RunRecord
-from atelier.sampling.grid import ColKey, RowKey, default_cell_size, grid_image, latest_cells, save_image
+from atelier.sampling.grid import (
+    ColKey,
+    GridLayout,
+    RowKey,
+    default_cell_size,
+    grid_image,
+    grid_layout,
+    latest_cells,
+    save_image,
+)
 
 logger = logging.getLogger(__name__)
 
 GRID_PREFIX = "samples_prompt"
+# The frame around each run's best saved epoch (the report's star colour).
+BEST_FRAME = (247, 144, 9)
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,7 @@ class PromptGrid:
     prompt: str
     runs: list[str]  # row labels, top to bottom
     columns: list[str]
+    best_cells: list[tuple[int, int]]  # (row, column) framed as that run's best epoch
 
 
 def grid_name(number: int) -> str:
@@ -57,14 +69,30 @@ def _write_grid(runs: Sequence[RunRecord], prompt: RowKey, path: Path) -> Prompt
     col_keys = latest_cells(all_records)[1]
     cell_size = default_cell_size([(int(r["width"]), int(r["height"])) for r in all_records if "width" in r])
 
-    rows, labels = [], []
-    for run, cells in cells_by_run.values():
+    rows, labels, best_cells = [], [], []
+    for row, (run, cells) in enumerate(cells_by_run.values()):
         rows.append([_load(run, cells.get((prompt, col)), cell_size) for col in col_keys])
-        labels.append(run.label if run.status == "completed" else f"{run.label} ({run.status})")
+        label = run.label if run.status == "completed" else f"{run.label} ({run.status})"
+        best = run.best_epoch
+        if best is not None and ("epoch", best.epoch) in col_keys:
+            best_cells.append((row, col_keys.index(("epoch", best.epoch))))
+            label += f" (best: epoch {best.epoch})"
+        labels.append(label)
     col_labels = [_column_label(col) for col in col_keys]
-    image = grid_image(rows, labels, col_labels, title=grid_title(index, text), cell_size=cell_size)
+    title = grid_title(index, text)
+    image = grid_image(rows, labels, col_labels, title=title, cell_size=cell_size)
+    _frame_best(image, grid_layout(len(rows), len(col_labels), cell_size, title), best_cells)
     save_image(image, path)
-    return PromptGrid(path, index, text, labels, col_labels)
+    return PromptGrid(path, index, text, labels, col_labels, best_cells)
+
+
+def _frame_best(image: Image.Image, layout: GridLayout, cells: Sequence[tuple[int, int]]) -> None:
+    # Drawn in the gap around the cell, so the sample itself is not covered.
+    draw = ImageDraw.Draw(image)
+    width = max(2, layout.gap // 2)
+    for row, col in cells:
+        x0, y0, x1, y1 = layout.cell_box(row, col)
+        draw.rectangle((x0 - width, y0 - width, x1 + width - 1, y1 + width - 1), outline=BEST_FRAME, width=width)
 
 
 def _load(run: RunRecord, record: dict | None, cell_size: tuple[int, int]) -> Image.Image | None:

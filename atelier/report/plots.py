@@ -85,3 +85,51 @@ def _wants_log_scale(losses: Sequence[float]) -> bool:
 
 def _any_smoothed(runs: Sequence[RunRecord]) -> bool:
     return any(smoothing_window(len(run.loss_curve)) > 1 for run in runs)
+
+
+# One small chart per run, all on the same axes, so 16 runs stay readable side by side.
+RUN_PLOT = "report_loss.png"
+
+
+def plot_run_losses(runs: Sequence[RunRecord]) -> dict[str, Path]:
+    """<job>/report_loss.png for every run that logged a loss; {run name: path}.
+
+    Every chart has the same step and loss ranges as the others, so they compare at a glance.
+    """
+    plotted = [run for run in runs if (run.loss_curve or run.val_curve) and run.path.is_dir()]
+    losses = [loss for run in plotted for _, loss in run.loss_curve + run.val_curve if math.isfinite(loss)]
+    steps = [step for run in plotted for step, _ in run.loss_curve + run.val_curve]
+    log_scale = _wants_log_scale(losses)
+    paths = {}
+    for run in plotted:
+        fig, ax = plt.subplots(figsize=(3.2, 2.0), dpi=100)
+        if run.loss_curve:
+            xs, ys = zip(*run.loss_curve)
+            window = smoothing_window(len(ys))
+            if window > 1:
+                ax.plot(xs, ys, color="#175cd3", alpha=0.2, linewidth=0.7)
+            ax.plot(xs, moving_average(ys, window), color="#175cd3", linewidth=1.5,
+                    marker="o" if len(ys) < 10 else None, markersize=3)
+        if run.val_curve:
+            xs, ys = zip(*run.val_curve)
+            ax.plot(xs, ys, color="#b54708", linestyle="--", marker="s", markersize=3)
+        best = run.best_epoch
+        if best is not None and best.step is not None:
+            ax.axvline(best.step, color="#f79009", linewidth=1, linestyle=":")
+        if log_scale:
+            ax.set_yscale("log")
+        elif losses:
+            low, high = min(losses), max(losses)
+            pad = (high - low) * 0.05 or abs(high) * 0.05 or 0.05
+            ax.set_ylim(low - pad, high + pad)
+        if steps:
+            ax.set_xlim(min(steps), max(max(steps), min(steps) + 1))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+        path = run.path / RUN_PLOT
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", bbox_inches="tight")
+        plt.close(fig)
+        paths[run.name] = path
+    return paths

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from atelier.report.collect import RunRecord, Sweep
+from atelier.report.ranking import rank
 from atelier.utils.atomic import write_text
 
 # Columns after the swept keys, in order.
@@ -18,6 +19,8 @@ FIXED_COLUMNS = [
     "steps",
     "final_loss",
     "best_loss",
+    "recent_loss",
+    "recent_loss_std",
     "val_loss_best",
     "val_loss_last",
     "wall_seconds",
@@ -25,6 +28,9 @@ FIXED_COLUMNS = [
     "peak_ram_mb",
     "peak_vram_mb",
     "output_file",
+    "lora_name",
+    "best_epoch",
+    "best_epoch_file",
     "reason",
     "best",
 ]
@@ -34,22 +40,8 @@ def columns(sweep: Sweep) -> list[str]:
     return ["job", *sweep.swept_keys, *FIXED_COLUMNS]
 
 
-def ranking_metric(sweep: Sweep) -> str:
-    """"val_loss_last" when any finished run logged validation loss, else "final_loss"."""
-    if any(run.status == "completed" and _finite(run.val_loss_last) for run in sweep.runs):
-        return "val_loss_last"
-    return "final_loss"
-
-
-def best_run(sweep: Sweep) -> RunRecord | None:
-    """The completed run with the lowest ranking metric (validation loss when there is one)."""
-    metric = ranking_metric(sweep)
-    candidates = [run for run in sweep.runs if run.status == "completed" and _finite(getattr(run, metric))]
-    return min(candidates, key=lambda run: getattr(run, metric), default=None)
-
-
 def run_rows(sweep: Sweep) -> list[dict[str, Any]]:
-    best = best_run(sweep)
+    best = rank(sweep).best
     return [_row(sweep, run, run is best) for run in sweep.runs]
 
 
@@ -70,7 +62,17 @@ def write_runs_json(sweep: Sweep, path: Path) -> Path:
     return path
 
 
+def lora_name(run: RunRecord) -> str | None:
+    """The LoRA file's name: the one written, else the one the sweeper planned (while it trains)."""
+    if run.output_file is not None:
+        return run.output_file.name
+    if run.planned_output and "${" not in run.planned_output:
+        return f"{run.planned_output}.safetensors"
+    return None
+
+
 def _row(sweep: Sweep, run: RunRecord, is_best: bool) -> dict[str, Any]:
+    best = run.best_epoch
     return {
         "job": run.name,
         **{key: run.swept.get(key) for key in sweep.swept_keys},
@@ -78,6 +80,8 @@ def _row(sweep: Sweep, run: RunRecord, is_best: bool) -> dict[str, Any]:
         "steps": run.steps,
         "final_loss": run.final_loss,
         "best_loss": run.best_loss,
+        "recent_loss": run.recent_loss,
+        "recent_loss_std": run.recent_std,
         "val_loss_best": run.val_loss_best,
         "val_loss_last": run.val_loss_last,
         "wall_seconds": run.wall_seconds,
@@ -85,13 +89,12 @@ def _row(sweep: Sweep, run: RunRecord, is_best: bool) -> dict[str, Any]:
         "peak_ram_mb": _round(run.peak_ram_mb, 1),
         "peak_vram_mb": _round(run.peak_vram_mb, 1),
         "output_file": run.output_file.relative_to(sweep.path).as_posix() if run.output_file else None,
+        "lora_name": lora_name(run),
+        "best_epoch": best.epoch if best else None,
+        "best_epoch_file": best.checkpoint.relative_to(sweep.path).as_posix() if best and best.checkpoint else None,
         "reason": run.reason,
         "best": is_best,
     }
-
-
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
 
 
 def _round(value: float | None, digits: int) -> float | None:

@@ -1,8 +1,12 @@
 """Hydra sweeper for training sweeps.
 
 Expands axes like Hydra's basic sweeper (Cartesian product), and also:
-- names each job dir by the values that vary in the sweep (`optimizer=prodigy,network.dim=8`);
-- with `resume=true`, skips jobs of the same sweep dir that already finished;
+- names each job dir by the values that vary in the sweep (`optimizer=prodigy,network.dim=8`),
+  and each job's LoRA file too (`demo_optimizer-prodigy_dim-8.safetensors`), so the files of
+  one sweep can sit in one LoRA folder;
+- writes sweep.json (every planned job) before the first job, for `atelier report`;
+- with `resume=true`, skips jobs of the same sweep dir that already finished, and runs a job
+  whose config changed as a new job (`<name>@2`) beside the old results;
 - after the jobs, prints which failed and why, writes the sweep report, and only then
   exits 1 if any failed (Hydra itself would raise the first error and skip its callbacks).
 """
@@ -20,11 +24,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
+from atelier.outputs.guard import differing_keys
 from atelier.outputs.summary import finished
 from atelier.sweep.compose_once import composed_once
-from atelier.sweep.naming import job_names
-from atelier.sweep.placement import place
-from atelier.outputs.guard import differing_keys
+from atelier.sweep.naming import is_bookkeeping, job_names, lora_names, parse_job, swept_keys
 from atelier.sweep.outcome import (
     JobFailed,
     JobInterrupted,
@@ -32,6 +35,8 @@ from atelier.sweep.outcome import (
     format_summary,
     outcome_from_run_dir,
 )
+from atelier.sweep.placement import place
+from atelier.sweep.plan import PlannedJob, SweepPlan, mark_plan, write_plan
 from atelier.train.signals import StopRequested
 from atelier.utils.atomic import write_text
 
@@ -64,18 +69,21 @@ class TrainingSweeper(BasicSweeper):
         names = job_names(jobs)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        output_names = self._output_names(jobs)
         resume = bool(OmegaConf.select(self.config, "resume", default=False))
         self._save_multirun_yaml(sweep_dir, resume)
 
         outcomes, batch, batch_names = [], [], []
-        for job, name in zip(jobs, names):
+        placed_names = []
+        for job, name, output_name in zip(jobs, names, output_names):
             if resume:  # the guard refused a used sweep dir without resume=true or overwrite=true
-                name = self._place(sweep_dir, job, name)
-                if finished(sweep_dir / name):
-                    outcomes.append(JobOutcome(name, "skipped"))
-                    log.info("resume: %s already finished, skipping it", name)
-                    continue
-            batch.append(self._job_overrides(job, name))
+                name = self._place(sweep_dir, job, name, output_name)
+            placed_names.append(name)
+            if resume and finished(sweep_dir / name):
+                outcomes.append(JobOutcome(name, "skipped"))
+                log.info("resume: %s already finished, skipping it", name)
+                continue
+            batch.append(self._job_overrides(job, name, output_name))
             batch_names.append(name)
         log.info("sweep of %d jobs into %s (%d to run)", len(jobs), sweep_dir, len(batch))
 
@@ -83,14 +91,19 @@ class TrainingSweeper(BasicSweeper):
             with composed_once(self.hydra_context.config_loader) as configs:
                 # Hydra's validate_batch_is_legal, keeping the configs for the launcher.
                 configs.check(self.config, batch)
+                # After the check: a sweep that cannot start leaves no plan behind.
+                self._write_plan(sweep_dir, jobs, placed_names, output_names)
                 results = self.launcher.launch(batch, initial_job_idx=0) if batch else []
         except StopRequested:
             # A signal stopped the job running in this process (its state is saved):
             # report the sweep as it stands, then stop instead of starting the next job.
             outcomes += [outcome_from_run_dir(name, sweep_dir / name) for name in batch_names]
+            mark_plan(sweep_dir, "interrupted")
             self._finish(sweep_dir, outcomes)
             raise
         outcomes += [_outcome(name, result) for name, result in zip(batch_names, results)]
+        stopped = any(o.status in ("interrupted", "not started") for o in outcomes)
+        mark_plan(sweep_dir, "interrupted" if stopped else "finished")
         self._finish(sweep_dir, outcomes)
         unsuccessful = [o for o in outcomes if o.status not in ("completed", "skipped")]
         if unsuccessful:
@@ -100,16 +113,19 @@ class TrainingSweeper(BasicSweeper):
         return [results]
 
     @staticmethod
-    def _job_overrides(job: list[str], name: str) -> list[str]:
+    def _job_overrides(job: list[str], name: str, output_name: str | None) -> list[str]:
         # Quoted: a name holds '=' and ',' which the override grammar would split.
-        return [*job, f"hydra.sweep.subdir='{name}'"]
+        naming = [f"hydra.sweep.subdir='{name}'"]
+        if output_name is not None:
+            naming.append(f"output.output_name={output_name}")  # only [A-Za-z0-9._+-] and ${...}
+        return [*job, *naming]
 
-    def _place(self, sweep_dir: Path, job: list[str], name: str) -> str:
+    def _place(self, sweep_dir: Path, job: list[str], name: str, output_name: str | None) -> str:
         """The job's dir name in a resumed sweep: its own, or `<name>@N` if that dir holds a
         run of another config (atelier/sweep/placement.py)."""
         loader = self.hydra_context.config_loader
         placed, moved_by = place(sweep_dir, name,
-                                 lambda dir_name: loader.load_sweep_config(self.config, self._job_overrides(job, dir_name)))
+                                 lambda dir_name: loader.load_sweep_config(self.config, self._job_overrides(job, dir_name, output_name)))
         if placed != name:
             log.info("resume: %s holds a run of another config (differing: %s); this job runs as %s",
                      name, ", ".join(moved_by), placed)
@@ -126,6 +142,29 @@ class TrainingSweeper(BasicSweeper):
                 return
             path = sweep_dir / f"multirun-resumed-{datetime.now(timezone.utc):%Y-%m-%d_%H-%M-%S}.yaml"
         write_text(path, OmegaConf.to_yaml(self.config))
+
+    def _output_names(self, jobs: list[list[str]]) -> list[str | None]:
+        """Each job's output.output_name, or None where the config's own is kept (nothing varies).
+
+        The base is the job's own output.output_name override, else the config's value
+        unresolved (e.g. `${project}`), so it still resolves inside each job.
+        """
+        output = OmegaConf.select(self.config, "output")
+        default = str(OmegaConf.to_container(output, resolve=False).get("output_name")) if output is not None else "lora"
+        bases = []
+        for job in jobs:
+            values = {key.lstrip("+~"): value for key, value in parse_job(job).items()}
+            bases.append(values.get("output.output_name", default))
+        names = lora_names(jobs, bases)
+        return [None if name == base else name for name, base in zip(names, bases)]
+
+    @staticmethod
+    def _write_plan(sweep_dir: Path, jobs: list[list[str]], names: list[str], output_names: list[str | None]) -> None:
+        keys = swept_keys(jobs)
+        user = [[item for item in job if not is_bookkeeping(item.split("=", 1)[0])] for job in jobs]
+        constant = {key.lstrip("+"): value for key, value in parse_job(user[0]).items() if key not in keys} if user else {}
+        planned = [PlannedJob(name, job, output_name) for name, job, output_name in zip(names, user, output_names)]
+        write_plan(sweep_dir, SweepPlan(planned, [key.lstrip("+") for key in keys], constant))
 
     def _finish(self, sweep_dir: Path, outcomes: list[JobOutcome]) -> None:
         summary = format_summary(outcomes)

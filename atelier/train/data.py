@@ -26,7 +26,13 @@ from typing import Any
 
 import torch
 
-from atelier.data.buckets import BucketManager, bucket_batches, bucket_steps_per_epoch, log_bucket_counts
+from atelier.data.buckets import (
+    BucketManager,
+    bucket_batches,
+    bucket_steps_per_epoch,
+    log_bucket_counts,
+    single_bucket_warning,
+)
 from atelier.data.caption_ops import captions_are_static, process_caption
 from atelier.data.dataset import DatasetIndex, ImageItem, scan_dataset
 from atelier.data.latent_cache import LatentCache, can_cache_latents, default_cache_dir
@@ -91,6 +97,9 @@ class TrainingData:
 
     def _make_buckets(self, d: Any) -> None:
         manager = BucketManager(bucket_settings(d))
+        warning = single_bucket_warning(manager.settings)
+        if warning:
+            log.warning(warning)
         self.assignments = manager.assign(self.items)
         # Before the validation images: with bucket_no_upscale they could add buckets.
         self.bucket_info = manager.info(self.assignments)

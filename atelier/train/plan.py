@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from atelier.data.schedule import steps_per_epoch
 
@@ -35,6 +36,23 @@ class TrainingPlan:
             self.batch_size * num_processes * self.gradient_accumulation_steps,
             self.total_steps,
         )
+
+
+def plan_for(training: Any, num_samples: int, batches_per_epoch: int, processes: int = 1) -> TrainingPlan:
+    """The plan of a run with these `training.*` options: the trainer's and `atelier dataset check`'s.
+
+    `batches_per_epoch` counts every batch of the dataset (the sum over buckets); with several
+    processes each trains its share (sd-scripts' arithmetic under accelerate).
+    """
+    processes = max(1, processes)
+    return make_plan(
+        num_samples,
+        training.train_batch_size,
+        training.gradient_accumulation_steps,
+        training.max_train_epochs,
+        training.max_train_steps,
+        batches_per_epoch=math.ceil(batches_per_epoch / processes),
+    )
 
 
 def make_plan(

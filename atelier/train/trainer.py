@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from atelier.train.optimizers import (
     has_train_eval_modes,
     is_adaptive,
 )
-from atelier.train.plan import TrainingPlan, make_plan
+from atelier.train.plan import TrainingPlan, plan_for
 from atelier.train.samples import SampleWriter
 from atelier.train.schedulers import lr_curve, lr_scheduler_from_config, warmup_steps
 from atelier.train.sdxl_conditioning import batch_time_ids, prepare_text_encoder_2, unet_prediction
@@ -227,16 +226,7 @@ class Trainer:
         return (["unet"] if self.train_unet else []) + (["text_encoder"] if self.train_text_encoder else [])
 
     def _make_plan(self) -> TrainingPlan:
-        t = self.cfg.training
-        plan = make_plan(
-            self.data.num_samples,
-            t.train_batch_size,
-            t.gradient_accumulation_steps,
-            t.max_train_epochs,
-            t.max_train_steps,
-            # Each process trains its share of the batches (sd-scripts' arithmetic under accelerate).
-            batches_per_epoch=math.ceil(self.data.batches_per_epoch / self.parallel.world_size),
-        )
+        plan = plan_for(self.cfg.training, self.data.num_samples, self.data.batches_per_epoch, self.parallel.world_size)
         plan.log_summary(self.parallel.world_size)
         return plan
 
