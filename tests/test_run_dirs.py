@@ -40,7 +40,8 @@ def refused(proc: subprocess.CompletedProcess, *words: str) -> str:
     "override, problem",
     [("output.output_name=/tmp/atelier-precious/precious", "separator"), ("output.output_name=../x", "separator"),
      ("output.output_name=sub/dir/name", "separator"), ("output.output_name=''", "empty"),
-     ("output.output_name=.hidden", "starts with '.'"), ("project=../../x", "separator"), ("project=..", "starts with '.'")],
+     ("output.output_name=.hidden", "starts with '.'"), ("project=../../x", "separator"), ("project=..", "starts with '.'"),
+     ("project=a\\\\b", "separator"), ("output.output_name=..", "starts with '.'")],
 )  # fmt: skip
 def test_names_that_are_paths_fail_before_anything_is_written(tmp_path, override, problem):
     precious = Path("/tmp/atelier-precious/precious.safetensors")
@@ -53,6 +54,13 @@ def test_names_that_are_paths_fail_before_anything_is_written(tmp_path, override
     assert not outputs.exists()  # not even .hydra/
     assert not (tmp_path.parent / "x").exists() and not (tmp_path / "x").exists()
     assert precious.read_bytes() == b"the user's own LoRA"
+
+
+def test_a_sweep_with_a_path_among_its_names_writes_nothing(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_train("-m", *SMOKE, "output.output_name=ok,../escape", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    refused(proc, "output.output_name='../escape'", "separator")
+    assert not sweep_dir.exists() and not (tmp_path / "escape.safetensors").exists()
 
 
 # ------------------------------------------------------------------ point 2: ownership

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import atelier.config
 from atelier.fused.lane_logs import FORMAT, lane_log_files
+from atelier.outputs.lock import DirLockedError, lock_dir
 from atelier.outputs.summary import read_summary, write_summary
 from atelier.train import phases
 from atelier.train.signals import StopRequested
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m atelier.fused.worker <run_dir> [<run_dir> ...]", file=sys.stderr)
         return 2
     started = time.time()
+    try:  # one writer per run dir, as a run alone holds its own (atelier/outputs/lock.py)
+        for run_dir in run_dirs:
+            lock_dir(run_dir)
+    except DirLockedError as err:
+        print(f"Error: {err}", file=sys.stderr, flush=True)
+        return 1
     logging.basicConfig(level=logging.INFO, format=FORMAT, handlers=[logging.StreamHandler()])
     quiet_third_party_warnings()
     atelier.config.register()

@@ -28,7 +28,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from atelier.config.validate import ConfigError, check_names
+from atelier.config.validate import NAME_KEYS, ConfigError, check_names, name_problem
 from atelier.outputs.lock import LOCK_FILE, DirLockedError, announce_holder, lock_dir
 from atelier.outputs.summary import read_summary
 
@@ -57,7 +57,11 @@ class RunDirGuard(Callback):
         announce_holder(Path(str(config.hydra.run.dir)))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _refuse_on_error(lambda: guard_sweep_dir(Path(str(config.hydra.sweep.dir)), _task_config(config)))
+        def check() -> None:
+            check_swept_names(list(config.hydra.overrides.task))
+            guard_sweep_dir(Path(str(config.hydra.sweep.dir)), _task_config(config))
+
+        _refuse_on_error(check)
         announce_holder(Path(str(config.hydra.sweep.dir)))
 
 
@@ -101,6 +105,25 @@ def guard_sweep_dir(sweep_dir: Path, cfg: DictConfig) -> None:
             "move the old results aside into a replaced-<time>/ subfolder, or sweep into another "
             "hydra.sweep.dir."
         )
+
+
+def check_swept_names(overrides: list[str]) -> None:
+    """Each value a sweep gives `project` or `output.output_name` is a name too: checked
+    before the first job runs, not when its own job starts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group.lstrip("+~")
+        if key not in NAME_KEYS:
+            continue
+        values = override.sweep_string_iterator() if override.is_sweep_override() else [override.get_value_element_as_str()]
+        for value in values:
+            problem = name_problem(value)
+            if problem:
+                raise ConfigError(
+                    f"{key}={value!r} (a value of the sweep) {problem}: it is a name, not a path. "
+                    f"Sweep over plain names such as {key}=a,b."
+                )
 
 
 def differing_keys(old: dict, new: dict, limit: int = 8) -> list[str]:
