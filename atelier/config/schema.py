@@ -195,6 +195,12 @@ class DatasetConfig:
     train_data_dir: str = MISSING
     caption_extension: str = ".txt"
     resolution: int = 512
+    # Images whose header declares more pixels, or a longer side more than this many times
+    # the shorter one, are refused before decoding (atelier.data.images.ImageLimits).
+    max_image_pixels: int = 178_956_970
+    max_aspect_ratio: float = 16.0
+    # Images x repeats in one epoch; a folder like `1000000000_x` is a typo, not a plan.
+    max_samples_per_epoch: int = 10_000_000
     # Aspect-ratio buckets (off: every image is cropped to resolution x resolution).
     enable_bucket: bool = False
     min_bucket_reso: int = 256

@@ -22,14 +22,32 @@ def caption_path_for(image_path: Path, caption_extension: str) -> Path:
     return image_path.with_suffix(caption_extension)
 
 
-def read_caption(image_path: Path, caption_extension: str) -> str | None:
+def link_leaving(path: Path, root: Path | None) -> str | None:
+    """Why `path` is refused as a symlink that points outside the dataset folder `root`
+    (a dataset shared as a folder must not read ~/.ssh/id_rsa as a caption), or None."""
+    if root is None or not path.is_symlink():
+        return None
+    target = path.resolve()
+    if target.is_relative_to(root.resolve()):
+        return None
+    return (
+        f"{path} is a symbolic link to {target}, outside the dataset folder {root}; "
+        "copy the file into the dataset folder instead of linking to it"
+    )
+
+
+def read_caption(image_path: Path, caption_extension: str, root: Path | None = None) -> str | None:
     """The image's caption: None without a caption file, "" when the file is blank.
 
-    Like sd-scripts, only the first non-blank line is the caption.
+    Like sd-scripts, only the first non-blank line is the caption. With the dataset
+    folder `root`, a caption file that links outside it is refused.
     """
     path = caption_path_for(image_path, caption_extension)
     if not path.is_file():
         return None
+    refused = link_leaving(path, root)
+    if refused is not None:
+        raise DatasetError(f"Caption file {refused}.")
     try:
         # utf-8-sig also drops the byte-order mark that Windows editors like to add.
         text = path.read_text(encoding="utf-8-sig")

@@ -23,10 +23,17 @@ from atelier.data.buckets import (
     bucket_steps_per_epoch,
     single_bucket_warning,
 )
-from atelier.data.captions import normalize_caption_extension, read_caption, split_tags
-from atelier.data.dataset import ImageItem, parse_concept_folder_name
+from atelier.data.captions import link_leaving, normalize_caption_extension, read_caption, split_tags
+from atelier.data.dataset import ImageItem, parse_concept_folder_name, too_many_samples_message
 from atelier.data.errors import DatasetError
-from atelier.data.images import is_image_file, is_unsupported_image_file, unreadable_reason, upright_size
+from atelier.data.images import (
+    ImageLimits,
+    header_problem,
+    is_image_file,
+    is_unsupported_image_file,
+    unreadable_reason,
+    upright_size,
+)
 from atelier.train.plan import plan_for
 
 ERROR = "error"  # training would stop
@@ -73,6 +80,7 @@ class CheckedFolder:
 class DatasetInspection:
     root: Path
     caption_extension: str
+    limits: ImageLimits = field(default_factory=ImageLimits)
     folders: list[CheckedFolder] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
@@ -96,10 +104,12 @@ class DatasetInspection:
 # --------------------------------------------------------------------- inspection
 
 
-def inspect_dataset(train_data_dir: str | Path, caption_extension: str = ".txt") -> DatasetInspection:
+def inspect_dataset(
+    train_data_dir: str | Path, caption_extension: str = ".txt", limits: ImageLimits | None = None
+) -> DatasetInspection:
     """Every folder, image and caption under train_data_dir, with every problem found."""
     root = Path(train_data_dir).expanduser().resolve()
-    inspection = DatasetInspection(root, caption_extension)
+    inspection = DatasetInspection(root, caption_extension, limits or ImageLimits())
     try:
         inspection.caption_extension = normalize_caption_extension(caption_extension)
     except DatasetError as exc:
@@ -173,7 +183,7 @@ def _check_duplicate_stems(image_paths: list[Path], inspection: DatasetInspectio
 def _inspect_image(path: Path, class_tokens: str, inspection: DatasetInspection) -> CheckedImage:
     size = _image_size(path, inspection)
     try:
-        caption_file = read_caption(path, inspection.caption_extension)
+        caption_file = read_caption(path, inspection.caption_extension, inspection.root)
     except DatasetError as exc:
         inspection.add(ERROR, path, str(exc))
         caption_file = None
@@ -183,6 +193,10 @@ def _inspect_image(path: Path, class_tokens: str, inspection: DatasetInspection)
 
 
 def _image_size(path: Path, inspection: DatasetInspection) -> Resolution | None:
+    refused = link_leaving(path, inspection.root) or header_problem(path, inspection.limits)
+    if refused is not None:
+        inspection.add(ERROR, path, f"refused: {refused}")
+        return None
     reason = unreadable_reason(path)
     if reason is None:
         try:
@@ -243,6 +257,8 @@ class CheckOptions:
     processes: int = 1  # training.num_processes: each trains its share of the batches
     validation_split: float = 0.0  # held-out images are not trained on
     validation_seed: int = 0
+    image_limits: ImageLimits = field(default_factory=ImageLimits)  # dataset.max_image_pixels/_aspect_ratio
+    max_samples_per_epoch: int = 10_000_000  # dataset.max_samples_per_epoch
 
 
 @dataclass
@@ -263,6 +279,12 @@ class CheckReport:
 
 def analyse(inspection: DatasetInspection, options: CheckOptions) -> CheckReport:
     """Buckets, steps and upscale warnings for the readable images."""
+    too_many = too_many_samples_message(
+        [(folder.path, folder.repeats, len(folder.readable)) for folder in inspection.folders],
+        options.max_samples_per_epoch,
+    )
+    if too_many:  # training refuses it; the steps below are counted, never expanded
+        inspection.add(ERROR, inspection.root, too_many)
     images = [(folder, image) for folder in inspection.folders for image in folder.readable]
     items = [ImageItem(image.path, image.caption, folder.path.name, folder.repeats) for folder, image in images]
     if options.validation_split > 0 and items:
@@ -438,7 +460,7 @@ def seconds_per_step_from_run(run_dir: Path) -> float:
 
 
 def check_dataset(train_data_dir: str | Path, caption_extension: str, options: CheckOptions) -> CheckReport:
-    inspection = inspect_dataset(train_data_dir, caption_extension)
+    inspection = inspect_dataset(train_data_dir, caption_extension, options.image_limits)
     return analyse(inspection, options)
 
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from atelier.config.load import training_config
 from atelier.data.buckets import BucketSettings
 from atelier.data.check import CheckOptions, check_dataset, render, seconds_per_step_from_run
+from atelier.train.dataset_options import image_limits
 
 CHECK_EPILOG = """\
 It reads train.py's config, so its steps are the run's: give the same overrides as to
@@ -124,6 +125,8 @@ def _check_options(args: argparse.Namespace) -> tuple[str, str, CheckOptions]:
         processes=t.num_processes,
         validation_split=d.validation_split,
         validation_seed=d.validation_seed if d.validation_seed is not None else t.seed,
+        image_limits=image_limits(d),
+        max_samples_per_epoch=d.max_samples_per_epoch,
     )
     return data_dir, flag("caption_extension", d.caption_extension), options
 

@@ -19,10 +19,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atelier.data.captions import normalize_caption_extension, read_caption, split_tags
+from atelier.data.captions import link_leaving, normalize_caption_extension, read_caption, split_tags
 from atelier.data.errors import DatasetError
 from atelier.data.images import (
     IMAGE_EXTENSIONS,
+    ImageLimits,
     is_image_file,
     is_unsupported_image_file,
     load_image,
@@ -126,12 +127,17 @@ def parse_concept_folder_name(name: str) -> tuple[int, str] | None:
 
 
 def scan_dataset(
-    train_data_dir: str | os.PathLike, caption_extension: str = ".txt", config_key: str = CONFIG_KEY
+    train_data_dir: str | os.PathLike,
+    caption_extension: str = ".txt",
+    config_key: str = CONFIG_KEY,
+    limits: ImageLimits | None = None,
+    max_samples_per_epoch: int | None = None,
 ) -> DatasetIndex:
     """Index every image and caption under train_data_dir; raise DatasetError on bad data.
 
     Folders and files are sorted by name, so the same folder always gives the same index.
     `config_key` is the option named in error messages (e.g. dataset.reg_data_dir).
+    `limits` refuses images by their header; `max_samples_per_epoch` caps images x repeats.
     """
     root = _resolve_root(train_data_dir, config_key)
     caption_extension = normalize_caption_extension(caption_extension)
@@ -150,7 +156,11 @@ def scan_dataset(
             f"{len(loose_images)} image(s) directly inside {root} are ignored "
             f"({_name_list(loose_images)}); only images in `N_<concept>` subfolders are trained on.",
         )
-    _check_images_readable([image for concept in concepts for image in concept.images])
+    if max_samples_per_epoch is not None:
+        check_samples_per_epoch([(c.path, c.repeats, len(c.images)) for c in concepts], max_samples_per_epoch)
+    images = [image for concept in concepts for image in concept.images]
+    _check_links(images, root)
+    _check_images_readable(images, limits)
 
     folders: list[ConceptFolder] = []
     items: list[ImageItem] = []
@@ -158,7 +168,7 @@ def scan_dataset(
         folders.append(
             ConceptFolder(concept.path, concept.path.name, concept.class_tokens, concept.repeats, len(concept.images))
         )
-        items.extend(_caption_items(concept, caption_extension, warnings))
+        items.extend(_caption_items(concept, caption_extension, warnings, root))
     return DatasetIndex(root=root, folders=folders, items=items, warnings=warnings)
 
 
@@ -229,18 +239,47 @@ def _concept_images(folder: Path, warnings: list[str]) -> list[Path]:
     return [path for path in entries if is_image_file(path)]
 
 
-def _check_images_readable(images: list[Path]) -> None:
+def too_many_samples_message(folders: list[tuple[Path, int, int]], limit: int) -> str | None:
+    """Why images x repeats of these (folder, repeats, images) exceed `limit` per epoch, or None.
+
+    Counted, never expanded: one epoch's order is a list of every sample, so a folder
+    named `1000000000_x` would take tens of GB before the first step.
+    """
+    total = sum(repeats * images for _, repeats, images in folders)
+    if total <= limit:
+        return None
+    folder, repeats, images = max(folders, key=lambda f: f[1] * f[2])
+    return (
+        f"{total:,} samples per epoch (images x repeats) is more than dataset.max_samples_per_epoch={limit:,}; "
+        f"{folder} alone has {images} image(s) x {repeats:,} repeats. Rename the folder to a smaller "
+        f"repeat count (e.g. `10_{folder.name.partition('_')[2]}`) or raise dataset.max_samples_per_epoch."
+    )
+
+
+def check_samples_per_epoch(folders: list[tuple[Path, int, int]], limit: int) -> None:
+    message = too_many_samples_message(folders, limit)
+    if message is not None:
+        raise DatasetError(message)
+
+
+def _check_links(images: list[Path], root: Path) -> None:
+    refused = [reason for path in images if (reason := link_leaving(path, root)) is not None]
+    if refused:
+        raise DatasetError("Image " + "\nImage ".join(refused) + ".")
+
+
+def _check_images_readable(images: list[Path], limits: ImageLimits | None = None) -> None:
     # Collect every broken file first: fixing them one failed run at a time is tedious.
-    problems = [(path, reason) for path in images if (reason := unreadable_reason(path)) is not None]
+    problems = [(path, reason) for path in images if (reason := unreadable_reason(path, limits)) is not None]
     if problems:
         raise DatasetError(unreadable_images_message(problems))
 
 
-def _caption_items(concept: _Concept, caption_extension: str, warnings: list[str]) -> list[ImageItem]:
+def _caption_items(concept: _Concept, caption_extension: str, warnings: list[str], root: Path) -> list[ImageItem]:
     items = []
     uncaptioned: list[str] = []
     for image in concept.images:
-        caption = read_caption(image, caption_extension)
+        caption = read_caption(image, caption_extension, root)
         if not caption:
             empty_file = " (empty caption file)" if caption == "" else ""
             uncaptioned.append(image.name + empty_file)

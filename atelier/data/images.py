@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from dataclasses import dataclass
+
 from atelier.data.errors import DatasetError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -27,6 +29,44 @@ _VERIFY_IS_A_NO_OP = frozenset({"JPEG", "MPO", "BMP", "DIB"})
 _WHITE = (255, 255, 255)
 
 
+@dataclass(frozen=True)
+class ImageLimits:
+    """Sizes an image may have, checked from its header before anything is decoded: a
+    tiny file can declare a huge or absurdly thin image that would take all memory once
+    scaled to the training resolution. Defaults match dataset.max_image_pixels/_aspect_ratio."""
+
+    # PIL's own decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS): what decodes anyway.
+    max_pixels: int = 178_956_970
+    # Wider than any bucket (the 256..1024 defaults give 4:1); a 1x200000 sliver is not an image.
+    max_aspect_ratio: float = 16.0
+
+
+def header_problem(path: Path, limits: ImageLimits) -> str | None:
+    """Why the image's declared size is refused (naming the key to raise), or None.
+
+    Image.open reads only the header, so this costs the same for a 12000x12000 image.
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except _DECODE_ERRORS:
+        return None  # unreadable_reason explains it
+    if width < 1 or height < 1:
+        return f"its header declares {width}x{height} pixels, an empty image"
+    if width * height > limits.max_pixels:
+        return (
+            f"{width}x{height} = {width * height:,} pixels is more than dataset.max_image_pixels="
+            f"{limits.max_pixels}; downscale the image or raise dataset.max_image_pixels"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        return (
+            f"{width}x{height} has an aspect ratio of {ratio:.0f}:1, more than dataset.max_aspect_ratio="
+            f"{limits.max_aspect_ratio:g}; crop the image or raise dataset.max_aspect_ratio"
+        )
+    return None
+
+
 def is_image_file(path: Path) -> bool:
     return _has_visible_suffix(path, IMAGE_EXTENSIONS)
 
@@ -40,12 +80,16 @@ def _has_visible_suffix(path: Path, suffixes: frozenset[str]) -> bool:
     return path.suffix.lower() in suffixes and not path.name.startswith(".") and path.is_file()
 
 
-def unreadable_reason(path: Path) -> str | None:
-    """Why PIL cannot read the image, or None when it looks intact.
+def unreadable_reason(path: Path, limits: ImageLimits | None = None) -> str | None:
+    """Why PIL cannot read the image (or its header is refused by `limits`), or None when
+    it looks intact.
 
     Cheap enough to run on every image at scan time; a file that still fails to
     decode later is reported by load_image.
     """
+    refused = header_problem(path, limits or ImageLimits())
+    if refused is not None:
+        return refused
     try:
         with Image.open(path) as img:
             if img.format in _VERIFY_IS_A_NO_OP:
@@ -122,10 +166,12 @@ def _has_alpha(img: Image.Image) -> bool:
 
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     # PIL's own conversion clips 16-bit grey at 255, which turns the image white.
-    values = np.asarray(img, dtype=np.float64)
+    # Integer maths in place: a float64 copy of a 12000x12000 scan would take 1.1 GB.
+    values = np.asarray(img)
     if values.max(initial=0) > 255:
-        values = values / 257.0
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+        # round(v / 257) for 0..65535 in 32-bit integers (I;16 arrays come as uint16).
+        values = (np.clip(values, 0, 65535).astype(np.uint32) + 128) // 257
+    return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
 
 
 def _describe(exc: BaseException) -> str:
@@ -183,9 +229,11 @@ def crop_at(img: Image.Image, width: int, height: int, left: int, top: int) -> I
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "ImageLimits",
     "UNSUPPORTED_IMAGE_EXTENSIONS",
     "center_crop",
     "crop_at",
+    "header_problem",
     "is_image_file",
     "is_unsupported_image_file",
     "load_image",

@@ -72,6 +72,27 @@ def create_network(
     return LoRANetwork(modules)
 
 
+def layer_width(layer: nn.Module) -> int | None:
+    """The largest rank a low-rank update of `layer` can have: min(inputs, outputs)."""
+    if isinstance(layer, nn.Linear):
+        return min(layer.in_features, layer.out_features)
+    if isinstance(layer, nn.Conv2d):
+        kh, kw = layer.kernel_size
+        return min(layer.in_channels * kh * kw, layer.out_channels)
+    return None
+
+
+def _check_rank_fits(target: TargetLayer, dim: int, key: str) -> None:
+    # Checked before allocating: dim=100000 on a 320-wide layer would build a 32M-parameter
+    # "low-rank" pair per layer and exhaust memory instead of saying what is wrong.
+    width = layer_width(target.module)
+    if width is not None and dim > width:
+        raise ValueError(
+            f"{key}={dim} is more than the width of layer {target.lora_name} ({width}): a LoRA's rank "
+            f"can be at most min(inputs, outputs) of its layer. Set {key} to {width} or less."
+        )
+
+
 def _is_conv_block(name: str) -> bool:
     return any(part in name for part in ("_resnets_", "_downsamplers_", "_upsamplers_"))
 
@@ -79,6 +100,8 @@ def _is_conv_block(name: str) -> bool:
 def make_module(spec: NetworkSpec, target: TargetLayer, dim: int | None = None, alpha: float | None = None, **options: Any) -> nn.Module:
     if dim is None:  # conv layers of a file trained with conv_dim take dim if none is set now
         dim = (spec.conv_dim if target.is_conv_kxk else None) or spec.dim
+        if spec.kind in ("lora", "locon", "dylora"):
+            _check_rank_fits(target, dim, "network.conv_dim" if target.is_conv_kxk and spec.conv_dim else "network.dim")
     if alpha is None:
         alpha = spec.conv_alpha if target.is_conv_kxk else spec.alpha
     if spec.kind in ("lora", "locon"):

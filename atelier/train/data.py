@@ -43,6 +43,7 @@ from atelier.train.dataset_options import (
     cache_latents_wanted,
     caption_options,
     check_dataset_options,
+    image_limits,
     max_token_length,
 )
 from atelier.train.latents import PixelJob, StepEncoder
@@ -83,10 +84,15 @@ class TrainingData:
         self.captions = caption_options(d)
         self.rng = random.Random(seed)
         self.validation_seed = d.validation_seed if d.validation_seed is not None else seed
-        full = scan_dataset(d.train_data_dir, d.caption_extension)
+        limits = image_limits(d)
+        full = scan_dataset(d.train_data_dir, d.caption_extension, limits=limits, max_samples_per_epoch=d.max_samples_per_epoch)
         train_items, self.validation_items = split_validation(full.items, d.validation_split, self.validation_seed)
         self.index = _subset(full, train_items)
-        self.reg_index = scan_dataset(d.reg_data_dir, d.caption_extension, REG_DATA_DIR_KEY) if d.reg_data_dir else None
+        self.reg_index = (
+            scan_dataset(d.reg_data_dir, d.caption_extension, REG_DATA_DIR_KEY, limits, d.max_samples_per_epoch)
+            if d.reg_data_dir
+            else None
+        )
         reg_items = balance_reg_repeats(self.reg_index.items, self.index.num_train_samples) if self.reg_index else []
         self.items: list[ImageItem] = train_items + reg_items
         self.num_train_items = len(train_items)

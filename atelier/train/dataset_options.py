@@ -11,6 +11,7 @@ from typing import Any
 from atelier.data.buckets import BucketSettings
 from atelier.data.caption_ops import CaptionOptions
 from atelier.data.errors import DatasetError
+from atelier.data.images import ImageLimits
 from atelier.data.text_chunks import SUPPORTED_MAX_TOKEN_LENGTHS
 
 KEY = "dataset"
@@ -24,6 +25,10 @@ def check_dataset_options(d: Any) -> None:
     _at_least(d, "min_bucket_reso", 1)
     _at_least(d, "bucket_reso_steps", 1)
     _at_least(d, "max_data_loader_n_workers", 0)
+    _at_least(d, "max_image_pixels", 1)
+    _at_least(d, "max_samples_per_epoch", 1)
+    if not d.max_aspect_ratio >= 1:  # also refuses NaN
+        raise DatasetError(f"{KEY}.max_aspect_ratio must be at least 1, got {d.max_aspect_ratio}")
     if d.max_bucket_reso < d.min_bucket_reso:
         raise DatasetError(
             f"{KEY}.max_bucket_reso ({d.max_bucket_reso}) must not be below {KEY}.min_bucket_reso ({d.min_bucket_reso})"
@@ -42,6 +47,11 @@ def _at_least(d: Any, name: str, minimum: int) -> None:
     value = getattr(d, name)
     if value < minimum:
         raise DatasetError(f"{KEY}.{name} must be at least {minimum}, got {value}")
+
+
+def image_limits(d: Any) -> ImageLimits:
+    """The dataset.max_image_pixels / max_aspect_ratio checks, as the scanner takes them."""
+    return ImageLimits(max_pixels=d.max_image_pixels, max_aspect_ratio=d.max_aspect_ratio)
 
 
 def caption_options(d: Any) -> CaptionOptions:
