@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from atelier.config.validate import ConfigError
 from atelier.network.dylora import DyLoRAModule
 from atelier.network.lora import LoRAModule, LoRANetwork
 from atelier.network.spec import DISPLAY_NAMES, NetworkSpec
@@ -62,35 +63,48 @@ def create_network(
     """Fresh modules on every target (or only `names`), `per_module` overriding dim/alpha/options."""
     per_module = per_module or {}
     conv = spec.conv or (names is not None and any(_is_conv_block(n) for n in names))
-    modules: dict[str, nn.Module] = {}
-    for target in iter_targets(unet, text_encoder, conv=conv):
-        if names is not None and target.lora_name not in names:
-            continue
-        if spec.kind == "ia3" and not is_ia3_target(target):
-            continue
-        modules[target.lora_name] = make_module(spec, target, **per_module.get(target.lora_name, {}))
+    targets = [
+        target
+        for target in iter_targets(unet, text_encoder, conv=conv)
+        if (names is None or target.lora_name in names) and (spec.kind != "ia3" or is_ia3_target(target))
+    ]
+    check_ranks_fit(spec, [t for t in targets if t.lora_name not in per_module])  # file shapes are as they are
+    modules = {t.lora_name: make_module(spec, t, **per_module.get(t.lora_name, {})) for t in targets}
     return LoRANetwork(modules)
 
 
-def layer_width(layer: nn.Module) -> int | None:
-    """The largest rank a low-rank update of `layer` can have: min(inputs, outputs)."""
-    if isinstance(layer, nn.Linear):
-        return min(layer.in_features, layer.out_features)
+def layer_width(layer: nn.Module) -> int:
+    """The largest rank a low-rank update of `layer` can have: min(inputs, outputs), a kxk
+    conv's inputs counted per kernel position."""
     if isinstance(layer, nn.Conv2d):
         kh, kw = layer.kernel_size
         return min(layer.in_channels * kh * kw, layer.out_channels)
-    return None
+    return min(layer.in_features, layer.out_features)
 
 
-def _check_rank_fits(target: TargetLayer, dim: int, key: str) -> None:
-    # Checked before allocating: dim=100000 on a 320-wide layer would build a 32M-parameter
-    # "low-rank" pair per layer and exhaust memory instead of saying what is wrong.
-    width = layer_width(target.module)
-    if width is not None and dim > width:
-        raise ValueError(
-            f"{key}={dim} is more than the width of layer {target.lora_name} ({width}): a LoRA's rank "
-            f"can be at most min(inputs, outputs) of its layer. Set {key} to {width} or less."
-        )
+def check_ranks_fit(spec: NetworkSpec, targets: list[TargetLayer]) -> None:
+    """network.dim (network.conv_dim for kxk convs) no wider than each layer it adapts.
+
+    Checked before any module is allocated: dim=100000 on a 320-wide layer would build a
+    32M-parameter "low-rank" pair per layer and exhaust memory instead of saying what is
+    wrong. LoKr (a dim past its factors means full matrices) and (IA)^3 (no rank) are not
+    checked.
+    """
+    if spec.kind not in (*LORA_FAMILY, "loha"):
+        return
+    for convs in (False, True):
+        chosen = [t for t in targets if t.is_conv_kxk == convs]
+        key, dim = ("network.conv_dim", spec.conv_dim) if convs and spec.conv_dim else ("network.dim", spec.dim)
+        too_narrow = [t for t in chosen if layer_width(t.module) < dim]
+        if too_narrow:
+            first = too_narrow[0]
+            fits = min(layer_width(t.module) for t in chosen)
+            more = f" and {len(too_narrow) - 1} more layers" if len(too_narrow) > 1 else ""
+            raise ConfigError(
+                f"{key}={dim} is more than the width of layer {first.lora_name} ({layer_width(first.module)})"
+                f"{more}: a LoRA's rank can be at most min(inputs, outputs) of its layer. Set {key} to "
+                f"{fits} or less (the narrowest layer this network adapts)."
+            )
 
 
 def _is_conv_block(name: str) -> bool:
@@ -100,8 +114,6 @@ def _is_conv_block(name: str) -> bool:
 def make_module(spec: NetworkSpec, target: TargetLayer, dim: int | None = None, alpha: float | None = None, **options: Any) -> nn.Module:
     if dim is None:  # conv layers of a file trained with conv_dim take dim if none is set now
         dim = (spec.conv_dim if target.is_conv_kxk else None) or spec.dim
-        if spec.kind in ("lora", "locon", "dylora"):
-            _check_rank_fits(target, dim, "network.conv_dim" if target.is_conv_kxk and spec.conv_dim else "network.dim")
     if alpha is None:
         alpha = spec.conv_alpha if target.is_conv_kxk else spec.alpha
     if spec.kind in ("lora", "locon"):
