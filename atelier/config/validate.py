@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+from atelier.errors import ConfigError  # raised by the checks below (and imported from here)
 
 # What to say when a mandatory key was left at ???.
 MISSING_HINTS = {
     "model.path": "a diffusers folder or a single-file .safetensors checkpoint, e.g. model.path=/models/sd15",
     "dataset.train_data_dir": "the folder holding N_concept subfolders, e.g. dataset.train_data_dir=/data/mychar",
 }
-
-
-class ConfigError(ValueError):
-    """A config that composes but cannot be trained; the message names the key."""
 
 
 # Config values that become file or folder names inside a run dir (or the outputs/ tree).
@@ -49,14 +47,24 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def validate(cfg: DictConfig) -> None:
-    """Fail before any work on values Hydra's schema cannot check."""
+def check_required(cfg: DictConfig) -> None:
+    """Mandatory keys (???) are set: named here, before Hydra resolves a path built from them
+    (hydra.run.dir holds ${project} = the dataset folder's name)."""
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as err:
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as err:
+        # An interpolation to a missing value names the key it was resolving; the message the missing one.
         key = err.full_key
+        missing = str(err).split("Missing mandatory value: ")[-1].splitlines()[0].strip()
+        if missing and " " not in missing:
+            key = missing
         hint = MISSING_HINTS.get(key, f"{key}=<value>")
         raise ConfigError(f"'{key}' must be set for this config: pass {hint}") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail before any work on values Hydra's schema cannot check."""
+    check_required(cfg)
     check_names(cfg)
     if cfg.network.train_unet_only and cfg.network.train_text_encoder_only:
         raise ConfigError("network.train_unet_only and network.train_text_encoder_only cannot both be true")
