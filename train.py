@@ -7,9 +7,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import atelier.config
+from atelier.errors import user_errors_as_one_line
 from atelier.train import phases
 from atelier.train.signals import StopRequested
 from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
@@ -32,13 +34,18 @@ def main(cfg: DictConfig) -> dict:
 
     hydra_cfg = HydraConfig.get()
     user_config_dirs = [s.path for s in hydra_cfg.runtime.config_sources if s.provider == "command-line"]
-    return run_job(
+    job = lambda: run_job(  # noqa: E731
         cfg,
         Path(hydra_cfg.runtime.output_dir),
         list(hydra_cfg.overrides.task),
         hydra_cfg.job.config_name,
         user_config_dirs[0] if user_config_dirs else None,
     )
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return job()  # the sweeper reports each failed job on one line and goes on
+    # A single run: an error the user can fix is one line, not Hydra's traceback.
+    with user_errors_as_one_line():
+        return job()
 
 
 if __name__ == "__main__":

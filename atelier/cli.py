@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from atelier.errors import user_errors_as_one_line
+
 # module path of each subcommand group, in --help order
 SUBCOMMAND_MODULES: list[str] = [
     "atelier.report.cli",
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    with user_errors_as_one_line(exit_code=2):
+        return args.func(args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from atelier.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A problem with the training data: the message names the path and the fix."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 from atelier.config.schema import MixedPrecision
+from atelier.errors import UserError
 from atelier.network.spec import NetworkSpec
 
 # Config keys every lane of a group must share: one base model, one batch shape.
@@ -33,7 +34,7 @@ SHARED_KEYS = (
 FUSABLE_KINDS = ("lora", "locon")
 
 
-class FusedGroupError(ValueError):
+class FusedGroupError(UserError, ValueError):
     """These configs cannot be trained in one fused pass; the message says why."""
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from atelier.errors import UserError
+
 if TYPE_CHECKING:
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -58,7 +60,7 @@ _DEFAULT_CONFIG_REPOS = {
 }
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """The base model (or its config / VAE) cannot be loaded; the message says how to fix it."""
 
 

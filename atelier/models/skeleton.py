@@ -17,12 +17,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from atelier.errors import UserError
+
 WEIGHT_SUFFIXES = (
     ".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".onnx_data", ".h5", ".pb", ".gguf",
 )  # fmt: skip
 
 
-class SkeletonError(ValueError):
+class SkeletonError(UserError, ValueError):
     """The skeleton cannot be written; the message says why."""
 
 

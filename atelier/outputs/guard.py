@@ -28,7 +28,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from atelier.config.validate import NAME_KEYS, ConfigError, check_names, name_problem
+from atelier.config.validate import NAME_KEYS, ConfigError, check_names, check_required, name_problem
+from atelier.errors import UserError
 from atelier.outputs.lock import LOCK_FILE, DirLockedError, announce_holder, lock_dir
 from atelier.outputs.summary import read_summary
 
@@ -43,7 +44,7 @@ BOOKKEEPING_KEYS = ("resume", "overwrite")
 REPLACED_PREFIX = "replaced-"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The run dir cannot take this run; the message says why and how to go on."""
 
 
@@ -53,11 +54,14 @@ class RunDirGuard(Callback):
 
         if in_worker():  # a data-parallel rank: the process that started the ranks holds the dir
             return
+        # Mandatory keys first: hydra.run.dir is built from them (${project}).
+        _refuse_on_error(lambda: check_required(_task_config(config)))
         _refuse_on_error(lambda: guard_run_dir(Path(str(config.hydra.run.dir)), _task_config(config)))
         announce_holder(Path(str(config.hydra.run.dir)))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         def check() -> None:
+            check_required(_task_config(config))
             check_swept_names(list(config.hydra.overrides.task))
             guard_sweep_dir(Path(str(config.hydra.sweep.dir)), _task_config(config))
 
@@ -223,7 +227,7 @@ def _refuse_on_error(check) -> None:
     """A refused dir ends the command with one line (HYDRA_FULL_ERROR=1: the traceback)."""
     try:
         check()
-    except (RunDirError, DirLockedError, ConfigError) as err:
+    except (UserError, DirLockedError) as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"Error: {err}", file=sys.stderr, flush=True)

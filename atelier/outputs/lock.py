@@ -14,13 +14,15 @@ import socket
 import time
 from pathlib import Path
 
+from atelier.errors import UserError
+
 LOCK_FILE = ".atelier.lock"
 
 # Locks this process holds: dir -> open file (closing it would release the lock).
 _held: dict[Path, int] = {}
 
 
-class DirLockedError(RuntimeError):
+class DirLockedError(UserError, RuntimeError):
     """Another live process writes to this dir."""
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from atelier.config.schema import SavePrecision
+from atelier.errors import UserError
 
 
-class ToolError(Exception):
+class ToolError(UserError, Exception):
     """A tool cannot do what was asked; the message says why and what to do (exit 2)."""
 
 

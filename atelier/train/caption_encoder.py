@@ -16,6 +16,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from atelier.data.text_chunks import encode_chunks, tokenize_long
+from atelier.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,12 @@ class CaptionEncoder:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.max_token_length = max_token_length
+        layers = getattr(getattr(text_encoder, "config", None), "num_hidden_layers", None)
+        if layers is not None and clip_skip > layers:
+            raise ConfigError(
+                f"training.clip_skip={clip_skip} but the text encoder has {layers} layers: "
+                f"pass training.clip_skip between 1 and {layers} (2 = the penultimate layer)"
+            )
         self.clip_skip = clip_skip
         self.autocast = autocast
         self.batch_size = batch_size

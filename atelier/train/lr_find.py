@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from atelier.errors import UserError
 from atelier.train.metrics import METRICS
 from atelier.train.optimizers import is_adaptive
 from atelier.utils.atomic import write_text
@@ -29,7 +30,7 @@ TAIL_FRACTION = 0.25
 SETTLED_SPREAD = 0.10
 
 
-class LrFindError(ValueError):
+class LrFindError(UserError, ValueError):
     """The run cannot give a suggestion; the message says what to change."""
 
 

@@ -26,9 +26,9 @@ KEYS_USED_BY: dict[str, frozenset[SchedulerType]] = {
 
 
 def _steps(total_steps: int, steps: int, ratio: float | None, name: str) -> int:
-    if ratio is not None and steps:
-        raise ValueError(f"scheduler: set {name}_steps or {name}_ratio, not both")
-    if ratio is not None:
+    # An explicit step count wins over a ratio: the presets (conf/scheduler/) set a ratio, and
+    # scheduler.warmup_steps=N on the command line (sd-scripts' --lr_warmup_steps) must just work.
+    if ratio is not None and not steps:
         if not 0 <= ratio < 1:
             raise ValueError(f"scheduler.{name}_ratio must be in [0, 1), got {ratio}")
         return math.ceil(ratio * total_steps)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from atelier.errors import UserError
 from atelier.utils.atomic import atomic_path
 
 STATE_FILE = "training_state.pt"
@@ -24,11 +25,11 @@ STATE_VERSION = 3
 IGNORED_KEYS = ("resume", "sampling")
 
 
-class StateMismatchError(ValueError):
+class StateMismatchError(UserError, ValueError):
     """The run dir's state was made by another config."""
 
 
-class StateIntegrityError(ValueError):
+class StateIntegrityError(UserError, ValueError):
     """The run dir's state cannot be read, or does not match its digest."""
 
 

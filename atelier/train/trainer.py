@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from atelier.config.schema import MixedPrecision
 from atelier.data.dataset import DatasetIndex
+from atelier.errors import UserError
 from atelier.models.hashes import model_hashes
 from atelier.models.loading import BaseModel, load_base_model
 from atelier.network.factory import build_network
@@ -82,7 +83,7 @@ TRAINER_PHASES = {
 }
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or inf; the run stops before the optimizer uses it."""
 
 

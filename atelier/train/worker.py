@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import atelier.config
 from atelier.config.schema import AtelierConfig
+from atelier.errors import UserError, one_line
 from atelier.outputs.run_dir import RESOLVED_CONFIG
 from atelier.train import phases
 from atelier.train.distributed import process_rank
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         run_training(load_run_config(run_dir), run_dir)
     except StopRequested as stop:
         return stop.exit_code
+    except UserError as err:  # the message says it all: no traceback
+        log.error("process %d: %s", rank, one_line(err))
+        return 1
     except Exception:
         log.exception("training failed in process %d", rank)
         return 1
