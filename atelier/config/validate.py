@@ -65,9 +65,10 @@ def check_required(cfg: DictConfig) -> None:
     except (MissingMandatoryValue, InterpolationToMissingValueError) as err:
         # An interpolation to a missing value names the key it was resolving; the message the missing one.
         key = err.full_key
-        missing = str(err).split("Missing mandatory value: ")[-1].splitlines()[0].strip()
-        if missing and " " not in missing:
-            key = missing
+        if isinstance(err, InterpolationToMissingValueError):
+            missing = str(err).split("Missing mandatory value: ")[-1].splitlines()[0].strip()
+            if missing and " " not in missing:
+                key = missing
         hint = MISSING_HINTS.get(key, f"{key}=<value>")
         raise ConfigError(f"'{key}' must be set for this config: pass {hint}") from None
 
