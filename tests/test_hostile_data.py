@@ -19,14 +19,7 @@ from atelier.data.dataset import scan_dataset
 from atelier.data.errors import DatasetError
 from atelier.data.images import ImageLimits
 from tests.helpers import REPO_ROOT, run_train
-
-
-def image(path: Path, size: tuple[int, int] = (64, 64), caption: str | None = "a tag") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (200, 30, 30)).save(path)
-    if caption is not None:
-        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
-    return path
+from tests.test_dataset_check import image
 
 
 def check(capsys: pytest.CaptureFixture, root: Path) -> tuple[int, list[str]]:
@@ -178,7 +171,7 @@ def test_links_inside_the_dataset_are_fine(tmp_path, capsys):
     (root / "1_x" / "b.png").symlink_to(root / "1_x" / "a.png")
     (root / "1_x" / "b.txt").symlink_to(root / "1_x" / "a.txt")
     index = scan_dataset(root)
-    assert [item.caption for item in index.items] == ["a tag", "a tag"]
+    assert [item.caption for item in index.items] == ["a tag, b tag"] * 2
     assert check(capsys, root)[0] == 0
 
 
