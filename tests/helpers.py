@@ -33,14 +33,16 @@ def logged_steps(run_dir: Path) -> int:
     return metrics.read_text().count('"loss/step"') if metrics.is_file() else 0
 
 
-def sigterm_after_steps(command: list[str], run_dir: Path, steps: int, env: dict | None = None) -> tuple[int, str]:
-    """Start `command`, send it SIGTERM once `run_dir` has logged `steps` steps; (exit code, output)."""
+def sigterm_after_steps(
+    command: list[str], run_dir: Path, steps: int, env: dict | None = None, sig: int = signal.SIGTERM
+) -> tuple[int, str]:
+    """Start `command`, send it `sig` once `run_dir` has logged `steps` steps; (exit code, output)."""
     env = env or {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and logged_steps(run_dir) < steps:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=300)
     return proc.returncode, out
 

@@ -166,12 +166,19 @@ def _has_alpha(img: Image.Image) -> bool:
 
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     # PIL's own conversion clips 16-bit grey at 255, which turns the image white.
-    # Integer maths in place: a float64 copy of a 12000x12000 scan would take 1.1 GB.
-    values = np.asarray(img)
-    if values.max(initial=0) > 255:
-        # round(v / 257) for 0..65535 in 32-bit integers (I;16 arrays come as uint16).
-        values = (np.clip(values, 0, 65535).astype(np.uint32) + 128) // 257
-    return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+    # Integer maths a band of rows at a time: a float64 copy of a 12000x12000 scan
+    # alone took 1.1 GB; this needs the 8-bit result and one band.
+    low, high = img.getextrema()
+    out = np.empty((img.height, img.width), dtype=np.uint8)
+    for top in range(0, img.height, _ROWS_PER_BAND):
+        band = np.asarray(img.crop((0, top, img.width, min(img.height, top + _ROWS_PER_BAND))))
+        if high > 255:  # round(v / 257): 0..65535 onto 0..255
+            band = (np.clip(band, 0, 65535).astype(np.uint32) + 128) // 257
+        out[top : top + band.shape[0]] = np.clip(band, 0, 255)
+    return Image.fromarray(out)
+
+
+_ROWS_PER_BAND = 256
 
 
 def _describe(exc: BaseException) -> str:
