@@ -62,8 +62,9 @@ def vae(tiny_model_path: Path):
         ("dataset.keep_tokens=-1", "dataset.keep_tokens must not be negative"),
         ("dataset.caption_dropout_rate=1.5", "dataset.caption_dropout_rate must be between 0 and 1"),
         ("dataset.caption_separator=''", "dataset.caption_separator must not be empty"),
-        ("dataset.min_bucket_reso=2048", "dataset.max_bucket_reso (1024) must not be below"),
-        ("dataset.max_bucket_reso=128", "dataset.max_bucket_reso (128) must not be below dataset.min_bucket_reso"),
+        # The tiny model's bucket bounds are 32-128 (conf/model/tiny.yaml).
+        ("dataset.min_bucket_reso=2048", "dataset.max_bucket_reso (128) must not be below"),
+        ("dataset.max_bucket_reso=16", "dataset.max_bucket_reso (16) must not be below dataset.min_bucket_reso"),
         ("dataset.bucket_reso_steps=0", "dataset.bucket_reso_steps must be at least 1"),
         ("dataset.prior_loss_weight=-1", "dataset.prior_loss_weight must not be negative"),
         ("dataset.validation_split=1.0", "dataset.validation_split must be at least 0 and below 1"),
@@ -79,7 +80,8 @@ def test_bad_dataset_options_name_their_key(override, message):
 
 
 def test_dataset_check_reads_the_training_options():
-    """`atelier dataset check` flags have the dataset.* defaults and count the trainer's steps."""
+    """`atelier dataset check` flags default to the training config's values (None: not given)
+    and count the trainer's steps."""
     import argparse
 
     from atelier.data.check import CheckOptions, check_dataset
@@ -91,7 +93,7 @@ def test_dataset_check_reads_the_training_options():
     args = parser.parse_args(["x"])
     for key in ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
                 "caption_extension"):  # fmt: skip
-        assert getattr(args, key) == getattr(DatasetConfig, key), key
+        assert getattr(args, key) is None, key
     data = data_for(*BUCKETS)
     cfg = make_cfg(*BUCKETS)
     report = check_dataset(cfg.dataset.train_data_dir, ".txt", CheckOptions(bucket_settings(cfg.dataset), 8))
