@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from atelier.config.schema import DatasetConfig
 from atelier.data.errors import DatasetError
 from atelier.outputs.lora_file import load_lora
 from atelier.train.data import TrainingData
