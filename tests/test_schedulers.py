@@ -88,7 +88,6 @@ def test_existing_schedules_still_follow_diffusers():
         ("piecewise_constant", {"step_rules": "1:5,0.1", "warmup_steps": 3}, "has no warmup"),
         ("piecewise_constant", {"step_rules": "1:20,0.5:10,0.1"}, "increasing"),
         ("piecewise_constant", {"step_rules": "half:10,0.1"}, "is not 'mult:step,...,mult'"),
-        ("warmup_stable_decay", {"decay_steps": 5, "decay_ratio": 0.2}, "decay_steps or decay_ratio"),
     ],
 )
 def test_bad_scheduler_keys_are_named(kind, keys, message):
@@ -113,3 +112,13 @@ def test_a_schedule_planned_again_is_drawn_once(tmp_path):
     assert second.read_bytes() == first.read_bytes()
     other = plot_lr_schedule({"unet": curve("linear")}, tmp_path / "c.png", "cosine")
     assert _render_png.cache_info().misses == drawn + 1 and other.read_bytes() != first.read_bytes()
+
+
+def test_explicit_steps_win_over_a_presets_ratio():
+    """[14]: the presets set a ratio, so `scheduler.warmup_steps=N` (sd-scripts' --lr_warmup_steps)
+    used to fail with "set warmup_steps or warmup_ratio, not both"; the steps now win."""
+    from atelier.train.schedulers import decay_steps, warmup_steps
+
+    assert warmup_steps(100, 7, 0.05) == 7
+    assert decay_steps(100, 5, 0.2) == 5
+    assert warmup_steps(100, 0, 0.05) == 5  # no steps given: the ratio
