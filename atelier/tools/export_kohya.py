@@ -282,6 +282,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("project", None, "covered", note="the output folder"),
     Option("recipe", None, note="a recipe names sweep axes; export one job's run dir"),
     Option("resume", None, note="sd-scripts: --resume <state folder> (needs --save_state)"),
+    Option("overwrite", None, note="atelier's run-dir guard; sd-scripts writes into an existing output dir"),
+    Option("dataset.max_image_pixels", None, note="atelier's header check before decoding (PIL's limit by default)"),
+    Option("dataset.max_aspect_ratio", None, note="atelier's header check before decoding"),
+    Option("dataset.max_samples_per_epoch", None, note="atelier's cap on images x repeats"),
+    Option("model.min_bucket_reso", None, note="the model's default for dataset.min_bucket_reso (exported there)"),
+    Option("model.max_bucket_reso", None, note="the model's default for dataset.max_bucket_reso (exported there)"),
+    Option("model.bucket_reso_steps", None, note="the model's default for dataset.bucket_reso_steps (exported there)"),
 )
 OPTIONS_BY_KEY = {option.key: option for option in OPTIONS}
 
