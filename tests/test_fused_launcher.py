@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from atelier.fused.grouping import plan_groups
 from atelier.fused.trainer import run_fused
@@ -199,8 +198,11 @@ def test_a_stopped_fused_group_saves_each_lane_and_resumes_to_the_same_weights(t
         steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                  if "loss/step" in line]  # fmt: skip
         assert steps == list(range(1, len(steps) + 1))  # each step logged once
-        got, want = load_lora(final_lora(run_dir))[0], load_lora(final_lora(expected))[0]
-        assert all(torch.equal(got[k], want[k]) for k in want), run_dir.name
+        # Not bitwise: a lane inside an accumulation group at the stop took one more batch,
+        # so after the resume the lanes share other fused steps than in the run never
+        # stopped (lane 0's last step may run alone); another batch size is another BLAS
+        # kernel, a rounding gap that AdamW carries (test_fused.ATOL explains the bound).
+        assert_same_weights(load_lora(final_lora(run_dir))[0], load_lora(final_lora(expected))[0])
     assert "resuming from training_state.pt" in (dirs[0] / "train.log").read_text()
 
 
