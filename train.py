@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import signal
 from pathlib import Path
 
 import hydra
@@ -13,7 +14,7 @@ from omegaconf import DictConfig
 import atelier.config
 from atelier.errors import user_errors_as_one_line
 from atelier.train import phases
-from atelier.train.signals import StopRequested
+from atelier.train.signals import StopRequested, stop_on_signals
 from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
 from atelier.utils.quiet import quiet_third_party_warnings
 
@@ -23,6 +24,13 @@ quiet_third_party_warnings()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
+    # From here on Ctrl-C and SIGTERM only set a flag (atelier.train.signals): the job
+    # stops at its next check, its state saved and its summary.json written.
+    with stop_on_signals():
+        return _job(cfg)
+
+
+def _job(cfg: DictConfig) -> dict:
     # Imported here, not above, so --help and config errors stay fast; diffusers is told
     # first that peft and bitsandbytes are missing (see atelier.utils.lean_imports).
     with phases.timing_imports():
@@ -53,6 +61,8 @@ if __name__ == "__main__":
         main()
     except StopRequested as stop:  # already logged; the state is saved
         raise SystemExit(stop.exit_code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before a job started; already logged
+        raise SystemExit(128 + signal.SIGINT) from None
     finally:
         # The process ends here: spare it the garbage collector's passes over the ~600k objects
         # that importing torch, transformers and diffusers made (~1 s of each exit on 2 cores).

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Protocol
@@ -160,10 +160,18 @@ class LatentCache:
         return len(self._keys)
 
     # -------------------------------------------------------------- build
-    def build(self, items: Sequence[_Image], buckets: Sequence[Resolution], progress: bool = True) -> CacheStats:
+    def build(
+        self,
+        items: Sequence[_Image],
+        buckets: Sequence[Resolution],
+        progress: bool = True,
+        check_stop: Callable[[str], None] = lambda doing: None,
+    ) -> CacheStats:
         """Make every item's latent available: from memory, from disk, or by encoding.
 
         buckets[i] is item i's bucket (BucketAssignment.bucket). Returns this call's stats.
+        `check_stop(doing)` is called between images and between VAE batches; it raises to
+        stop (atelier.train.signals.raise_if_stop_asked). Latents written to disk stay there.
         """
         if len(buckets) != len(items):
             raise ValueError(f"got {len(buckets)} buckets for {len(items)} items")
@@ -172,13 +180,14 @@ class LatentCache:
         flips = (False, True) if self.flip_aug else (False,)
         pending: list[_Job] = []
         for index, item in enumerate(tqdm(items, desc="checking latent cache", unit="image", disable=not progress)):
+            check_stop(f"checking the latent cache ({index} of {len(items)} images)")
             digest = file_sha256(item.path)
             for flipped in flips:
                 key = self._key(digest, buckets[index], flipped)
                 self._keys[(index, flipped)] = key
                 if not self._lookup(key, buckets[index]):
                     pending.append(_Job(index, flipped))
-        self._encode_all(pending, items, buckets, progress)
+        self._encode_all(pending, items, buckets, progress, check_stop)
         self._forget_unused()
         return self.stats - before
 
@@ -206,7 +215,12 @@ class LatentCache:
         return True
 
     def _encode_all(
-        self, pending: list[_Job], items: Sequence[_Image], buckets: Sequence[Resolution], progress: bool
+        self,
+        pending: list[_Job],
+        items: Sequence[_Image],
+        buckets: Sequence[Resolution],
+        progress: bool,
+        check_stop: Callable[[str], None],
     ) -> None:
         # A VAE batch needs one pixel size: group the work by bucket.
         by_bucket: dict[Resolution, list[_Job]] = {}
@@ -217,6 +231,8 @@ class LatentCache:
             for bucket, jobs in sorted(by_bucket.items()):
                 for start in range(0, len(jobs), self.batch_size):
                     batch = jobs[start : start + self.batch_size]
+                    kept = "kept on disk" if self.to_disk else "in memory only: encoded again next time"
+                    check_stop(f"caching latents ({bar.n} of {len(pending)} encoded, {kept})")
                     self._encode_batch(batch, items, bucket)
                     bar.update(len(batch))
 

@@ -180,31 +180,38 @@ class FusedTrainer:
     def train(self) -> list[dict[str, Any]]:
         """Train every lane; each lane's summary (also written to its run dir).
 
-        A stop signal (SIGTERM, SIGUSR1/2) lets each lane finish its accumulation group,
-        save its state and say "interrupted"; then StopRequested is raised.
+        A stop signal (Ctrl-C, SIGTERM, SIGUSR1/2) lets each lane finish its accumulation
+        group, save its state and say "interrupted"; then StopRequested is raised. One during
+        setup (latent caching) raises at once: atelier.fused.worker marks the lanes.
         """
-        self.setup()
-        total = max((lane.trainer.plan.total_steps - lane.result.steps for lane in self._active()), default=0)
-        progress = tqdm(total=total, desc=f"training {len(self.lanes)} lanes", unit="step", dynamic_ncols=True)
-        try:
-            with stop_on_signals() as self.stop:
-                while self._active():
-                    if self._fused_step():
-                        progress.update(1)
-                        progress.set_postfix(lanes=len(self._active()))
-                    if self.stop.signal:
-                        self._stop_lanes()
-            if self.stop.signal:
-                raise StopRequested(self.stop, f"stopped by {self.stop.name}: {self._stopped_summary()}")
-        finally:
-            progress.close()
-            for slot in self.slots:
-                slot.restore()
-            for lane in self.lanes:
-                if lane.metrics is not None:
-                    lane.metrics.close()
-                    lane.metrics = None
+        with stop_on_signals() as self.stop:
+            try:
+                self.setup()
+                total = max((lane.trainer.plan.total_steps - lane.result.steps for lane in self._active()), default=0)
+                progress = tqdm(total=total, desc=f"training {len(self.lanes)} lanes", unit="step", dynamic_ncols=True)
+                try:
+                    while self._active():
+                        if self._fused_step():
+                            progress.update(1)
+                            progress.set_postfix(lanes=len(self._active()))
+                        if self.stop.signal:
+                            self._stop_lanes()
+                finally:
+                    progress.close()
+            finally:
+                self._close()
+        if self.stop.signal:
+            raise StopRequested(self.stop, f"stopped by {self.stop.name}: {self._stopped_summary()}")
         return [lane.summary for lane in self.lanes]
+
+    def _close(self) -> None:
+        """The base model's layers back as they were; every lane's metrics file closed."""
+        for slot in self.slots:
+            slot.restore()
+        for lane in self.lanes:
+            if lane.metrics is not None:
+                lane.metrics.close()
+                lane.metrics = None
 
     def _fused_step(self) -> bool:
         """One forward/backward of every active lane; False when none had a batch left."""

@@ -12,6 +12,7 @@ group could not run at all (every lane without a summary says why).
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from atelier.fused.lane_logs import FORMAT, lane_log_files
 from atelier.outputs.lock import DirLockedError, lock_dir
 from atelier.outputs.summary import read_summary, write_summary
 from atelier.train import phases
-from atelier.train.signals import StopRequested
+from atelier.train.signals import SECOND_CTRL_C, StopRequested
 from atelier.train.worker import load_run_config
 from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
 from atelier.utils.quiet import quiet_third_party_warnings
@@ -53,24 +54,30 @@ def main(argv: list[str] | None = None) -> int:
                 from atelier.fused.trainer import train_fused  # torch and friends: after logging is set up
 
             train_fused([load_run_config(d) for d in run_dirs], run_dirs)
-        except StopRequested as stop:
+        except StopRequested as stop:  # lanes stopped in setup (latent caching) have no summary yet
             log.warning("%s", stop)
+            _summarise_lanes_without_one(run_dirs, "interrupted", str(stop), started)
             return stop.exit_code
+        except KeyboardInterrupt:  # a second Ctrl-C
+            _summarise_lanes_without_one(run_dirs, "interrupted", SECOND_CTRL_C, started)
+            return 128 + signal.SIGINT
         except Exception as err:
             log.exception("the fused group failed")
-            _fail_lanes_without_summary(run_dirs, err, started)
+            from atelier.train.run import failure_reason
+
+            _summarise_lanes_without_one(run_dirs, "failed", f"the fused group failed: {failure_reason(err)}", started)
             return 1
     return 0
 
 
-def _fail_lanes_without_summary(run_dirs: list[Path], err: Exception, started: float) -> None:
-    from atelier.train.run import failure_reason, summarise
+def _summarise_lanes_without_one(run_dirs: list[Path], status: str, reason: str, started: float) -> None:
+    """summary.json for each lane this process has not summarised (the group ended before it could)."""
+    from atelier.train.run import summarise
 
     for run_dir in run_dirs:
         summary = read_summary(run_dir)
         if summary is None or summary.get("finished_at", 0) < started:  # none from this process
-            summary = summarise("failed", None, started, f"the fused group failed: {failure_reason(err)}")
-            write_summary(run_dir, summary)
+            write_summary(run_dir, summarise(status, None, started, reason))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +85,16 @@ def generate_samples(
     *,
     clip_skip: int | None = None,
     eval_modules: Sequence[torch.nn.Module] = (),
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> list[Path]:
     """Render one image per prompt into `out_dir` and append them to its manifest.
 
     `device` is where the pipeline's modules already are. `clip_skip` follows sd-scripts
     (2 = penultimate CLIP layer). `eval_modules` are switched to eval mode too while
     sampling, e.g. a kohya LoRA network, whose modules are not children of the UNet.
-    Train/eval modes and the global RNG state are restored afterwards.
+    Train/eval modes and the global RNG state are restored afterwards. `should_stop` is
+    asked before each image: when it says yes (a stop signal came), the images not yet
+    rendered are skipped, so a stop waits for one image, not for all of them.
     """
     out_dir = Path(out_dir)
     device = torch.device(device)
@@ -104,6 +107,9 @@ def generate_samples(
     # implementation) would break the backward pass of the training that resumes after.
     with torch.no_grad(), _eval_mode(modules), _forked_rng(device):
         for prompt in prompts:
+            if should_stop():
+                logger.warning("sampling stopped after %d of %d image(s): a stop was asked", len(paths), len(prompts))
+                break
             image = render_prompt(pipeline, prompt, clip_skip=clip_skip)
             path = out_dir / sample_file_name(output_name, epoch, step, prompt.index, prompt.seed)
             sampler = _sampler_label(pipeline, prompt)

@@ -94,9 +94,9 @@ class TrainingSweeper(BasicSweeper):
                 # After the check: a sweep that cannot start leaves no plan behind.
                 self._write_plan(sweep_dir, jobs, placed_names, output_names)
                 results = self.launcher.launch(batch, initial_job_idx=0) if batch else []
-        except StopRequested:
-            # A signal stopped the job running in this process (its state is saved):
-            # report the sweep as it stands, then stop instead of starting the next job.
+        except (StopRequested, KeyboardInterrupt):
+            # A signal stopped the job running in this process (its state is saved), or a
+            # second Ctrl-C: report the sweep as it stands, then stop instead of starting the next job.
             outcomes += [outcome_from_run_dir(name, sweep_dir / name) for name in batch_names]
             mark_plan(sweep_dir, "interrupted")
             self._finish(sweep_dir, outcomes)

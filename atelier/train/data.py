@@ -49,6 +49,7 @@ from atelier.train.dataset_options import (
 from atelier.train.latents import PixelJob, StepEncoder
 from atelier.train.regularization import balance_reg_repeats
 from atelier.train.sdxl_conditioning import SDXLCaptionEncoder, time_ids
+from atelier.train.signals import raise_if_stop_asked
 from atelier.train.state import as_tuples
 from atelier.train.validation import Validator, split_validation
 
@@ -184,7 +185,8 @@ class TrainingData:
         paths = [item.path for item in self.items]
         if cache_latents_wanted(d) and cacheable:
             self.latent_cache = self._new_cache(vae, device, flip_aug=d.flip_aug)
-            stats = self.latent_cache.build(self.items, [a.bucket for a in self.assignments])
+            stats = self.latent_cache.build(self.items, [a.bucket for a in self.assignments],
+                                            check_stop=raise_if_stop_asked)
             log.info("latent cache: %d latents (%s)", len(self.latent_cache), stats)
         else:
             self.step_encoder = StepEncoder(

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from atelier.sampling.manifest import SAMPLES_DIR, drop_records_after
-from atelier.utils.atomic import write_text
+from atelier.utils.atomic import naming_a_full_disk, write_text
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -45,7 +45,8 @@ class MetricsLog:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         record = {"step": step, "time": round(time.time(), 3), **fields, **scalars}
-        self._jsonl.write(json.dumps(record) + "\n")
+        with naming_a_full_disk(self.run_dir / METRICS):
+            self._jsonl.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self.writer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,13 @@ from atelier.train.lr_find import suggest_and_report
 from atelier.launch.data_parallel import run_processes
 from atelier.train.distributed import in_worker, process_rank
 from atelier.train.metrics import peak_memory_mb
-from atelier.train.signals import StopRequested
+from atelier.train.signals import SECOND_CTRL_C, StopRequested, raise_if_stop_asked, stop_on_signals
 from atelier.train.trainer import Trainer, TrainResult
 from atelier.utils.atomic import remove_stale_temp_files
 
 log = logging.getLogger(__name__)
+
+ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def failure_reason(err: BaseException) -> str:
     """One line: the exception type and the first line of its message."""
@@ -80,11 +83,20 @@ def run_job(
         write_resolved_config(run_dir, cfg)
         write_command(run_dir, overrides, config_name, config_dir)
     except Exception as err:
-        write_summary(run_dir, summarise("failed", None, started, failure_reason(err)))
+        _record_ending(run_dir, summarise("failed", None, started, failure_reason(err)))
         raise
     if cfg.training.num_processes > 1 and not in_worker():
         return run_data_parallel(run_dir, cfg.training.num_processes, started)
     return run_training(cfg, run_dir, started)
+
+
+def _record_ending(run_dir: Path, summary: dict[str, Any]) -> None:
+    """summary.json of a run ending on an error or a stop. Failing to write it (the disk that
+    ended the run is full) is logged, never raised over what ended the run."""
+    try:
+        write_summary(run_dir, summary)
+    except OSError as err:
+        log.error("summary.json not written: %s", err)
 
 
 class TrainingProcessFailed(RuntimeError):
@@ -109,38 +121,55 @@ def run_data_parallel(run_dir: Path, num_processes: int, started: float) -> dict
 
 
 def run_training(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict[str, Any]:
-    """Train one LoRA into `run_dir`; summary.json is written whether it succeeds or fails."""
+    """Train one LoRA into `run_dir`; summary.json is written whatever ends it.
+
+    A stop signal (Ctrl-C, SIGTERM, ...) at any point, setup included, ends it as
+    "interrupted" and raises StopRequested. Ctrl-C or SIGTERM that came as the run was
+    completing raise it too, after the "completed" summary: a sweep in this process
+    must not start its next job.
+    """
     started = started or time.time()
     main = process_rank() == 0  # the other processes of a data-parallel run write nothing
     trainer = None
-    try:
-        trainer = Trainer(cfg, run_dir)
+    with stop_on_signals() as flag:
+        try:
+            raise_if_stop_asked("starting the run")
+            trainer = Trainer(cfg, run_dir)
+            if main:
+                write_environment(run_dir, str(trainer.device))
+            result = trainer.train()
+            # experiment=lr_find: the logged d*lr as a learning rate for AdamW (lr_suggestion.json).
+            suggestion = suggest_and_report(run_dir, cfg.optimizer.type) if cfg.training.suggest_lr and main else None
+        except StopRequested as stop:
+            if main:
+                _record_ending(run_dir, summarise("interrupted", trainer and trainer.result, started, str(stop)))
+            log.warning("%s", stop)
+            stop.flag.pass_on()  # e.g. submitit's SIGUSR2 handler: requeue the job and exit
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C (signals.SECOND_CTRL_C)
+            if main:
+                _record_ending(run_dir, summarise("interrupted", trainer and trainer.result, started, SECOND_CTRL_C))
+            log.warning("%s", SECOND_CTRL_C)
+            raise
+        except BaseException as err:
+            if main:
+                _record_ending(run_dir, summarise("failed", trainer and trainer.result, started, failure_reason(err)))
+            raise
+        summary = summarise("completed", result, started)
+        if suggestion is not None:
+            summary["lr_suggestion"] = suggestion["learning_rate"]
         if main:
-            write_environment(run_dir, str(trainer.device))
-        result = trainer.train()
-        # experiment=lr_find: the logged d*lr as a learning rate for AdamW (lr_suggestion.json).
-        suggestion = suggest_and_report(run_dir, cfg.optimizer.type) if cfg.training.suggest_lr and main else None
-    except StopRequested as stop:
-        if main:
-            write_summary(run_dir, summarise("interrupted", trainer.result, started, str(stop)))
-        log.warning("%s", stop)
-        stop.flag.pass_on()  # e.g. submitit's SIGUSR2 handler: requeue the job and exit
-        raise
-    except BaseException as err:
-        if main:
-            write_summary(run_dir, summarise("failed", trainer and trainer.result, started, failure_reason(err)))
-        raise
-    summary = summarise("completed", result, started)
-    if suggestion is not None:
-        summary["lr_suggestion"] = suggestion["learning_rate"]
-    if main:
-        write_summary(run_dir, summary)
-    log.info(
-        "done: %d steps in %.1f s (%.3f s/step), final loss %.4f -> %s",
-        result.steps,
-        summary["wall_seconds"],
-        result.seconds_per_step or 0.0,
-        result.final_loss or float("nan"),
-        result.output_file,
-    )
+            write_summary(run_dir, summary)
+        log.info(
+            "done: %d steps in %.1f s (%.3f s/step), final loss %.4f -> %s",
+            result.steps,
+            summary["wall_seconds"],
+            result.seconds_per_step or 0.0,
+            result.final_loss or float("nan"),
+            result.output_file,
+        )
+        if flag.signal in ENDING_SIGNALS:  # SIGUSR1/2 only warn of a time limit: nothing is left to save
+            message = f"stopped by {flag.name} as the run completed (its LoRA is saved: {result.output_file})"
+            log.warning("%s", message)
+            raise StopRequested(flag, message)
     return summary

@@ -17,6 +17,7 @@ from atelier.sampling.generate import build_pipeline, build_sdxl_pipeline, gener
 from atelier.sampling.grid import make_grid
 from atelier.sampling.manifest import SAMPLES_DIR
 from atelier.sampling.prompts import SampleDefaults, SamplePrompt, load_prompt_file, parse_prompts
+from atelier.train.signals import stop_asked
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class SampleWriter:
                 self.device,
                 # SDXL's pipeline always takes the penultimate layers (clip_skip does not apply).
                 clip_skip=None if self.base.text_encoder_2 is not None else self.cfg.training.clip_skip,
+                should_stop=lambda: stop_asked() is not None,
             )
 
     def write_grid(self) -> Path | None:

@@ -89,8 +89,10 @@ def _feed(h: "hashlib._Hash", value: Any) -> None:
 def save_training_state(run_dir: Path, state: dict[str, Any]) -> Path:
     path = run_dir / STATE_FILE
     state = {**state, "version": STATE_VERSION}
-    with atomic_path(path) as tmp:
-        torch.save({**state, "digest": content_digest(state)}, tmp)
+    # Our own file object: on a full disk it is closed at once, so the space the partial
+    # file took is free again for summary.json (torch's writer would hold it until collected).
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save({**state, "digest": content_digest(state)}, fh)
     return path
 
 

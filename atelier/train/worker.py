@@ -8,6 +8,7 @@ the processes), so every process trains exactly the recorded config.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         run_training(load_run_config(run_dir), run_dir)
     except StopRequested as stop:
         return stop.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: run_training has said so
+        return 128 + signal.SIGINT
     except UserError as err:  # the message says it all: no traceback
         log.error("process %d: %s", rank, one_line(err))
         return 1
