@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from atelier.cli import main
 from atelier.config.schema import NetworkConfig
 from atelier.models.architectures import build_text_encoder, build_unet
+from atelier.network import kinds as network_kinds
 from atelier.network.factory import create_network, network_from_state
 from atelier.network.lora import LoRAModule
 from atelier.network.spec import NetworkSpec, kohya_module, kohya_network_args
@@ -19,7 +20,7 @@ from atelier.outputs.lora_file import save_lora
 from atelier.tools.export_kohya import build_export
 from tests.test_config import compose_config
 
-KINDS = ["lora", "locon", "loha", "lokr", "dylora", "ia3"]
+KINDS = list(network_kinds.KINDS)  # a kind added to the registry is tested here too
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from atelier.network.kinds import KINDS
+
 
 class ModelVersion(str, Enum):
     sd1 = "sd1"
@@ -20,13 +22,8 @@ class ModelVersion(str, Enum):
     sdxl = "sdxl"
 
 
-class NetworkModule(str, Enum):
-    lora = "lora"  # sd-scripts networks.lora (with conv_dim: LoCon-style "C3Lier")
-    locon = "locon"  # LyCORIS LoCon (lycoris.kohya algo=locon)
-    loha = "loha"  # LyCORIS LoHa
-    lokr = "lokr"  # LyCORIS LoKr
-    dylora = "dylora"  # sd-scripts networks.dylora
-    ia3 = "ia3"  # LyCORIS (IA)^3
+# network.module: one member per entry of atelier.network.kinds.KINDS (documented there).
+NetworkModule = Enum("NetworkModule", [(name, name) for name in KINDS], type=str, module=__name__)
 
 
 class OptimizerType(str, Enum):

@@ -1,8 +1,8 @@
 """Which configs of a sweep can be trained in one fused pass, and in which groups.
 
 A group shares one frozen base model and one batch shape: the keys in SHARED_KEYS must be
-equal. Each config must also be a possible lane on its own (lane_problems): a LoRA or
-LoCon network on the UNet only, no dropouts (they draw from the global RNG, so no lane
+equal. Each config must also be a possible lane on its own (lane_problems): a network of a
+fusable kind (atelier.network.kinds: LoRA, LoCon) on the UNet only, no dropouts (they draw from the global RNG, so no lane
 could match its solo run), bf16 or fp32, one process, no torch.compile.
 """
 
@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from atelier.config.schema import MixedPrecision
 from atelier.errors import UserError
+from atelier.network.kinds import fusable_kinds
 from atelier.network.spec import NetworkSpec
 
 # Config keys every lane of a group must share: one base model, one batch shape.
@@ -31,7 +32,6 @@ SHARED_KEYS = (
     "training.torch_compile",
     "network.train_unet_only",
 )
-FUSABLE_KINDS = ("lora", "locon")
 
 
 class FusedGroupError(UserError, ValueError):
@@ -44,8 +44,8 @@ def lane_problems(cfg: DictConfig) -> list[str]:
     problems = []
     if not cfg.network.train_unet_only:
         problems.append("network.train_unet_only must be true (text-encoder training is not fused)")
-    if spec.kind not in FUSABLE_KINDS:
-        problems.append(f"network.module={spec.kind} cannot be fused (only {', '.join(FUSABLE_KINDS)})")
+    if not spec.entry.fusable:
+        problems.append(f"network.module={spec.kind} cannot be fused (only {', '.join(fusable_kinds())})")
     if spec.dropout or spec.rank_dropout or spec.module_dropout:
         problems.append("network dropouts draw from the global RNG; set them to 0 to fuse")
     if MixedPrecision(t.mixed_precision) == MixedPrecision.fp16:

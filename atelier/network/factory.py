@@ -9,31 +9,13 @@ import torch
 from torch import nn
 
 from atelier.config.validate import ConfigError
-from atelier.network.dylora import DyLoRAModule
-from atelier.network.lora import LoRAModule, LoRANetwork
-from atelier.network.spec import DISPLAY_NAMES, NetworkSpec
-from atelier.network.targets import (
-    TEXT_ENCODER_PREFIX,
-    UNET_PREFIX,
-    TargetLayer,
-    belongs_to,
-    is_ia3_target,
-    iter_targets,
-)
+from atelier.network.kinds import FILE_FAMILIES, family, kinds_of_family
+from atelier.network.lora import LoRANetwork
+from atelier.network.spec import NetworkSpec
+from atelier.network.targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, belongs_to, iter_targets
 from atelier.outputs.lora_file import load_lora
 
 log = logging.getLogger(__name__)
-
-# The tensor that identifies each file family (the first key found wins).
-FILE_FAMILIES = (
-    ("hada_w1_a", "loha"),
-    ("lokr_w1", "lokr"),
-    ("lokr_w1_a", "lokr"),
-    ("on_input", "ia3"),
-    ("lora_down.weight", "lora"),
-)
-# Kinds that read and write the same lora_down / lora_up / alpha tensors.
-LORA_FAMILY = ("lora", "locon", "dylora")
 
 
 def build_network(net: Any, unet: nn.Module | None, text_encoder: nn.Module | None) -> LoRANetwork:
@@ -49,7 +31,7 @@ def build_network(net: Any, unet: nn.Module | None, text_encoder: nn.Module | No
             raise FileNotFoundError(f"network.weights={weights}: no such file (train the first stage first?)") from error
         network = network_from_state(spec, unet, text_encoder, state, str(weights))
         log.info("starting from %s (rank and alpha per module from the file)", weights)
-    network.log_counts(DISPLAY_NAMES[spec.kind], unet is not None, text_encoder is not None)
+    network.log_counts(spec.entry.display, unet is not None, text_encoder is not None)
     return network
 
 
@@ -66,7 +48,7 @@ def create_network(
     targets = [
         target
         for target in iter_targets(unet, text_encoder, conv=conv)
-        if (names is None or target.lora_name in names) and (spec.kind != "ia3" or is_ia3_target(target))
+        if (names is None or target.lora_name in names) and spec.entry.adapts(target)
     ]
     check_ranks_fit(spec, [t for t in targets if t.lora_name not in per_module])  # file shapes are as they are
     modules = {t.lora_name: make_module(spec, t, **per_module.get(t.lora_name, {})) for t in targets}
@@ -87,10 +69,9 @@ def check_ranks_fit(spec: NetworkSpec, targets: list[TargetLayer]) -> None:
 
     Checked before any module is allocated: dim=100000 on a 320-wide layer would build a
     32M-parameter "low-rank" pair per layer and exhaust memory instead of saying what is
-    wrong. LoKr (a dim past its factors means full matrices) and (IA)^3 (no rank) are not
-    checked.
+    wrong. Kinds whose rank is not bounded by the layer (LoKr, (IA)^3) are not checked.
     """
-    if spec.kind not in (*LORA_FAMILY, "loha"):
+    if not spec.entry.rank_bounded_by_layer:
         return
     for convs in (False, True):
         chosen = [t for t in targets if t.is_conv_kxk == convs]
@@ -116,49 +97,26 @@ def make_module(spec: NetworkSpec, target: TargetLayer, dim: int | None = None, 
         dim = (spec.conv_dim if target.is_conv_kxk else None) or spec.dim
     if alpha is None:
         alpha = spec.conv_alpha if target.is_conv_kxk else spec.alpha
-    if spec.kind in ("lora", "locon"):
-        return LoRAModule(target.lora_name, target.module, dim, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout)
-    if spec.kind == "dylora":
-        return DyLoRAModule(target.lora_name, target.module, dim, alpha, spec.unit)
-    if spec.kind == "lokr":
-        options = {"factor": spec.factor, **options}
-    # Imported here: lycoris pulls in peft and bitsandbytes (~3 s), which LoRA runs never need.
-    from atelier.network.lycoris_modules import make_lycoris_module
-
-    return make_lycoris_module(spec.kind, target, dim, alpha, spec.rank_dropout, spec.module_dropout, **options)
+    return spec.entry.build(spec, target, dim, alpha, options)
 
 
 def file_family(state: dict[str, torch.Tensor]) -> str:
     suffixes = {key.split(".", 1)[1] for key in state if "." in key}
-    for suffix, family in FILE_FAMILIES:
-        if suffix in suffixes:
-            return family
-    raise ValueError("holds no kohya network tensors (lora_down / hada_* / lokr_* / on_input)")
+    for candidate in FILE_FAMILIES:
+        if suffixes.intersection(candidate.identifying):
+            return candidate.name
+    markers = " / ".join(f.identifying[0].split(".")[0] for f in FILE_FAMILIES)
+    raise ValueError(f"holds no kohya network tensors ({markers})")
 
 
-def module_shapes(family: str, state: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+def module_shapes(family_name: str, state: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """Per module: the dim / alpha (and LoKr layout) the file was trained with."""
+    shape_of = family(family_name).shape_of
     shapes: dict[str, dict[str, Any]] = {}
-    names = {key.split(".", 1)[0] for key in state}
-    for name in names:
-        def get(suffix: str) -> torch.Tensor | None:
-            return state.get(f"{name}.{suffix}")
-
-        entry: dict[str, Any] = {}
-        if get("alpha") is not None:
-            entry["alpha"] = float(get("alpha"))
-        if family == "lora":
-            entry["dim"] = get("lora_down.weight").shape[0]
-        elif family == "loha":
-            entry["dim"] = get("hada_w1_b").shape[0]
-        elif family == "lokr":
-            decomposed = get("lokr_w2_a") if get("lokr_w2_a") is not None else get("lokr_w1_a")
-            if decomposed is not None:
-                entry["dim"] = decomposed.shape[1]
-            else:
-                entry["full_matrix"] = True  # both Kronecker factors stored whole
-        else:  # (IA)^3: no dim or alpha
-            entry = {}
+    for name in {key.split(".", 1)[0] for key in state}:
+        entry = shape_of(lambda suffix: state.get(f"{name}.{suffix}"))
+        if entry and state.get(f"{name}.alpha") is not None:
+            entry = {"alpha": float(state[f"{name}.alpha"]), **entry}
         shapes[name] = entry
     return shapes
 
@@ -172,13 +130,14 @@ def network_from_state(
 ) -> LoRANetwork:
     """Modules named in the file, shaped as in the file, holding its weights."""
     try:
-        family = file_family(state)
+        found = file_family(state)
     except ValueError as error:
         raise ValueError(f"network.weights={source} {error}") from error
-    if family != spec.kind and not (family == "lora" and spec.kind in LORA_FAMILY):
+    if spec.entry.family != found:
+        first, *others = kinds_of_family(found)
         raise ValueError(
-            f"network.weights={source} holds {family} modules, but network.module={spec.kind}; "
-            f"continue it with network={family if family != 'lora' else 'lora (or locon, dylora)'}"
+            f"network.weights={source} holds {found} modules, but network.module={spec.kind}; "
+            f"continue it with network={first}" + (f" (or {', '.join(others)})" if others else "")
         )
     for prefix, trained, key in ((UNET_PREFIX, unet, "train_text_encoder_only"), (TEXT_ENCODER_PREFIX, text_encoder, "train_unet_only")):
         if trained is not None and not any(belongs_to(name, prefix) for name in state):
@@ -186,7 +145,7 @@ def network_from_state(
                 f"network.weights={source} has no {prefix}_ modules, but this run trains them; "
                 f"set network.{key}=true to train only what the file holds"
             )
-    shapes = module_shapes(family, state)
+    shapes = module_shapes(found, state)
     network = create_network(spec, unet, text_encoder, per_module=shapes, names=set(shapes))
     network.load_kohya_state_dict(state, source)
     return network

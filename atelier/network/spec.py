@@ -11,19 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-LYCORIS_KINDS = ("locon", "loha", "lokr", "ia3")
-KOHYA_MODULES = {"lora": "networks.lora", "dylora": "networks.dylora", **{k: "lycoris.kohya" for k in LYCORIS_KINDS}}
-# How logs name each kind (sd-scripts prints "create LoRA for U-Net: ...").
-DISPLAY_NAMES = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "dylora": "DyLoRA", "ia3": "(IA)^3"}
-# What each kind implements; anything else set is an error, not silently ignored.
-SUPPORTED = {
-    "lora": {"conv_dim", "dropout", "rank_dropout", "module_dropout"},
-    "locon": {"conv_dim", "dropout", "rank_dropout", "module_dropout"},
-    "loha": {"conv_dim", "rank_dropout", "module_dropout"},
-    "lokr": {"conv_dim", "rank_dropout", "module_dropout", "factor"},
-    "dylora": {"conv_dim", "unit"},
-    "ia3": {"module_dropout"},
-}
+from atelier.network.kinds import NetworkKind, kind_named
+
 # sd-scripts' default conv_alpha when conv_dim is given without it.
 DEFAULT_CONV_ALPHA = 1.0
 
@@ -50,11 +39,15 @@ class NetworkSpec:
     def conv(self) -> bool:
         return bool(self.conv_dim)
 
+    @property
+    def entry(self) -> NetworkKind:
+        """What the kind means (atelier.network.kinds)."""
+        return kind_named(self.kind)
+
     @classmethod
     def from_config(cls, net: Any) -> "NetworkSpec":
-        kind = str(_value(net, "module"))
-        if kind not in KOHYA_MODULES:
-            raise ValueError(f"network.module={kind} is not one of {', '.join(KOHYA_MODULES)}")
+        entry = kind_named(str(_value(net, "module")))
+        kind = entry.name
         given = {
             "conv_dim": _value(net, "conv_dim"),
             "dropout": _value(net, "dropout"),
@@ -64,29 +57,22 @@ class NetworkSpec:
             "unit": _value(net, "unit"),
         }
         for key, value in given.items():
-            if value and key not in SUPPORTED[kind]:
+            if value and key not in entry.options:
                 raise ValueError(
                     f"network.{key}={value} does not apply to network.module={kind} "
-                    f"(it takes: {', '.join(sorted(SUPPORTED[kind])) or 'none of the optional keys'}); "
+                    f"(it takes: {', '.join(sorted(entry.options)) or 'none of the optional keys'}); "
                     f"unset it (network.{key}=null)"
                 )
         for key in ("dropout", "rank_dropout", "module_dropout"):
             if given[key] is not None and not 0 <= given[key] < 1:
                 raise ValueError(f"network.{key}={given[key]} must be in [0, 1)")
         dim, conv_dim = int(_value(net, "dim")), given["conv_dim"]
-        if kind != "ia3" and dim <= 0:
+        if entry.has_rank and dim <= 0:
             raise ValueError(f"network.dim={dim} must be a positive rank")
         if conv_dim is not None and conv_dim < 0:
             raise ValueError(f"network.conv_dim={conv_dim} must be a positive rank, or null for no conv layers")
-        unit = int(given["unit"] or 1)
-        if kind == "dylora":
-            if unit <= 0 or dim % unit:
-                raise ValueError(f"network.dim={dim} must be a multiple of network.unit={unit} for DyLoRA")
-            if conv_dim and conv_dim != dim:
-                # sd-scripts' networks.dylora asserts the same.
-                raise ValueError(f"DyLoRA needs network.conv_dim equal to network.dim ({dim}), got {conv_dim}")
         conv_alpha = _value(net, "conv_alpha")
-        return cls(
+        spec = cls(
             kind=kind,
             dim=dim,
             alpha=float(_value(net, "alpha")),
@@ -96,13 +82,15 @@ class NetworkSpec:
             rank_dropout=float(given["rank_dropout"] or 0.0),
             module_dropout=float(given["module_dropout"] or 0.0),
             factor=int(_value(net, "factor") if _value(net, "factor") is not None else -1),
-            unit=unit,
+            unit=int(given["unit"] or 1),
         )
+        entry.check(spec)
+        return spec
 
 
 def kohya_module(net: Any) -> str:
     """ss_network_module / --network_module."""
-    return KOHYA_MODULES[str(_value(net, "module"))]
+    return kind_named(str(_value(net, "module"))).kohya_module
 
 
 def kohya_network_args(net: Any) -> dict[str, str]:
@@ -112,23 +100,20 @@ def kohya_network_args(net: Any) -> dict[str, str]:
     (ss_network_dropout); LyCORIS reads it from network_args as `dropout`.
     """
     spec = NetworkSpec.from_config(net)
+    entry = spec.entry
     args: dict[str, str] = {}
-    if spec.kind in LYCORIS_KINDS:
-        args["algo"] = spec.kind
-        # LyCORIS' presets closest to our targets: attn-mlp is exact; `full` adds
-        # conv_in, conv_out and time_embedding to the conv blocks; (IA)^3 has its own.
-        args["preset"] = "ia3" if spec.kind == "ia3" else ("full" if spec.conv else "attn-mlp")
+    if entry.lycoris_algo:
+        args["algo"] = entry.lycoris_algo
+        args["preset"] = entry.lycoris_preset or ("full" if spec.conv else "attn-mlp")
     if spec.conv:
         args["conv_dim"] = str(spec.conv_dim)
         args["conv_alpha"] = str(spec.conv_alpha)
-    if spec.kind in LYCORIS_KINDS and spec.dropout:
+    if entry.lycoris_algo and spec.dropout:
         args["dropout"] = str(spec.dropout)
     if spec.rank_dropout:
         args["rank_dropout"] = str(spec.rank_dropout)
     if spec.module_dropout:
         args["module_dropout"] = str(spec.module_dropout)
-    if spec.kind == "lokr":
-        args["factor"] = str(spec.factor)
-    if spec.kind == "dylora":
-        args["unit"] = str(spec.unit)
+    for key in entry.always_in_args:
+        args[key] = str(getattr(spec, key))
     return args

@@ -12,6 +12,7 @@ import torch
 
 from atelier.config.schema import SavePrecision
 from atelier.errors import UserError
+from atelier.network.kinds import lycoris_markers
 
 
 class ToolError(UserError, Exception):
@@ -52,7 +53,6 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
 # --- kohya LoRA factors ------------------------------------------------------------
 
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
-LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "lokr_w2", "hada_t1", "lokr_t2", ".diff", "oft_", ".w_norm", "b_norm")
 
 
 @dataclass
@@ -126,7 +126,7 @@ def split_lora(state: dict[str, torch.Tensor], source: str) -> dict[str, LoRAFac
         down, up = state.get(name + DOWN), state.get(name + UP)
         if down is None or up is None:
             keys = sorted(k for k in state if k.split(".", 1)[0] == name)
-            lycoris = any(marker in key for key in keys for marker in LYCORIS_MARKERS)
+            lycoris = any(marker in key for key in keys for marker in lycoris_markers())
             kind = "a LyCORIS (LoHa/LoKr/...) module" if lycoris else "not a LoRA module"
             raise ToolError(
                 f"{source}: {name} is {kind} ({', '.join(keys[:4])}); this tool handles kohya LoRA "

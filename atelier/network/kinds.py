@@ -1,0 +1,215 @@
+"""Every network kind Atelier trains, one entry each: the only table of kinds.
+
+The config's `network.module` choices, the spec's checks, the factory's modules, the
+kohya names in metadata and export-kohya, the tools' file recognition and the fused
+launcher all read KINDS and FILE_FAMILIES. Adding a kind is one `NetworkKind(...)` in
+KINDS (and its module class): nothing else lists kinds.
+
+Nothing here imports torch at import time: atelier.config.schema builds its enum from
+KINDS, and a config check should not pay for torch. The module classes are imported
+when a module is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from atelier.network.spec import NetworkSpec
+    from atelier.network.targets import TargetLayer
+
+# (spec, target, dim, alpha, per-module options from a file) -> the module on `target`.
+Builder = Callable[["NetworkSpec", "TargetLayer", int, float, dict[str, Any]], "nn.Module"]
+# A file's tensor for one module, by suffix ("lora_down.weight"), or None.
+TensorOf = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class FileFamily:
+    """One layout of a module's tensors in a kohya network file."""
+
+    name: str
+    # Tensor-name suffixes (after "<module>.") that identify the family.
+    identifying: tuple[str, ...]
+    # The per-module shape the file was trained with ({"dim": r} / {"full_matrix": True} / {}).
+    shape_of: Callable[[TensorOf], dict[str, Any]]
+    # Other suffixes only this family writes (Tucker / decomposed variants).
+    also_writes: tuple[str, ...] = ()
+    lycoris: bool = False
+
+
+def _lora_shape(tensor: TensorOf) -> dict[str, Any]:
+    return {"dim": tensor("lora_down.weight").shape[0]}
+
+
+def _loha_shape(tensor: TensorOf) -> dict[str, Any]:
+    return {"dim": tensor("hada_w1_b").shape[0]}
+
+
+def _lokr_shape(tensor: TensorOf) -> dict[str, Any]:
+    decomposed = tensor("lokr_w2_a") if tensor("lokr_w2_a") is not None else tensor("lokr_w1_a")
+    if decomposed is None:
+        return {"full_matrix": True}  # both Kronecker factors stored whole
+    return {"dim": decomposed.shape[1]}
+
+
+def _no_shape(tensor: TensorOf) -> dict[str, Any]:
+    return {}  # (IA)^3: a scale vector, no rank
+
+
+# In the order a file is recognised: the first family with an identifying tensor wins
+# (a LoKr file may also hold plain lora_* modules, never the other way round).
+FILE_FAMILIES: tuple[FileFamily, ...] = (
+    FileFamily("loha", ("hada_w1_a",), _loha_shape, also_writes=("hada_t1",), lycoris=True),
+    FileFamily("lokr", ("lokr_w1", "lokr_w1_a"), _lokr_shape, also_writes=("lokr_w2", "lokr_t2"), lycoris=True),
+    FileFamily("ia3", ("on_input",), _no_shape, lycoris=True),
+    FileFamily("lora", ("lora_down.weight",), _lora_shape),
+)
+# Tensors of LyCORIS algorithms Atelier does not train (full/diff, OFT, norm): recognised
+# so that a tool can say what a file is instead of "not a LoRA".
+OTHER_LYCORIS_MARKERS = (".diff", "oft_", ".w_norm", "b_norm")
+
+
+def family(name: str) -> FileFamily:
+    return next(f for f in FILE_FAMILIES if f.name == name)
+
+
+def lycoris_markers() -> tuple[str, ...]:
+    """Substrings of tensor names that only LyCORIS files hold."""
+    ours = (m for f in FILE_FAMILIES if f.lycoris for m in (*f.identifying, *f.also_writes))
+    return (*ours, *OTHER_LYCORIS_MARKERS)
+
+
+def _lora(spec: NetworkSpec, target: TargetLayer, dim: int, alpha: float, options: dict[str, Any]) -> nn.Module:
+    from atelier.network.lora import LoRAModule
+
+    return LoRAModule(target.lora_name, target.module, dim, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout)
+
+
+def _dylora(spec: NetworkSpec, target: TargetLayer, dim: int, alpha: float, options: dict[str, Any]) -> nn.Module:
+    from atelier.network.dylora import DyLoRAModule
+
+    return DyLoRAModule(target.lora_name, target.module, dim, alpha, spec.unit)
+
+
+def _lycoris(algo: str) -> Builder:
+    def build(spec: NetworkSpec, target: TargetLayer, dim: int, alpha: float, options: dict[str, Any]) -> nn.Module:
+        # Imported here: lycoris pulls in peft and bitsandbytes (~3 s), which LoRA runs never need.
+        from atelier.network.lycoris_modules import make_lycoris_module
+
+        if algo == "lokr":
+            options = {"factor": spec.factor, **options}
+        return make_lycoris_module(algo, target, dim, alpha, spec.rank_dropout, spec.module_dropout, **options)
+
+    return build
+
+
+def _every_layer(target: TargetLayer) -> bool:
+    return True
+
+
+def _ia3_layers(target: TargetLayer) -> bool:
+    from atelier.network.targets import is_ia3_target
+
+    return is_ia3_target(target)
+
+
+def _check_dylora(spec: NetworkSpec) -> None:
+    if spec.unit <= 0 or spec.dim % spec.unit:
+        raise ValueError(f"network.dim={spec.dim} must be a multiple of network.unit={spec.unit} for DyLoRA")
+    if spec.conv_dim and spec.conv_dim != spec.dim:
+        # sd-scripts' networks.dylora asserts the same.
+        raise ValueError(f"DyLoRA needs network.conv_dim equal to network.dim ({spec.dim}), got {spec.conv_dim}")
+
+
+def _no_check(spec: NetworkSpec) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class NetworkKind:
+    """What one `network.module` value means, end to end."""
+
+    name: str  # the config value: network=<name> / network.module=<name>
+    doc: str  # one line for `--help` and the README
+    display: str  # how logs name it (sd-scripts prints "create LoRA for U-Net: ...")
+    kohya_module: str  # ss_network_module / --network_module
+    family: str  # the FileFamily its files use
+    build: Builder
+    # The optional network.* keys it implements; any other one set is an error, not ignored.
+    options: frozenset[str]
+    # LyCORIS' algo= in network_args, None for sd-scripts' own modules.
+    lycoris_algo: str | None = None
+    # LyCORIS preset= when the kind has its own; otherwise the one closest to our targets
+    # (attn-mlp is exact; `full` adds conv_in, conv_out and time_embedding to the conv blocks).
+    lycoris_preset: str | None = None
+    # Options written to network_args even at their defaults (sd-scripts keeps them all as strings).
+    always_in_args: tuple[str, ...] = ()
+    has_rank: bool = True  # network.dim is a rank (> 0)
+    # network.dim / conv_dim no wider than each layer (LoKr: a dim past its factors means
+    # full matrices; (IA)^3: no rank).
+    rank_bounded_by_layer: bool = True
+    adapts: Callable[[TargetLayer], bool] = _every_layer  # which target layers get a module
+    check: Callable[[NetworkSpec], None] = _no_check  # rules only this kind has
+    # Can be a lane of a fused group (atelier.fused): its modules must fit BatchedLoRA.
+    fusable: bool = False
+
+
+_DROPOUTS = frozenset({"rank_dropout", "module_dropout"})
+
+KINDS: dict[str, NetworkKind] = {
+    kind.name: kind
+    for kind in (
+        NetworkKind(
+            "lora", "sd-scripts networks.lora; with conv_dim also the 3x3 convs (LoCon-style \"C3Lier\")",
+            "LoRA", "networks.lora", "lora", _lora, frozenset({"conv_dim", "dropout", *_DROPOUTS}), fusable=True,
+        ),
+        NetworkKind(
+            "locon", "LyCORIS LoCon (lycoris.kohya algo=locon): LoRA on linear and conv layers",
+            "LoCon", "lycoris.kohya", "lora", _lora, frozenset({"conv_dim", "dropout", *_DROPOUTS}),
+            lycoris_algo="locon", fusable=True,
+        ),
+        NetworkKind(
+            "loha", "LyCORIS LoHa: a Hadamard product of two low-rank pairs (more expressive per rank)",
+            "LoHa", "lycoris.kohya", "loha", _lycoris("loha"), frozenset({"conv_dim", *_DROPOUTS}),
+            lycoris_algo="loha",
+        ),
+        NetworkKind(
+            "lokr", "LyCORIS LoKr: a Kronecker product (network.factor sets the split)",
+            "LoKr", "lycoris.kohya", "lokr", _lycoris("lokr"), frozenset({"conv_dim", "factor", *_DROPOUTS}),
+            lycoris_algo="lokr", always_in_args=("factor",), rank_bounded_by_layer=False,
+        ),
+        NetworkKind(
+            "dylora", "sd-scripts networks.dylora: ranks learnt in blocks of network.unit, cut to any rank later",
+            "DyLoRA", "networks.dylora", "lora", _dylora, frozenset({"conv_dim", "unit"}),
+            always_in_args=("unit",), check=_check_dylora,
+        ),
+        NetworkKind(
+            "ia3", "LyCORIS (IA)^3: a learnt scale of keys, values and the FFN output (no rank)",
+            "(IA)^3", "lycoris.kohya", "ia3", _lycoris("ia3"), frozenset({"module_dropout"}),
+            lycoris_algo="ia3", lycoris_preset="ia3", has_rank=False, rank_bounded_by_layer=False,
+            adapts=_ia3_layers,
+        ),
+    )
+}  # fmt: skip
+
+
+def kind_named(name: str) -> NetworkKind:
+    """The kind `network.module=<name>` names; an error listing the kinds otherwise."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ValueError(f"network.module={name} is not one of {', '.join(KINDS)}") from None
+
+
+def kinds_of_family(name: str) -> list[str]:
+    """The kinds whose files hold `name` tensors (a LoRA file continues as lora, locon or dylora)."""
+    return [k.name for k in KINDS.values() if k.family == name]
+
+
+def fusable_kinds() -> list[str]:
+    return [k.name for k in KINDS.values() if k.fusable]
