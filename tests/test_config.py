@@ -13,7 +13,7 @@ from atelier.config.schema import NetworkConfig, OptimizerType
 from tests.helpers import REPO_ROOT, run_train
 
 CONF = REPO_ROOT / "conf"
-GROUPS = ["model", "network", "optimizer", "scheduler", "dataset", "debug"]
+GROUPS = ["model", "network", "optimizer", "scheduler", "dataset", "training", "sampling", "output", "debug"]
 REQUIRED_OPTIONS = {
     "model": {"tiny", "sd15", "sd2_v", "sdxl"},
     "network": {"lora", "locon", "loha", "lokr", "dylora", "ia3"},
@@ -22,6 +22,7 @@ REQUIRED_OPTIONS = {
     "scheduler": {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
                   "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay", "piecewise_constant"},
     "debug": {"smoke"},
+    **{group: {"default"} for group in ("training", "sampling", "output")},
 }
 
 

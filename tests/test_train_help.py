@@ -8,7 +8,7 @@ import sys
 
 from tests.helpers import REPO_ROOT, TRAIN
 
-GROUPS = ["model", "network", "optimizer", "scheduler", "dataset", "experiment", "debug"]
+GROUPS = ["model", "network", "optimizer", "scheduler", "dataset", "training", "sampling", "output", "experiment", "debug"]
 
 
 def test_help_page_names_examples_groups_and_where_options_are() -> None:

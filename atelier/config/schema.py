@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, SI
 
 from atelier.network.kinds import KINDS
 
@@ -250,7 +250,7 @@ class TrainingConfig:
     # max_train_steps, when set, caps the run; otherwise max_train_epochs sets it.
     max_train_epochs: Optional[int] = 10
     max_train_steps: Optional[int] = None
-    train_batch_size: int = 1
+    train_batch_size: int = 2
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
     mixed_precision: MixedPrecision = MixedPrecision.no
@@ -315,10 +315,12 @@ class SamplingConfig:
     prompt_file: Optional[str] = None
     # Use only the first N prompts (debug runs).
     limit: Optional[int] = None
-    sample_every_n_epochs: Optional[int] = 1
+    # null: only after the last step.
+    sample_every_n_epochs: Optional[int] = 5
     sampler: str = "ddim"
-    width: int = 512
-    height: int = 512
+    # A prompt's --w / --h win over these.
+    width: int = SI("${dataset.resolution}")
+    height: int = SI("${dataset.resolution}")
     steps: int = 20
     cfg_scale: float = 7.0
     seed: int = 1234
@@ -326,8 +328,11 @@ class SamplingConfig:
 
 @dataclass
 class OutputConfig:
-    output_name: str = MISSING
-    save_every_n_epochs: Optional[int] = 1
+    # The LoRA file's name (<output_name>.safetensors, -<epoch> for intermediate ones);
+    # a name, not a path.
+    output_name: str = SI("${project}")
+    # An intermediate LoRA every n epochs (null: only the final one).
+    save_every_n_epochs: Optional[int] = 5
     save_precision: SavePrecision = SavePrecision.float
     # Keep the training state (weights, optimizer, scheduler, RNGs, data position) in
     # training_state.pt, so a job started again in the same run dir continues from it.
@@ -340,9 +345,12 @@ class OutputConfig:
 
 @dataclass
 class AtelierConfig:
-    # Groups all studies of one dataset under outputs/<project>/.
-    project: str = MISSING
+    # Groups all studies of one dataset under outputs/<project>/ (default: the dataset's name).
+    project: str = SI("${dataset.name}")
+    # Set by a recipe (conf/experiment/); names the folder of its sweeps.
     recipe: Optional[str] = None
+    # Re-running into the same run dir / hydra.sweep.dir: resume=true keeps finished runs
+    # (a sweep skips its finished jobs, and runs the jobs whose config changed as new jobs).
     resume: bool = False
     # A run dir that holds a finished run, or a run of another config, is refused
     # (atelier/outputs/guard.py); overwrite=true moves its files into replaced-<time>/ first.
@@ -366,6 +374,9 @@ SCHEMAS = {
     "optimizer": OptimizerConfig,
     "scheduler": SchedulerConfig,
     "dataset": DatasetConfig,
+    "training": TrainingConfig,
+    "sampling": SamplingConfig,
+    "output": OutputConfig,
 }
 
 
