@@ -272,7 +272,7 @@ def test_caption_options_apply_per_step_from_the_seeded_rng():
 
 
 def test_long_captions_are_encoded_in_chunks(tmp_path):
-    from atelier.train.caption_encoder import CaptionEncoder
+    from atelier.conditioning.caption_encoder import CaptionEncoder
 
     trainer = Trainer(make_cfg("dataset.max_token_length=150"), tmp_path)
     trainer.base = trainer._load_base_model()

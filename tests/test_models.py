@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from atelier.models import architectures, loading, tiny
+from atelier.models import architectures, loading, sources, tiny
 from atelier.models.ldm_convert import diffusers_to_ldm, save_single_file, vae_to_ldm
 from atelier.models.loading import ModelLoadError, load_base_model
 from atelier.models.tiny import TINY_MODEL_DIRNAME, ensure_tiny_model
@@ -317,7 +317,7 @@ def test_error_pickled_pipeline_folder(tiny_model_path: Path, tmp_path: Path) ->
 
 def test_error_single_file_without_config(tiny_single_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A repo no cache has, so the test doesn't depend on what this machine cached.
-    monkeypatch.setitem(loading._DEFAULT_CONFIG_REPOS, "sd1", "atelier-tests/not-cached")
+    monkeypatch.setitem(sources.DEFAULT_CONFIG_REPOS, "sd1", "atelier-tests/not-cached")
     _expect_error("model.config", "local diffusers folder", str(tiny_single_file), path=tiny_single_file)
 
 

@@ -22,7 +22,7 @@ from atelier.network.factory import create_network, file_family
 from atelier.network.spec import NetworkSpec, kohya_module
 from atelier.outputs.lora_file import load_lora
 from atelier.tools.common import ToolError, split_lora
-from tests.helpers import REPO_ROOT, final_lora
+from tests.helpers import REPO_ROOT, TRAIN, final_lora
 from tests.test_config import compose_config
 
 
@@ -83,10 +83,9 @@ ADD_A_KIND = textwrap.dedent(
     from atelier.network import kinds
     kinds.KINDS["mirror"] = dataclasses.replace(
         kinds.KINDS["lora"], name="mirror", display="Mirror", kohya_module="networks.mirror")
-    sys.path.insert(0, {root!r})
-    import train
-    sys.argv = ["train.py", *sys.argv[1:]]
-    train.main()
+    import runpy
+    sys.argv = [{train!r}, *sys.argv[1:]]
+    runpy.run_path({train!r}, run_name="__main__")
     """
 )
 
@@ -94,7 +93,7 @@ ADD_A_KIND = textwrap.dedent(
 def test_a_kind_added_as_one_entry_trains_and_saves_under_its_kohya_names(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-c", ADD_A_KIND.format(root=str(REPO_ROOT)), "debug=smoke", "network.module=mirror",
+        [sys.executable, "-c", ADD_A_KIND.format(train=str(TRAIN)), "debug=smoke", "network.module=mirror",
          f"hydra.run.dir={run_dir}"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

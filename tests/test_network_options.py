@@ -3,7 +3,6 @@ starting from an existing file of each kind, sd-scripts names (metadata, export)
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
 

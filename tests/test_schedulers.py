@@ -11,7 +11,7 @@ from PIL import Image
 
 from atelier.config.schema import SchedulerConfig
 from atelier.train.lr_plot import _render_png, plot_lr_schedule
-from atelier.train.schedulers import lr_curve, lr_scheduler_from_config, parse_step_rules
+from atelier.train.schedulers import ScheduleSteps, lr_curve, lr_scheduler_from_config, parse_step_rules
 
 LR = 1e-3
 
@@ -21,13 +21,13 @@ def config(kind: str, **keys) -> SchedulerConfig:
 
 
 def curve(kind: str, total: int = 100, **keys) -> list[float]:
-    return lr_curve(config(kind, **keys), [LR], total)[0]
+    return lr_curve(config(kind, **keys), [LR], ScheduleSteps.of(config(kind, **keys), total))[0]
 
 
 def lr_after(kind: str, total: int, **keys) -> float:
     """The lr once all `total` steps are taken (the end point of the schedule)."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
-    scheduler = lr_scheduler_from_config(config(kind, **keys), optimizer, total)
+    scheduler = lr_scheduler_from_config(config(kind, **keys), optimizer, ScheduleSteps.of(config(kind, **keys), total))
     for _ in range(total):
         optimizer.step()
         scheduler.step()
@@ -74,7 +74,7 @@ def test_existing_schedules_still_follow_diffusers():
     assert curve("constant") == [LR] * 100
     cosine = curve("cosine")
     assert cosine[0] == LR and cosine[50] == pytest.approx(LR / 2) and cosine[-1] < 0.01 * LR
-    assert lr_curve(config("linear"), [LR, 2 * LR], 10)[1][0] == 2 * LR  # one curve per param group
+    assert lr_curve(config("linear"), [LR, 2 * LR], ScheduleSteps.of(config("linear"), 10))[1][0] == 2 * LR  # one curve per param group
 
 
 @pytest.mark.parametrize(

@@ -150,7 +150,7 @@ def test_sdxl_text_conditioning_matches_diffusers_encode_prompt(sdxl_run):
 
 
 def test_sdxl_size_and_crop_conditioning_as_sd_scripts():
-    from atelier.train.sdxl_conditioning import time_ids
+    from atelier.conditioning.sdxl import time_ids
 
     # original (h, w), crop (top, left), target (h, w)
     assert time_ids((64, 64), (64, 64)) == [64, 64, 0, 0, 64, 64]
@@ -163,7 +163,7 @@ def test_sdxl_size_and_crop_conditioning_as_sd_scripts():
 
 
 def test_sdxl_batches_carry_each_images_size_and_bucket(sdxl_run):
-    from atelier.train.sdxl_conditioning import batch_time_ids
+    from atelier.train.data import batch_time_ids
 
     trainer, _ = sdxl_run
     data = trainer.data
@@ -176,7 +176,7 @@ def test_sdxl_batches_carry_each_images_size_and_bucket(sdxl_run):
 
 
 def test_sdxl_unet_only_with_cached_long_captions_checkpointing_flips_and_validation(tmp_path):
-    from atelier.train.sdxl_conditioning import SDXLCaptionEncoder
+    from atelier.conditioning.sdxl import SDXLCaptionEncoder
 
     cfg = make_cfg(
         "model=tiny_sdxl", "training.max_train_steps=3", "network.train_unet_only=true",

@@ -6,7 +6,6 @@ import shlex
 import tomllib
 from pathlib import Path
 
-import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 

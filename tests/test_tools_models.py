@@ -14,14 +14,9 @@ from safetensors.torch import load_file, save_file
 from atelier.cli import main
 from atelier.models import hashes
 from atelier.models.ldm_convert import diffusers_to_ldm, save_single_file
-from atelier.models.loading import (
-    BaseModel,
-    ModelLoadError,
-    identify_single_file,
-    inspect_single_file,
-    load_base_model,
-)
+from atelier.models.loading import BaseModel, ModelLoadError, load_base_model
 from atelier.models.skeleton import WEIGHT_SUFFIXES, write_skeleton
+from atelier.models.sources import identify_single_file, inspect_single_file
 from atelier.outputs.lora_file import load_lora
 from atelier.train.run import run_training
 from tests.test_trainer import fresh_accelerate_state, make_cfg  # noqa: F401  (autouse fixture)
@@ -305,10 +300,10 @@ def test_load_base_model_on_detected_files(tmp_path: Path) -> None:
 
 
 def test_sd2_prediction_type_mismatch_warns(tmp_path: Path, caplog) -> None:
-    from atelier.models.loading import _check_single_file
+    from atelier.models.sources import check_single_file
 
     sd2_v = header_only(tmp_path / "sd2v.safetensors", SD2_KEYS, {"modelspec.prediction_type": "v"})
-    _check_single_file(sd2_v, "model.path", "sd2", v_parameterization=True)
+    check_single_file(sd2_v, "model.path", "sd2", v_parameterization=True)
     assert "ruins" not in caplog.text
-    _check_single_file(sd2_v, "model.path", "sd2", v_parameterization=False)
+    check_single_file(sd2_v, "model.path", "sd2", v_parameterization=False)
     assert "model.v_parameterization=False" in caplog.text and "768-v" in caplog.text

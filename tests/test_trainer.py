@@ -133,6 +133,18 @@ def test_unet_only_and_text_encoder_only(tmp_path):
     assert te_keys and all(k.startswith("lora_te_text_model_encoder_layers_") for k in te_keys)
 
 
+def test_a_learning_rate_of_zero_is_a_rate_not_unset(tmp_path):
+    """text_encoder_lr=0 freezes the text-encoder modules (their lora_up starts at zero and
+    stays there); it once fell back to learning_rate through `or`."""
+    run_dir, _ = train(tmp_path, "training.max_train_steps=2", "optimizer.learning_rate=1e-2",
+                       "optimizer.text_encoder_lr=0")  # fmt: skip
+    state, metadata = load_lora(run_dir / "demo.safetensors")
+    ups = {k: v for k, v in state.items() if k.endswith("lora_up.weight")}
+    assert all(not v.any() for k, v in ups.items() if k.startswith("lora_te_"))
+    assert any(v.any() for k, v in ups.items() if k.startswith("lora_unet_"))
+    assert (metadata["ss_text_encoder_lr"], metadata["ss_unet_lr"]) == ("0.0", "0.01")
+
+
 def test_start_from_weights_reads_rank_and_alpha_from_file(tmp_path):
     first, _ = train(tmp_path, "training.max_train_steps=2", "network.dim=4", "network.alpha=2", name="first")
     cfg = make_cfg("network.dim=16", f"network.weights={first / 'demo.safetensors'}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from omegaconf import MISSING, SI
 
@@ -147,11 +147,27 @@ class NetworkConfig:
 class OptimizerConfig:
     type: OptimizerType = MISSING
     learning_rate: float = 1e-4
-    # Null means "use learning_rate".
+    # The UNet's / text encoder's own rate; null means learning_rate, and 0 is a rate (that
+    # part stays as it is). Read through part_learning_rates.
     unet_lr: Optional[float] = None
     text_encoder_lr: Optional[float] = None
     # Passed to the optimizer's constructor (sd-scripts: --optimizer_args).
     args: Dict[str, Any] = field(default_factory=dict)
+
+
+class PartLearningRates(NamedTuple):
+    unet: float
+    text_encoder: float
+
+
+def part_learning_rates(opt: OptimizerConfig) -> PartLearningRates:
+    """The rates the UNet and text-encoder parts of a network train at, derived here only
+    (the optimizer's groups, ss_unet_lr / ss_text_encoder_lr). `is None`, not `or`: a rate
+    of 0 is set, not missing."""
+    return PartLearningRates(
+        unet=opt.learning_rate if opt.unet_lr is None else opt.unet_lr,
+        text_encoder=opt.learning_rate if opt.text_encoder_lr is None else opt.text_encoder_lr,
+    )
 
 
 @dataclass

@@ -43,23 +43,22 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from atelier.conditioning.unet_call import unet_prediction
+from atelier.config.validate import validate
+from atelier.fused.grouping import check_group
+from atelier.fused.lane_logs import as_lane
+from atelier.fused.slots import LaneRouter, Slot, install_slots, remove_lane
 from atelier.models.loading import BaseModel
 from atelier.network.factory import build_network
 from atelier.network.lora import LoRANetwork
 from atelier.outputs.run_dir import write_environment, write_resolved_config
 from atelier.outputs.summary import write_summary
 from atelier.train import phases, reuse
-from atelier.train.data import Batch
+from atelier.train.data import Batch, batch_time_ids
 from atelier.train.metrics import MetricsLog
-from atelier.config.validate import validate
 from atelier.train.run import failure_reason, summarise
-from atelier.train.sdxl_conditioning import batch_time_ids, unet_prediction
 from atelier.train.signals import StopFlag, StopRequested, stop_on_signals
 from atelier.train.trainer import EpochProgress, StepInputs, Trainer, TrainResult
-
-from atelier.fused.grouping import check_group
-from atelier.fused.lane_logs import as_lane
-from atelier.fused.slots import LaneRouter, Slot, install_slots, remove_lane
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,14 @@ class SkeletonError(UserError, ValueError):
 
 def skeleton_files(source: str | os.PathLike) -> list[Path]:
     """The files of `source` (relative paths) a skeleton keeps: everything but weights."""
-    from .loading import ModelLoadError, _check_pipeline_folder
+    from .load_errors import ModelLoadError
+    from .sources import check_pipeline_folder
 
     folder = Path(source).expanduser().resolve()
     if not folder.is_dir():
         raise SkeletonError(f"'{folder}' is not a folder; give a diffusers pipeline folder (with model_index.json)")
     try:
-        _check_pipeline_folder(folder, "diffusers_folder")
+        check_pipeline_folder(folder, "diffusers_folder")
     except ModelLoadError as error:
         raise SkeletonError(str(error)) from error
     kept = [Path("model_index.json")]

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from atelier.config.schema import ModelVersion
+from atelier.config.schema import ModelVersion, part_learning_rates
 from atelier.network.spec import kohya_module, kohya_network_args
 
 BASE_MODEL_VERSIONS = {
@@ -58,8 +58,9 @@ def training_metadata(
     t, net, opt = cfg.training, cfg.network, cfg.optimizer
     base_version = base_model_version(cfg.model.version, cfg.model.v_parameterization)
     res = cfg.dataset.resolution
-    unet_lr = None if net.train_text_encoder_only else (opt.unet_lr or opt.learning_rate)
-    te_lr = None if net.train_unet_only else (opt.text_encoder_lr or opt.learning_rate)
+    rates = part_learning_rates(opt)
+    unet_lr = None if net.train_text_encoder_only else rates.unet
+    te_lr = None if net.train_unet_only else rates.text_encoder
     meta = {
         "ss_output_name": cfg.output.output_name,
         "ss_network_module": kohya_module(net),

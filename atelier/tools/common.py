@@ -21,7 +21,7 @@ class ToolError(UserError, Exception):
 
 def fail_cleanly(name: str, func: Callable[[], int]) -> int:
     """Run a tool; a ToolError (or a model / file error) becomes one line on stderr and exit 2."""
-    from atelier.models.loading import ModelLoadError
+    from atelier.models.load_errors import ModelLoadError
 
     try:
         return func()

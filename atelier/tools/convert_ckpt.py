@@ -24,7 +24,9 @@ def convert(source: Path, output: Path, dtype: torch.dtype | None = None) -> tup
     """Write the tensors of `source` to `output`; (tensors written, keys dropped, what it looks like)."""
     from safetensors.torch import save_file
 
-    from atelier.models.loading import ModelLoadError, identify_single_file, load_pickled_state_dict
+    from atelier.models.load_errors import ModelLoadError
+    from atelier.models.pickles import load_pickled_state_dict
+    from atelier.models.sources import identify_single_file
     from atelier.utils.atomic import atomic_path
 
     state = load_pickled_state_dict(source, "convert-ckpt")
@@ -55,7 +57,7 @@ def convert(source: Path, output: Path, dtype: torch.dtype | None = None) -> tup
 
 
 def run(args: argparse.Namespace) -> int:
-    from atelier.models.loading import is_pickle_file
+    from atelier.models.pickles import is_pickle_file
 
     source = existing_file(args.input, "checkpoint")
     output = check_output(args.output, args.force, [source])
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             "--allow-pickle to read it anyway, with torch's restricted (weights-only) unpickler: only "
             "tensors are built, anything else is replaced by an inert stub"
         )
-    from atelier.models.loading import pickled_globals
+    from atelier.models.pickles import pickled_globals
 
     stubbed = pickled_globals(source, "convert-ckpt")
     count, dropped, what = convert(source, output, SAVE_DTYPES[args.save_precision])

@@ -544,7 +544,7 @@ def run(args: argparse.Namespace) -> int:
 
     print("# sd-scripts command line for this run (from the sd-scripts folder):")
     print(command_line(export))
-    print(f"\n# or, with the files written here:")
+    print("\n# or, with the files written here:")
     print(f"accelerate launch {export.script} --config_file {shlex.quote(str(outputs[CONFIG_TOML]))}")
     print("\nwrote " + ", ".join(str(p) for p in outputs.values()))
     if not export.subsets:

@@ -232,7 +232,7 @@ def merge_into_checkpoint(
     """The merged state dict and metadata of `base`; plus one report line per LoRA."""
     from safetensors import safe_open
 
-    from atelier.models.loading import inspect_single_file
+    from atelier.models.sources import inspect_single_file
 
     existing_file(base, "base checkpoint")
     if base.suffix.lower() != ".safetensors":

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from atelier.conditioning.caption_encoder import CaptionEncoder
+from atelier.conditioning.sdxl import SDXLCaptionEncoder, time_ids
 from atelier.data.buckets import (
     BucketManager,
     bucket_batches,
@@ -37,7 +39,6 @@ from atelier.data.caption_ops import captions_are_static, process_caption
 from atelier.data.dataset import DatasetIndex, ImageItem, scan_dataset
 from atelier.data.latent_cache import LatentCache, can_cache_latents, default_cache_dir
 from atelier.train import phases, reuse
-from atelier.train.caption_encoder import CaptionEncoder
 from atelier.train.dataset_options import (
     bucket_settings,
     cache_latents_wanted,
@@ -48,7 +49,6 @@ from atelier.train.dataset_options import (
 )
 from atelier.train.latents import PixelJob, StepEncoder
 from atelier.train.regularization import balance_reg_repeats
-from atelier.train.sdxl_conditioning import SDXLCaptionEncoder, time_ids
 from atelier.train.signals import raise_if_stop_asked
 from atelier.train.state import as_tuples
 from atelier.train.validation import Validator, split_validation
@@ -329,3 +329,12 @@ def shard(batches: list[Batch], rank: int, world_size: int) -> list[Batch]:
 
 
 __all__ = ["Batch", "TrainingData", "shard"]
+
+
+def batch_time_ids(data: TrainingData, batch: Batch) -> torch.Tensor:
+    """[B, 6] add_time_ids of a training batch, from its items' sizes and buckets."""
+    rows = [
+        time_ids(data.assignments[i].bucket, data.assignments[i].image_size, flipped)
+        for i, flipped in zip(batch.indices, batch.flips)
+    ]
+    return torch.tensor(rows, dtype=torch.float32)

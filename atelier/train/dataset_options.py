@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from atelier.conditioning.text_chunks import SUPPORTED_MAX_TOKEN_LENGTHS
 from atelier.data.buckets import BucketSettings
 from atelier.data.caption_ops import CaptionOptions
 from atelier.data.errors import DatasetError
 from atelier.data.images import ImageLimits
-from atelier.data.text_chunks import SUPPORTED_MAX_TOKEN_LENGTHS
 
 KEY = "dataset"
 

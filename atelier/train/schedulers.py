@@ -7,6 +7,7 @@ inverse_sqrt and warmup_stable_decay (as sd-scripts does, num_cycles counts half
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,6 +44,25 @@ def warmup_steps(total_steps: int, warmup_steps: int, warmup_ratio: float | None
 
 def decay_steps(total_steps: int, decay_steps: int, decay_ratio: float | None) -> int:
     return _steps(total_steps, decay_steps, decay_ratio, "decay")
+
+
+@dataclass(frozen=True)
+class ScheduleSteps:
+    """A schedule's step counts, derived once from scheduler.* and the run's length; the
+    trainer's optimizer, its schedule check and the lr_schedule.png plot all read these."""
+
+    total: int
+    warmup: int
+    decay: int
+
+    @classmethod
+    def of(cls, cfg: Any, total_steps: int) -> "ScheduleSteps":
+        """`cfg`: the scheduler config; `total_steps`: the run's optimizer steps."""
+        return cls(
+            total=total_steps,
+            warmup=warmup_steps(total_steps, cfg.warmup_steps, cfg.warmup_ratio),
+            decay=decay_steps(total_steps, cfg.decay_steps, cfg.decay_ratio),
+        )
 
 
 def parse_step_rules(step_rules: str) -> tuple[list[tuple[float, int]], float]:
@@ -131,30 +151,30 @@ def build_lr_scheduler(
 
 
 def lr_scheduler_from_config(
-    cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int
+    cfg: Any, optimizer: torch.optim.Optimizer, steps: ScheduleSteps
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The schedule `cfg` (a SchedulerConfig) describes, over `total_steps` optimizer steps."""
+    """The schedule `cfg` (a SchedulerConfig) describes, over `steps.total` optimizer steps."""
     return build_lr_scheduler(
         cfg.type,
         optimizer,
-        total_steps,
-        warmup_steps(total_steps, cfg.warmup_steps, cfg.warmup_ratio),
+        steps.total,
+        steps.warmup,
         cfg.num_cycles,
         cfg.power,
         min_lr_ratio=cfg.min_lr_ratio,
-        num_decay_steps=decay_steps(total_steps, cfg.decay_steps, cfg.decay_ratio),
+        num_decay_steps=steps.decay,
         timescale=cfg.timescale,
         step_rules=cfg.step_rules,
     )
 
 
-def lr_curve(cfg: Any, base_lrs: list[float], total_steps: int) -> list[list[float]]:
-    """The lr of each param group at steps 1..total_steps, from a throwaway optimizer."""
+def lr_curve(cfg: Any, base_lrs: list[float], steps: ScheduleSteps) -> list[list[float]]:
+    """The lr of each param group at steps 1..steps.total, from a throwaway optimizer."""
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in base_lrs]
     optimizer = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, base_lrs)], lr=base_lrs[0])
-    scheduler = lr_scheduler_from_config(cfg, optimizer, total_steps)
+    scheduler = lr_scheduler_from_config(cfg, optimizer, steps)
     curves: list[list[float]] = [[] for _ in base_lrs]
-    for _ in range(total_steps):
+    for _ in range(steps.total):
         for curve, group in zip(curves, optimizer.param_groups):
             curve.append(group["lr"])
         optimizer.step()

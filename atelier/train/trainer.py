@@ -15,7 +15,10 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from atelier.config.schema import MixedPrecision
+from atelier.conditioning.caption_encoder import CaptionEncoder
+from atelier.conditioning.sdxl import prepare_text_encoder_2
+from atelier.conditioning.unet_call import unet_prediction
+from atelier.config.schema import MixedPrecision, part_learning_rates
 from atelier.data.dataset import DatasetIndex
 from atelier.errors import UserError
 from atelier.models.hashes import model_hashes
@@ -25,8 +28,7 @@ from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork
 from atelier.outputs.lora_file import save_lora
 from atelier.outputs.metadata import checkpoint_metadata, training_metadata
 from atelier.train import phases, reuse, speed
-from atelier.train.caption_encoder import CaptionEncoder
-from atelier.train.data import Batch, TrainingData, shard
+from atelier.train.data import Batch, TrainingData, batch_time_ids, shard
 from atelier.train.distributed import DataParallel
 from atelier.train.losses import diffusion_loss, training_target
 from atelier.train.lr_find import check_can_suggest
@@ -51,8 +53,7 @@ from atelier.train.optimizers import (
 )
 from atelier.train.plan import TrainingPlan, plan_for
 from atelier.train.samples import SampleWriter
-from atelier.train.schedulers import lr_curve, lr_scheduler_from_config, warmup_steps
-from atelier.train.sdxl_conditioning import batch_time_ids, prepare_text_encoder_2, unet_prediction
+from atelier.train.schedulers import ScheduleSteps, lr_curve, lr_scheduler_from_config
 from atelier.train.signals import StopFlag, StopRequested, stop_on_signals
 from atelier.train.state import (
     STATE_FILE,
@@ -166,6 +167,7 @@ class Trainer:
         self.data = TrainingData(cfg.dataset, cfg.training.seed, cfg.training.train_batch_size)
         self.dataset: DatasetIndex = self.data.index
         self.plan: TrainingPlan = self._make_plan()
+        self.schedule = ScheduleSteps.of(cfg.scheduler, self.plan.total_steps)
         self.base: BaseModel = self._load_base_model()
         timestep_range(self.base.noise_scheduler, cfg.training.min_timestep, cfg.training.max_timestep)
         if cfg.training.zero_terminal_snr:
@@ -213,7 +215,7 @@ class Trainer:
         """lr_schedule.png in the run dir: the lr of each trained part over the planned steps."""
         labels = self._param_group_names()
         base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
-        curves = lr_curve(self.cfg.scheduler, base_lrs, self.plan.total_steps)
+        curves = lr_curve(self.cfg.scheduler, base_lrs, self.schedule)
         opt = self.cfg.optimizer
         kind = getattr(opt.type, "value", opt.type)
         note = None
@@ -318,17 +320,16 @@ class Trainer:
 
     def _create_optimizer(self):
         opt, sched = self.cfg.optimizer, self.cfg.scheduler
+        rates = part_learning_rates(opt)
         groups = []
         if self.train_unet:
-            groups.append({"params": self.network.parameters_of(UNET_PREFIX), "lr": opt.unet_lr or opt.learning_rate})
+            groups.append({"params": self.network.parameters_of(UNET_PREFIX), "lr": rates.unet})
         if self.train_text_encoder:
-            te_lr = opt.text_encoder_lr or opt.learning_rate
-            groups.append({"params": self.network.parameters_of(TEXT_ENCODER_PREFIX), "lr": te_lr})
-        warmup = warmup_steps(self.plan.total_steps, sched.warmup_steps, sched.warmup_ratio)
-        check_schedule_fits(opt.type, getattr(sched.type, "value", sched.type), warmup)
+            groups.append({"params": self.network.parameters_of(TEXT_ENCODER_PREFIX), "lr": rates.text_encoder})
+        check_schedule_fits(opt.type, getattr(sched.type, "value", sched.type), self.schedule.warmup)
         optimizer = build_optimizer(opt.type, groups, opt.learning_rate,
                                     speed.optimizer_args(opt.type, dict(opt.args), self.cfg.training, self.device))
-        lr_scheduler = lr_scheduler_from_config(sched, optimizer, self.plan.total_steps)
+        lr_scheduler = lr_scheduler_from_config(sched, optimizer, self.schedule)
         return optimizer, lr_scheduler
 
     # -------------------------------------------------------------- training

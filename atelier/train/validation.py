@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from atelier.conditioning.unet_call import unet_prediction
 from atelier.data.dataset import ImageItem
 from atelier.data.errors import DatasetError
 from atelier.train.losses import training_target
-from atelier.train.sdxl_conditioning import unet_prediction
 
 NUM_TIMESTEPS = 5  # t = 100, 300, 500, 700, 900 for a 1000-step schedule
 
@@ -79,7 +79,7 @@ class Validator:
         batch_size: int,
         time_ids: Sequence[Sequence[int]] | None = None,
     ):
-        """time_ids: SDXL's 6 size/crop numbers per image (see atelier.train.sdxl_conditioning)."""
+        """time_ids: SDXL's 6 size/crop numbers per image (see atelier.conditioning.sdxl)."""
         if len(latents) != len(captions):
             raise ValueError(f"got {len(latents)} latents for {len(captions)} captions")
         self.scheduler = noise_scheduler

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from atelier.train.text_encoding import encode_tokens
+from atelier.conditioning.text_encoding import encode_tokens
 
 SUPPORTED_MAX_TOKEN_LENGTHS = (75, 150, 225)
 

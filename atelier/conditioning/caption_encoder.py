@@ -1,7 +1,7 @@
 """Captions -> text-encoder hidden states for the UNet, with an optional cache.
 
 Captions are encoded in 75-token chunks up to dataset.max_token_length
-(atelier.data.text_chunks). When the text encoder is not trained and captions never
+(atelier.conditioning.text_chunks). When the text encoder is not trained and captions never
 change, the hidden states of each distinct caption are computed once and reused
 every step (the text-encoder output cache).
 """
@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from atelier.data.text_chunks import encode_chunks, tokenize_long
+from atelier.conditioning.text_chunks import encode_chunks, tokenize_long
 from atelier.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
   penultimate layer (no final layer norm) concatenated on the feature axis
   (768 + 1280 = 2048 in SDXL), and the projected pooled output of encoder 2.
   Long captions (max_token_length 150/225) are encoded in 75-token chunks like
-  SD1's (atelier.data.text_chunks); the pooled output is the first chunk's.
+  SD1's (atelier.conditioning.text_chunks); the pooled output is the first chunk's.
 - Size/crop ("micro-conditioning"): per sample the 6 numbers
   (original h, w, crop top, left, target h, w), from the image's size, its bucket
   and whether it is flipped. sd-scripts does not take the crop offset of the
@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from atelier.data.text_chunks import stitch_chunks, tokenize_long
-from atelier.train.caption_encoder import CaptionEncoder
+from atelier.conditioning.caption_encoder import CaptionEncoder
+from atelier.conditioning.text_chunks import stitch_chunks, tokenize_long
 
 if TYPE_CHECKING:
     from atelier.models.loading import BaseModel
-    from atelier.train.data import Batch, TrainingData
 
 log = logging.getLogger(__name__)
 
@@ -104,36 +103,7 @@ def time_ids(bucket: tuple[int, int], image_size: tuple[int, int], flipped: bool
     return [image_size[1], image_size[0], top, left, bucket[1], bucket[0]]
 
 
-def batch_time_ids(data: TrainingData, batch: Batch) -> torch.Tensor:
-    """[B, 6] add_time_ids of a training batch, from its items' sizes and buckets."""
-    rows = [
-        time_ids(data.assignments[i].bucket, data.assignments[i].image_size, flipped)
-        for i, flipped in zip(batch.indices, batch.flips)
-    ]
-    return torch.tensor(rows, dtype=torch.float32)
-
-
-# --- the trainer's hooks ------------------------------------------------------------
-
-
-def unet_prediction(
-    unet: torch.nn.Module,
-    noisy: torch.Tensor,
-    timesteps: torch.Tensor,
-    text: torch.Tensor | SDXLText,
-    time_ids: torch.Tensor | Callable[[], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The UNet's output; SDXL's (text is SDXLText) gets pooled text and the [B, 6] size/crop
-    ids too (`time_ids`, or a function computing them: only called for SDXL)."""
-    if not isinstance(text, SDXLText):
-        return unet(noisy, timesteps, text).sample
-    if callable(time_ids):
-        time_ids = time_ids()
-    if time_ids is None:
-        raise ValueError("an SDXL UNet needs the size/crop time_ids of the batch")
-    ids = time_ids.to(device=noisy.device, dtype=text.pooled.dtype)
-    added = {"text_embeds": text.pooled, "time_ids": ids}
-    return unet(noisy, timesteps, text.hidden, added_cond_kwargs=added).sample
+# --- the trainer's hook -------------------------------------------------------------
 
 
 def prepare_text_encoder_2(base: BaseModel, device: torch.device, dtype: torch.dtype) -> None:
@@ -151,9 +121,7 @@ def prepare_text_encoder_2(base: BaseModel, device: torch.device, dtype: torch.d
 __all__ = [
     "SDXLCaptionEncoder",
     "SDXLText",
-    "batch_time_ids",
     "crop_left_top",
     "prepare_text_encoder_2",
     "time_ids",
-    "unet_prediction",
 ]
