@@ -75,7 +75,7 @@ OTHER_LYCORIS_MARKERS = (".diff", "oft_", ".w_norm", "b_norm")
 
 
 def family(name: str) -> FileFamily:
-    return next(f for f in FILE_FAMILIES if f.name == name)
+    return {f.name: f for f in FILE_FAMILIES}[name]
 
 
 def lycoris_markers() -> tuple[str, ...]:

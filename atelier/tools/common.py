@@ -126,7 +126,8 @@ def split_lora(state: dict[str, torch.Tensor], source: str) -> dict[str, LoRAFac
         down, up = state.get(name + DOWN), state.get(name + UP)
         if down is None or up is None:
             keys = sorted(k for k in state if k.split(".", 1)[0] == name)
-            lycoris = any(marker in key for key in keys for marker in lycoris_markers())
+            markers = lycoris_markers()
+            lycoris = any(marker in key for key in keys for marker in markers)
             kind = "a LyCORIS (LoHa/LoKr/...) module" if lycoris else "not a LoRA module"
             raise ToolError(
                 f"{source}: {name} is {kind} ({', '.join(keys[:4])}); this tool handles kohya LoRA "

@@ -328,9 +328,6 @@ def shard(batches: list[Batch], rank: int, world_size: int) -> list[Batch]:
     return [batches[(rank + world_size * k) % len(batches)] for k in range(count)]
 
 
-__all__ = ["Batch", "TrainingData", "shard"]
-
-
 def batch_time_ids(data: TrainingData, batch: Batch) -> torch.Tensor:
     """[B, 6] add_time_ids of a training batch, from its items' sizes and buckets."""
     rows = [
@@ -338,3 +335,7 @@ def batch_time_ids(data: TrainingData, batch: Batch) -> torch.Tensor:
         for i, flipped in zip(batch.indices, batch.flips)
     ]
     return torch.tensor(rows, dtype=torch.float32)
+
+
+__all__ = ["Batch", "TrainingData", "batch_time_ids", "shard"]
+
