@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from atelier.config.schema import NetworkModule
+from atelier.config.schema import NetworkConfig, NetworkModule
 from atelier.fused.grouping import lane_problems
 from atelier.models.architectures import build_text_encoder, build_unet
 from atelier.network import kinds
@@ -46,7 +46,7 @@ def test_an_unknown_kind_names_the_key_and_the_choices():
 @pytest.mark.parametrize("name", list(kinds.KINDS))
 def test_each_kind_writes_files_of_its_family_and_fuses_as_declared(name, parts):
     entry = kinds.KINDS[name]
-    spec = NetworkSpec.from_config({"module": name, "dim": 4, "alpha": 2.0, **({"unit": 2} if "unit" in entry.options else {})})
+    spec = NetworkSpec.from_config(NetworkConfig(module=name, dim=4, alpha=2.0, **({"unit": 2} if "unit" in entry.options else {})))
     network = create_network(spec, *parts)
     state = network.kohya_state_dict()
     assert file_family(state) == entry.family
@@ -63,7 +63,7 @@ def test_a_kind_added_as_one_entry_is_known_everywhere(parts, monkeypatch):
     """In-process: the spec, factory, file recognition and fused grouping read the new entry."""
     mirror = dataclasses.replace(kinds.KINDS["lora"], name="mirror", display="Mirror", kohya_module="networks.mirror")
     monkeypatch.setitem(kinds.KINDS, "mirror", mirror)
-    spec = NetworkSpec.from_config({"module": "mirror", "dim": 4, "alpha": 2.0})
+    spec = NetworkSpec.from_config(NetworkConfig(module="mirror", dim=4, alpha=2.0))
     assert spec.entry is mirror
     assert file_family(create_network(spec, *parts).kohya_state_dict()) == "lora"
     assert "mirror" in kinds.kinds_of_family("lora") and "mirror" in kinds.fusable_kinds()

@@ -8,6 +8,7 @@ import json
 import pytest
 from torch import nn
 
+from atelier.config.schema import NetworkConfig
 from atelier.config.validate import ConfigError
 from atelier.network.factory import check_ranks_fit, layer_width
 from atelier.network.spec import NetworkSpec
@@ -16,7 +17,7 @@ from tests.helpers import run_train
 
 
 def spec(kind: str = "lora", dim: int = 4, conv_dim: int | None = None) -> NetworkSpec:
-    return NetworkSpec.from_config({"module": kind, "dim": dim, "alpha": 1.0, "conv_dim": conv_dim})
+    return NetworkSpec.from_config(NetworkConfig(module=kind, dim=dim, alpha=1.0, conv_dim=conv_dim))
 
 
 def test_layer_width_is_the_smaller_side_a_kxk_conv_counting_its_kernel():

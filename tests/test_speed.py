@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
+from atelier.config.schema import TrainingConfig
 from atelier.outputs.lora_file import load_lora
 from atelier.train import reuse
 from atelier.train.latents import PixelBatches, PixelJob, PixelLoader
 from atelier.train.speed import apply_backend_settings, is_compiled, optimizer_args
-from atelier.train.trainer import Trainer
+from atelier.loop.trainer import Trainer
 from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
 from tests.helpers import run_train
 from tests.test_trainer import fresh_accelerate_state, make_cfg, train  # noqa: F401  (fixture)
@@ -29,7 +30,7 @@ def no_reuse_left_over():
 
 def loaded(tmp_path, *overrides):
     trainer = Trainer(make_cfg(*overrides), tmp_path)
-    trainer.base = trainer._load_base_model()
+    trainer.base = trainer.load_base_model()
     return trainer
 
 
@@ -89,7 +90,7 @@ def test_torch_compile_wraps_the_unet_and_trains(tmp_path):
 
 
 def test_fused_optimizer_only_where_torch_has_the_kernel(caplog):
-    on = {"fused_optimizer": True}
+    on = TrainingConfig(fused_optimizer=True)
     cpu, cuda, meta = torch.device("cpu"), torch.device("cuda"), torch.device("meta")
     assert optimizer_args("AdamW", {}, on, cuda) == {"fused": True}
     assert optimizer_args("AdamW", {}, on, cpu) == {"fused": True}  # torch >= 2.4 (pyproject pins newer)
@@ -99,7 +100,7 @@ def test_fused_optimizer_only_where_torch_has_the_kernel(caplog):
         assert optimizer_args("Prodigy", {}, on, cuda) == {}
     assert "ignored on meta" in caplog.text and "Prodigy has no fused kernel" in caplog.text
     assert optimizer_args("AdamW", {"fused": False}, on, cuda) == {"fused": False}
-    assert optimizer_args("AdamW", {}, {"fused_optimizer": False}, cuda) == {}
+    assert optimizer_args("AdamW", {}, TrainingConfig(fused_optimizer=False), cuda) == {}
 
 
 def test_fused_adamw_on_cpu_is_used_and_trains_like_the_loop(tmp_path):
@@ -115,7 +116,7 @@ def test_fused_adamw_on_cpu_is_used_and_trains_like_the_loop(tmp_path):
 
 def test_tf32_is_a_logged_no_op_on_cpu(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="atelier.train.speed"):
-        assert apply_backend_settings({"allow_tf32": True}, torch.device("cpu")) == {"allow_tf32": False}
+        assert apply_backend_settings(TrainingConfig(allow_tf32=True), torch.device("cpu")) == {"allow_tf32": False}
     assert "no-op" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="atelier.train.speed"):

@@ -10,10 +10,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import atelier.config
+from atelier.config.schema import AtelierConfig
+from atelier.config.typed import run_config
+from atelier.loop import adapter as trainer_module
+from atelier.loop.adapter import Adapter
+from atelier.loop.trainer import NonFiniteLossError, Trainer
 from atelier.outputs.lora_file import load_lora
-from atelier.train import trainer as trainer_module
 from atelier.train.run import run_training
-from atelier.train.trainer import NonFiniteLossError, Trainer
 from tests.helpers import REPO_ROOT
 
 @pytest.fixture(autouse=True)
@@ -28,10 +31,11 @@ def fresh_accelerate_state():
 FAST = ["sampling.sample_every_n_epochs=null", "sampling.limit=1", "sampling.steps=2"]
 
 
-def make_cfg(*overrides: str):
+def make_cfg(*overrides: str) -> AtelierConfig:
+    """The typed config train.py's job would train (atelier.config.typed: the one boundary)."""
     atelier.config.register()
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[*FAST, *overrides])
+        return run_config(compose("config", overrides=[*FAST, *overrides]))
 
 
 def train(tmp_path, *overrides: str, name: str = "run"):
@@ -183,7 +187,7 @@ def test_options_train_with_finite_loss(tmp_path, overrides):
 
 def test_v_parameterization_sets_the_target(tmp_path):
     trainer = Trainer(make_cfg("model.v_parameterization=true"), tmp_path)
-    trainer.base = trainer._load_base_model()
+    trainer.base = trainer.load_base_model()
     assert trainer.base.noise_scheduler.config.prediction_type == "v_prediction"
 
 
@@ -242,14 +246,14 @@ def test_trains_a_user_model_from_a_folder_or_a_single_file(tmp_path, tiny_model
 
 def interrupt_after_epoch(monkeypatch, epoch: int) -> None:
     """Make the next run raise KeyboardInterrupt in the first step after `epoch` ends."""
-    real_end_epoch = Trainer._end_epoch
+    real_end_epoch = Adapter.epoch_outputs
 
     def end_epoch_then_break(self, finished):
         real_end_epoch(self, finished)
         if finished == epoch:
-            monkeypatch.setattr(Trainer, "_forward", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+            monkeypatch.setattr(Adapter, "step_inputs", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
 
-    monkeypatch.setattr(Trainer, "_end_epoch", end_epoch_then_break)
+    monkeypatch.setattr(Adapter, "epoch_outputs", end_epoch_then_break)
 
 
 def test_interrupted_run_continues_from_its_state_to_the_same_weights(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from atelier.config.load import training_config
+from atelier.config.typed import run_config
 from atelier.data.buckets import BucketSettings
 from atelier.data.check import CheckOptions, check_dataset, render, seconds_per_step_from_run
 from atelier.train.dataset_options import image_limits
@@ -95,12 +96,14 @@ def _check_options(args: argparse.Namespace) -> tuple[str, str, CheckOptions]:
         overrides.insert(0, data_dir)  # an override, not a folder: the folder comes from the config
         data_dir = None
     cfg = training_config(overrides, args.config)
-    d, t = cfg.dataset, cfg.training
     try:
-        data_dir = data_dir or str(d.train_data_dir)
+        data_dir = data_dir or str(cfg.dataset.train_data_dir)
     except MissingMandatoryValue:
         raise ValueError("no dataset folder: give it first (atelier dataset check data/train) "
                          "or as dataset.train_data_dir=...") from None  # fmt: skip
+    cfg.dataset.train_data_dir = data_dir
+    typed = run_config(cfg)  # the run's checks, and its values as the trainer reads them
+    d, t = typed.dataset, typed.training
 
     def flag(name: str, config_value: object) -> object:
         value = getattr(args, name)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
+from functools import reduce
 
-from omegaconf import DictConfig, OmegaConf
-
-from atelier.config.schema import MixedPrecision
+from atelier.config.schema import AtelierConfig, MixedPrecision
 from atelier.errors import UserError
 from atelier.network.kinds import fusable_kinds
 from atelier.network.spec import NetworkSpec
@@ -38,7 +37,7 @@ class FusedGroupError(UserError, ValueError):
     """These configs cannot be trained in one fused pass; the message says why."""
 
 
-def lane_problems(cfg: DictConfig) -> list[str]:
+def lane_problems(cfg: AtelierConfig) -> list[str]:
     """Why `cfg` cannot be a lane of any fused run (empty: it can)."""
     t, spec = cfg.training, NetworkSpec.from_config(cfg.network)
     problems = []
@@ -48,7 +47,7 @@ def lane_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"network.module={spec.kind} cannot be fused (only {', '.join(fusable_kinds())})")
     if spec.dropout or spec.rank_dropout or spec.module_dropout:
         problems.append("network dropouts draw from the global RNG; set them to 0 to fuse")
-    if MixedPrecision(t.mixed_precision) == MixedPrecision.fp16:
+    if t.mixed_precision == MixedPrecision.fp16:
         problems.append("training.mixed_precision=fp16 is not fused (use bf16 or no)")
     if t.num_processes != 1:
         problems.append("training.num_processes must be 1")
@@ -57,16 +56,16 @@ def lane_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def group_key(cfg: DictConfig) -> str:
+def group_key(cfg: AtelierConfig) -> str:
     """Equal for configs that can share a fused pass (given no lane_problems)."""
     values = {}
     for key in SHARED_KEYS:
-        value = OmegaConf.select(cfg, key)
-        values[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+        value = reduce(getattr, key.split("."), cfg)
+        values[key] = asdict(value) if is_dataclass(value) else value
     return json.dumps(values, sort_keys=True, default=str)
 
 
-def check_group(cfgs: Sequence[DictConfig]) -> None:
+def check_group(cfgs: Sequence[AtelierConfig]) -> None:
     """Raise FusedGroupError unless every config can be a lane of one fused run."""
     if not cfgs:
         raise FusedGroupError("no configs to fuse")
@@ -89,7 +88,7 @@ class Plan:
     alone: dict[int, str] = field(default_factory=dict)
 
 
-def plan_groups(cfgs: Sequence[DictConfig | None], max_adapters: int) -> Plan:
+def plan_groups(cfgs: Sequence[AtelierConfig | None], max_adapters: int) -> Plan:
     """Group the configs that can share a pass, at most `max_adapters` per group, in sweep order.
 
     A None config (it did not pass validation) runs alone, where its own process reports

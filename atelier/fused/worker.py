@@ -23,7 +23,7 @@ from atelier.outputs.lock import DirLockedError, lock_dir
 from atelier.outputs.summary import read_summary, write_summary
 from atelier.train import phases
 from atelier.train.signals import SECOND_CTRL_C, StopRequested
-from atelier.train.worker import load_run_config
+from atelier.config.typed import load_run_config
 from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
 from atelier.utils.quiet import quiet_third_party_warnings
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from hydra.core.utils import JobReturn, JobStatus, _save_config, setup_globals
 from omegaconf import DictConfig, open_dict, read_write
 
-from atelier.config.validate import validate
+from atelier.config.schema import AtelierConfig
+from atelier.config.typed import run_config
 from atelier.fused.grouping import plan_groups
 from atelier.launch.local_gpus import LocalGpusLauncher, child_command, job_return, user_config_dir
 from atelier.launch.process_queue import Job, ProcessQueue
@@ -48,7 +49,8 @@ class SweepJob:
     name: str
     overrides: list[str]
     config: DictConfig  # with the hydra node
-    cfg: DictConfig | None
+    task: DictConfig  # without it: .hydra/config.yaml
+    cfg: AtelierConfig | None  # typed and checked (atelier.config.typed)
     run_dir: Path
 
 
@@ -97,11 +99,11 @@ class FusedLauncher(LocalGpusLauncher):
         with read_write(task), open_dict(task):
             del task["hydra"]
         try:
-            validate(task)
+            typed = run_config(task)
         except Exception as err:  # its own process fails with this and writes its summary
             log.warning("%s: %s", name, err)
-            task = None
-        return SweepJob(index, name, overrides, config, task, run_dir)
+            typed = None
+        return SweepJob(index, name, overrides, config, task, typed, run_dir)
 
     def _group_job(self, number: int, members: list[SweepJob]) -> Job:
         # The sweep dir, not a run dir's parent: hydra.sweep.subdir may nest (a/b/...).
@@ -117,7 +119,7 @@ class FusedLauncher(LocalGpusLauncher):
         """What Hydra's run_job and train.py write before training, for a job a group trains."""
         job.run_dir.mkdir(parents=True, exist_ok=True)
         hydra_dir = job.run_dir / str(job.config.hydra.output_subdir or ".hydra")
-        _save_config(job.cfg, "config.yaml", hydra_dir)
+        _save_config(job.task, "config.yaml", hydra_dir)
         _save_config(DictConfig({"hydra": job.config.hydra}), "hydra.yaml", hydra_dir)
         _save_config(job.config.hydra.overrides.task, "overrides.yaml", hydra_dir)
         write_resolved_config(job.run_dir, job.cfg)

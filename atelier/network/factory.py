@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,13 +15,16 @@ from atelier.network.spec import NetworkSpec
 from atelier.network.targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, belongs_to, iter_targets
 from atelier.outputs.lora_file import load_lora
 
+if TYPE_CHECKING:
+    from atelier.config.schema import NetworkConfig
+
 log = logging.getLogger(__name__)
 
 
-def build_network(net: Any, unet: nn.Module | None, text_encoder: nn.Module | None) -> LoRANetwork:
+def build_network(net: NetworkConfig, unet: nn.Module | None, text_encoder: nn.Module | None) -> LoRANetwork:
     """The network the `network` config group describes; from `network.weights` when set."""
     spec = NetworkSpec.from_config(net)
-    weights = net.get("weights") if hasattr(net, "get") else getattr(net, "weights", None)
+    weights = net.weights
     if not weights:
         network = create_network(spec, unet, text_encoder)
     else:

@@ -9,17 +9,15 @@ the `--network_module` / `--network_args` of the same run (atelier export-kohya)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from atelier.network.kinds import NetworkKind, kind_named
 
+if TYPE_CHECKING:  # the schema imports the kinds registry; a runtime import here would be a circle
+    from atelier.config.schema import NetworkConfig
+
 # sd-scripts' default conv_alpha when conv_dim is given without it.
 DEFAULT_CONV_ALPHA = 1.0
-
-
-def _value(net: Any, key: str) -> Any:
-    value = net.get(key) if hasattr(net, "get") else getattr(net, key, None)
-    return getattr(value, "value", value)  # an enum member -> its name
 
 
 @dataclass(frozen=True)
@@ -45,16 +43,18 @@ class NetworkSpec:
         return kind_named(self.kind)
 
     @classmethod
-    def from_config(cls, net: Any) -> "NetworkSpec":
-        entry = kind_named(str(_value(net, "module")))
+    def from_config(cls, net: NetworkConfig) -> "NetworkSpec":
+        # network.module is a NetworkModule member (a str), or the name of a kind registered
+        # after the schema's enum was built: the registry is looked up by the name either way.
+        entry = kind_named(net.module)
         kind = entry.name
         given = {
-            "conv_dim": _value(net, "conv_dim"),
-            "dropout": _value(net, "dropout"),
-            "rank_dropout": _value(net, "rank_dropout"),
-            "module_dropout": _value(net, "module_dropout"),
-            "factor": None if _value(net, "factor") in (None, -1) else _value(net, "factor"),
-            "unit": _value(net, "unit"),
+            "conv_dim": net.conv_dim,
+            "dropout": net.dropout,
+            "rank_dropout": net.rank_dropout,
+            "module_dropout": net.module_dropout,
+            "factor": None if net.factor in (None, -1) else net.factor,
+            "unit": net.unit,
         }
         for key, value in given.items():
             if value and key not in entry.options:
@@ -66,34 +66,33 @@ class NetworkSpec:
         for key in ("dropout", "rank_dropout", "module_dropout"):
             if given[key] is not None and not 0 <= given[key] < 1:
                 raise ValueError(f"network.{key}={given[key]} must be in [0, 1)")
-        dim, conv_dim = int(_value(net, "dim")), given["conv_dim"]
+        dim, conv_dim = int(net.dim), given["conv_dim"]
         if entry.has_rank and dim <= 0:
             raise ValueError(f"network.dim={dim} must be a positive rank")
         if conv_dim is not None and conv_dim < 0:
             raise ValueError(f"network.conv_dim={conv_dim} must be a positive rank, or null for no conv layers")
-        conv_alpha = _value(net, "conv_alpha")
         spec = cls(
             kind=kind,
             dim=dim,
-            alpha=float(_value(net, "alpha")),
+            alpha=float(net.alpha),
             conv_dim=int(conv_dim) if conv_dim else None,
-            conv_alpha=float(conv_alpha) if conv_alpha is not None else DEFAULT_CONV_ALPHA,
+            conv_alpha=float(net.conv_alpha) if net.conv_alpha is not None else DEFAULT_CONV_ALPHA,
             dropout=float(given["dropout"] or 0.0),
             rank_dropout=float(given["rank_dropout"] or 0.0),
             module_dropout=float(given["module_dropout"] or 0.0),
-            factor=int(_value(net, "factor") if _value(net, "factor") is not None else -1),
+            factor=int(net.factor if net.factor is not None else -1),
             unit=int(given["unit"] or 1),
         )
         entry.check(spec)
         return spec
 
 
-def kohya_module(net: Any) -> str:
+def kohya_module(net: NetworkConfig) -> str:
     """ss_network_module / --network_module."""
-    return kind_named(str(_value(net, "module"))).kohya_module
+    return kind_named(net.module).kohya_module
 
 
-def kohya_network_args(net: Any) -> dict[str, str]:
+def kohya_network_args(net: NetworkConfig) -> dict[str, str]:
     """ss_network_args / --network_args (sd-scripts keeps every value as a string).
 
     Neuron dropout of networks.lora is the separate --network_dropout

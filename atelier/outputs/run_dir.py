@@ -18,20 +18,23 @@ from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from atelier.config.schema import AtelierConfig
+from atelier.config.typed import RUN_CONFIG_FILE, as_dictconfig
 from atelier.utils.atomic import write_text
 
-RESOLVED_CONFIG = "config.yaml"
+RESOLVED_CONFIG = RUN_CONFIG_FILE
 COMMAND = "command.sh"
 ENV = "env.json"
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "hydra-core", "omegaconf", "kohya-atelier")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_resolved_config(run_dir: Path, cfg: DictConfig) -> Path:
+def write_resolved_config(run_dir: Path, cfg: AtelierConfig) -> Path:
+    """config.yaml: every value the run trains with (what a worker process and a resume read)."""
     path = run_dir / RESOLVED_CONFIG
-    write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(path, OmegaConf.to_yaml(as_dictconfig(cfg)))
     return path
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from atelier.config.schema import DatasetConfig
 from atelier.conditioning.caption_encoder import CaptionEncoder
 from atelier.conditioning.sdxl import SDXLCaptionEncoder, time_ids
 from atelier.data.buckets import (
@@ -77,7 +78,7 @@ class Batch:
 
 
 class TrainingData:
-    def __init__(self, d: Any, seed: int, batch_size: int):
+    def __init__(self, d: DatasetConfig, seed: int, batch_size: int):
         check_dataset_options(d)
         self.options = d
         self.seed = seed
@@ -102,7 +103,7 @@ class TrainingData:
         self.step_encoder: StepEncoder | None = None
         self._log_summary(len(reg_items))
 
-    def _make_buckets(self, d: Any) -> None:
+    def _make_buckets(self, d: DatasetConfig) -> None:
         manager = BucketManager(bucket_settings(d))
         warning = single_bucket_warning(manager.settings)
         if warning:
@@ -196,7 +197,7 @@ class TrainingData:
                 random_crop=d.random_crop,
                 color_aug=d.color_aug,
                 num_workers=d.max_data_loader_n_workers,
-                persistent_workers=d.get("persistent_data_loader_workers", True),
+                persistent_workers=d.persistent_data_loader_workers,
             )
             log.info("latents are encoded every step (not cached)")
 

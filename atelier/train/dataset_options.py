@@ -6,8 +6,8 @@ Every bad value raises DatasetError with a message that starts with its key, e.g
 
 from __future__ import annotations
 
-from typing import Any
 
+from atelier.config.schema import DatasetConfig
 from atelier.conditioning.text_chunks import SUPPORTED_MAX_TOKEN_LENGTHS
 from atelier.data.buckets import BucketSettings
 from atelier.data.caption_ops import CaptionOptions
@@ -17,7 +17,7 @@ from atelier.data.images import ImageLimits
 KEY = "dataset"
 
 
-def check_dataset_options(d: Any) -> None:
+def check_dataset_options(d: DatasetConfig) -> None:
     """Raise DatasetError naming the first bad `dataset.*` value."""
     if d.max_token_length is not None and d.max_token_length not in SUPPORTED_MAX_TOKEN_LENGTHS:
         raise DatasetError(f"{KEY}.max_token_length must be 75, 150 or 225 (or null for 75), got {d.max_token_length}")
@@ -43,18 +43,18 @@ def check_dataset_options(d: Any) -> None:
     bucket_settings(d)
 
 
-def _at_least(d: Any, name: str, minimum: int) -> None:
+def _at_least(d: DatasetConfig, name: str, minimum: int) -> None:
     value = getattr(d, name)
     if value < minimum:
         raise DatasetError(f"{KEY}.{name} must be at least {minimum}, got {value}")
 
 
-def image_limits(d: Any) -> ImageLimits:
+def image_limits(d: DatasetConfig) -> ImageLimits:
     """The dataset.max_image_pixels / max_aspect_ratio checks, as the scanner takes them."""
     return ImageLimits(max_pixels=d.max_image_pixels, max_aspect_ratio=d.max_aspect_ratio)
 
 
-def caption_options(d: Any) -> CaptionOptions:
+def caption_options(d: DatasetConfig) -> CaptionOptions:
     try:
         return CaptionOptions(
             shuffle_caption=d.shuffle_caption,
@@ -71,7 +71,7 @@ def caption_options(d: Any) -> CaptionOptions:
         raise DatasetError(f"{KEY}.{err}") from None
 
 
-def bucket_settings(d: Any) -> BucketSettings:
+def bucket_settings(d: DatasetConfig) -> BucketSettings:
     """The same settings `atelier dataset check` builds from its --enable-bucket ... flags."""
     try:
         return BucketSettings.from_options(d)
@@ -79,11 +79,11 @@ def bucket_settings(d: Any) -> BucketSettings:
         raise DatasetError(f"{KEY}.{err}") from None
 
 
-def max_token_length(d: Any) -> int:
+def max_token_length(d: DatasetConfig) -> int:
     return d.max_token_length or 75
 
 
-def cache_latents_wanted(d: Any) -> bool:
+def cache_latents_wanted(d: DatasetConfig) -> bool:
     """sd-scripts: cache_latents_to_disk implies cache_latents."""
     return bool(d.cache_latents or d.cache_latents_to_disk)
 

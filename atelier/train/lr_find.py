@@ -17,7 +17,8 @@ from typing import Any
 
 from atelier.errors import UserError
 from atelier.train.metrics import METRICS
-from atelier.train.optimizers import is_adaptive
+from atelier.config.schema import OptimizerType
+from atelier.train.optimizers import is_adaptive, optimizer_type as typed_optimizer
 from atelier.utils.atomic import write_text
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,12 @@ class LrFindError(UserError, ValueError):
     """The run cannot give a suggestion; the message says what to change."""
 
 
-def check_can_suggest(optimizer_type: Any, optimizer_args: dict[str, Any]) -> None:
+def check_can_suggest(optimizer_type: OptimizerType | str, optimizer_args: dict[str, Any]) -> None:
     """training.suggest_lr needs an optimizer that logs d*lr: fail before training otherwise."""
     if not is_adaptive(optimizer_type, optimizer_args):
         raise LrFindError(
             f"training.suggest_lr needs an optimizer that estimates its step size; optimizer.type is "
-            f"{getattr(optimizer_type, 'value', optimizer_type)}: use optimizer=prodigy or optimizer=dadapt_adam"
+            f"{typed_optimizer(optimizer_type).value}: use optimizer=prodigy or optimizer=dadapt_adam"
         )
 
 
@@ -77,9 +78,9 @@ def settled_value(points: list[tuple[int, float]], tail_fraction: float = TAIL_F
     }
 
 
-def suggest_learning_rate(run_dir: Path, optimizer_type: Any = "") -> dict[str, Any]:
+def suggest_learning_rate(run_dir: Path, optimizer_type: OptimizerType | str | None = None) -> dict[str, Any]:
     """The suggestion as a dict (written by `write_suggestion`); optimizer_type is recorded in it."""
-    optimizer_type = getattr(optimizer_type, "value", optimizer_type)
+    source = typed_optimizer(optimizer_type).value if optimizer_type else ""
     series = read_effective_lrs(run_dir)
     if not series:
         raise LrFindError(
@@ -90,7 +91,7 @@ def suggest_learning_rate(run_dir: Path, optimizer_type: Any = "") -> dict[str, 
     main = groups.get("unet") or next(iter(groups.values()))
     suggestion = {
         "method": f"median of {PREFIX}<group> over the last {TAIL_FRACTION:.0%} of the logged steps",
-        "source_optimizer": optimizer_type,
+        "source_optimizer": source,
         "learning_rate": main["value"],
         "unet_lr": groups["unet"]["value"] if "unet" in groups else None,
         "text_encoder_lr": groups["text_encoder"]["value"] if "text_encoder" in groups else None,
@@ -112,7 +113,7 @@ def write_suggestion(run_dir: Path, suggestion: dict[str, Any]) -> Path:
     return path
 
 
-def suggest_and_report(run_dir: Path, optimizer_type: Any = "") -> dict[str, Any]:
+def suggest_and_report(run_dir: Path, optimizer_type: OptimizerType | str | None = None) -> dict[str, Any]:
     """Read the run's metrics, write lr_suggestion.json, print and log the suggestion."""
     suggestion = suggest_learning_rate(run_dir, optimizer_type)
     path = write_suggestion(run_dir, suggestion)

@@ -8,11 +8,12 @@ generator, so a run's noise stream depends only on its seed (needed for resume).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+
+from atelier.config.schema import TrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def with_zero_terminal_snr(scheduler: DDPMScheduler) -> DDPMScheduler:
     return DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True)
 
 
-def check_noise_options(t: Any, v_parameterization: bool) -> None:
+def check_noise_options(t: TrainingConfig, v_parameterization: bool) -> None:
     """Combinations sd-scripts refuses, or that would give an infinite loss weight."""
     if t.adaptive_noise_scale is not None and not t.noise_offset:
         raise ValueError(

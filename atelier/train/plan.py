@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
+from atelier.config.schema import TrainingConfig
 from atelier.data.schedule import steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class TrainingPlan:
         )
 
 
-def plan_for(training: Any, num_samples: int, batches_per_epoch: int, processes: int = 1) -> TrainingPlan:
+def plan_for(training: TrainingConfig, num_samples: int, batches_per_epoch: int, processes: int = 1) -> TrainingPlan:
     """The plan of a run with these `training.*` options: the trainer's and `atelier dataset check`'s.
 
     `batches_per_epoch` counts every batch of the dataset (the sum over buckets); with several

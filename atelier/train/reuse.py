@@ -33,9 +33,13 @@ import itertools
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from atelier.config.schema import ModelConfig, TrainingConfig
+    from atelier.models.loading import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +96,8 @@ def clear() -> None:
     _LATENTS.clear()
 
 
-def _enabled(t: Any) -> bool:
-    return bool(t.get("reuse_base_model", True)) and in_process_sweep()
+def _enabled(t: TrainingConfig) -> bool:
+    return t.reuse_base_model and in_process_sweep()
 
 
 def _stamp(value: str | None) -> tuple:
@@ -108,13 +112,12 @@ def _stamp(value: str | None) -> tuple:
     return ()
 
 
-def base_key(m: Any) -> tuple:
-    version = getattr(m.version, "value", m.version)
-    return (m.path, m.builtin, version, bool(m.v_parameterization), m.config, m.vae, bool(m.allow_pickle),
+def base_key(m: ModelConfig) -> tuple:
+    return (m.path, m.builtin, m.version.value, bool(m.v_parameterization), m.config, m.vae, bool(m.allow_pickle),
             _stamp(m.path), _stamp(m.vae))  # fmt: skip
 
 
-def load_base(m: Any, t: Any, device: torch.device, load: Callable[[], Any]) -> Any:
+def load_base(m: ModelConfig, t: TrainingConfig, device: torch.device, load: Callable[[], BaseModel]) -> BaseModel:
     """The base model for model config `m`: loaded by `load()`, or a fresh copy of the kept one,
     with the speed settings of training config `t` applied (atelier.train.speed)."""
     from atelier.train.speed import apply_model_settings
@@ -124,7 +127,7 @@ def load_base(m: Any, t: Any, device: torch.device, load: Callable[[], Any]) -> 
     return base
 
 
-def _load_or_copy(m: Any, t: Any, load: Callable[[], Any]) -> Any:
+def _load_or_copy(m: ModelConfig, t: TrainingConfig, load: Callable[[], BaseModel]) -> BaseModel:
     if not _enabled(t):
         return load()
     key = base_key(m)
@@ -206,7 +209,7 @@ def latent_store_active() -> bool:
 
 
 # ------------------------------------------------------------ random builtins
-def _random_builtin_loader(m: Any) -> Callable[[], Any] | None:
+def _random_builtin_loader(m: ModelConfig) -> Callable[[], BaseModel] | None:
     if m.builtin not in RANDOM_BUILTINS:
         return None
     if m.path:

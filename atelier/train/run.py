@@ -10,7 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from atelier.config.validate import validate
+from atelier.config.schema import AtelierConfig
+from atelier.config.typed import run_config
 from atelier.outputs.run_dir import write_command, write_environment, write_resolved_config
 from atelier.outputs.summary import finished, read_summary, write_summary
 from atelier.train import phases
@@ -19,7 +20,7 @@ from atelier.launch.data_parallel import run_processes
 from atelier.train.distributed import in_worker, process_rank
 from atelier.train.metrics import peak_memory_mb
 from atelier.train.signals import SECOND_CTRL_C, StopRequested, raise_if_stop_asked, stop_on_signals
-from atelier.train.trainer import Trainer, TrainResult
+from atelier.loop.trainer import Trainer, TrainResult
 from atelier.utils.atomic import remove_stale_temp_files
 
 log = logging.getLogger(__name__)
@@ -79,15 +80,15 @@ def run_job(
         for stale in remove_stale_temp_files(run_dir):
             log.info("removed %s, left by a killed run", stale.relative_to(run_dir))
     try:
-        validate(cfg)
-        write_resolved_config(run_dir, cfg)
+        typed = run_config(cfg)  # the boundary: below here the config is AtelierConfig
+        write_resolved_config(run_dir, typed)
         write_command(run_dir, overrides, config_name, config_dir)
     except Exception as err:
         _record_ending(run_dir, summarise("failed", None, started, failure_reason(err)))
         raise
-    if cfg.training.num_processes > 1 and not in_worker():
-        return run_data_parallel(run_dir, cfg.training.num_processes, started)
-    return run_training(cfg, run_dir, started)
+    if typed.training.num_processes > 1 and not in_worker():
+        return run_data_parallel(run_dir, typed.training.num_processes, started)
+    return run_training(typed, run_dir, started)
 
 
 def _record_ending(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -120,7 +121,7 @@ def run_data_parallel(run_dir: Path, num_processes: int, started: float) -> dict
     return summary
 
 
-def run_training(cfg: DictConfig, run_dir: Path, started: float | None = None) -> dict[str, Any]:
+def run_training(cfg: AtelierConfig, run_dir: Path, started: float | None = None) -> dict[str, Any]:
     """Train one LoRA into `run_dir`; summary.json is written whatever ends it.
 
     A stop signal (Ctrl-C, SIGTERM, ...) at any point, setup included, ends it as

@@ -8,8 +8,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
+from atelier.config.schema import AtelierConfig
 from atelier.data.dataset import DatasetIndex
 from atelier.models.architectures import SD1_PIPELINE_SCHEDULER
 from atelier.models.loading import BaseModel
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 GRID = "sample_grid.png"
 
 
-def sample_prompts(cfg: DictConfig, dataset: DatasetIndex) -> list[SamplePrompt]:
+def sample_prompts(cfg: AtelierConfig, dataset: DatasetIndex) -> list[SamplePrompt]:
     """sampling.prompts, else sampling.prompt_file, else one prompt per concept folder."""
     s = cfg.sampling
     defaults = SampleDefaults(width=s.width, height=s.height, steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed)
@@ -41,7 +41,7 @@ def sample_prompts(cfg: DictConfig, dataset: DatasetIndex) -> list[SamplePrompt]
 class SampleWriter:
     def __init__(
         self,
-        cfg: DictConfig,
+        cfg: AtelierConfig,
         base: BaseModel,
         dataset: DatasetIndex,
         run_dir: Path,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from diffusers.optimization import get_scheduler
 
+from atelier.config.schema import SchedulerConfig
 from atelier.config.schema import SchedulerType
 
 # Keys of SchedulerConfig that only some schedules read; setting one for another schedule
@@ -56,7 +57,7 @@ class ScheduleSteps:
     decay: int
 
     @classmethod
-    def of(cls, cfg: Any, total_steps: int) -> "ScheduleSteps":
+    def of(cls, cfg: SchedulerConfig, total_steps: int) -> "ScheduleSteps":
         """`cfg`: the scheduler config; `total_steps`: the run's optimizer steps."""
         return cls(
             total=total_steps,
@@ -151,7 +152,7 @@ def build_lr_scheduler(
 
 
 def lr_scheduler_from_config(
-    cfg: Any, optimizer: torch.optim.Optimizer, steps: ScheduleSteps
+    cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, steps: ScheduleSteps
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """The schedule `cfg` (a SchedulerConfig) describes, over `steps.total` optimizer steps."""
     return build_lr_scheduler(
@@ -168,7 +169,7 @@ def lr_scheduler_from_config(
     )
 
 
-def lr_curve(cfg: Any, base_lrs: list[float], steps: ScheduleSteps) -> list[list[float]]:
+def lr_curve(cfg: SchedulerConfig, base_lrs: list[float], steps: ScheduleSteps) -> list[list[float]]:
     """The lr of each param group at steps 1..steps.total, from a throwaway optimizer."""
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in base_lrs]
     optimizer = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, base_lrs)], lr=base_lrs[0])

@@ -14,9 +14,15 @@ on a CPU), so a config that asks for a speed-up never fails silently.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from atelier.config.schema import OptimizerType
+
+if TYPE_CHECKING:
+    from atelier.config.schema import TrainingConfig
+    from atelier.models.loading import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +31,11 @@ ATTENTION_CHOICES = ("sdpa", "math", "xformers")
 _TORCH_FUSED = ("AdamW", "SGDNesterov")
 
 
-def _get(t: Any, key: str, default: Any = None) -> Any:
-    value = t.get(key, default) if hasattr(t, "get") else getattr(t, key, default)
-    return getattr(value, "value", value)
-
-
 # --------------------------------------------------------------------- backend
-def apply_backend_settings(t: Any, device: torch.device) -> dict[str, Any]:
+def apply_backend_settings(t: TrainingConfig, device: torch.device) -> dict[str, Any]:
     """training.allow_tf32: TF32 matmuls and convolutions on Ampere+ GPUs (sd-scripts: none; it
     is what `torch.backends.cuda.matmul.allow_tf32` does). Returns what was set."""
-    want = bool(_get(t, "allow_tf32", False))
+    want = t.allow_tf32
     if not want:
         return {"allow_tf32": False}
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -84,31 +85,31 @@ def set_attention(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], k
             log.info("text encoder keeps its attention implementation: %s", err)
 
 
-def apply_model_settings(base: Any, t: Any, device: torch.device) -> None:
+def apply_model_settings(base: BaseModel, t: TrainingConfig, device: torch.device) -> None:
     """training.allow_tf32, attention and channels_last on a freshly loaded base model.
 
     channels_last survives the later dtype cast (Tensor.to keeps the memory format)."""
     apply_backend_settings(t, device)
-    kind = _get(t, "attention", "sdpa")
+    kind = t.attention.value
     # SDXL: both text encoders (BaseModel.text_encoders); SD1/2: the one.
-    set_attention(base.unet, list(getattr(base, "text_encoders", [base.text_encoder])), kind)
+    set_attention(base.unet, list(base.text_encoders), kind)
     log.info("attention: %s", kind)
-    if _get(t, "channels_last", False):
+    if t.channels_last:
         # Convolutions (most of a UNet's time) run NHWC kernels; Linear layers are unaffected.
         base.unet.to(memory_format=torch.channels_last)
         log.info("training.channels_last=true: UNet weights in channels_last (NHWC) memory format")
 
 
-def compile_unet(unet: torch.nn.Module, t: Any) -> bool:
+def compile_unet(unet: torch.nn.Module, t: TrainingConfig) -> bool:
     """training.torch_compile: compile the UNet in place (nn.Module.compile), LoRA included.
 
     Called after the network patched the UNet's layers, so the compiled graph holds them.
     In place: the UNet keeps its class, so sampling and saving see the same object.
     """
-    if not _get(t, "torch_compile", False):
+    if not t.torch_compile:
         return False
-    backend = _get(t, "dynamo_backend", "inductor") or "inductor"
-    mode = _get(t, "torch_compile_mode", None)
+    backend = t.dynamo_backend or "inductor"
+    mode = t.torch_compile_mode
     kwargs = {"backend": backend}
     if mode and backend == "inductor":
         kwargs["mode"] = mode
@@ -125,15 +126,15 @@ def is_compiled(module: torch.nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------- optimizer
-def optimizer_args(kind: Any, args: dict[str, Any], t: Any, device: torch.device) -> dict[str, Any]:
+def optimizer_args(kind: OptimizerType, args: dict[str, Any], t: TrainingConfig, device: torch.device) -> dict[str, Any]:
     """optimizer.args with fused=True added when training.fused_optimizer asks and it can run.
 
     torch has fused AdamW and SGD kernels for CUDA and, since 2.4, for the CPU (and a few
     other devices; torch keeps the list). For another optimizer or device the switch is
     logged and ignored; an explicit optimizer.args.fused is passed through untouched.
     """
-    kind = getattr(kind, "value", kind)
-    if not _get(t, "fused_optimizer", False) or "fused" in args:
+    kind = OptimizerType(kind).value
+    if not t.fused_optimizer or "fused" in args:
         return args
     if kind not in _TORCH_FUSED:
         log.info("training.fused_optimizer=true ignored: %s has no fused kernel (only %s)", kind, ", ".join(_TORCH_FUSED))

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from atelier.config.schema import AtelierConfig
+from atelier.config.typed import as_dictconfig
 from atelier.errors import UserError
 from atelier.utils.atomic import atomic_path
 
@@ -33,8 +35,8 @@ class StateIntegrityError(UserError, ValueError):
     """The run dir's state cannot be read, or does not match its digest."""
 
 
-def config_fingerprint(cfg: DictConfig) -> str:
-    container = OmegaConf.to_container(cfg, resolve=True)
+def config_fingerprint(cfg: AtelierConfig) -> str:
+    container = OmegaConf.to_container(as_dictconfig(cfg))
     for key in IGNORED_KEYS:
         container.pop(key, None)
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(container)).encode()).hexdigest()

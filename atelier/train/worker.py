@@ -12,12 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 import atelier.config
-from atelier.config.schema import AtelierConfig
+from atelier.config.typed import load_run_config
 from atelier.errors import UserError, one_line
-from atelier.outputs.run_dir import RESOLVED_CONFIG
 from atelier.train import phases
 from atelier.train.distributed import process_rank
 from atelier.train.signals import StopRequested
@@ -28,14 +25,6 @@ log = logging.getLogger("atelier.train.worker")
 
 # Hydra's log file of the job (hydra.job.name is "train"): the main process appends to it.
 JOB_LOG = "train.log"
-
-
-def load_run_config(run_dir: Path) -> DictConfig:
-    """A run dir's config.yaml, typed by the schema again (enums, checked keys)."""
-    path = run_dir / RESOLVED_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a data-parallel process trains the config its job wrote there")
-    return OmegaConf.merge(OmegaConf.structured(AtelierConfig), OmegaConf.load(path))
 
 
 def _setup_logging(run_dir: Path, rank: int) -> None:

@@ -1,0 +1,53 @@
+"""The config boundary: a composed DictConfig becomes the schema's dataclasses here, once.
+
+`run_config` is the one door: train.py's job (atelier.train.run.run_job), a data-parallel
+process and the fused worker (a run dir's config.yaml, `load_run_config`), the fused
+launcher's check of each job, and tools that train or read a run's config all pass
+through it. Code below it receives `AtelierConfig` objects (enums are members, numbers
+are numbers, every key exists) and never a DictConfig.
+
+The checks that name a bad key run here too: the DictConfig-level ones first (a
+mandatory ??? left unset, a file name with a path in it), then each schema dataclass's
+own `__post_init__` as OmegaConf.to_object builds it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from atelier.config.schema import AtelierConfig
+from atelier.config.validate import validate
+
+RUN_CONFIG_FILE = "config.yaml"  # atelier.outputs.run_dir.RESOLVED_CONFIG
+
+
+def run_config(cfg: DictConfig | AtelierConfig) -> AtelierConfig:
+    """The typed, checked config of a run; ConfigError (or MissingFileError) names a bad key.
+
+    `cfg` is the job's config without its `hydra` node (the task function's cfg). One that is
+    typed already is returned as it is (tests build them with atelier.config.load).
+    """
+    if isinstance(cfg, AtelierConfig):
+        return cfg
+    if OmegaConf.get_type(cfg) is not AtelierConfig:  # e.g. read back from a config.yaml
+        cfg = OmegaConf.merge(OmegaConf.structured(AtelierConfig), cfg)
+    validate(cfg)
+    typed = OmegaConf.to_object(cfg)
+    assert isinstance(typed, AtelierConfig), type(typed)
+    return typed
+
+
+def load_run_config(run_dir: Path) -> AtelierConfig:
+    """A run dir's config.yaml, typed and checked again (a data-parallel process or a fused
+    lane trains exactly the config its job recorded)."""
+    path = run_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a worker process trains the config its job wrote there")
+    return run_config(OmegaConf.load(path))
+
+
+def as_dictconfig(cfg: AtelierConfig) -> DictConfig:
+    """The typed config as OmegaConf again: for writing it (config.yaml) and hashing it."""
+    return OmegaConf.structured(cfg)
