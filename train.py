@@ -36,7 +36,7 @@ def _job(cfg: DictConfig) -> dict:
     with phases.timing_imports():
         hide_peft_and_bitsandbytes_from_diffusers()
         from atelier.train.reuse import freeze_startup_objects
-        from atelier.train.run import run_job
+        from atelier.launch.job import run_job
 
     freeze_startup_objects()
 

@@ -1,6 +1,6 @@
 """The config boundary: a composed DictConfig becomes the schema's dataclasses here, once.
 
-`run_config` is the one door: train.py's job (atelier.train.run.run_job), a data-parallel
+`run_config` is the one door: train.py's job (atelier.launch.job.run_job), a data-parallel
 process and the fused worker (a run dir's config.yaml, `load_run_config`), the fused
 launcher's check of each job, and tools that train or read a run's config all pass
 through it. Code below it receives `AtelierConfig` objects (enums are members, numbers

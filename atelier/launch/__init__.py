@@ -1,1 +1,3 @@
-"""Launchers: where and how the jobs of a sweep run."""
+"""Launchers: one job as train.py runs it (job.py: typed config, replay record, training or
+data-parallel processes), and where the jobs of a sweep run (local_gpus.py, fused.py, the
+process queue, SLURM through hydra-submitit)."""

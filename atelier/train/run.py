@@ -8,20 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from atelier.config.schema import AtelierConfig
-from atelier.config.typed import run_config
-from atelier.outputs.run_dir import write_command, write_environment, write_resolved_config
-from atelier.outputs.summary import finished, read_summary, write_summary
+from atelier.outputs.run_dir import write_environment
+from atelier.outputs.summary import write_summary
 from atelier.train import phases
 from atelier.train.lr_find import suggest_and_report
-from atelier.launch.data_parallel import run_processes
-from atelier.train.distributed import in_worker, process_rank
+from atelier.train.distributed import process_rank
 from atelier.train.metrics import peak_memory_mb
 from atelier.train.signals import SECOND_CTRL_C, StopRequested, raise_if_stop_asked, stop_on_signals
 from atelier.loop.trainer import Trainer, TrainResult
-from atelier.utils.atomic import remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -64,61 +59,13 @@ def summarise(status: str, result: TrainResult | None, started: float, reason: s
     return summary
 
 
-def run_job(
-    cfg: DictConfig, run_dir: Path, overrides: list[str], config_name: str = "config", config_dir: str | None = None
-) -> dict[str, Any]:
-    """One job as train.py runs it: check, record how to replay it, then train.
-
-    summary.json is written whatever happens, so a sweep report can tell why a job failed.
-    """
-    started = time.time()
-    phases.start_job(started)
-    if cfg.resume and finished(run_dir):  # the run dir guard let it through to be kept as it is
-        log.info("resume: %s already holds this finished run; nothing to train", run_dir)
-        return read_summary(run_dir)
-    if not in_worker():  # the dir's one writer (it holds the lock); data-parallel ranks share it
-        for stale in remove_stale_temp_files(run_dir):
-            log.info("removed %s, left by a killed run", stale.relative_to(run_dir))
-    try:
-        typed = run_config(cfg)  # the boundary: below here the config is AtelierConfig
-        write_resolved_config(run_dir, typed)
-        write_command(run_dir, overrides, config_name, config_dir)
-    except Exception as err:
-        _record_ending(run_dir, summarise("failed", None, started, failure_reason(err)))
-        raise
-    if typed.training.num_processes > 1 and not in_worker():
-        return run_data_parallel(run_dir, typed.training.num_processes, started)
-    return run_training(typed, run_dir, started)
-
-
-def _record_ending(run_dir: Path, summary: dict[str, Any]) -> None:
+def record_ending(run_dir: Path, summary: dict[str, Any]) -> None:
     """summary.json of a run ending on an error or a stop. Failing to write it (the disk that
     ended the run is full) is logged, never raised over what ended the run."""
     try:
         write_summary(run_dir, summary)
     except OSError as err:
         log.error("summary.json not written: %s", err)
-
-
-class TrainingProcessFailed(RuntimeError):
-    """A process of a data-parallel run failed; the message says which and why."""
-
-
-def run_data_parallel(run_dir: Path, num_processes: int, started: float) -> dict[str, Any]:
-    """Train on `num_processes` processes (they read run_dir/config.yaml); the main one's summary."""
-    codes, flag = run_processes(run_dir, num_processes)
-    summary = read_summary(run_dir) or {}
-    if flag:
-        reason = summary.get("reason") or f"stopped by {flag.name}"
-        flag.pass_on()  # e.g. submitit's SIGUSR2 handler: requeue the job and exit
-        raise StopRequested(flag, reason)
-    if any(codes):
-        failed = ", ".join(f"process {rank} exited with {code}" for rank, code in enumerate(codes) if code)
-        if summary.get("status") != "failed":  # the main process may have been stopped before it could say
-            summary = summarise("failed", None, started, f"{failed}; see its output above or stderr.log")
-            write_summary(run_dir, summary)
-        raise TrainingProcessFailed(f"{failed}: {summary['reason']}")
-    return summary
 
 
 def run_training(cfg: AtelierConfig, run_dir: Path, started: float | None = None) -> dict[str, Any]:
@@ -143,18 +90,18 @@ def run_training(cfg: AtelierConfig, run_dir: Path, started: float | None = None
             suggestion = suggest_and_report(run_dir, cfg.optimizer.type) if cfg.training.suggest_lr and main else None
         except StopRequested as stop:
             if main:
-                _record_ending(run_dir, summarise("interrupted", trainer and trainer.result, started, str(stop)))
+                record_ending(run_dir, summarise("interrupted", trainer and trainer.result, started, str(stop)))
             log.warning("%s", stop)
             stop.flag.pass_on()  # e.g. submitit's SIGUSR2 handler: requeue the job and exit
             raise
         except KeyboardInterrupt:  # a second Ctrl-C (signals.SECOND_CTRL_C)
             if main:
-                _record_ending(run_dir, summarise("interrupted", trainer and trainer.result, started, SECOND_CTRL_C))
+                record_ending(run_dir, summarise("interrupted", trainer and trainer.result, started, SECOND_CTRL_C))
             log.warning("%s", SECOND_CTRL_C)
             raise
         except BaseException as err:
             if main:
-                _record_ending(run_dir, summarise("failed", trainer and trainer.result, started, failure_reason(err)))
+                record_ending(run_dir, summarise("failed", trainer and trainer.result, started, failure_reason(err)))
             raise
         summary = summarise("completed", result, started)
         if suggestion is not None:
