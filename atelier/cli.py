@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "atelier.report.cli",
     "atelier.data.cli",
     "atelier.tools.cli",
+    "atelier.config.cli",
 ]
 
 

@@ -7,9 +7,9 @@ train_network.py ...` command line and writes, into the run dir (or --out):
   kohya_prompts.txt   --sample_prompts: the run's sample prompts, every option spelled out
 and lists the keys that have no sd-scripts equivalent.
 
-OPTIONS below is the single mapping (our key -> sd-scripts option); it follows the
-README's "sd-scripts flags and their keys here" table, plus the dataset options
-that carry sd-scripts' names.
+OPTIONS is the mapping (our key -> sd-scripts option): one entry per schema field, whose
+flag and note are declared on the field (atelier/config/schema/, option(flag=..., kohya=...));
+HOW below says how a value is passed where it is not a plain option value.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from atelier.config.options import schema_fields
+from atelier.config.schema import NetworkConfig, flag_name
 from atelier.network.spec import kohya_module, kohya_network_args
 from atelier.tools.common import ToolError, check_output
 
@@ -53,6 +57,11 @@ class Option:
     convert: Callable[[Any, dict[str, Any]], Any] | None = None
     dataset_key: str | None = None
     note: str = ""
+
+
+def network_config(cfg: dict[str, Any]) -> NetworkConfig:
+    """The run's network options as the schema's typed NetworkConfig (what atelier.network.spec reads)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(NetworkConfig), cfg["network"]))
 
 
 def _unless_zero(value: Any, cfg: dict[str, Any]) -> Any:
@@ -104,7 +113,7 @@ def _model_path(value: str | None, cfg: dict[str, Any]) -> str:
 
 def _neuron_dropout(value: float | None, cfg: dict[str, Any]) -> float | None:
     """--network_dropout is networks.lora's; LyCORIS takes it in network_args."""
-    return value if value and kohya_module(cfg["network"]) == "networks.lora" else None
+    return value if value and kohya_module(network_config(cfg)) == "networks.lora" else None
 
 
 def _with_validation(value: Any, cfg: dict[str, Any]) -> Any:
@@ -125,171 +134,76 @@ def _args_value(name: str, value: Any) -> Any:
     return str(value) if name == "resolution" else value
 
 
-OPTIONS: tuple[Option, ...] = (
-    # model
-    Option("model.path", "pretrained_model_name_or_path", convert=_model_path,
-           note="the built-in tiny model: its diffusers folder in the cache"),
-    Option("model.builtin", None, "covered", note="given as --pretrained_model_name_or_path"),
-    Option("model.name", None, "covered", note="the model group option; its keys are mapped"),
-    Option("model.config", None, note="sd-scripts finds (or downloads) a single file's configs itself"),
-    Option("model.vae", "vae"),
-    Option("model.version", "v2", kind="switch", convert=lambda v, c: v == "sd2",
-           note="sdxl: sdxl_train_network.py"),
-    Option("model.v_parameterization", "v_parameterization", kind="switch"),
-    Option("model.resolution", None, "covered", note="the default of dataset.resolution"),
-    Option("model.allow_pickle", None, note="sd-scripts loads pickled .ckpt files without asking"),
-    # network
-    Option("network.module", "network_module", convert=lambda v, c: kohya_module(c["network"]),
-           note="lycoris.kohya kinds also get network_args algo=... preset=..."),
-    Option("network.dim", "network_dim"),
-    Option("network.alpha", "network_alpha"),
-    Option("network.weights", "network_weights"),
-    Option("network.conv_dim", "network_args", "covered", note="network_args conv_dim=..."),
-    Option("network.conv_alpha", "network_args", "covered", note="network_args conv_alpha=..."),
-    Option("network.dropout", "network_dropout", convert=_neuron_dropout,
-           note="LyCORIS kinds: network_args dropout=..."),
-    Option("network.rank_dropout", "network_args", "covered", note="network_args rank_dropout=..."),
-    Option("network.module_dropout", "network_args", "covered", note="network_args module_dropout=..."),
-    Option("network.factor", "network_args", "covered", note="network_args factor=... (lokr)"),
-    Option("network.unit", "network_args", "covered", note="network_args unit=... (dylora)"),
-    Option("network.scale_weight_norms", "scale_weight_norms"),
-    Option("network.train_unet_only", "network_train_unet_only", kind="switch"),
-    Option("network.train_text_encoder_only", "network_train_text_encoder_only", kind="switch"),
-    # optimizer
-    Option("optimizer.type", "optimizer_type"),
-    Option("optimizer.args", "optimizer_args", kind="list", convert=_optimizer_args),
-    Option("optimizer.learning_rate", "learning_rate"),
-    Option("optimizer.unet_lr", "unet_lr"),
-    Option("optimizer.text_encoder_lr", "text_encoder_lr"),
-    # scheduler
-    Option("scheduler.type", "lr_scheduler"),
-    Option("scheduler.warmup_steps", "lr_warmup_steps", convert=_warmup_steps),
-    Option("scheduler.warmup_ratio", "lr_warmup_steps", convert=_unless_zero,
-           note="a float < 1 is a ratio of the total steps in sd-scripts too (it rounds down, we round up)"),
-    Option("scheduler.num_cycles", "lr_scheduler_num_cycles"),
-    Option("scheduler.power", "lr_scheduler_power"),
-    Option("scheduler.min_lr_ratio", "lr_scheduler_min_lr_ratio"),
-    Option("scheduler.decay_steps", "lr_decay_steps", convert=_decay_steps),
-    Option("scheduler.decay_ratio", "lr_decay_steps", convert=_unless_zero,
-           note="a float < 1 is a ratio of the total steps in sd-scripts too (it rounds down, we round up)"),
-    Option("scheduler.timescale", "lr_scheduler_timescale"),
-    Option("scheduler.step_rules", "lr_scheduler_args", kind="list",
-           convert=lambda v, c: [f"step_rules={v!r}"] if v else None),
-    # dataset
-    Option("dataset.name", None, "covered", note="names the project folder"),
-    Option("dataset.train_data_dir", "train_data_dir", "subsets", convert=lambda v, c: str(Path(v).resolve())),
-    Option("dataset.reg_data_dir", "reg_data_dir", "subsets",
-           convert=lambda v, c: str(Path(v).resolve()) if v else None),
-    Option("dataset.caption_extension", "caption_extension", "dataset"),
-    Option("dataset.resolution", "resolution", "dataset"),
-    Option("dataset.enable_bucket", "enable_bucket", "dataset", kind="switch"),
-    Option("dataset.min_bucket_reso", "min_bucket_reso", "dataset"),
-    Option("dataset.max_bucket_reso", "max_bucket_reso", "dataset"),
-    Option("dataset.bucket_reso_steps", "bucket_reso_steps", "dataset"),
-    Option("dataset.bucket_no_upscale", "bucket_no_upscale", "dataset", kind="switch"),
-    Option("dataset.cache_latents", "cache_latents", kind="switch"),
-    Option("dataset.cache_latents_to_disk", "cache_latents_to_disk", kind="switch"),
-    Option("dataset.latent_cache_dir", None, note="sd-scripts writes its .npz caches beside the images"),
-    Option("dataset.cache_text_encoder_outputs", None,
-           note="train_network.py (SD1/2) has no text-encoder cache; sdxl_train_network.py has"),
-    Option("dataset.max_data_loader_n_workers", "max_data_loader_n_workers"),
-    Option("dataset.persistent_data_loader_workers", "persistent_data_loader_workers", kind="switch",
-           note="atelier's default is true; sd-scripts' is off"),
-    Option("dataset.shuffle_caption", "shuffle_caption", "dataset", kind="switch"),
-    Option("dataset.caption_separator", "caption_separator"),
-    Option("dataset.keep_tokens", "keep_tokens", "dataset"),
-    Option("dataset.keep_tokens_separator", "keep_tokens_separator", "dataset", convert=lambda v, c: v or None),
-    Option("dataset.caption_prefix", "caption_prefix", "dataset"),
-    Option("dataset.caption_suffix", "caption_suffix", "dataset"),
-    Option("dataset.caption_dropout_rate", "caption_dropout_rate", "dataset"),
-    Option("dataset.caption_tag_dropout_rate", "caption_tag_dropout_rate", "dataset"),
-    Option("dataset.caption_dropout_every_n_epochs", "caption_dropout_every_n_epochs", "dataset"),
-    Option("dataset.max_token_length", "max_token_length"),
-    Option("dataset.flip_aug", "flip_aug", "dataset", kind="switch"),
-    Option("dataset.random_crop", "random_crop", "dataset", kind="switch"),
-    Option("dataset.color_aug", "color_aug", "dataset", kind="switch"),
-    Option("dataset.prior_loss_weight", "prior_loss_weight"),
-    Option("dataset.validation_split", "validation_split", convert=_unless_zero,
-           note="recent sd-scripts; it holds out images across the dataset, not per concept folder"),
-    Option("dataset.validation_seed", "validation_seed", convert=_with_validation),
-    Option("dataset.validate_every_n_epochs", "validate_every_n_epochs", convert=_with_validation),
-    # training
-    Option("training.seed", "seed"),
-    Option("training.max_train_epochs", "max_train_epochs"),
-    Option("training.max_train_steps", "max_train_steps",
-           note="sd-scripts lets max_train_epochs win when both are set; here steps win"),
-    Option("training.train_batch_size", "train_batch_size", dataset_key="batch_size"),
-    Option("training.gradient_accumulation_steps", "gradient_accumulation_steps"),
-    Option("training.gradient_checkpointing", "gradient_checkpointing", kind="switch"),
-    Option("training.mixed_precision", "mixed_precision", note="also given to accelerate launch"),
-    Option("training.cpu", "cpu", "accelerate", kind="switch"),
-    Option("training.num_processes", "num_processes", "accelerate", convert=_unless_one),
-    Option("training.clip_skip", "clip_skip"),
-    Option("training.min_snr_gamma", "min_snr_gamma"),
-    Option("training.noise_offset", "noise_offset", convert=_unless_zero),
-    Option("training.max_grad_norm", "max_grad_norm"),
-    Option("training.adaptive_noise_scale", "adaptive_noise_scale"),
-    Option("training.multires_noise_iterations", "multires_noise_iterations"),
-    Option("training.multires_noise_discount", "multires_noise_discount"),
-    Option("training.ip_noise_gamma", "ip_noise_gamma"),
-    Option("training.zero_terminal_snr", "zero_terminal_snr", kind="switch"),
-    Option("training.min_timestep", "min_timestep"),
-    Option("training.max_timestep", "max_timestep"),
-    Option("training.debiased_estimation_loss", "debiased_estimation_loss", kind="switch"),
-    Option("training.loss_type", "loss_type"),
-    Option("training.huber_schedule", "huber_schedule"),
-    Option("training.huber_c", "huber_c"),
-    Option("training.huber_scale", "huber_scale", convert=lambda v, c: None if v == 1.0 else v,
-           note="recent sd-scripts; left out at its default 1.0 for older ones"),
-    Option("training.attention", "sdpa", kind="switch", convert=_attention,
-           note="xformers: --xformers; math: neither switch"),
-    Option("training.channels_last", None, note="sd-scripts has no channels_last switch"),
-    Option("training.torch_compile", "torch_compile", kind="switch"),
-    Option("training.dynamo_backend", "dynamo_backend", convert=_with_torch_compile),
-    Option("training.torch_compile_mode", None,
-           note="sd-scripts' --torch_compile uses torch.compile's default mode"),
-    Option("training.fused_optimizer", None,
-           note="pass optimizer_args fused=True to sd-scripts (AdamW, SGD)"),
-    Option("training.allow_tf32", None, note="sd-scripts leaves torch's TF32 defaults"),
-    Option("training.reuse_base_model", None,
-           note="atelier's in-process sweeps; sd-scripts trains one run per process"),
-    Option("training.suggest_lr", None,
-           note="atelier's lr finder (experiment=lr_find): reads the logged d*lr into lr_suggestion.json"),
-    # sampling
-    Option("sampling.prompts", "sample_prompts", "covered", note=f"written to {PROMPTS_TXT}"),
-    Option("sampling.prompt_file", "sample_prompts", "covered", note=f"its lines written to {PROMPTS_TXT}"),
-    Option("sampling.limit", None, "prompts", note="only the first N prompts are written"),
-    Option("sampling.width", "w", "prompts"),
-    Option("sampling.height", "h", "prompts"),
-    Option("sampling.steps", "s", "prompts"),
-    Option("sampling.cfg_scale", "l", "prompts"),
-    Option("sampling.seed", "d", "prompts"),
-    Option("sampling.sample_every_n_epochs", "sample_every_n_epochs"),
-    Option("sampling.sampler", "sample_sampler"),
-    # output
-    Option("output.output_name", "output_name"),
-    Option("output.save_every_n_epochs", "save_every_n_epochs"),
-    Option("output.save_precision", "save_precision"),
-    Option("output.save_state", None,
-           note="sd-scripts' --save_state keeps every saved state for --resume; here the last epoch's "
-           "state is kept while a run is unfinished"),
-    Option("output.save_state_every_n_epochs", None,
-           note="sd-scripts saves states with each --save_every_n_epochs checkpoint (with --save_state)"),
-    Option("output.save_state_every_n_steps", None,
-           note="sd-scripts saves states with each --save_every_n_steps checkpoint (with --save_state); "
-           "here a state is also saved on SIGTERM/SIGUSR1/SIGUSR2"),
-    # the run
-    Option("project", None, "covered", note="the output folder"),
-    Option("recipe", None, note="a recipe names sweep axes; export one job's run dir"),
-    Option("resume", None, note="sd-scripts: --resume <state folder> (needs --save_state)"),
-    Option("overwrite", None, note="atelier's run-dir guard; sd-scripts writes into an existing output dir"),
-    Option("dataset.max_image_pixels", None, note="atelier's header check before decoding (PIL's limit by default)"),
-    Option("dataset.max_aspect_ratio", None, note="atelier's header check before decoding"),
-    Option("dataset.max_samples_per_epoch", None, note="atelier's cap on images x repeats"),
-    Option("model.min_bucket_reso", None, note="the model's default for dataset.min_bucket_reso (exported there)"),
-    Option("model.max_bucket_reso", None, note="the model's default for dataset.max_bucket_reso (exported there)"),
-    Option("model.bucket_reso_steps", None, note="the model's default for dataset.bucket_reso_steps (exported there)"),
-)
+def _path(value: str | None, cfg: dict[str, Any]) -> str | None:
+    return str(Path(value).resolve()) if value else None
+
+
+# How a key is exported where it is not a plain value for its flag (the flag and the note
+# are the schema's: option(flag=..., kohya=...)).
+HOW: dict[str, dict[str, Any]] = {
+    "model.path": {"convert": _model_path},
+    "model.builtin": {"place": "covered"},
+    "model.name": {"place": "covered"},
+    "model.version": {"kind": "switch", "convert": lambda v, c: v == "sd2"},
+    "model.v_parameterization": {"kind": "switch"},
+    "model.resolution": {"place": "covered"},
+    "network.module": {"convert": lambda v, c: kohya_module(network_config(c))},
+    # network_args is one list made from several keys (build_export)
+    **{f"network.{name}": {"place": "covered"}
+       for name in ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "factor", "unit")},
+    "network.dropout": {"convert": _neuron_dropout},
+    "network.train_unet_only": {"kind": "switch"},
+    "network.train_text_encoder_only": {"kind": "switch"},
+    "optimizer.args": {"kind": "list", "convert": _optimizer_args},
+    "scheduler.warmup_steps": {"convert": _warmup_steps},
+    "scheduler.warmup_ratio": {"convert": _unless_zero},
+    "scheduler.decay_steps": {"convert": _decay_steps},
+    "scheduler.decay_ratio": {"convert": _unless_zero},
+    "scheduler.step_rules": {"kind": "list", "convert": lambda v, c: [f"step_rules={v!r}"] if v else None},
+    "dataset.name": {"place": "covered"},
+    "dataset.train_data_dir": {"place": "subsets", "convert": _path},
+    "dataset.reg_data_dir": {"place": "subsets", "convert": _path},
+    **{f"dataset.{name}": {"place": "dataset"}
+       for name in ("caption_extension", "resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+                    "keep_tokens", "caption_prefix", "caption_suffix", "caption_dropout_rate",
+                    "caption_tag_dropout_rate", "caption_dropout_every_n_epochs")},
+    **{f"dataset.{name}": {"place": "dataset", "kind": "switch"}
+       for name in ("enable_bucket", "bucket_no_upscale", "shuffle_caption", "flip_aug", "random_crop", "color_aug")},
+    "dataset.keep_tokens_separator": {"place": "dataset", "convert": lambda v, c: v or None},
+    "dataset.cache_latents": {"kind": "switch"},
+    "dataset.cache_latents_to_disk": {"kind": "switch"},
+    "dataset.persistent_data_loader_workers": {"kind": "switch"},
+    "dataset.validation_split": {"convert": _unless_zero},
+    "dataset.validation_seed": {"convert": _with_validation},
+    "dataset.validate_every_n_epochs": {"convert": _with_validation},
+    "training.train_batch_size": {"dataset_key": "batch_size"},
+    "training.gradient_checkpointing": {"kind": "switch"},
+    "training.cpu": {"place": "accelerate", "kind": "switch"},
+    "training.num_processes": {"place": "accelerate", "convert": _unless_one},
+    "training.noise_offset": {"convert": _unless_zero},
+    "training.zero_terminal_snr": {"kind": "switch"},
+    "training.debiased_estimation_loss": {"kind": "switch"},
+    "training.huber_scale": {"convert": lambda v, c: None if v == 1.0 else v},
+    "training.attention": {"kind": "switch", "convert": _attention},
+    "training.torch_compile": {"kind": "switch"},
+    "training.dynamo_backend": {"convert": _with_torch_compile},
+    "sampling.prompts": {"place": "covered"},
+    "sampling.prompt_file": {"place": "covered"},
+    **{f"sampling.{name}": {"place": "prompts"} for name in ("limit", "width", "height", "steps", "cfg_scale", "seed")},
+    "project": {"place": "covered"},
+}
+
+
+def _options() -> tuple[Option, ...]:
+    """One Option per schema field: its flag and note from the schema, how it is exported from HOW."""
+    options = []
+    for key, field in schema_fields().items():
+        flag = field.metadata["flag"]
+        options.append(Option(key, flag_name(flag) if flag else None, note=field.metadata["kohya"], **HOW.get(key, {})))
+    return tuple(options)
+
+
+OPTIONS: tuple[Option, ...] = _options()
 OPTIONS_BY_KEY = {option.key: option for option in OPTIONS}
 
 
@@ -297,7 +211,6 @@ OPTIONS_BY_KEY = {option.key: option for option in OPTIONS}
 
 
 def load_run_config(run_dir: Path) -> dict[str, Any]:
-    from omegaconf import OmegaConf
 
     path = run_dir / "config.yaml"
     if not run_dir.is_dir():
@@ -382,7 +295,7 @@ def build_export(cfg: dict[str, Any], out_dir: Path) -> Export:
         (general if option.place == "dataset" else args)[option.flag] = converted
         if option.dataset_key:
             general[option.dataset_key] = converted
-    network_args = kohya_network_args(cfg["network"]) if "network" in cfg else {}
+    network_args = kohya_network_args(network_config(cfg)) if "network" in cfg else {}
     if network_args:  # one list, from several keys (sd-scripts: key=value strings)
         args["network_args"] = [f"{name}={value}" for name, value in network_args.items()]
     precision = cfg.get("training", {}).get("mixed_precision")

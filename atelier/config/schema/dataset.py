@@ -1,0 +1,111 @@
+"""dataset: the training data and how it is fed (sd-scripts' dataset options, same names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from omegaconf import MISSING
+
+from atelier.config.schema.fields import option
+
+
+@dataclass
+class DatasetConfig:
+    """The training data and how it is fed (sd-scripts' dataset options, same names).
+
+    Checked at the start of a run by atelier.train.dataset_options, which names the
+    key of any bad value.
+    """
+
+    name: str = option(MISSING, doc="The dataset's name; the default project name.", kohya="names the project folder")
+    train_data_dir: str = option(MISSING, flag="train_data_dir", ss=("ss_dataset_dirs", "ss_tag_frequency"),
+                                 doc="The folder that holds the N_name concept folders (N: repeats).")
+    caption_extension: str = option(".txt", flag="caption_extension", ss="ss_caption_extension",
+                                    doc="A caption is <image stem><caption_extension>.",
+                                    kohya="sd-scripts' default is .caption")
+    resolution: int = option(512, flag="resolution", ss="ss_resolution",
+                             doc="The side of the square training area (dataset options: the model's).")
+    max_image_pixels: int = option(
+        178_956_970, doc="Images whose header declares more pixels are refused before decoding "
+        "(atelier.data.images.ImageLimits).",
+        kohya="atelier's header check before decoding (PIL's limit by default)",
+    )
+    max_aspect_ratio: float = option(16.0, doc="Images whose longer side is more than this many times the shorter "
+                                     "one are refused before decoding.",
+                                     kohya="atelier's header check before decoding")  # fmt: skip
+    max_samples_per_epoch: int = option(10_000_000, doc="Images x repeats in one epoch; a folder like "
+                                        "`1000000000_x` is a typo, not a plan.",
+                                        kohya="atelier's cap on images x repeats")  # fmt: skip
+    enable_bucket: bool = option(False, flag="enable_bucket", ss="ss_enable_bucket",
+                                 doc="Aspect-ratio buckets (off: every image is cropped to resolution x resolution).")
+    min_bucket_reso: int = option(256, flag="min_bucket_reso", ss="ss_min_bucket_reso",
+                                  doc="The smallest bucket side (dataset options: the model's).")
+    max_bucket_reso: int = option(1024, flag="max_bucket_reso", ss="ss_max_bucket_reso",
+                                  doc="The largest bucket side (dataset options: the model's).")
+    bucket_reso_steps: int = option(64, flag="bucket_reso_steps",
+                                    doc="Bucket sides are multiples of this (dataset options: the model's).")
+    bucket_no_upscale: bool = option(False, flag="bucket_no_upscale", ss="ss_bucket_no_upscale",
+                                     doc="Small images get a bucket of their own size instead of being upscaled.")
+    cache_latents: bool = option(True, flag="cache_latents", ss="ss_cache_latents",
+                                 doc="VAE latents encoded once and reused; random_crop and color_aug turn it off.",
+                                 kohya="on by default here")
+    cache_latents_to_disk: bool = option(False, flag="cache_latents_to_disk",
+                                         doc="Keep the latent cache on disk, for the next runs.")
+    latent_cache_dir: Optional[str] = option(None, doc="The disk cache's folder (null: "
+                                             "<train_data_dir>/.atelier-latent-cache).",
+                                             kohya="sd-scripts writes its .npz caches beside the images")  # fmt: skip
+    cache_text_encoder_outputs: bool = option(
+        True, doc="Text-encoder outputs encoded once per distinct caption when the text encoder is not trained "
+        "(network.train_unet_only) and captions never change.",
+        kohya="train_network.py (SD1/2) has no text-encoder cache; sdxl_train_network.py has",
+    )
+    max_data_loader_n_workers: int = option(
+        0, flag="max_data_loader_n_workers",
+        doc="Processes that decode images when latents are encoded per step (0 = in the training process).",
+    )
+    persistent_data_loader_workers: bool = option(
+        True, flag="persistent_data_loader_workers",
+        doc="Keep those worker processes from one epoch to the next instead of starting them again each epoch.",
+        kohya="atelier's default is true; sd-scripts' is off",
+    )
+    shuffle_caption: bool = option(False, flag="shuffle_caption", ss="ss_shuffle_caption",
+                                   doc="Shuffle the caption's tags every step (after prefix/suffix and dropout).")
+    caption_separator: str = option(",", flag="caption_separator", doc="What separates a caption's tags.")
+    keep_tokens: int = option(0, flag="keep_tokens", ss="ss_keep_tokens",
+                              doc="The first N tags stay in place when shuffling.")
+    keep_tokens_separator: str = option("", flag="keep_tokens_separator",
+                                        doc="Tags before this separator stay in place when shuffling.")
+    caption_prefix: Optional[str] = option(None, flag="caption_prefix", doc="Text put before every caption.")
+    caption_suffix: Optional[str] = option(None, flag="caption_suffix", doc="Text put after every caption.")
+    caption_dropout_rate: float = option(0.0, flag="caption_dropout_rate", ss="ss_caption_dropout_rate",
+                                         doc="The chance a step trains an image with an empty caption.")
+    caption_tag_dropout_rate: float = option(0.0, flag="caption_tag_dropout_rate", ss="ss_caption_tag_dropout_rate",
+                                             doc="The chance each tag is left out of a step's caption.")
+    caption_dropout_every_n_epochs: int = option(
+        0, flag="caption_dropout_every_n_epochs", ss="ss_caption_dropout_every_n_epochs",
+        doc="Every n-th epoch trains without captions (0: never).",
+    )
+    max_token_length: Optional[int] = option(
+        None, flag="max_token_length", ss="ss_max_token_length",
+        doc="75, 150 or 225 tokens (null = 75); longer captions are encoded in 75-token chunks.",
+    )
+    flip_aug: bool = option(False, flag="flip_aug", ss="ss_flip_aug", doc="Flip images horizontally at random.")
+    random_crop: bool = option(False, flag="random_crop", ss="ss_random_crop",
+                               doc="Crop at a random place instead of the centre.")
+    color_aug: bool = option(False, flag="color_aug", ss="ss_color_aug", doc="Shift the hue at random.")
+    reg_data_dir: Optional[str] = option(
+        None, flag="reg_data_dir", ss="ss_num_reg_images",
+        doc="Regularization images (same N_name layout), balanced to the train images x repeats.",
+    )
+    prior_loss_weight: float = option(1.0, flag="prior_loss_weight", ss="ss_prior_loss_weight",
+                                      doc="The loss weight of the regularization images.")
+    validation_split: float = option(
+        0.0, flag="validation_split", doc="Validation: this fraction of each concept folder's images is held out.",
+        kohya="recent sd-scripts; it holds out images across the dataset, not per concept folder",
+    )
+    validation_seed: Optional[int] = option(
+        None, flag="validation_seed", doc="Picks the held-out images and the validation noise (null: training.seed).",
+    )
+    validate_every_n_epochs: Optional[int] = option(1, flag="validate_every_n_epochs",
+                                                    doc="How often the validation loss is measured.")

@@ -1,0 +1,51 @@
+"""network: the adapter trained over the base model (its kind, size and dropouts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from atelier.config.schema.enums import NetworkModule
+from atelier.config.schema.fields import option
+
+
+@dataclass
+class NetworkConfig:
+    module: NetworkModule = option(
+        NetworkModule.lora, flag="network_module", ss=("ss_network_module", "ss_network_args"),
+        doc="The network kind (atelier/network/kinds.py lists them).",
+        kohya="lycoris.kohya kinds also get network_args algo=... preset=...",
+    )
+    dim: int = option(8, flag="network_dim", ss="ss_network_dim", doc="The rank of each module.")
+    alpha: float = option(4.0, flag="network_alpha", ss="ss_network_alpha",
+                          doc="Scales each module's update by alpha / dim.")
+    train_unet_only: bool = option(False, flag="network_train_unet_only", ss="ss_text_encoder_lr",
+                                   doc="Train only the UNet's modules (the text encoder stays as it is).")
+    train_text_encoder_only: bool = option(False, flag="network_train_text_encoder_only", ss="ss_unet_lr",
+                                           doc="Train only the text encoder's modules.")
+    weights: Optional[str] = option(
+        None, flag="network_weights", ss="ss_network_weights",
+        doc="A kohya LoRA file to start from; its per-module rank and alpha replace `dim` and `alpha`. Its kind "
+        "must match `module`.",
+    )
+    conv_dim: Optional[int] = option(
+        None, flag="network_args conv_dim", ss="ss_network_args",
+        doc="Rank of the 3x3 convs of ResnetBlock2D, Downsample2D, Upsample2D (null: those blocks are not trained).",
+    )
+    conv_alpha: Optional[float] = option(None, flag="network_args conv_alpha", ss="ss_network_args",
+                                         doc="Alpha of those convs (null = 1.0, as in sd-scripts).")
+    dropout: Optional[float] = option(None, flag="network_dropout", ss="ss_network_dropout",
+                                      doc="Neuron dropout on the rank activations (lora/locon).",
+                                      kohya="LyCORIS kinds: network_args dropout=...")
+    rank_dropout: Optional[float] = option(None, flag="network_args rank_dropout", ss="ss_network_args",
+                                           doc="Drop ranks at random in each training step.")
+    module_dropout: Optional[float] = option(None, flag="network_args module_dropout", ss="ss_network_args",
+                                             doc="Drop whole modules at random in each training step.")
+    factor: int = option(-1, flag="network_args factor", ss="ss_network_args",
+                         doc="LoKr: Kronecker factor of each layer's dimensions (-1: the most balanced split).")
+    unit: Optional[int] = option(None, flag="network_args unit", ss="ss_network_args",
+                                 doc="DyLoRA: ranks learnt together per step; dim must be a multiple (null = 1).")
+    scale_weight_norms: Optional[float] = option(
+        None, flag="scale_weight_norms", ss="ss_scale_weight_norms",
+        doc="Cap the norm of every module's update after each optimizer step (1.0 is the usual value). Null: off.",
+    )

@@ -1,0 +1,33 @@
+"""sampling: the sample images made during training, and how often."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from omegaconf import SI
+
+from atelier.config.schema.fields import option
+
+
+@dataclass
+class SamplingConfig:
+    prompts: List[str] = option(
+        default_factory=list, flag="sample_prompts",
+        doc='Lines in sd-scripts syntax: "prompt --n negative --w 512 --h 512 --s 20 --l 7 --d 1".',
+        kohya="written to kohya_prompts.txt",
+    )
+    prompt_file: Optional[str] = option(None, flag="sample_prompts", doc="A file of such lines.",
+                                        kohya="its lines written to kohya_prompts.txt")
+    limit: Optional[int] = option(None, doc="Use only the first N prompts (debug runs).",
+                                  kohya="only the first N prompts are written")
+    sample_every_n_epochs: Optional[int] = option(5, flag="sample_every_n_epochs",
+                                                  doc="Sample every n epochs (null: only after the last step).")
+    sampler: str = option("ddim", flag="sample_sampler", doc="The sampler (ddim, euler_a, dpmsolver++, ...).")
+    width: int = option(SI("${dataset.resolution}"), flag="sample_prompts --w",
+                        doc="Sample width; a prompt's --w wins over it.")
+    height: int = option(SI("${dataset.resolution}"), flag="sample_prompts --h",
+                         doc="Sample height; a prompt's --h wins over it.")
+    steps: int = option(20, flag="sample_prompts --s", doc="Sampling steps; a prompt's --s wins over it.")
+    cfg_scale: float = option(7.0, flag="sample_prompts --l", doc="CFG scale; a prompt's --l wins over it.")
+    seed: int = option(1234, flag="sample_prompts --d", doc="Sampling seed; a prompt's --d wins over it.")

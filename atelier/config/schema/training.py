@@ -1,0 +1,115 @@
+"""training: run length, batch, precision, noise and timesteps, loss, speed switches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from atelier.config.schema.enums import (
+    Attention,
+    HuberSchedule,
+    LossType,
+    MixedPrecision,
+)
+from atelier.config.schema.fields import option
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = option(42, flag="seed", ss="ss_seed", doc="Seeds the weights' init, the noise and the data order.")
+    max_train_epochs: Optional[int] = option(10, flag="max_train_epochs", ss="ss_num_epochs",
+                                             doc="The run's length in epochs, unless max_train_steps is set.")
+    max_train_steps: Optional[int] = option(
+        None, flag="max_train_steps", ss="ss_max_train_steps",
+        doc="When set, caps the run (max_train_epochs is then ignored).",
+        kohya="sd-scripts lets max_train_epochs win when both are set; here steps win",
+    )
+    train_batch_size: int = option(2, flag="train_batch_size", ss="ss_batch_size_per_device",
+                                   doc="Images per step (per process).")
+    gradient_accumulation_steps: int = option(1, flag="gradient_accumulation_steps",
+                                              ss="ss_gradient_accumulation_steps",
+                                              doc="Steps whose gradients add up before each optimizer step.")
+    gradient_checkpointing: bool = option(False, flag="gradient_checkpointing", ss="ss_gradient_checkpointing",
+                                          doc="Recompute activations in the backward pass: less memory, slower.")
+    mixed_precision: MixedPrecision = option(MixedPrecision.no, flag="mixed_precision", ss="ss_mixed_precision",
+                                             doc="Autocast the forward pass to fp16 or bf16.",
+                                             kohya="also given to accelerate launch")
+    cpu: bool = option(False, flag="cpu", doc="Train on the CPU even when a GPU is there.",
+                       kohya="an accelerate launch option")
+    num_processes: int = option(
+        1, flag="num_processes",
+        doc="Data-parallel processes for this one run (one per GPU in CUDA_VISIBLE_DEVICES, or on the CPU with "
+        "gloo). Each trains train_batch_size images a step, so a step sees num_processes x train_batch_size x "
+        "gradient_accumulation_steps images.",
+        kohya="an accelerate launch option",
+    )
+    clip_skip: int = option(1, flag="clip_skip", ss="ss_clip_skip",
+                            doc="Condition on the text encoder's n-th last layer (1: the last).")
+    min_snr_gamma: Optional[float] = option(None, flag="min_snr_gamma", ss="ss_min_snr_gamma",
+                                            doc="Min-SNR loss weighting: min(SNR, gamma) / SNR (null: off).")
+    noise_offset: float = option(0.0, flag="noise_offset", ss="ss_noise_offset",
+                                 doc="Adds noise_offset x N(0,1) per latent channel to the noise (0: off).")
+    max_grad_norm: float = option(1.0, flag="max_grad_norm", ss="ss_max_grad_norm",
+                                  doc="Clip the gradients' norm to this (0: no clipping).")
+    adaptive_noise_scale: Optional[float] = option(
+        None, flag="adaptive_noise_scale", ss="ss_adaptive_noise_scale",
+        doc="noise_offset grows by adaptive_noise_scale x |mean of each latent channel| (needs noise_offset).",
+    )
+    multires_noise_iterations: Optional[int] = option(
+        None, flag="multires_noise_iterations", ss="ss_multires_noise_iterations",
+        doc="Multi-resolution (pyramid) noise: this many coarser noise levels, each weighted by discount^i.",
+    )
+    multires_noise_discount: float = option(0.3, flag="multires_noise_discount", ss="ss_multires_noise_discount",
+                                            doc="The weight ratio of successive pyramid noise levels.")
+    ip_noise_gamma: Optional[float] = option(
+        None, flag="ip_noise_gamma", ss="ss_ip_noise_gamma",
+        doc="Input perturbation: the latents are noised with noise + gamma x N(0,1); the target stays noise.",
+    )
+    zero_terminal_snr: bool = option(
+        False, flag="zero_terminal_snr", ss="ss_zero_terminal_snr",
+        doc="Rescale the training noise schedule so the last timestep has SNR 0 (meant for v-prediction).",
+    )
+    min_timestep: Optional[int] = option(None, flag="min_timestep",
+                                         doc="Timesteps are drawn from [min_timestep, max_timestep) (null: 0).")
+    max_timestep: Optional[int] = option(None, flag="max_timestep",
+                                         doc="The end of that range (null: num_train_timesteps).")
+    debiased_estimation_loss: bool = option(
+        False, flag="debiased_estimation_loss", ss="ss_debiased_estimation",
+        doc="Weight each sample by 1/sqrt(SNR) (eps) or 1/(SNR+1) (v-prediction).",
+    )
+    loss_type: LossType = option(LossType.l2, flag="loss_type", ss="ss_loss_type",
+                                 doc="The loss between prediction and target (atelier.train.losses).")
+    huber_schedule: HuberSchedule = option(HuberSchedule.snr, flag="huber_schedule", ss="ss_huber_schedule",
+                                           doc="How huber_c varies with the timestep.")
+    huber_c: float = option(0.1, flag="huber_c", ss="ss_huber_c",
+                            doc="huber / smooth_l1 threshold, scheduled per timestep by huber_schedule.")
+    huber_scale: float = option(1.0, flag="huber_scale", ss="ss_huber_scale", doc="Multiplies huber_c.",
+                                kohya="recent sd-scripts; left out at its default 1.0 for older ones")
+    attention: Attention = option(Attention.sdpa, flag="sdpa",
+                                  doc="The UNet's attention kernel (atelier.train.speed logs what it did).",
+                                  kohya="xformers: --xformers; math: neither switch")
+    channels_last: bool = option(False, doc="UNet weights and activations in NHWC memory format (faster "
+                                 "convolutions on GPUs).", kohya="sd-scripts has no channels_last switch")  # fmt: skip
+    torch_compile: bool = option(False, flag="torch_compile", doc="torch.compile the UNet (LoRA included).")
+    dynamo_backend: str = option("inductor", flag="dynamo_backend", doc="torch.compile's backend.")
+    torch_compile_mode: Optional[str] = option(
+        None, doc='torch.compile\'s mode: inductor\'s "default", "reduce-overhead", "max-autotune", ...',
+        kohya="sd-scripts' --torch_compile uses torch.compile's default mode",
+    )
+    fused_optimizer: bool = option(
+        False, doc="AdamW's fused CUDA kernel (optimizer.args fused=True) when the run is on a GPU; ignored with "
+        "a log line on a CPU or for other optimizers.",
+        kohya="pass optimizer_args fused=True to sd-scripts (AdamW, SGD)",
+    )
+    allow_tf32: bool = option(False, doc="TF32 matmuls/convolutions on Ampere+ NVIDIA GPUs; a logged no-op elsewhere.",
+                              kohya="sd-scripts leaves torch's TF32 defaults")
+    reuse_base_model: bool = option(
+        True, doc="Jobs of a sweep run in one process (the default launcher) load the base model once and each "
+        "get fresh modules over its weights (atelier.train.reuse), and share their cached latents.",
+        kohya="atelier's in-process sweeps; sd-scripts trains one run per process",
+    )
+    suggest_lr: bool = option(
+        False, doc="After training, turn the logged d*lr of an adaptive optimizer into lr_suggestion.json "
+        "(experiment=lr_find sets it; atelier.train.lr_find).",
+        kohya="atelier's lr finder (experiment=lr_find): reads the logged d*lr into lr_suggestion.json",
+    )

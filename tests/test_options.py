@@ -1,0 +1,164 @@
+"""sd-scripts names are data on the schema fields: every option has a doc, every sd-scripts
+flag reaches `atelier export-kohya` and the README table, every ss_* key the LoRA metadata."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import atelier.config
+from atelier.config.options import (
+    all_options,
+    groups,
+    readme_table,
+    render_markdown,
+    sd_scripts_name,
+)
+from atelier.config.schema import flag_name
+from atelier.outputs.metadata import training_metadata
+from atelier.outputs.run_dir import write_resolved_config
+from atelier.tools.export_kohya import (
+    OPTIONS_BY_KEY,
+    Export,
+    build_export,
+    load_run_config,
+)
+from tests.helpers import REPO_ROOT
+
+FLAGGED = [o for o in all_options() if o.flag]
+WITH_SS = [o for o in all_options() if o.ss]
+
+# Run configs that, together, give every flagged option a value sd-scripts gets.
+EXPORT_RUNS = [
+    [
+        "model=tiny_sd2_v", "model.vae=/models/vae.safetensors",
+        "network.dropout=0.1", "network.conv_dim=4", "network.conv_alpha=2", "network.rank_dropout=0.1",
+        "network.module_dropout=0.1", "network.scale_weight_norms=1.0", "network.train_unet_only=true",
+        "network.weights=/loras/start.safetensors",
+        "+optimizer.args.eps=1e-6", "optimizer.unet_lr=1e-4", "optimizer.text_encoder_lr=5e-5",
+        "scheduler=warmup_stable_decay", "scheduler.warmup_steps=10", "scheduler.min_lr_ratio=0.1",
+        "scheduler.decay_steps=5", "scheduler.timescale=100", "scheduler.step_rules='1:10,0.5'",
+        "dataset.reg_data_dir=/data/reg", "dataset.validation_split=0.1", "dataset.validation_seed=3",
+        "dataset.caption_prefix=a", "dataset.caption_suffix=b", "dataset.keep_tokens_separator='|||'",
+        "dataset.max_token_length=150", "dataset.enable_bucket=true", "dataset.bucket_no_upscale=true",
+        "dataset.shuffle_caption=true", "dataset.flip_aug=true", "dataset.random_crop=true", "dataset.color_aug=true",
+        "dataset.cache_latents_to_disk=true",
+        "training.max_train_steps=100", "training.cpu=true", "training.num_processes=2", "training.min_snr_gamma=5",
+        "training.noise_offset=0.1", "training.adaptive_noise_scale=0.01", "training.multires_noise_iterations=6",
+        "training.ip_noise_gamma=0.1", "training.zero_terminal_snr=true", "training.min_timestep=10",
+        "training.max_timestep=900", "training.debiased_estimation_loss=true", "training.huber_scale=2",
+        "training.torch_compile=true", "training.gradient_checkpointing=true", "training.mixed_precision=bf16",
+        "sampling.prompts=[\"a cube\"]",
+    ],
+    ["network=lokr", "network.train_text_encoder_only=true", "scheduler.warmup_ratio=0.1"],
+    ["network=dylora", "network.unit=2", "sampling.prompt_file={prompts_txt}"],
+]
+
+
+def compose_config(*overrides: str):
+    atelier.config.register()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def exported(flag: str, export: Export) -> bool:
+    """Whether sd-scripts gets `flag` ("network_dim", "network_args conv_dim", "sample_prompts --w")."""
+    name, _, inner = flag.partition(" ")
+    if inner.startswith("--"):  # an option of each sample prompt line
+        return name in export.args and all(f" {inner} " in line for line in export.prompts)
+    if inner:  # a key=value inside a list option
+        return any(item.startswith(f"{inner}=") for item in export.args.get(name, []))
+    return name in export.args or name in export.dataset_general or name in export.accelerate
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> list[Export]:
+    prompts_txt = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    prompts_txt.write_text("a sphere --s 9\n")
+    found = []
+    for n, overrides in enumerate(EXPORT_RUNS):
+        run_dir = tmp_path_factory.mktemp(f"run{n}")
+        write_resolved_config(run_dir, compose_config(*(o.format(prompts_txt=prompts_txt) for o in overrides)))
+        found.append(build_export(load_run_config(run_dir), run_dir))
+    return found
+
+
+def test_every_option_has_a_doc() -> None:
+    undocumented = [o.key for o in all_options() if len(o.doc) < 10]
+    assert not undocumented, f"give these fields option(..., doc=...): {undocumented}"
+    assert {o.group for o in all_options()} == set(groups())
+
+
+def test_the_options_with_an_sd_scripts_flag_are_many() -> None:
+    # The schema carries the names; losing them (a field declared without option(flag=...)) fails here.
+    assert len(FLAGGED) > 90 and len(WITH_SS) > 45
+    assert {"network.dim", "optimizer.learning_rate", "dataset.resolution", "output.output_name"} <= {
+        o.key for o in FLAGGED
+    }
+
+
+@pytest.mark.parametrize("option", FLAGGED, ids=lambda o: o.key)
+def test_every_flag_reaches_export_kohya(option, exports) -> None:
+    assert OPTIONS_BY_KEY[option.key].flag == flag_name(option.flag)
+    assert any(exported(option.flag, export) for export in exports), (
+        f"{option.key}: sd-scripts' {option.flag} is in none of the exports; give it a value in EXPORT_RUNS, "
+        "or fix atelier/tools/export_kohya.py's HOW"
+    )
+
+
+def test_every_ss_key_is_written_by_the_metadata_writer() -> None:
+    kwargs = {"base_model_name": "base", "optimizer_name": "torch.optim.adamw.AdamW", "dataset_dirs": {"1_cube": {}},
+              "tag_frequency": {}, "num_train_images": 4, "num_batches_per_epoch": 2, "num_epochs": 3,
+              "max_train_steps": 6, "started_at": 1.0}  # fmt: skip
+    # network.weights: ss_network_weights is written only for a run that starts from a file.
+    cfg = compose_config("network.weights=/loras/start.safetensors", "training.train_batch_size=3")
+    for config in (cfg, OmegaConf.to_object(cfg)):  # the composed config, or its typed objects
+        meta = training_metadata(config, **kwargs)
+        missing = {o.key: [k for k in o.ss if k not in meta] for o in WITH_SS if not set(o.ss) <= set(meta)}
+        assert not missing, f"declared on the schema, not written by atelier/outputs/metadata.py: {missing}"
+        assert meta["ss_batch_size_per_device"] == "3" and meta["ss_network_weights"] == "/loras/start.safetensors"
+        assert meta["ss_loss_type"] == "l2" and meta["ss_mixed_precision"] == "no"
+
+
+def test_every_flag_and_ss_key_is_in_the_readme_table() -> None:
+    table = readme_table((REPO_ROOT / "README.md").read_text(encoding="utf-8"))
+    rows = {line.split("|")[1].strip(" `"): line for line in table.splitlines() if line.startswith("| `")}
+    for option in all_options():
+        assert option.key in rows, option.key
+        for name in ([sd_scripts_name(option.flag)] if option.flag else []) + list(option.ss):
+            assert f"`{name}`" in rows[option.key], (option.key, name)
+
+
+def test_readme_table_is_up_to_date() -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme_table(readme) == render_markdown(all_options()), (
+        "README's option table is out of date: run .venv/bin/atelier options --readme README.md"
+    )
+
+
+def test_atelier_options_prints_a_group(tmp_path: Path) -> None:
+    atelier_cmd = [sys.executable, "-m", "atelier.cli", "options"]
+    proc = subprocess.run([*atelier_cmd, "network"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    block = proc.stdout.split("\n\n")[[b.startswith("network.dim:") for b in proc.stdout.split("\n\n")].index(True)]
+    assert block.startswith("network.dim: int = 8\n") and "--network_dim" in block and "ss_network_dim" in block
+    assert "The rank" in block and "dataset." not in proc.stdout
+
+    proc = subprocess.run([*atelier_cmd, "netwrok"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 2 and "netwrok" in proc.stderr and "network, optimizer" in proc.stderr
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- options:begin -->\nstale\n<!-- options:end -->\nrest\n")
+    proc = subprocess.run([*atelier_cmd, "--readme", str(readme)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("intro\n") and text.endswith("<!-- options:end -->\nrest\n")
+    assert readme_table(text) == render_markdown(all_options())
