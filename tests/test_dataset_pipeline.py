@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from atelier.data.errors import DatasetError
+from atelier.loop.build import load_base
+from atelier.loop.trainer import Trainer
 from atelier.outputs.lora_file import load_lora
 from atelier.train.data import TrainingData
-from atelier.train.trainer import Trainer
 from tests.test_trainer import fresh_accelerate_state, interrupt_after_epoch, make_cfg, steps_logged, train  # noqa: F401
 
 DEMO_SAMPLES = 56  # 6 cube images x6 repeats + 5 orb images x4
@@ -275,7 +276,7 @@ def test_long_captions_are_encoded_in_chunks(tmp_path):
     from atelier.conditioning.caption_encoder import CaptionEncoder
 
     trainer = Trainer(make_cfg("dataset.max_token_length=150"), tmp_path)
-    trainer.base = trainer._load_base_model()
+    trainer.base = load_base(trainer.cfg, trainer.device)
     encoder = CaptionEncoder(trainer.base.tokenizer, trainer.base.text_encoder, max_token_length=150)
     assert encoder(["a " * 120, "short"]).shape[:2] == (2, 152)
     _, summary = train(tmp_path, "dataset.max_token_length=225", "training.max_train_steps=2", NO_SAMPLES)

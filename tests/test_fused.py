@@ -12,6 +12,7 @@ from PIL import Image
 from atelier.fused.grouping import FusedGroupError, check_group
 from atelier.fused.slots import BatchedLoRA, LaneRouter, Slot
 from atelier.fused.trainer import FusedTrainer, run_fused
+from atelier.loop.loop import TrainingLoop
 from atelier.network.lora import LoRAModule
 from atelier.outputs.lora_file import load_lora
 from tests.test_trainer import fresh_accelerate_state, make_cfg, train  # noqa: F401  (fixture)
@@ -100,17 +101,17 @@ def test_three_lanes_equal_their_solo_runs(tmp_path):
 def test_nan_in_one_lane_stops_only_that_lane(tmp_path):
     cfgs, dirs = fused(tmp_path, LANES)
     trainer = FusedTrainer(cfgs, dirs)
-    original = FusedTrainer._after_backward
+    original = TrainingLoop.after_backward
 
-    def poison_lane_1(self, lane, loss, elapsed):
-        original(self, lane, loss, elapsed)
+    def poison_lane_1(self, lane, loss):
+        original(self, lane, loss)
         if lane.index == 1 and lane.result.steps == 1:
             # A NaN weight: lane 1's rows of every later forward are NaN (in the shared UNet call).
-            module = next(iter(lane.trainer.network.loras.values()))
+            module = next(iter(lane.network.loras.values()))
             with torch.no_grad():
                 module.lora_up.weight.fill_(float("nan"))
 
-    trainer._after_backward = poison_lane_1.__get__(trainer)
+    trainer.loop.after_backward = poison_lane_1.__get__(trainer.loop)
     summaries = trainer.train()
     assert [s["status"] for s in summaries] == ["completed", "failed", "completed"]
     failed = json.loads((dirs[1] / "summary.json").read_text())
@@ -172,8 +173,8 @@ def test_bucketed_and_sdxl_lanes_equal_their_solo_runs(tmp_path, lanes):
     cfgs, dirs = fused(tmp_path, lanes)
     trainer = FusedTrainer(cfgs, dirs)
     groups = []
-    forward_backward = trainer._forward_backward
-    trainer._forward_backward = lambda group: groups.append(len(group)) or forward_backward(group)
+    forward_backward = trainer.loop.forward_backward
+    trainer.loop.forward_backward = lambda group: groups.append(len(group)) or forward_backward(group)
     assert [s["status"] for s in trainer.train()] == ["completed"] * 2
     if bucketed:  # lanes drew batches of other buckets: run as separate UNet calls
         assert 1 in groups

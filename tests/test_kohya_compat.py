@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from atelier.loop.trainer import Trainer
 from atelier.models.architectures import SD1_PIPELINE_SCHEDULER
 from atelier.sampling.generate import build_pipeline
 from atelier.sampling.samplers import make_scheduler
-from atelier.train.trainer import Trainer
 from tests.test_trainer import fresh_accelerate_state, make_cfg  # noqa: F401  (autouse fixture)
 
 PROMPT = "atelier cube, red"

@@ -13,11 +13,11 @@ import pytest
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
+from atelier.loop.trainer import Trainer
 from atelier.models.architectures import SD1_PIPELINE_SCHEDULER
 from atelier.outputs.lora_file import load_lora
 from atelier.sampling.generate import build_pipeline
 from atelier.sampling.samplers import make_scheduler
-from atelier.train.trainer import Trainer
 from tests.test_kohya_compat import render
 from tests.test_trainer import fresh_accelerate_state, make_cfg  # noqa: F401  (autouse fixture)
 

@@ -141,8 +141,8 @@ def test_lr_find_needs_an_adaptive_optimizer(tmp_path):
 
 
 def test_schedule_free_run_saves_the_eval_weights(tmp_path):
+    from atelier.loop.trainer import Trainer
     from atelier.outputs.lora_file import load_lora
-    from atelier.train.trainer import Trainer
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

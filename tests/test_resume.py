@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
+from atelier.loop.adapter import Adapter
 from atelier.outputs.lora_file import load_lora
 from atelier.train.run import run_training
 from atelier.train.signals import StopRequested
 from atelier.train.state import STATE_FILE
-from atelier.train.trainer import Trainer
 from tests.helpers import REPO_ROOT, TRAIN, sigterm_after_steps
 from tests.test_trainer import fresh_accelerate_state, make_cfg, steps_logged, train  # noqa: F401
 
@@ -30,7 +30,7 @@ def same_weights(a, b) -> bool:
 
 def signal_at_forward(monkeypatch, call: int, sig: int) -> None:
     """Send `sig` to this process during the `call`-th forward pass (a real signal, a real handler)."""
-    real_forward = Trainer._forward
+    real_forward = Adapter.step_inputs
     calls = {"n": 0}
 
     def forward(self, batch):
@@ -39,12 +39,12 @@ def signal_at_forward(monkeypatch, call: int, sig: int) -> None:
             os.kill(os.getpid(), sig)
         return real_forward(self, batch)
 
-    monkeypatch.setattr(Trainer, "_forward", forward)
+    monkeypatch.setattr(Adapter, "step_inputs", forward)
 
 
 def fail_at_forward(monkeypatch, call: int) -> None:
     """A crash (not a signal) during the `call`-th forward pass: only periodic states survive it."""
-    real_forward = Trainer._forward
+    real_forward = Adapter.step_inputs
     calls = {"n": 0}
 
     def forward(self, batch):
@@ -53,7 +53,7 @@ def fail_at_forward(monkeypatch, call: int) -> None:
             raise RuntimeError("simulated crash")
         return real_forward(self, batch)
 
-    monkeypatch.setattr(Trainer, "_forward", forward)
+    monkeypatch.setattr(Adapter, "step_inputs", forward)
 
 
 @pytest.fixture(scope="module")

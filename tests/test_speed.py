@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from atelier.config.schema import TrainingConfig
+from atelier.loop.build import load_base
+from atelier.loop.trainer import Trainer
 from atelier.outputs.lora_file import load_lora
 from atelier.train import reuse
 from atelier.train.latents import PixelBatches, PixelJob, PixelLoader
 from atelier.train.speed import apply_backend_settings, is_compiled, optimizer_args
-from atelier.loop.trainer import Trainer
 from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
 from tests.helpers import run_train
 from tests.test_trainer import fresh_accelerate_state, make_cfg, train  # noqa: F401  (fixture)
@@ -30,7 +31,7 @@ def no_reuse_left_over():
 
 def loaded(tmp_path, *overrides):
     trainer = Trainer(make_cfg(*overrides), tmp_path)
-    trainer.base = trainer.load_base_model()
+    trainer.base = load_base(trainer.cfg, trainer.device)
     return trainer
 
 

@@ -14,6 +14,7 @@ from atelier.config.schema import AtelierConfig
 from atelier.config.typed import run_config
 from atelier.loop import adapter as trainer_module
 from atelier.loop.adapter import Adapter
+from atelier.loop.build import load_base
 from atelier.loop.trainer import NonFiniteLossError, Trainer
 from atelier.outputs.lora_file import load_lora
 from atelier.train.run import run_training
@@ -187,7 +188,7 @@ def test_options_train_with_finite_loss(tmp_path, overrides):
 
 def test_v_parameterization_sets_the_target(tmp_path):
     trainer = Trainer(make_cfg("model.v_parameterization=true"), tmp_path)
-    trainer.base = trainer.load_base_model()
+    trainer.base = load_base(trainer.cfg, trainer.device)
     assert trainer.base.noise_scheduler.config.prediction_type == "v_prediction"
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from atelier.fused.lane_logs import as_lane
 from atelier.network.lora import LoRAModule
 from atelier.network.patch import PatchedLayer
 
@@ -75,6 +76,12 @@ class LaneRouter:
             yield
         finally:
             self.rows, self.solo = previous
+
+    @contextmanager
+    def alone(self, lane: int) -> Iterator[None]:
+        """Lane `lane` alone in the model and in the logs (its validation, samples, saving)."""
+        with self.only(lane), as_lane(lane):
+            yield
 
 
 class Slot(PatchedLayer):

@@ -2,24 +2,22 @@
 
 One job runs at a time in a process, so the phases of the current job live here:
 run.py calls `start_job()` when a job starts and `job_phases()` when it writes the
-summary; the trainer's own phases are timed by wrapping its methods (`time_methods`),
-and code elsewhere can add to a phase with `with phase("latents"): ...`.
+summary; the training loop times its own phases in blocks (`with phase("validation"): ...`,
+atelier.loop), and so does code elsewhere (`with phase("latents"): ...`).
 
 Phases overlap nothing: a phase started inside another is subtracted from the outer
 one, so the values add up to at most the job's wall time ("other" is the rest).
 A Trainer made outside run_job (run_training called directly) starts the phases itself
-(`attach_trainer`).
+(`attach_trainer`); the lanes of a fused group share their process's job (train_fused).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 _seconds: dict[str, float] = {}
 _stack: list[list[float]] = []  # per open phase: [start, seconds spent in inner phases]
@@ -99,34 +97,11 @@ def attach_trainer() -> None:
     _trainer_attached = True
 
 
-def share_job() -> None:
-    """The next Trainer belongs to the job in progress (a lane of a fused group: the lanes'
-    phases are the group process's), instead of starting a job of its own."""
-    global _trainer_attached
-    _trainer_attached = False
-
-
 def add(name: str, seconds: float) -> None:
     """Time measured elsewhere (e.g. the training steps): moved out of the enclosing phase."""
     _seconds[name] = _seconds.get(name, 0.0) + seconds
     if _stack:
         _stack[-1][1] += seconds
-
-
-def timed(name: str, method):
-    @functools.wraps(method)
-    def wrapped(*args: Any, **kwargs: Any):
-        with phase(name):
-            return method(*args, **kwargs)
-
-    return wrapped
-
-
-def time_methods(obj: Any, names: dict[str, str]) -> None:
-    """Wrap obj's bound methods {method: phase} so each call is timed as that phase."""
-    attach_trainer()
-    for method, name in names.items():
-        setattr(obj, method, timed(name, getattr(obj, method)))
 
 
 def job_phases(wall_seconds: float | None = None, **extra: float) -> dict[str, float]:

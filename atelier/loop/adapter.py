@@ -1,0 +1,316 @@
+"""One config's run inside the training loop: its data, plan, network, optimizer, metrics,
+result, position and state; what atelier.loop.loop.TrainingLoop calls on it.
+
+A plain run is one Adapter whose network is applied to the base model; a fused group is K
+Adapters sharing one base model, their networks reached through atelier.fused.slots. The
+loop builds the UNet call; everything else about a step (its inputs and loss, the optimizer
+step, the scalars it logs) and about an epoch's end (validation, checkpoints, samples, the
+training state) is the adapter's own, the same in both cases.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from atelier.conditioning.caption_encoder import CaptionEncoder
+from atelier.config.schema import AtelierConfig
+from atelier.errors import UserError
+from atelier.loop import build
+from atelier.loop.inputs import StepInputs
+from atelier.loop.result import EpochProgress, TrainResult
+from atelier.models.loading import BaseModel
+from atelier.network.lora import LoRANetwork
+from atelier.outputs.lora_file import save_lora
+from atelier.outputs.metadata import checkpoint_metadata
+from atelier.train import phases
+from atelier.train.data import Batch, TrainingData
+from atelier.train.distributed import DataParallel
+from atelier.train.losses import diffusion_loss, training_target
+from atelier.train.metrics import MetricsLog, NullMetrics
+from atelier.train.noise import (
+    noisy_latents,
+    sample_noise,
+    sample_timesteps,
+    timestep_range,
+    with_zero_terminal_snr,
+)
+from atelier.train.optimizers import effective_learning_rates, has_train_eval_modes
+from atelier.train.plan import TrainingPlan, plan_for
+from atelier.train.samples import SampleWriter
+from atelier.train.schedulers import ScheduleSteps
+from atelier.train.signals import StopFlag, StopRequested
+from atelier.train.state import (
+    STATE_FILE,
+    config_fingerprint,
+    load_training_state,
+    rng_states,
+    save_training_state,
+    set_rng_states,
+)
+from atelier.train.validation import Validator
+
+log = logging.getLogger(__name__)
+
+BaseLoader = Callable[[AtelierConfig, torch.device], BaseModel]
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss became NaN or inf; the run stops before the optimizer uses it."""
+
+
+class Adapter:
+    """One config trained into one run dir. `index`: its lane in a fused group (0 alone)."""
+
+    def __init__(self, cfg: AtelierConfig, run_dir: Path, index: int = 0):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.index = index
+        self.result = TrainResult()
+        self.status = "running"  # running | completed | failed | interrupted
+        self.reason: str | None = None
+        self.accelerator = build.make_accelerator(cfg)
+        self.device = self.accelerator.device
+        self.parallel = DataParallel(self.accelerator)
+        self.position: EpochProgress | None = None  # set when an epoch starts, or by restore()
+        self.metrics: MetricsLog | NullMetrics = NullMetrics()
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, load_base: BaseLoader = build.load_base, apply: bool = True) -> None:
+        """Everything the run trains with. `load_base` gives the base model (a fused group's
+        lanes share one); `apply`: patch the network into it (see build.create_network)."""
+        with phases.phase("setup_other"):
+            self._setup(load_base, apply)
+
+    def _setup(self, load_base: BaseLoader, apply: bool) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        set_seed(t.seed)  # first: the network's initial weights come from the global RNG
+        build.check_options(cfg)
+        self.data = TrainingData(cfg.dataset, t.seed, t.train_batch_size)
+        self.plan: TrainingPlan = plan_for(t, self.data.num_samples, self.data.batches_per_epoch,
+                                           self.parallel.world_size)  # fmt: skip
+        self.plan.log_summary(self.parallel.world_size)
+        self.schedule = ScheduleSteps.of(cfg.scheduler, self.plan.total_steps)
+        with phases.phase("model_load"):
+            self.base: BaseModel = load_base(cfg, self.device)
+        timestep_range(self.base.noise_scheduler, t.min_timestep, t.max_timestep)
+        if t.zero_terminal_snr:
+            self.base.noise_scheduler = with_zero_terminal_snr(self.base.noise_scheduler)
+        self.data.prepare(self.base.vae, self.device)
+        with phases.phase("network"):
+            self.network: LoRANetwork = build.create_network(cfg, self.base, self.device, apply)
+        self.captions: CaptionEncoder = self.data.caption_encoder(
+            self.base.tokenizers,
+            self.base.text_encoders,
+            frozen=not self.train_text_encoder,
+            clip_skip=t.clip_skip,
+            autocast=self.accelerator.autocast,
+        )
+        self.validator: Validator | None = self.data.validator(self.base.vae, self.base.noise_scheduler, self.device)
+        with phases.phase("optimizer"):
+            self.optimizer, self.lr_scheduler = build.create_optimizer(cfg, self.network, self.schedule, self.device)
+        if has_train_eval_modes(self.optimizer):
+            # Schedule-free: steps in train mode; validation, samples and saving inside
+            # eval_weights(optimizer) blocks (the loop's epoch end and finish).
+            self.optimizer.train()
+        self.samples = SampleWriter(cfg, self.base, self.data.index, self.run_dir, self.device,
+                                    self.accelerator.autocast)  # fmt: skip
+        self.base_metadata = build.base_metadata(cfg, self.base, self.optimizer, self.data, self.plan)
+        if self.parallel.is_main:
+            with phases.phase("lr_plot"):
+                build.plot_schedule(cfg, self.optimizer, self.schedule, self.run_dir)
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return build.trains_text_encoder(self.cfg.network)
+
+    @property
+    def done(self) -> bool:
+        return self.result.steps >= self.plan.total_steps
+
+    def open_metrics(self, resumed: bool) -> None:
+        """metrics.jsonl (the main process only); a resumed run forgets steps after its state."""
+        if self.parallel.is_main:
+            self.metrics = MetricsLog(self.run_dir, resume_step=self.result.steps if resumed else None)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.metrics = NullMetrics()
+
+    # ------------------------------------------------------------------ step
+    def step_inputs(self, batch: Batch) -> StepInputs:
+        """The UNet inputs of `batch`: its noise, timesteps and captions' embeddings."""
+        base, t = self.base, self.cfg.training
+        latents = batch.latents.to(self.device)
+        generator = batch.noise_generator()  # the batch's own stream: any process draws the same
+        noise = sample_noise(latents, generator, t.noise_offset, t.adaptive_noise_scale,
+                             t.multires_noise_iterations, t.multires_noise_discount)  # fmt: skip
+        timesteps = sample_timesteps(len(batch), base.noise_scheduler, generator, t.min_timestep,
+                                     t.max_timestep).to(self.device)  # fmt: skip
+        noisy = noisy_latents(base.noise_scheduler, latents, noise, timesteps, generator, t.ip_noise_gamma)
+        with self.accelerator.autocast():
+            hidden = self.captions(batch.captions, grad=self.train_text_encoder)
+        return StepInputs(latents, noise, timesteps, noisy, hidden)
+
+    def step_loss(self, batch: Batch, inputs: StepInputs, pred: torch.Tensor) -> torch.Tensor:
+        t, scheduler = self.cfg.training, self.base.noise_scheduler
+        target = training_target(scheduler, inputs.latents, inputs.noise, inputs.timesteps)
+        weights = self.data.loss_weights(batch)
+        return diffusion_loss(
+            pred, target, scheduler, inputs.timesteps, t.min_snr_gamma, weights,
+            loss_type=t.loss_type, huber_schedule=t.huber_schedule, huber_c=t.huber_c,
+            huber_scale=t.huber_scale, debiased_estimation=t.debiased_estimation_loss,
+        )  # fmt: skip
+
+    def check_finite(self, loss: torch.Tensor, epoch: int) -> None:
+        if torch.isfinite(loss).all():
+            return
+        step = self.result.steps + 1
+        saved = ", ".join(p.name for p in self.result.checkpoints) or "none yet"
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at step {step} (epoch {epoch}); training stopped before the "
+            f"optimizer used it. Checkpoints saved before this step are intact ({saved}). "
+            f"Try a lower learning rate (optimizer.learning_rate={self.cfg.optimizer.learning_rate}), "
+            "training.mixed_precision=no or bf16 instead of fp16, or a smaller training.max_grad_norm."
+        )
+
+    def optimizer_step(self) -> dict[str, float]:
+        """One optimizer step; returns network.scale_weight_norms' scalars to log (if on)."""
+        self.parallel.average_gradients(self.network.parameters())
+        max_norm = self.cfg.training.max_grad_norm
+        if max_norm:
+            self.accelerator.clip_grad_norm_(self.network.parameters(), max_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.scale_weight_norms()
+
+    def scale_weight_norms(self) -> dict[str, float]:
+        """network.scale_weight_norms after an optimizer step: the max_norm/* scalars to log.
+
+        Empty when the option is off. Keys as sd-scripts logs them: max_norm/keys_scaled,
+        max_norm/average_key_norm, max_norm/max_key_norm.
+        """
+        max_norm = self.cfg.network.scale_weight_norms
+        return self.network.apply_max_norm(max_norm) if max_norm else {}
+
+    def step_scalars(self, loss: float, seconds: float) -> dict[str, float]:
+        scalars = {"loss/step": loss, "time/step_seconds": seconds}
+        names = build.param_group_names(self.cfg.network)
+        for name, lr in zip(names, self.lr_scheduler.get_last_lr()):
+            scalars[f"lr/{name}"] = lr
+        # Adaptive optimizers: the step size they really take (sd-scripts' key; experiment=lr_find reads it).
+        for name, lr in zip(names, effective_learning_rates(self.optimizer) or []):
+            scalars[f"lr/d*lr/{name}"] = lr
+        return scalars
+
+    # ----------------------------------------------------------------- epoch
+    def validate(self, epoch: int) -> None:
+        every = self.cfg.dataset.validate_every_n_epochs
+        if self.validator is None or not ((every and epoch % every == 0) or epoch == self.plan.num_epochs):
+            return
+        loss = self.validator.loss(self.base.unet, self.captions, self.accelerator.autocast, self.device)
+        self.result.validation_losses.append(loss)
+        self.metrics.log(self.result.steps, {"loss/validation": loss}, epoch=epoch)
+        log.info("epoch %d: validation loss %.5f", epoch, loss)
+
+    def epoch_outputs(self, epoch: int) -> None:
+        """The epoch's checkpoint and samples, when the output and sampling options ask for them."""
+        out = self.cfg.output
+        is_last = epoch == self.plan.num_epochs
+        if out.save_every_n_epochs and epoch % out.save_every_n_epochs == 0 and not is_last:
+            path = self.run_dir / f"{out.output_name}-{epoch:06d}.safetensors"
+            self._save(path, epoch)
+            self.result.checkpoints.append(path)
+        every = self.cfg.sampling.sample_every_n_epochs
+        if (every and epoch % every == 0) or is_last:
+            self.samples.generate(epoch, self.result.steps)
+
+    def _save(self, path: Path, epoch: int) -> None:
+        metadata = checkpoint_metadata(self.base_metadata, epoch=epoch, steps=self.result.steps, finished_at=time.time())
+        save_lora(path, self.network.kohya_state_dict(), metadata, self.cfg.output.save_precision)
+        log.info("saved %s (epoch %d, step %d)", path.name, epoch, self.result.steps)
+
+    def finish(self) -> None:
+        """The final LoRA and the sample grid (main process); the training state removed."""
+        if not self.parallel.is_main:
+            return
+        path = self.run_dir / f"{self.cfg.output.output_name}.safetensors"
+        self._save(path, self.result.epochs)
+        self.result.output_file = path
+        self.samples.write_grid()
+        # The final LoRA supersedes it: a finished run is not resumed.
+        (self.run_dir / STATE_FILE).unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------- state
+    def save_state(self) -> None:
+        if not self.cfg.output.save_state or not self.parallel.is_main:
+            return
+        with phases.phase("state_saving"):
+            tic = time.perf_counter()
+            save_training_state(self.run_dir, self._state_dict())
+            log.info("training state saved at step %d (%.2f s)", self.result.steps, time.perf_counter() - tic)
+
+    def stop_if_asked(self, epoch: int, stop: StopFlag, stop_signal: int | None) -> None:
+        """StopRequested when a process got a stop signal (its state was saved just before)."""
+        if not stop_signal:
+            return
+        stop.signal = stop_signal  # another process may have got it
+        where = f"step {self.result.steps} (epoch {epoch})"
+        if self.cfg.output.save_state:
+            message = (
+                f"stopped by {stop.name} at {where}; the training state is in {self.run_dir / STATE_FILE}: "
+                "run the same command again (same run dir) to continue"
+            )
+        else:
+            message = f"stopped by {stop.name} at {where}; output.save_state=false, so it cannot be continued"
+        raise StopRequested(stop, message)
+
+    def _state_dict(self) -> dict:
+        r = self.result
+        return {
+            "config_fingerprint": config_fingerprint(self.cfg),
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "rng": rng_states(),
+            "position": self.position.as_dict(),
+            "epoch": r.epochs,
+            "steps": r.steps,
+            "epoch_losses": r.epoch_losses,
+            "validation_losses": r.validation_losses,
+            "train_seconds": r.train_seconds,
+            "checkpoints": [p.name for p in r.checkpoints],
+        }
+
+    def restore(self) -> bool:
+        """Load the run dir's training state if there is one; True when it did."""
+        with phases.phase("restore"):
+            state = load_training_state(self.run_dir, config_fingerprint(self.cfg))
+            if state is None:
+                return False
+            self._load_state(state)
+        return True
+
+    def _load_state(self, state: dict) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        set_rng_states(state["rng"])
+        position = state["position"]
+        self.data.load_state_dict(position["data"])
+        self.position = EpochProgress(position["data"], position["batches_done"], list(position["losses"]))
+        r = self.result
+        r.epochs, r.steps, r.epoch_losses = state["epoch"], state["steps"], list(state["epoch_losses"])
+        r.validation_losses = list(state["validation_losses"])
+        r.train_seconds = state["train_seconds"]
+        r.checkpoints = [self.run_dir / name for name in state["checkpoints"]]
+        log.info(
+            "resuming from %s: step %d, epoch %d (+%d batches of epoch %d)",
+            STATE_FILE, r.steps, r.epochs, self.position.batches_done, r.epochs + 1,
+        )

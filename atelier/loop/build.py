@@ -1,0 +1,183 @@
+"""The parts an Adapter is set up from: its accelerator, the base model, its network and
+optimizer, the metadata its LoRA files carry and its lr_schedule.png.
+
+Each is a function of the config (and what was built before it); the Adapter calls them in
+the order a plain run always has (atelier.loop.adapter.Adapter.setup), because the network's
+initial weights come from the global RNG after set_seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from atelier.conditioning.sdxl import prepare_text_encoder_2
+from atelier.config.schema import (
+    AtelierConfig,
+    MixedPrecision,
+    NetworkConfig,
+    part_learning_rates,
+)
+from atelier.models.hashes import model_hashes
+from atelier.models.loading import BaseModel, load_base_model
+from atelier.network.factory import build_network
+from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork
+from atelier.outputs.metadata import training_metadata
+from atelier.train import reuse, speed
+from atelier.train.data import TrainingData
+from atelier.train.lr_find import check_can_suggest
+from atelier.train.lr_plot import LR_SCHEDULE_PNG, plot_lr_schedule
+from atelier.train.noise import check_noise_options
+from atelier.train.optimizers import (
+    build_optimizer,
+    check_schedule_fits,
+    describe_optimizer,
+    is_adaptive,
+)
+from atelier.train.plan import TrainingPlan
+from atelier.train.schedulers import ScheduleSteps, lr_curve, lr_scheduler_from_config
+
+log = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {MixedPrecision.fp16: torch.float16, MixedPrecision.bf16: torch.bfloat16}
+
+
+def make_accelerator(cfg: AtelierConfig) -> Accelerator:
+    t = cfg.training
+    if t.cpu is False and t.mixed_precision == MixedPrecision.fp16 and not torch.cuda.is_available():
+        raise ValueError("training.mixed_precision=fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+    # accelerate forms a CPU process group (gloo) only when told to use the CPU.
+    cpu = t.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    return Accelerator(mixed_precision=MixedPrecision(t.mixed_precision).value, cpu=cpu)
+
+
+def check_options(cfg: AtelierConfig) -> None:
+    """Noise, loss and lr-finder options that cannot work together fail before any loading."""
+    t, opt = cfg.training, cfg.optimizer
+    check_noise_options(t, cfg.model.v_parameterization)
+    if t.suggest_lr:
+        check_can_suggest(opt.type, dict(opt.args))
+
+
+def load_base(cfg: AtelierConfig, device: torch.device) -> BaseModel:
+    """The frozen base model on `device`, UNet and text encoders in the training dtype."""
+    m = cfg.model
+    log.info("loading base model %s", m.path or m.builtin)
+    base = reuse.load_base(m, cfg.training, device, lambda: load_base_model(
+        m.path,
+        builtin=m.builtin,
+        version=m.version.value,
+        v_parameterization=m.v_parameterization,
+        config=m.config,
+        vae=m.vae,
+        allow_pickle=m.allow_pickle,
+    ))
+    weight_dtype = WEIGHT_DTYPES.get(MixedPrecision(cfg.training.mixed_precision), torch.float32)
+    for module in (base.unet, base.text_encoder, base.vae):
+        module.requires_grad_(False)
+        module.eval()
+    # The VAE stays in float32: fp16 VAEs overflow (it encodes the latent cache, or every step).
+    for module in (base.vae, base.unet, base.text_encoder):
+        module.to(device)
+    if weight_dtype != torch.float32:
+        base.unet.to(weight_dtype)
+        base.text_encoder.to(weight_dtype)
+    prepare_text_encoder_2(base, device, weight_dtype)
+    return base
+
+
+def trains_unet(network: NetworkConfig) -> bool:
+    return not network.train_text_encoder_only
+
+
+def trains_text_encoder(network: NetworkConfig) -> bool:
+    return not network.train_unet_only
+
+
+def param_group_names(network: NetworkConfig) -> list[str]:
+    """Metric names of the optimizer's param groups, in order."""
+    return (["unet"] if trains_unet(network) else []) + (["text_encoder"] if trains_text_encoder(network) else [])
+
+
+def create_network(cfg: AtelierConfig, base: BaseModel, device: torch.device, apply: bool) -> LoRANetwork:
+    """The config's network on `device`. apply=True patches it into the base model (a plain
+    run); apply=False leaves that to atelier.fused.slots (a lane of a fused group)."""
+    unet = base.unet if trains_unet(cfg.network) else None
+    text_encoder = base.text_encoders if trains_text_encoder(cfg.network) else None
+    # Any network.module; from network.weights (shapes read from the file) when set.
+    network = build_network(cfg.network, unet, text_encoder)
+    network.to(device)
+    if apply:
+        network.apply_to()
+    if cfg.training.gradient_checkpointing:
+        enable_gradient_checkpointing(base, trains_text_encoder(cfg.network))
+    if apply:  # a fused group's UNet is shared by its lanes' routing: not compiled
+        speed.compile_unet(base.unet, cfg.training)
+    return network
+
+
+def enable_gradient_checkpointing(base: BaseModel, text_encoders: bool) -> None:
+    # Both libraries checkpoint only in train mode; the base has no dropout, so
+    # train mode changes nothing else.
+    base.unet.enable_gradient_checkpointing()
+    base.unet.train()
+    for text_encoder in base.text_encoders if text_encoders else ():
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        text_encoder.train()
+
+
+def create_optimizer(cfg: AtelierConfig, network: LoRANetwork, schedule: ScheduleSteps, device: torch.device):
+    """(optimizer, lr scheduler): one param group per trained part (unet, text_encoder)."""
+    opt, sched = cfg.optimizer, cfg.scheduler
+    rates = part_learning_rates(opt)
+    groups = []
+    if trains_unet(cfg.network):
+        groups.append({"params": network.parameters_of(UNET_PREFIX), "lr": rates.unet})
+    if trains_text_encoder(cfg.network):
+        groups.append({"params": network.parameters_of(TEXT_ENCODER_PREFIX), "lr": rates.text_encoder})
+    check_schedule_fits(opt.type, sched.type.value, schedule.warmup)
+    optimizer = build_optimizer(opt.type, groups, opt.learning_rate,
+                                speed.optimizer_args(opt.type, dict(opt.args), cfg.training, device))  # fmt: skip
+    return optimizer, lr_scheduler_from_config(sched, optimizer, schedule)
+
+
+def plot_schedule(cfg: AtelierConfig, optimizer: torch.optim.Optimizer, schedule: ScheduleSteps, run_dir: Path) -> None:
+    """lr_schedule.png in the run dir: the lr of each trained part over the planned steps."""
+    labels = param_group_names(cfg.network)
+    base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    curves = lr_curve(cfg.scheduler, base_lrs, schedule)
+    opt = cfg.optimizer
+    kind = opt.type.value
+    note = None
+    if is_adaptive(opt.type, dict(opt.args)):
+        note = f"{kind} scales its steps itself; the step size it takes is logged as lr/d*lr/*"
+    title = f"{cfg.scheduler.type.value} schedule, {kind}"
+    plot_lr_schedule(dict(zip(labels, curves)), run_dir / LR_SCHEDULE_PNG, title, note)
+
+
+def base_metadata(
+    cfg: AtelierConfig, base: BaseModel, optimizer: torch.optim.Optimizer, data: TrainingData, plan: TrainingPlan
+) -> dict[str, str]:
+    """The ss_* metadata every LoRA file of the run carries (atelier.outputs.metadata)."""
+    meta = training_metadata(
+        cfg,
+        base_model_name=base.name,
+        optimizer_name=describe_optimizer(optimizer, dict(cfg.optimizer.args)),
+        dataset_dirs=data.dataset_dirs(),
+        tag_frequency=data.tag_frequency(),
+        num_train_images=data.index.num_train_samples,
+        num_batches_per_epoch=plan.batches_per_epoch,
+        num_epochs=plan.num_epochs,
+        max_train_steps=plan.total_steps,
+        started_at=time.time(),
+        num_reg_images=data.num_reg_images,
+        bucket_info=data.bucket_info,
+        cache_latents=data.caches_latents,
+    )
+    # The hashes A1111 shows for the base model (cached per file, so a sweep hashes once).
+    return {**meta, **model_hashes(base.path)}
