@@ -7,9 +7,12 @@ run (times) or with the tensor values (sshs_* hashes). Values are bit-identical 
 the same torch build and CPU kernels, so the record names its platform; elsewhere the test
 checks the layout and the metadata and says how to record the values again:
 
-    .venv/bin/python -m tests.unchanged_outputs --commit <commit the record was made on>
+    .venv/bin/python -m tests.unchanged_outputs --commit <commit the record was made on> \
+        --out tests/data/unchanged_outputs.<cpu capability>.json
 
-(records the runs of that commit, checked out in a temporary git worktree, with this venv).
+(records the runs of that commit, checked out in a temporary git worktree, with this venv;
+the test compares values with the record of its own platform, layout and metadata with
+unchanged_outputs.json).
 """
 
 from __future__ import annotations
