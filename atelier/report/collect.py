@@ -39,7 +39,7 @@ MULTIRUN = "multirun.yaml"
 # .hydra/; a job that has not done so after this long was rejected before training.
 START_GRACE_SECONDS = 120
 
-# Intermediate checkpoints are <output_name>-<epoch, 6 digits>.safetensors (atelier.train.trainer).
+# Intermediate checkpoints are <output_name>-<epoch, 6 digits>.safetensors (atelier.loop.adapter).
 CHECKPOINT_EPOCH = re.compile(r"-(\d{6})\.safetensors$")
 # The training loss of a run is summarised over its last steps: their mean ranks runs
 # when there is no validation loss, their spread says how much of a difference is noise.
