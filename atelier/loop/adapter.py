@@ -90,7 +90,6 @@ class Adapter:
     def _setup(self, load_base: BaseLoader, apply: bool) -> None:
         cfg, t = self.cfg, self.cfg.training
         set_seed(t.seed)  # first: the network's initial weights come from the global RNG
-        build.check_options(cfg)
         self.data = TrainingData(cfg.dataset, t.seed, t.train_batch_size)
         self.plan: TrainingPlan = plan_for(t, self.data.num_samples, self.data.batches_per_epoch,
                                            self.parallel.world_size)  # fmt: skip

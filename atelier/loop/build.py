@@ -23,6 +23,7 @@ from atelier.config.schema import (
     NetworkConfig,
     part_learning_rates,
 )
+from atelier.config.schema.optimizer import is_adaptive
 from atelier.models.hashes import model_hashes
 from atelier.models.loading import BaseModel, load_base_model
 from atelier.network.factory import build_network
@@ -30,15 +31,8 @@ from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork
 from atelier.outputs.metadata import training_metadata
 from atelier.train import reuse, speed
 from atelier.train.data import TrainingData
-from atelier.train.lr_find import check_can_suggest
 from atelier.train.lr_plot import LR_SCHEDULE_PNG, plot_lr_schedule
-from atelier.train.noise import check_noise_options
-from atelier.train.optimizers import (
-    build_optimizer,
-    check_schedule_fits,
-    describe_optimizer,
-    is_adaptive,
-)
+from atelier.train.optimizers import build_optimizer, describe_optimizer
 from atelier.train.plan import TrainingPlan
 from atelier.train.schedulers import ScheduleSteps, lr_curve, lr_scheduler_from_config
 
@@ -49,19 +43,10 @@ WEIGHT_DTYPES = {MixedPrecision.fp16: torch.float16, MixedPrecision.bf16: torch.
 
 def make_accelerator(cfg: AtelierConfig) -> Accelerator:
     t = cfg.training
-    if t.cpu is False and t.mixed_precision == MixedPrecision.fp16 and not torch.cuda.is_available():
-        raise ValueError("training.mixed_precision=fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+    t.check_precision(cuda_available=torch.cuda.is_available())
     # accelerate forms a CPU process group (gloo) only when told to use the CPU.
     cpu = t.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
     return Accelerator(mixed_precision=MixedPrecision(t.mixed_precision).value, cpu=cpu)
-
-
-def check_options(cfg: AtelierConfig) -> None:
-    """Noise, loss and lr-finder options that cannot work together fail before any loading."""
-    t, opt = cfg.training, cfg.optimizer
-    check_noise_options(t, cfg.model.v_parameterization)
-    if t.suggest_lr:
-        check_can_suggest(opt.type, dict(opt.args))
 
 
 def load_base(cfg: AtelierConfig, device: torch.device) -> BaseModel:
@@ -140,7 +125,6 @@ def create_optimizer(cfg: AtelierConfig, network: LoRANetwork, schedule: Schedul
         groups.append({"params": network.parameters_of(UNET_PREFIX), "lr": rates.unet})
     if trains_text_encoder(cfg.network):
         groups.append({"params": network.parameters_of(TEXT_ENCODER_PREFIX), "lr": rates.text_encoder})
-    check_schedule_fits(opt.type, sched.type.value, schedule.warmup)
     optimizer = build_optimizer(opt.type, groups, opt.learning_rate,
                                 speed.optimizer_args(opt.type, dict(opt.args), cfg.training, device))  # fmt: skip
     return optimizer, lr_scheduler_from_config(sched, optimizer, schedule)
