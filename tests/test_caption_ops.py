@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from atelier.conditioning.text_chunks import encode_long, split_into_chunks, tokenize_long
-from atelier.conditioning.text_encoding import encode_tokens, tokenize
+from atelier.conditioning.text_encoding import encode_tokens
 from atelier.data.caption_ops import CaptionOptions, captions_are_static, process_caption
+from tests.builders import tokenize
 
 CAPTION = "sks dog, red collar, grass, sunny, outdoors, running"
 TAGS = [tag.strip() for tag in CAPTION.split(",")]

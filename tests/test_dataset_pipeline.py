@@ -86,7 +86,7 @@ def test_dataset_check_reads_the_training_options():
 
     from atelier.data.check import CheckOptions, check_dataset
     from atelier.data.cli import _add_check_arguments
-    from atelier.train.dataset_options import bucket_settings
+    from atelier.config.schema.dataset import bucket_settings
 
     parser = argparse.ArgumentParser()
     _add_check_arguments(parser)

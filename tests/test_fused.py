@@ -64,7 +64,7 @@ def assert_same_weights(a: dict, b: dict) -> float:
 def test_dropout_is_off_in_these_configs():
     for overrides in LANES:
         net = make_cfg(*COMMON, *overrides).network
-        assert not net.get("dropout") and not net.get("rank_dropout") and not net.get("module_dropout")
+        assert not net.dropout and not net.rank_dropout and not net.module_dropout
 
 
 def test_three_lanes_equal_their_solo_runs(tmp_path):

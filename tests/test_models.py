@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from atelier.models import architectures, loading, sources, tiny
-from atelier.models.ldm_convert import diffusers_to_ldm, save_single_file, vae_to_ldm
+from atelier.models.ldm_convert import diffusers_to_ldm, vae_to_ldm
 from atelier.models.loading import ModelLoadError, load_base_model
 from atelier.models.tiny import TINY_MODEL_DIRNAME, ensure_tiny_model
+from tests.builders import save_single_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("unet", "vae", "text_encoder")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from atelier.config.schema.training import check_noise_options
 from atelier.models.architectures import build_noise_scheduler
 from atelier.train.losses import debiased_weight, diffusion_loss, elementwise_loss, huber_threshold, min_snr_weight, snr
 from atelier.train.noise import (
-    check_noise_options,
     multires_noise,
     noisy_latents,
     sample_noise,

@@ -8,16 +8,15 @@ import pytest
 import torch
 
 from atelier.config.schema import OptimizerType
+from atelier.config.schema.optimizer import check_can_suggest, check_schedule_fits
 from atelier.train.lr_find import (
     SUGGESTION_FILE,
     LrFindError,
-    check_can_suggest,
     read_effective_lrs,
     suggest_and_report,
 )
 from atelier.train.optimizers import (
     build_optimizer,
-    check_schedule_fits,
     effective_learning_rates,
     eval_weights,
     has_train_eval_modes,

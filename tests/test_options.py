@@ -9,17 +9,18 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 import atelier.config
 from atelier.config.options import (
+    README_BEGIN,
+    README_END,
     all_options,
     groups,
-    readme_table,
     render_markdown,
     sd_scripts_name,
 )
 from atelier.config.schema import flag_name
+from atelier.config.typed import run_config
 from atelier.outputs.metadata import training_metadata
 from atelier.outputs.run_dir import write_resolved_config
 from atelier.tools.export_kohya import (
@@ -117,12 +118,11 @@ def test_every_ss_key_is_written_by_the_metadata_writer() -> None:
               "max_train_steps": 6, "started_at": 1.0}  # fmt: skip
     # network.weights: ss_network_weights is written only for a run that starts from a file.
     cfg = compose_config("network.weights=/loras/start.safetensors", "training.train_batch_size=3")
-    for config in (cfg, OmegaConf.to_object(cfg)):  # the composed config, or its typed objects
-        meta = training_metadata(config, **kwargs)
-        missing = {o.key: [k for k in o.ss if k not in meta] for o in WITH_SS if not set(o.ss) <= set(meta)}
-        assert not missing, f"declared on the schema, not written by atelier/outputs/metadata.py: {missing}"
-        assert meta["ss_batch_size_per_device"] == "3" and meta["ss_network_weights"] == "/loras/start.safetensors"
-        assert meta["ss_loss_type"] == "l2" and meta["ss_mixed_precision"] == "no"
+    meta = training_metadata(run_config(cfg), **kwargs)  # the typed config, as the trainer passes it
+    missing = {o.key: [k for k in o.ss if k not in meta] for o in WITH_SS if not set(o.ss) <= set(meta)}
+    assert not missing, f"declared on the schema, not written by atelier/outputs/metadata.py: {missing}"
+    assert meta["ss_batch_size_per_device"] == "3" and meta["ss_network_weights"] == "/loras/start.safetensors"
+    assert meta["ss_loss_type"] == "l2" and meta["ss_mixed_precision"] == "no"
 
 
 def test_every_flag_and_ss_key_is_in_the_readme_table() -> None:
@@ -162,3 +162,9 @@ def test_atelier_options_prints_a_group(tmp_path: Path) -> None:
     text = readme.read_text()
     assert "stale" not in text and text.startswith("intro\n") and text.endswith("<!-- options:end -->\nrest\n")
     assert readme_table(text) == render_markdown(all_options())
+
+
+def readme_table(readme: str) -> str:
+    """The generated part of README.md (between the markers)."""
+    start, end = readme.index(README_BEGIN) + len(README_BEGIN), readme.index(README_END)
+    return readme[start:end].strip("\n") + "\n"

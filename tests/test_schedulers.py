@@ -11,7 +11,8 @@ from PIL import Image
 
 from atelier.config.schema import SchedulerConfig
 from atelier.train.lr_plot import _render_png, plot_lr_schedule
-from atelier.train.schedulers import ScheduleSteps, lr_curve, lr_scheduler_from_config, parse_step_rules
+from atelier.config.schema.scheduler import parse_step_rules
+from atelier.train.schedulers import ScheduleSteps, lr_curve, lr_scheduler_from_config
 
 LR = 1e-3
 

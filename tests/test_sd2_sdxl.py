@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -206,7 +208,7 @@ def test_sdxl_lora_file_continues_as_network_weights(sdxl_run):
 
     trainer, result = sdxl_run
     state, _ = load_lora(result.output_file)
-    net_cfg = {**trainer.cfg.network, "weights": str(result.output_file)}
+    net_cfg = dataclasses.replace(trainer.cfg.network, weights=str(result.output_file))
     network = build_network(net_cfg, trainer.base.unet, trainer.base.text_encoders)
     again = network.kohya_state_dict()
     assert set(again) == set(state)

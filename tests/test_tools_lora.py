@@ -13,13 +13,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from atelier.cli import main
-from atelier.models.ldm_convert import save_single_file, unet_to_ldm
+from atelier.models.ldm_convert import unet_to_ldm
 from atelier.models.loading import BaseModel, load_base_model
-from atelier.network.lora import LoRANetwork, ranks_and_alphas
+from atelier.network.lora import LoRANetwork
 from atelier.outputs.lora_file import load_lora, save_lora
 from atelier.tools.common import LoRAFactors, split_lora
 from atelier.tools.merge import infer_unet_config, unet_module_keys
 from atelier.tools.resize import choose_rank, resize_module
+from tests.builders import ranks_and_alphas, save_single_file, set_multiplier
 
 METADATA = {
     "ss_network_module": "networks.lora",
@@ -73,7 +74,7 @@ def apply(base: BaseModel, state: dict[str, torch.Tensor], multiplier: float = 1
     has_te = any(k.startswith("lora_te_") for k in state)
     network = LoRANetwork.create(base.unet, base.text_encoder if has_te else None, 1, 1.0, ranks, alphas)
     network.load_kohya_state_dict(state, "test")
-    network.set_multiplier(multiplier)
+    set_multiplier(network, multiplier)
     network.apply_to()
     return network
 

@@ -15,25 +15,15 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from atelier.conditioning.text_encoding import encode_tokens
-
-SUPPORTED_MAX_TOKEN_LENGTHS = (75, 150, 225)
-
-
-def check_max_token_length(max_token_length: int | None) -> int:
-    """75 for None (CLIP's own length); raise for anything sd-scripts does not accept."""
-    if max_token_length is None:
-        return 75
-    if max_token_length not in SUPPORTED_MAX_TOKEN_LENGTHS:
-        raise ValueError(
-            f"max_token_length must be one of {', '.join(map(str, SUPPORTED_MAX_TOKEN_LENGTHS))} "
-            f"(or unset for 75), got {max_token_length}"
-        )
-    return max_token_length
+from atelier.config.schema.dataset import max_token_length_problem
 
 
 def tokenize_long(tokenizer: CLIPTokenizer, captions: list[str], max_token_length: int | None = 75) -> torch.Tensor:
     """Token ids [batch, chunks, 77]: max_token_length / 75 chunks, each BOS ... EOS/pad."""
-    max_token_length = check_max_token_length(max_token_length)
+    problem = max_token_length_problem(max_token_length)
+    if problem:
+        raise ValueError(problem)
+    max_token_length = max_token_length or 75
     ids = tokenizer(
         captions,
         padding="max_length",
@@ -104,8 +94,6 @@ def encode_long(
 
 
 __all__ = [
-    "SUPPORTED_MAX_TOKEN_LENGTHS",
-    "check_max_token_length",
     "encode_chunks",
     "encode_long",
     "split_into_chunks",

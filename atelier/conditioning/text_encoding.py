@@ -3,17 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
-
-
-def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+from transformers import CLIPTextModel
 
 
 def encode_tokens(text_encoder: CLIPTextModel, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:

@@ -165,12 +165,6 @@ def _table_span(readme: str) -> tuple[int, int]:
     return readme.index(README_BEGIN) + len(README_BEGIN), readme.index(README_END)
 
 
-def readme_table(readme: str) -> str:
-    """The generated part of README.md (between the markers)."""
-    start, end = _table_span(readme)
-    return readme[start:end].strip("\n") + "\n"
-
-
 def with_readme_table(readme: str, table: str) -> str:
     """README text with `table` between the markers."""
     start, end = _table_span(readme)

@@ -6,9 +6,9 @@ launcher's check of each job, and tools that train or read a run's config all pa
 through it. Code below it receives `AtelierConfig` objects (enums are members, numbers
 are numbers, every key exists) and never a DictConfig.
 
-The checks that name a bad key run here too: the DictConfig-level ones first (a
-mandatory ??? left unset, a file name with a path in it), then each schema dataclass's
-own `__post_init__` as OmegaConf.to_object builds it.
+The checks that name a bad key run here too: that no mandatory ??? is left unset, then
+each schema dataclass's own `__post_init__` (atelier/config/schema/) as OmegaConf.to_object
+builds it, the whole config's cross-group rules last (AtelierConfig.__post_init__).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from atelier.config.schema import AtelierConfig
-from atelier.config.validate import validate
+from atelier.config.validate import check_required
 
 RUN_CONFIG_FILE = "config.yaml"  # atelier.outputs.run_dir.RESOLVED_CONFIG
 
@@ -33,8 +33,8 @@ def run_config(cfg: DictConfig | AtelierConfig) -> AtelierConfig:
         return cfg
     if OmegaConf.get_type(cfg) is not AtelierConfig:  # e.g. read back from a config.yaml
         cfg = OmegaConf.merge(OmegaConf.structured(AtelierConfig), cfg)
-    validate(cfg)
-    typed = OmegaConf.to_object(cfg)
+    check_required(cfg)  # a ??? named with its fix, before OmegaConf's own error
+    typed = OmegaConf.to_object(cfg)  # each schema dataclass checks its fields in __post_init__
     assert isinstance(typed, AtelierConfig), type(typed)
     return typed
 

@@ -13,8 +13,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
+from atelier.config.schema import TrainingConfig
 from atelier.data.buckets import (
     BucketAssignment,
     BucketManager,
@@ -107,7 +107,7 @@ def _total_steps(options: CheckOptions, num_samples: int, per_epoch: int) -> tup
     """(optimizer steps, epochs) of the run, by the trainer's own plan ((0, 0) with nothing to train)."""
     if per_epoch < 1:
         return 0, 0
-    training = SimpleNamespace(
+    training = TrainingConfig(  # the run's own rules check the flags (ConfigError naming the key)
         train_batch_size=options.batch_size,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         max_train_epochs=options.epochs,

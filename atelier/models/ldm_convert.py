@@ -13,13 +13,11 @@ Key layout of the single file:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..utils.atomic import atomic_path
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -73,21 +71,6 @@ def diffusers_to_ldm(
     ):
         state_dict.update({prefix + key: value for key, value in converted.items()})
     return state_dict
-
-
-def save_single_file(
-    path: str | os.PathLike,
-    unet: UNet2DConditionModel,
-    vae: AutoencoderKL,
-    text_encoder: CLIPTextModel,
-    metadata: dict[str, str] | None = None,
-) -> None:
-    """Write the model as one original-layout `.safetensors` file, atomically."""
-    from safetensors.torch import save_file
-
-    state_dict = {key: value.detach().contiguous() for key, value in diffusers_to_ldm(unet, vae, text_encoder).items()}
-    with atomic_path(path) as tmp:
-        save_file(state_dict, str(tmp), metadata=metadata)
 
 
 def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:

@@ -164,10 +164,6 @@ class LoRANetwork(nn.Module):
         for module in self.loras.values():
             module.restore()
 
-    def set_multiplier(self, multiplier: float) -> None:
-        for module in self.loras.values():
-            module.multiplier = multiplier
-
     def parameters_of(self, prefix: str) -> list[nn.Parameter]:
         return [p for name, m in self.loras.items() if belongs_to(name, prefix) for p in m.parameters()]
 
@@ -221,8 +217,3 @@ class LoRANetwork(nn.Module):
         }
 
 
-def ranks_and_alphas(state: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
-    """Per-module rank (from lora_down's shape) and alpha of a kohya state dict."""
-    ranks = {k.removesuffix(".lora_down.weight"): v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight")}
-    alphas = {k.removesuffix(".alpha"): float(v) for k, v in state.items() if k.endswith(".alpha")}
-    return ranks, alphas

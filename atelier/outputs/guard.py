@@ -28,7 +28,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from atelier.config.validate import NAME_KEYS, ConfigError, check_names, check_required, name_problem
+from atelier.config.schema.checks import name_problem
+from atelier.config.validate import NAME_KEYS, ConfigError, check_names, check_required
 from atelier.errors import UserError
 from atelier.outputs.lock import LOCK_FILE, DirLockedError, announce_holder, lock_dir
 from atelier.outputs.summary import read_summary

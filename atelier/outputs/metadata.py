@@ -9,8 +9,6 @@ from enum import Enum
 from operator import attrgetter
 from typing import Any
 
-from omegaconf import DictConfig
-
 from atelier.config.options import schema_fields
 from atelier.config.schema import (
     AtelierConfig,
@@ -44,7 +42,7 @@ def base_model_version(version: ModelVersion | str, v_parameterization: bool) ->
 
 
 def training_metadata(
-    cfg: AtelierConfig | DictConfig,
+    cfg: AtelierConfig,
     *,
     base_model_name: str,
     optimizer_name: str,
@@ -110,7 +108,7 @@ def training_metadata(
     return {k: _str(v) for k, v in meta.items()}
 
 
-def copied_metadata(cfg: AtelierConfig | DictConfig, skip: Iterable[str] = ()) -> dict[str, Any]:
+def copied_metadata(cfg: AtelierConfig, skip: Iterable[str] = ()) -> dict[str, Any]:
     """ss key -> the option's value, for each ss key a schema field declares (enums as their
     YAML spelling); keys in `skip` are computed by the caller instead."""
     skip = set(skip)
@@ -123,7 +121,7 @@ def copied_metadata(cfg: AtelierConfig | DictConfig, skip: Iterable[str] = ()) -
     return copied
 
 
-def dataset_metadata(d: DatasetConfig | DictConfig, bucket_info: dict[str, Any] | None,
+def dataset_metadata(d: DatasetConfig, bucket_info: dict[str, Any] | None,
                      cache_latents: bool) -> dict[str, Any]:  # fmt: skip
     """The computed dataset keys: bucket sizes are None with bucketing off, as in sd-scripts."""
     bucketing = bool(d.enable_bucket)

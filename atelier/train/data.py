@@ -40,11 +40,10 @@ from atelier.data.caption_ops import captions_are_static, process_caption
 from atelier.data.dataset import DatasetIndex, ImageItem, scan_dataset
 from atelier.data.latent_cache import LatentCache, can_cache_latents, default_cache_dir
 from atelier.train import phases, reuse
-from atelier.train.dataset_options import (
+from atelier.config.schema.dataset import (
     bucket_settings,
     cache_latents_wanted,
     caption_options,
-    check_dataset_options,
     image_limits,
     max_token_length,
 )
@@ -79,7 +78,6 @@ class Batch:
 
 class TrainingData:
     def __init__(self, d: DatasetConfig, seed: int, batch_size: int):
-        check_dataset_options(d)
         self.options = d
         self.seed = seed
         self.batch_size = batch_size

@@ -15,10 +15,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from atelier.errors import UserError
 from atelier.train.metrics import METRICS
 from atelier.config.schema import OptimizerType
-from atelier.train.optimizers import is_adaptive, optimizer_type as typed_optimizer
+from atelier.config.schema.optimizer import LrFindError
+from atelier.train.optimizers import optimizer_type as typed_optimizer
 from atelier.utils.atomic import write_text
 
 log = logging.getLogger(__name__)
@@ -29,19 +29,6 @@ PREFIX = "lr/d*lr/"
 TAIL_FRACTION = 0.25
 # Over that window d*lr should move less than this (relative); otherwise: train longer.
 SETTLED_SPREAD = 0.10
-
-
-class LrFindError(UserError, ValueError):
-    """The run cannot give a suggestion; the message says what to change."""
-
-
-def check_can_suggest(optimizer_type: OptimizerType | str, optimizer_args: dict[str, Any]) -> None:
-    """training.suggest_lr needs an optimizer that logs d*lr: fail before training otherwise."""
-    if not is_adaptive(optimizer_type, optimizer_args):
-        raise LrFindError(
-            f"training.suggest_lr needs an optimizer that estimates its step size; optimizer.type is "
-            f"{typed_optimizer(optimizer_type).value}: use optimizer=prodigy or optimizer=dadapt_adam"
-        )
 
 
 def read_effective_lrs(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

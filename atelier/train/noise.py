@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from atelier.config.schema import TrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -117,30 +116,7 @@ def with_zero_terminal_snr(scheduler: DDPMScheduler) -> DDPMScheduler:
     return DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True)
 
 
-def check_noise_options(t: TrainingConfig, v_parameterization: bool) -> None:
-    """Combinations sd-scripts refuses, or that would give an infinite loss weight."""
-    if t.adaptive_noise_scale is not None and not t.noise_offset:
-        raise ValueError(
-            "training.adaptive_noise_scale scales training.noise_offset, which is 0: set "
-            "training.noise_offset (e.g. 0.05) or drop adaptive_noise_scale"
-        )
-    if t.multires_noise_iterations is not None and t.multires_noise_iterations < 0:
-        raise ValueError(f"training.multires_noise_iterations must be >= 0, got {t.multires_noise_iterations}")
-    if t.zero_terminal_snr and not v_parameterization:
-        if t.debiased_estimation_loss:
-            raise ValueError(
-                "training.debiased_estimation_loss with training.zero_terminal_snr needs "
-                "model.v_parameterization=true: the last timestep has SNR 0 and its eps weight "
-                "1/sqrt(SNR) is infinite"
-            )
-        log.warning(
-            "training.zero_terminal_snr without model.v_parameterization: the last timestep is pure "
-            "noise, which an eps-prediction model predicts trivially (sd-scripts warns the same)"
-        )
-
-
 __all__ = [
-    "check_noise_options",
     "multires_noise",
     "noisy_latents",
     "offset_noise",

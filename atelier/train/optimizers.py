@@ -38,38 +38,12 @@ OPTIMIZER_CLASSES: dict[OptimizerType, str] = {
 FIXED_ARGS: dict[OptimizerType, dict[str, Any]] = {OptimizerType.SGDNesterov: {"nesterov": True}}
 DEFAULT_ARGS: dict[OptimizerType, dict[str, Any]] = {OptimizerType.SGDNesterov: {"momentum": 0.9}}
 
-# Optimizers that estimate their own step size; they log d*lr (sd-scripts: lr/d*lr/<name>).
-ADAPTIVE_TYPES = frozenset({OptimizerType.Prodigy, OptimizerType.DAdaptAdam})
-
-
-# They average their own iterates in place of a learning-rate schedule.
-SCHEDULE_FREE_TYPES = frozenset({OptimizerType.AdamWScheduleFree})
-
-
 def optimizer_type(value: OptimizerType | str) -> OptimizerType:
     try:
         return OptimizerType(value)
     except ValueError:
         valid = ", ".join(t.value for t in OptimizerType)
         raise ValueError(f"optimizer.type: unknown optimizer '{value}'; choose one of {valid}") from None
-
-
-def is_adaptive(kind: OptimizerType | str, args: dict[str, Any]) -> bool:
-    """Whether the optimizer picks its own step size: Prodigy, D-Adaptation, Adafactor with
-    relative_step (transformers' default)."""
-    kind = optimizer_type(kind)
-    return kind in ADAPTIVE_TYPES or (kind == OptimizerType.Adafactor and args.get("relative_step", True))
-
-
-def check_schedule_fits(kind: OptimizerType | str, scheduler_type: str, num_warmup_steps: int) -> None:
-    """Schedule-free optimizers replace the schedule (sd-scripts gives them a do-nothing one)."""
-    kind = optimizer_type(kind)
-    if kind in SCHEDULE_FREE_TYPES and (scheduler_type != "constant" or num_warmup_steps):
-        raise ValueError(
-            f"optimizer.type={kind.value} needs no learning-rate schedule: use scheduler=constant without "
-            f"warmup (got scheduler.type={scheduler_type}, {num_warmup_steps} warmup steps); "
-            "for a warmup set optimizer.args.warmup_steps=N"
-        )
 
 
 def build_optimizer(

@@ -73,16 +73,12 @@ def make_plan(
     if batches < 1:
         raise ValueError(f"an epoch needs at least one batch, got {batches} for {num_samples} samples")
     updates = math.ceil(batches / gradient_accumulation_steps)
+    # The lengths were checked by TrainingConfig: steps win when set, else epochs.
     if max_train_steps is not None:
-        if max_train_steps < 1:
-            raise ValueError(f"training.max_train_steps must be at least 1, got {max_train_steps}")
         total = max_train_steps
         epochs = math.ceil(total / updates)
-    elif max_train_epochs is not None:
-        if max_train_epochs < 1:
-            raise ValueError(f"training.max_train_epochs must be at least 1, got {max_train_epochs}")
+    else:
+        assert max_train_epochs is not None, "TrainingConfig requires one of the two"
         epochs = max_train_epochs
         total = epochs * updates
-    else:
-        raise ValueError("set training.max_train_epochs or training.max_train_steps")
     return TrainingPlan(num_samples, batch_size, gradient_accumulation_steps, batches, updates, epochs, total)

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from omegaconf import MISSING
 
+from atelier.config.schema.checks import unresolved
 from atelier.config.schema.fields import option
+
+if TYPE_CHECKING:
+    from atelier.data.buckets import BucketSettings
+    from atelier.data.caption_ops import CaptionOptions
+    from atelier.data.images import ImageLimits
+
+log = logging.getLogger(__name__)
+
+# sd-scripts' --max_token_length choices (null: CLIP's own 75).
+SUPPORTED_MAX_TOKEN_LENGTHS = (75, 150, 225)
+# Latents are 1/8 of the image.
+RESOLUTION_MULTIPLE = 8
 
 
 @dataclass
 class DatasetConfig:
     """The training data and how it is fed (sd-scripts' dataset options, same names).
 
-    Checked at the start of a run by atelier.train.dataset_options, which names the
-    key of any bad value.
+    __post_init__ checks every value (DatasetError naming the key); the folder itself is
+    checked when it is scanned (atelier.data.dataset).
     """
 
     name: str = option(MISSING, doc="The dataset's name; the default project name.", kohya="names the project folder")
@@ -109,3 +123,94 @@ class DatasetConfig:
     )
     validate_every_n_epochs: Optional[int] = option(1, flag="validate_every_n_epochs",
                                                     doc="How often the validation loss is measured.")
+
+    def __post_init__(self) -> None:
+        """Raise DatasetError naming the first bad `dataset.*` value."""
+        from atelier.data.errors import DatasetError
+
+        if unresolved(self.resolution) or unresolved(self.min_bucket_reso):
+            return  # built with its defaults (the model's, by interpolation): checked once resolved
+        problem = max_token_length_problem(self.max_token_length)
+        if problem:
+            raise DatasetError(f"dataset.{problem}")
+        for name, minimum in (("resolution", 1), ("min_bucket_reso", 1), ("bucket_reso_steps", 1),
+                              ("max_data_loader_n_workers", 0), ("max_image_pixels", 1),
+                              ("max_samples_per_epoch", 1)):  # fmt: skip
+            if getattr(self, name) < minimum:
+                raise DatasetError(f"dataset.{name} must be at least {minimum}, got {getattr(self, name)}")
+        if self.resolution % RESOLUTION_MULTIPLE:
+            fixed = max(RESOLUTION_MULTIPLE, round(self.resolution / RESOLUTION_MULTIPLE) * RESOLUTION_MULTIPLE)
+            raise DatasetError(
+                f"dataset.resolution={self.resolution}: {self.resolution} is not a multiple of "
+                f"{RESOLUTION_MULTIPLE} (the latents are 1/8 of the image); pass e.g. dataset.resolution={fixed}"
+            )
+        if not self.max_aspect_ratio >= 1:  # also refuses NaN
+            raise DatasetError(f"dataset.max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
+        if self.max_bucket_reso < self.min_bucket_reso:
+            raise DatasetError(f"dataset.max_bucket_reso ({self.max_bucket_reso}) must not be below "
+                               f"dataset.min_bucket_reso ({self.min_bucket_reso})")  # fmt: skip
+        if self.prior_loss_weight < 0:
+            raise DatasetError(f"dataset.prior_loss_weight must not be negative, got {self.prior_loss_weight}")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise DatasetError(f"dataset.validation_split must be at least 0 and below 1, got {self.validation_split}")
+        if self.validate_every_n_epochs is not None and self.validate_every_n_epochs < 1:
+            raise DatasetError(f"dataset.validate_every_n_epochs must be at least 1, got {self.validate_every_n_epochs}")
+        # The data layer's option objects check the rest (their messages start with the key).
+        caption_options(self)
+        bucket_settings(self)
+
+
+def max_token_length_problem(value: int | None) -> str | None:
+    """What is wrong with a max_token_length (None: nothing); the one rule, also for tokenize_long."""
+    if value is None or value in SUPPORTED_MAX_TOKEN_LENGTHS:
+        return None
+    return f"max_token_length must be 75, 150 or 225 ({', '.join(map(str, SUPPORTED_MAX_TOKEN_LENGTHS))}; null for 75), got {value}"
+
+
+# The dataset config as the data layer's option objects (imported when called: the data layer
+# brings torch, and the schema is read by --help and the launchers without it).
+def image_limits(d: DatasetConfig) -> ImageLimits:
+    """The dataset.max_image_pixels / max_aspect_ratio checks, as the scanner takes them."""
+    from atelier.data.images import ImageLimits
+
+    return ImageLimits(max_pixels=d.max_image_pixels, max_aspect_ratio=d.max_aspect_ratio)
+
+
+def caption_options(d: DatasetConfig) -> CaptionOptions:
+    from atelier.data.caption_ops import CaptionOptions
+    from atelier.data.errors import DatasetError
+
+    try:
+        return CaptionOptions(
+            shuffle_caption=d.shuffle_caption,
+            caption_separator=d.caption_separator,
+            keep_tokens=d.keep_tokens,
+            keep_tokens_separator=d.keep_tokens_separator or "",
+            caption_prefix=d.caption_prefix,
+            caption_suffix=d.caption_suffix,
+            caption_dropout_rate=d.caption_dropout_rate,
+            caption_tag_dropout_rate=d.caption_tag_dropout_rate,
+            caption_dropout_every_n_epochs=d.caption_dropout_every_n_epochs,
+        )
+    except ValueError as err:  # its messages start with the option's name
+        raise DatasetError(f"dataset.{err}") from None
+
+
+def bucket_settings(d: DatasetConfig) -> BucketSettings:
+    """The same settings `atelier dataset check` builds from its --enable-bucket ... flags."""
+    from atelier.data.buckets import BucketSettings
+    from atelier.data.errors import DatasetError
+
+    try:
+        return BucketSettings.from_options(d)
+    except ValueError as err:
+        raise DatasetError(f"dataset.{err}") from None
+
+
+def max_token_length(d: DatasetConfig) -> int:
+    return d.max_token_length or 75
+
+
+def cache_latents_wanted(d: DatasetConfig) -> bool:
+    """sd-scripts: cache_latents_to_disk implies cache_latents."""
+    return bool(d.cache_latents or d.cache_latents_to_disk)

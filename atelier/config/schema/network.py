@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
+from atelier.config.schema.checks import at_least
 from atelier.config.schema.enums import NetworkModule
 from atelier.config.schema.fields import option
+from atelier.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,3 +54,16 @@ class NetworkConfig:
         None, flag="scale_weight_norms", ss="ss_scale_weight_norms",
         doc="Cap the norm of every module's update after each optimizer step (1.0 is the usual value). Null: off.",
     )
+
+    def __post_init__(self) -> None:
+        at_least("network.dim", self.dim, 1)
+        if self.train_unet_only and self.train_text_encoder_only:
+            raise ConfigError("network.train_unet_only and network.train_text_encoder_only cannot both be true")
+        if self.alpha is not None and not float(self.alpha) > 0:
+            # A warning: alpha 0 or negative is legal in sd-scripts (0 means alpha = dim there).
+            log.warning("network.alpha=%s: the LoRA's scale alpha/dim is %s; usual values are 1 to network.dim",
+                        self.alpha, "0 (it learns nothing)" if float(self.alpha) == 0 else "negative")
+        # The options the kind takes and its own rules (dylora's unit, ...): the kinds registry's.
+        from atelier.network.spec import NetworkSpec
+
+        NetworkSpec.from_config(self)

@@ -7,8 +7,10 @@ from typing import Any, Dict, NamedTuple, Optional
 
 from omegaconf import MISSING
 
+from atelier.config.schema.checks import finite_rate
 from atelier.config.schema.enums import OptimizerType
 from atelier.config.schema.fields import option
+from atelier.errors import ConfigError
 
 
 @dataclass
@@ -28,6 +30,16 @@ class OptimizerConfig:
     args: Dict[str, Any] = option(default_factory=dict, flag="optimizer_args",
                                   doc="Passed to the optimizer's constructor (add one with +optimizer.args.eps=1e-6).")
 
+    def __post_init__(self) -> None:
+        for key in ("learning_rate", "unet_lr", "text_encoder_lr"):
+            finite_rate(f"optimizer.{key}", getattr(self, key))
+
+
+# Optimizers that choose their own step size (their d*lr is logged; experiment=lr_find reads it).
+ADAPTIVE_TYPES = frozenset({OptimizerType.Prodigy, OptimizerType.DAdaptAdam})
+# Optimizers with train()/eval() modes and no schedule of their own.
+SCHEDULE_FREE_TYPES = frozenset({OptimizerType.AdamWScheduleFree})
+
 
 class PartLearningRates(NamedTuple):
     unet: float
@@ -42,3 +54,36 @@ def part_learning_rates(opt: OptimizerConfig) -> PartLearningRates:
         unet=opt.learning_rate if opt.unet_lr is None else opt.unet_lr,
         text_encoder=opt.learning_rate if opt.text_encoder_lr is None else opt.text_encoder_lr,
     )
+
+
+def is_adaptive(kind: OptimizerType | str, args: dict[str, Any]) -> bool:
+    """Whether the optimizer picks its own step size: Prodigy, D-Adaptation, Adafactor with
+    relative_step (transformers' default)."""
+    kind = OptimizerType(kind)
+    return kind in ADAPTIVE_TYPES or (kind == OptimizerType.Adafactor and args.get("relative_step", True))
+
+
+def check_schedule_fits(kind: OptimizerType | str, scheduler_type: str, num_warmup_steps: float) -> None:
+    """Schedule-free optimizers replace the schedule (sd-scripts gives them a do-nothing one).
+    `num_warmup_steps`: scheduler.warmup_steps, or its warmup_ratio."""
+    kind = OptimizerType(kind)
+    if kind in SCHEDULE_FREE_TYPES and (scheduler_type != "constant" or num_warmup_steps):
+        raise ConfigError(
+            f"optimizer.type={kind.value} needs no learning-rate schedule: use scheduler=constant without "
+            f"warmup (got scheduler.type={scheduler_type}, {num_warmup_steps} warmup steps); "
+            "for a warmup set optimizer.args.warmup_steps=N"
+        )
+
+
+class LrFindError(ConfigError):
+    """The run cannot give a learning-rate suggestion (atelier.train.lr_find); the message says
+    what to change."""
+
+
+def check_can_suggest(kind: OptimizerType | str, args: dict[str, Any]) -> None:
+    """training.suggest_lr needs an optimizer that logs d*lr (atelier.train.lr_find)."""
+    if not is_adaptive(kind, args):
+        raise LrFindError(
+            f"training.suggest_lr needs an optimizer that estimates its step size; optimizer.type is "
+            f"{OptimizerType(kind).value}: use optimizer=prodigy or optimizer=dadapt_adam"
+        )

@@ -7,6 +7,7 @@ from typing import Optional
 
 from omegaconf import SI
 
+from atelier.config.schema.checks import check_name
 from atelier.config.schema.enums import SavePrecision
 from atelier.config.schema.fields import option
 
@@ -37,3 +38,6 @@ class OutputConfig:
         kohya="sd-scripts saves states with each --save_every_n_steps checkpoint (with --save_state); here a "
         "state is also saved on SIGTERM/SIGUSR1/SIGUSR2",
     )
+
+    def __post_init__(self) -> None:
+        check_name("output.output_name", self.output_name)

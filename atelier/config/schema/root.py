@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
 from omegaconf import MISSING, SI
 
+from atelier.config.schema.checks import check_name
 from atelier.config.schema.dataset import DatasetConfig
+from atelier.config.schema.enums import ModelVersion
 from atelier.config.schema.fields import option
 from atelier.config.schema.model import ModelConfig
 from atelier.config.schema.network import NetworkConfig
-from atelier.config.schema.optimizer import OptimizerConfig
+from atelier.config.schema.optimizer import OptimizerConfig, check_can_suggest, check_schedule_fits
 from atelier.config.schema.output import OutputConfig
 from atelier.config.schema.sampling import SamplingConfig
 from atelier.config.schema.scheduler import SchedulerConfig
-from atelier.config.schema.training import TrainingConfig
+from atelier.config.schema.training import TrainingConfig, check_noise_options
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +48,18 @@ class AtelierConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        """The rules that span groups; each group's own rules ran as it was built."""
+        check_name("project", self.project)
+        check_noise_options(self.training, self.model.v_parameterization)
+        opt, sched = self.optimizer, self.scheduler
+        check_schedule_fits(opt.type, sched.type.value, sched.warmup_steps or sched.warmup_ratio or 0)
+        if self.training.suggest_lr:
+            check_can_suggest(opt.type, opt.args)
+        if self.model.version == ModelVersion.sdxl and self.dataset.resolution % 64:
+            log.warning("dataset.resolution=%s: SDXL buckets step by 64; a multiple of 64 suits it best",
+                        self.dataset.resolution)
 
 
 # ConfigStore name -> schema. A YAML option extends its group's schema with

@@ -7,7 +7,9 @@ from typing import List, Optional
 
 from omegaconf import SI
 
+from atelier.config.schema.checks import unresolved
 from atelier.config.schema.fields import option
+from atelier.errors import ConfigError, MissingFileError
 
 
 @dataclass
@@ -31,3 +33,28 @@ class SamplingConfig:
     steps: int = option(20, flag="sample_prompts --s", doc="Sampling steps; a prompt's --s wins over it.")
     cfg_scale: float = option(7.0, flag="sample_prompts --l", doc="CFG scale; a prompt's --l wins over it.")
     seed: int = option(1234, flag="sample_prompts --d", doc="Sampling seed; a prompt's --d wins over it.")
+
+    def __post_init__(self) -> None:
+        """The sampler and the prompt lines are parsed now, so a typo fails before training rather
+        than after it (when the LoRA would not be written)."""
+        if unresolved(self.width) or unresolved(self.height):
+            return  # built with its defaults (the dataset's resolution): checked once resolved
+        from atelier.sampling.prompts import SampleDefaults, load_prompt_file, parse_prompts
+        from atelier.sampling.samplers import normalize_sampler
+
+        try:
+            normalize_sampler(str(self.sampler))
+        except ValueError as err:
+            raise ConfigError(f"sampling.sampler: {err}") from None
+        defaults = SampleDefaults(width=self.width, height=self.height, steps=self.steps, cfg_scale=self.cfg_scale,
+                                  seed=self.seed)  # fmt: skip
+        try:
+            if self.prompts:
+                parse_prompts(list(self.prompts), defaults)
+            elif self.prompt_file:
+                load_prompt_file(self.prompt_file, defaults)
+        except FileNotFoundError as err:
+            raise MissingFileError(f"{err}: pass an existing .txt file, or sampling.prompt_file=null") from None
+        except ValueError as err:
+            key = "sampling.prompts" if self.prompts else "sampling.prompt_file"
+            raise ConfigError(f"{key}: {err}") from None

@@ -7,8 +7,19 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from atelier.config.schema.checks import unresolved
 from atelier.config.schema.enums import SchedulerType
 from atelier.config.schema.fields import option
+from atelier.errors import ConfigError
+
+# Keys that only some schedules read; setting one for another schedule is a mistake worth stopping for.
+KEYS_USED_BY: dict[str, frozenset[SchedulerType]] = {
+    "min_lr_ratio": frozenset({SchedulerType.cosine_with_min_lr, SchedulerType.warmup_stable_decay}),
+    "decay_steps": frozenset({SchedulerType.warmup_stable_decay}),
+    "decay_ratio": frozenset({SchedulerType.warmup_stable_decay}),
+    "timescale": frozenset({SchedulerType.inverse_sqrt}),
+    "step_rules": frozenset({SchedulerType.piecewise_constant}),
+}
 
 
 @dataclass
@@ -47,3 +58,48 @@ class SchedulerConfig:
         None, flag="lr_scheduler_args step_rules",
         doc='piecewise_constant: diffusers\' rules "mult:until_step,...,final_mult", e.g. "1:100,0.5:200,0.1".',
     )
+
+    def __post_init__(self) -> None:
+        if unresolved(self.type):
+            return  # the group's schema before an option set its type
+        kind = SchedulerType(self.type)
+        for key, users in KEYS_USED_BY.items():
+            value = getattr(self, key)
+            if value not in (None, 0) and kind not in users:
+                names = ", ".join(sorted(t.value for t in users))
+                raise ConfigError(f"scheduler.{key}={value} is only read by {names}; scheduler.type is {kind.value}")
+        for name in ("warmup", "decay"):
+            steps, ratio = getattr(self, f"{name}_steps"), getattr(self, f"{name}_ratio")
+            if steps < 0:
+                raise ConfigError(f"scheduler.{name}_steps must be >= 0, got {steps}")
+            if ratio is not None and not 0 <= ratio < 1:
+                raise ConfigError(f"scheduler.{name}_ratio must be in [0, 1), got {ratio}")
+        if self.min_lr_ratio is not None and not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"scheduler.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if kind == SchedulerType.cosine_with_min_lr and self.min_lr_ratio is None:
+            raise ConfigError("scheduler.type=cosine_with_min_lr needs scheduler.min_lr_ratio, e.g. 0.1")
+        if kind == SchedulerType.warmup_stable_decay and not (self.decay_steps or self.decay_ratio):
+            raise ConfigError("scheduler.type=warmup_stable_decay needs a decay phase: set scheduler.decay_ratio "
+                              "(e.g. 0.2) or scheduler.decay_steps")  # fmt: skip
+        if kind == SchedulerType.piecewise_constant:
+            if not self.step_rules:
+                raise ConfigError('scheduler.type=piecewise_constant needs scheduler.step_rules, e.g. "1:100,0.1"')
+            if self.warmup_steps or self.warmup_ratio:
+                raise ConfigError("scheduler.type=piecewise_constant has no warmup: put it in scheduler.step_rules")
+            parse_step_rules(self.step_rules)
+
+
+def parse_step_rules(step_rules: str) -> tuple[list[tuple[float, int]], float]:
+    """diffusers' piecewise_constant rules "m1:s1,m2:s2,...,m_last": lr x m1 before step s1,
+    m2 before s2, ..., m_last after. ConfigError naming scheduler.step_rules otherwise."""
+    hint = 'e.g. scheduler.step_rules="1:100,0.5:200,0.1" (x1 until step 100, x0.5 until 200, then x0.1)'
+    parts = [p.strip() for p in step_rules.split(",")]
+    try:
+        rules = [(float(m), int(s)) for m, s in (p.split(":") for p in parts[:-1])]
+        final = float(parts[-1])
+    except ValueError:
+        raise ConfigError(f"scheduler.step_rules={step_rules!r} is not 'mult:step,...,mult'; {hint}") from None
+    boundaries = [s for _, s in rules]
+    if boundaries != sorted(set(boundaries)) or any(s <= 0 for s in boundaries):
+        raise ConfigError(f"scheduler.step_rules={step_rules!r}: steps must be positive and increasing; {hint}")
+    return rules, final

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -11,7 +12,11 @@ from atelier.config.schema.enums import (
     LossType,
     MixedPrecision,
 )
+from atelier.config.schema.checks import at_least
 from atelier.config.schema.fields import option
+from atelier.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,3 +118,42 @@ class TrainingConfig:
         "(experiment=lr_find sets it; atelier.train.lr_find).",
         kohya="atelier's lr finder (experiment=lr_find): reads the logged d*lr into lr_suggestion.json",
     )
+
+    def __post_init__(self) -> None:
+        for key in ("train_batch_size", "gradient_accumulation_steps", "clip_skip", "num_processes"):
+            at_least(f"training.{key}", getattr(self, key), 1)
+        # The run's length (atelier.train.plan): steps win when both are set.
+        if self.max_train_steps is not None:
+            at_least("training.max_train_steps", self.max_train_steps, 1)
+        elif self.max_train_epochs is not None:
+            at_least("training.max_train_epochs", self.max_train_epochs, 1)
+        else:
+            raise ConfigError("set training.max_train_epochs or training.max_train_steps")
+
+    def check_precision(self, cuda_available: bool) -> None:
+        """fp16 needs a CUDA GPU (the trainer asks, with what it found)."""
+        if not self.cpu and self.mixed_precision == MixedPrecision.fp16 and not cuda_available:
+            raise ConfigError("training.mixed_precision=fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+
+
+def check_noise_options(t: TrainingConfig, v_parameterization: bool) -> None:
+    """The noise and loss options together (AtelierConfig checks them: some need the model's
+    prediction type): combinations sd-scripts refuses, or that would give an infinite loss weight."""
+    if t.adaptive_noise_scale is not None and not t.noise_offset:
+        raise ConfigError(
+            "training.adaptive_noise_scale scales training.noise_offset, which is 0: set "
+            "training.noise_offset (e.g. 0.05) or drop adaptive_noise_scale"
+        )
+    if t.multires_noise_iterations is not None and t.multires_noise_iterations < 0:
+        raise ConfigError(f"training.multires_noise_iterations must be >= 0, got {t.multires_noise_iterations}")
+    if t.zero_terminal_snr and not v_parameterization:
+        if t.debiased_estimation_loss:
+            raise ConfigError(
+                "training.debiased_estimation_loss with training.zero_terminal_snr needs "
+                "model.v_parameterization=true: the last timestep has SNR 0 and its eps weight "
+                "1/sqrt(SNR) is infinite"
+            )
+        log.warning(
+            "training.zero_terminal_snr without model.v_parameterization: the last timestep is pure "
+            "noise, which an eps-prediction model predicts trivially (sd-scripts warns the same)"
+        )
