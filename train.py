@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 
 import atelier.config
 from atelier.errors import user_errors_as_one_line
-from atelier.train import phases
-from atelier.train.signals import StopRequested, stop_on_signals
+from atelier.runtime import phases
+from atelier.runtime.signals import StopRequested, stop_on_signals
 from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
 from atelier.utils.quiet import quiet_third_party_warnings
 
@@ -24,7 +24,7 @@ quiet_third_party_warnings()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    # From here on Ctrl-C and SIGTERM only set a flag (atelier.train.signals): the job
+    # From here on Ctrl-C and SIGTERM only set a flag (atelier.runtime.signals): the job
     # stops at its next check, its state saved and its summary.json written.
     with stop_on_signals():
         return _job(cfg)
@@ -35,7 +35,7 @@ def _job(cfg: DictConfig) -> dict:
     # first that peft and bitsandbytes are missing (see atelier.utils.lean_imports).
     with phases.timing_imports():
         hide_peft_and_bitsandbytes_from_diffusers()
-        from atelier.train.reuse import freeze_startup_objects
+        from atelier.runtime.reuse import freeze_startup_objects
         from atelier.launch.job import run_job
 
     freeze_startup_objects()

@@ -5,7 +5,7 @@
 
 Both modes run in this process on the same configs (lane i: AdamW / Lion / AdamW with
 other dims, learning rates and seeds, unet-only), with the in-process sweep's reuse of the
-base model and latents on (atelier.train.reuse), so "sequential" is what a basic-launcher
+base model and latents on (atelier.runtime.reuse), so "sequential" is what a basic-launcher
 sweep of the K configs costs today. Reported per K: wall seconds of all K runs, seconds in
 training steps (sum over runs of summary.train_seconds; fused: the fused steps), and the
 speed-ups. Extra overrides after `--` go to every config. Figures go to stdout and to
@@ -62,7 +62,7 @@ def reset_accelerate() -> None:
 
 
 def sequential(k: int, steps: int, extra: list[str], root: Path) -> dict:
-    from atelier.train.run import run_training
+    from atelier.loop.run import run_training
 
     tic, in_steps = time.perf_counter(), 0.0
     for i in range(k):
@@ -101,7 +101,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     import torch
 
-    from atelier.train import reuse
+    from atelier.runtime import reuse
 
     reuse._FORCE = True  # both modes: the in-process sweep's base-model and latent reuse
     rows = []

@@ -41,8 +41,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from atelier.config.schema import DatasetConfig  # noqa: E402
-from atelier.train.data import TrainingData  # noqa: E402
-from atelier.train.latents import PixelLoader  # noqa: E402
+from atelier.data.training_data import TrainingData  # noqa: E402
+from atelier.data.latents import PixelLoader  # noqa: E402
 from atelier.utils.atomic import write_text  # noqa: E402
 
 BATCH_SIZE = 8

@@ -45,7 +45,7 @@ def test_a_group_file_states_only_what_differs_from_the_schema(group, path):
 
 def test_the_top_config_sets_no_option_of_a_group():
     top = yaml.safe_load((CONF / "config.yaml").read_text())
-    assert set(top) <= {"defaults", "hydra"}, "a default belongs in atelier/config/schema.py"
+    assert set(top) <= {"defaults", "hydra"}, "a default belongs in atelier/config/schema/"
 
 
 @pytest.mark.parametrize("path", sorted(p for p in CONF.rglob("*.yaml") if "local" not in p.parts), ids=lambda p: str(p.relative_to(CONF)))

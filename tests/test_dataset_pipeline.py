@@ -16,7 +16,7 @@ from atelier.data.errors import DatasetError
 from atelier.loop.build import load_base
 from atelier.loop.trainer import Trainer
 from atelier.outputs.lora_file import load_lora
-from atelier.train.data import TrainingData
+from atelier.data.training_data import TrainingData
 from tests.test_trainer import fresh_accelerate_state, interrupt_after_epoch, make_cfg, steps_logged, train  # noqa: F401
 
 DEMO_SAMPLES = 56  # 6 cube images x6 repeats + 5 orb images x4
@@ -176,7 +176,7 @@ def test_per_step_augmentations_turn_the_latent_cache_off(tmp_path, caplog, monk
 
 
 def test_random_crop_draws_a_new_crop_each_time(tmp_path, vae):
-    from atelier.train.latents import PixelJob, StepEncoder
+    from atelier.data.latents import PixelJob, StepEncoder
 
     root = make_images(tmp_path, "1_wide", [(96, 64)])
     path = root / "1_wide" / "img0.png"
@@ -187,7 +187,7 @@ def test_random_crop_draws_a_new_crop_each_time(tmp_path, vae):
 
 
 def test_data_loader_workers_load_the_same_batches(tmp_path, vae):
-    from atelier.train.latents import PixelJob, PixelLoader
+    from atelier.data.latents import PixelJob, PixelLoader
 
     root = make_images(tmp_path, "1_x", [(96, 64), (80, 80), (64, 96)])
     paths = tuple(root / "1_x" / f"img{i}.png" for i in range(3))
@@ -294,7 +294,7 @@ def test_resume_is_exact_with_shuffled_captions_flips_and_validation(tmp_path, m
     run_dir = tmp_path / "interrupted"
     run_dir.mkdir()
     interrupt_after_epoch(monkeypatch, 2)
-    from atelier.train.run import run_training
+    from atelier.loop.run import run_training
 
     with pytest.raises(KeyboardInterrupt):
         run_training(make_cfg(*args), run_dir)
@@ -307,7 +307,7 @@ def test_resume_is_exact_with_shuffled_captions_flips_and_validation(tmp_path, m
 
 
 def test_rng_state_round_trips_through_the_state_file(tmp_path):
-    from atelier.train.state import load_training_state, save_training_state
+    from atelier.loop.state import load_training_state, save_training_state
 
     data = data_for("dataset.shuffle_caption=true")
     data.epoch(1)
@@ -322,7 +322,7 @@ def test_rng_state_round_trips_through_the_state_file(tmp_path):
 
 def test_reg_repeats_are_balanced_as_sd_scripts_does():
     from atelier.data.dataset import ImageItem
-    from atelier.train.regularization import balance_reg_repeats
+    from atelier.data.regularization import balance_reg_repeats
 
     few = [ImageItem(Path(f"r{i}.png"), "", "1_reg", 1) for i in range(3)]
     assert [item.repeats for item in balance_reg_repeats(few, 56)] == [19, 19, 18]
@@ -334,7 +334,7 @@ def test_reg_repeats_are_balanced_as_sd_scripts_does():
 def test_loss_weights_scale_each_sample():
     from diffusers import DDPMScheduler
 
-    from atelier.train.losses import diffusion_loss
+    from atelier.objective.losses import diffusion_loss
 
     pred, target = torch.zeros(2, 1, 2, 2), torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
     sched, t = DDPMScheduler(), torch.tensor([10, 20])

@@ -11,8 +11,8 @@ from diffusers import DDPMScheduler
 
 from atelier.config.schema.training import check_noise_options
 from atelier.models.architectures import build_noise_scheduler
-from atelier.train.losses import debiased_weight, diffusion_loss, elementwise_loss, huber_threshold, min_snr_weight, snr
-from atelier.train.noise import (
+from atelier.objective.losses import debiased_weight, diffusion_loss, elementwise_loss, huber_threshold, min_snr_weight, snr
+from atelier.objective.noise import (
     multires_noise,
     noisy_latents,
     sample_noise,

@@ -12,9 +12,9 @@ import pytest
 from atelier.fused.trainer import run_fused
 from atelier.loop.adapter import Adapter
 from atelier.outputs.lora_file import load_lora
-from atelier.train.run import run_training
-from atelier.train.signals import StopRequested
-from atelier.train.state import STATE_FILE
+from atelier.loop.run import run_training
+from atelier.runtime.signals import StopRequested
+from atelier.loop.state import STATE_FILE
 from tests.test_fused import LANES, assert_same_weights
 from tests.test_trainer import fresh_accelerate_state, make_cfg  # noqa: F401  (fixture)
 

@@ -9,13 +9,13 @@ import torch
 
 from atelier.config.schema import OptimizerType
 from atelier.config.schema.optimizer import check_can_suggest, check_schedule_fits
-from atelier.train.lr_find import (
+from atelier.loop.lr_find import (
     SUGGESTION_FILE,
     LrFindError,
     read_effective_lrs,
     suggest_and_report,
 )
-from atelier.train.optimizers import (
+from atelier.optim.optimizers import (
     build_optimizer,
     effective_learning_rates,
     eval_weights,
@@ -162,7 +162,7 @@ def test_schedule_free_run_saves_the_eval_weights(tmp_path):
 
 def test_schedule_free_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     from atelier.outputs.lora_file import load_lora
-    from atelier.train.run import run_training
+    from atelier.loop.run import run_training
     from tests.test_trainer import interrupt_after_epoch
 
     args = ["optimizer=adamw_schedulefree", "training.max_train_epochs=2", "training.train_batch_size=8",

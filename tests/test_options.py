@@ -108,7 +108,7 @@ def test_every_flag_reaches_export_kohya(option, exports) -> None:
     assert OPTIONS_BY_KEY[option.key].flag == flag_name(option.flag)
     assert any(exported(option.flag, export) for export in exports), (
         f"{option.key}: sd-scripts' {option.flag} is in none of the exports; give it a value in EXPORT_RUNS, "
-        "or fix atelier/tools/export_kohya.py's HOW"
+        "or fix atelier/tools/kohya_options.py's HOW"
     )
 
 

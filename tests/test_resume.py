@@ -13,9 +13,9 @@ import torch
 
 from atelier.loop.adapter import Adapter
 from atelier.outputs.lora_file import load_lora
-from atelier.train.run import run_training
-from atelier.train.signals import StopRequested
-from atelier.train.state import STATE_FILE
+from atelier.loop.run import run_training
+from atelier.runtime.signals import StopRequested
+from atelier.loop.state import STATE_FILE
 from tests.helpers import REPO_ROOT, TRAIN, sigterm_after_steps
 from tests.test_trainer import fresh_accelerate_state, make_cfg, steps_logged, train  # noqa: F401
 

@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from atelier.config.schema import SchedulerConfig
-from atelier.train.lr_plot import _render_png, plot_lr_schedule
+from atelier.optim.lr_plot import _render_png, plot_lr_schedule
 from atelier.config.schema.scheduler import parse_step_rules
-from atelier.train.schedulers import ScheduleSteps, lr_curve, lr_scheduler_from_config
+from atelier.optim.schedulers import ScheduleSteps, lr_curve, lr_scheduler_from_config
 
 LR = 1e-3
 
@@ -118,7 +118,7 @@ def test_a_schedule_planned_again_is_drawn_once(tmp_path):
 def test_explicit_steps_win_over_a_presets_ratio():
     """[14]: the presets set a ratio, so `scheduler.warmup_steps=N` (sd-scripts' --lr_warmup_steps)
     used to fail with "set warmup_steps or warmup_ratio, not both"; the steps now win."""
-    from atelier.train.schedulers import decay_steps, warmup_steps
+    from atelier.optim.schedulers import decay_steps, warmup_steps
 
     assert warmup_steps(100, 7, 0.05) == 7
     assert decay_steps(100, 5, 0.2) == 5

@@ -165,7 +165,7 @@ def test_sdxl_size_and_crop_conditioning_as_sd_scripts():
 
 
 def test_sdxl_batches_carry_each_images_size_and_bucket(sdxl_run):
-    from atelier.train.data import batch_time_ids
+    from atelier.data.training_data import batch_time_ids
 
     trainer, _ = sdxl_run
     data = trainer.data

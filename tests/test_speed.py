@@ -14,9 +14,9 @@ from atelier.config.schema import TrainingConfig
 from atelier.loop.build import load_base
 from atelier.loop.trainer import Trainer
 from atelier.outputs.lora_file import load_lora
-from atelier.train import reuse
-from atelier.train.latents import PixelBatches, PixelJob, PixelLoader
-from atelier.train.speed import apply_backend_settings, is_compiled, optimizer_args
+from atelier.runtime import reuse
+from atelier.data.latents import PixelBatches, PixelJob, PixelLoader
+from atelier.loop.speed import apply_backend_settings, is_compiled, optimizer_args
 from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
 from tests.helpers import run_train
 from tests.test_trainer import fresh_accelerate_state, make_cfg, train  # noqa: F401  (fixture)
@@ -96,7 +96,7 @@ def test_fused_optimizer_only_where_torch_has_the_kernel(caplog):
     assert optimizer_args("AdamW", {}, on, cuda) == {"fused": True}
     assert optimizer_args("AdamW", {}, on, cpu) == {"fused": True}  # torch >= 2.4 (pyproject pins newer)
     assert optimizer_args("SGDNesterov", {}, on, cpu) == {"fused": True}
-    with caplog.at_level(logging.INFO, logger="atelier.train.speed"):
+    with caplog.at_level(logging.INFO, logger="atelier.loop.speed"):
         assert optimizer_args("AdamW", {}, on, meta) == {}
         assert optimizer_args("Prodigy", {}, on, cuda) == {}
     assert "ignored on meta" in caplog.text and "Prodigy has no fused kernel" in caplog.text
@@ -116,11 +116,11 @@ def test_fused_adamw_on_cpu_is_used_and_trains_like_the_loop(tmp_path):
 
 
 def test_tf32_is_a_logged_no_op_on_cpu(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="atelier.train.speed"):
+    with caplog.at_level(logging.INFO, logger="atelier.loop.speed"):
         assert apply_backend_settings(TrainingConfig(allow_tf32=True), torch.device("cpu")) == {"allow_tf32": False}
     assert "no-op" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="atelier.train.speed"):
+    with caplog.at_level(logging.INFO, logger="atelier.loop.speed"):
         loaded(tmp_path, "training.allow_tf32=true")  # the trainer applies it as the model loads
     assert "allow_tf32=true: no-op on cpu" in caplog.text
 
@@ -235,7 +235,7 @@ def test_a_job_that_writes_the_kept_weights_makes_the_next_one_reload(caplog):
     assert len(calls) == 1  # untouched: copied, not loaded
     with torch.no_grad():
         second.unet.weight.add_(1.0)  # a (buggy) job writes a frozen base weight in place
-    with caplog.at_level(logging.WARNING, logger="atelier.train.reuse"):
+    with caplog.at_level(logging.WARNING, logger="atelier.runtime.reuse"):
         third = reuse._load_or_copy(m, t, load)
     assert len(calls) == 2 and "loading it again" in caplog.text
     assert torch.equal(third.unet.weight, pristine)
@@ -259,7 +259,7 @@ def test_startup_objects_are_frozen_once_per_process():
     """Freezing again later could pin a finished job's cyclic garbage (its model) for good."""
     code = (
         "import gc\n"
-        "from atelier.train import reuse\n"
+        "from atelier.runtime import reuse\n"
         "reuse.freeze_startup_objects()\n"
         "frozen = gc.get_freeze_count()\n"
         "job = [[] for _ in range(1000)]\n"
@@ -288,7 +288,7 @@ def test_summary_has_phase_seconds(tmp_path):
 
 @pytest.mark.parametrize("persistent", [True, False])
 def test_persistent_workers_key_reaches_the_step_encoder(persistent):
-    from atelier.train.data import TrainingData
+    from atelier.data.training_data import TrainingData
 
     cfg = make_cfg("dataset.random_crop=true", "dataset.max_data_loader_n_workers=1",
                    f"dataset.persistent_data_loader_workers={str(persistent).lower()}")  # fmt: skip

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from atelier.outputs.lora_file import LoRAIntegrityError, load_lora, save_lora
-from atelier.train.state import STATE_FILE, StateIntegrityError, load_training_state, save_training_state
+from atelier.loop.state import STATE_FILE, StateIntegrityError, load_training_state, save_training_state
 from tests.helpers import TRAIN, run_train, sigterm_after_steps
 
 STATE = {"network": {"lora_up.weight": torch.randn(4, 8), "alpha": torch.tensor(4.0)}, "steps": 3,

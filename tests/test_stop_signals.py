@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from atelier.train.signals import SECOND_CTRL_C, stop_asked, stop_on_signals
-from atelier.train.state import STATE_FILE
+from atelier.runtime.signals import SECOND_CTRL_C, stop_asked, stop_on_signals
+from atelier.loop.state import STATE_FILE
 from tests.helpers import REPO_ROOT, TRAIN
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

@@ -13,13 +13,14 @@ from safetensors.torch import load_file, save_file
 
 from atelier.cli import main
 from atelier.models import hashes
-from atelier.models.ldm_convert import diffusers_to_ldm, save_single_file
+from atelier.models.ldm_convert import diffusers_to_ldm
 from atelier.models.loading import BaseModel, ModelLoadError, load_base_model
 from atelier.models.skeleton import WEIGHT_SUFFIXES, write_skeleton
 from atelier.models.sources import identify_single_file, inspect_single_file
 from atelier.outputs.lora_file import load_lora
-from atelier.train.run import run_training
+from atelier.loop.run import run_training
 from tests.test_trainer import fresh_accelerate_state, make_cfg  # noqa: F401  (autouse fixture)
+from tests.builders import save_single_file
 
 
 def cli(*args: str | Path) -> int:

@@ -17,7 +17,7 @@ from atelier.loop.adapter import Adapter
 from atelier.loop.build import load_base
 from atelier.loop.trainer import NonFiniteLossError, Trainer
 from atelier.outputs.lora_file import load_lora
-from atelier.train.run import run_training
+from atelier.loop.run import run_training
 from tests.helpers import REPO_ROOT
 
 @pytest.fixture(autouse=True)
@@ -230,7 +230,7 @@ def test_tensorboard_and_metrics_logs(tmp_path):
 def test_trains_a_user_model_from_a_folder_or_a_single_file(tmp_path, tiny_model_path):
     """model.path takes the same loading path as the embedded model."""
     from atelier.models.loading import load_base_model
-    from atelier.models.ldm_convert import save_single_file
+    from tests.builders import save_single_file
 
     folder_dir, folder_summary = train(tmp_path, "model=sd15", f"model.path={tiny_model_path}", "model.resolution=64",
                                        "training.max_train_steps=2", name="folder")
@@ -278,7 +278,7 @@ def test_interrupted_run_continues_from_its_state_to_the_same_weights(tmp_path, 
 
 
 def test_state_from_another_config_is_refused(tmp_path):
-    from atelier.train.state import StateMismatchError, config_fingerprint, save_training_state
+    from atelier.loop.state import StateMismatchError, config_fingerprint, save_training_state
 
     save_training_state(tmp_path, {"config_fingerprint": config_fingerprint(make_cfg("network.dim=4"))})
     with pytest.raises(StateMismatchError, match="different config"):

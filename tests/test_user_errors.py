@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from atelier.train.schedulers import warmup_steps
+from atelier.optim.schedulers import warmup_steps
 from tests.helpers import TRAIN, run_train
 
 FAST = ("debug=smoke", "sampling.steps=1")

@@ -34,7 +34,7 @@ from atelier.data.inspection import (
     Problem,
     inspect_dataset,
 )
-from atelier.train.plan import plan_for
+from atelier.data.plan import plan_for
 
 TOP_TAGS = 20  # tags listed in the report
 
@@ -84,7 +84,7 @@ def analyse(inspection: DatasetInspection, options: CheckOptions) -> CheckReport
     items = [ImageItem(image.path, image.caption, folder.path.name, folder.repeats) for folder, image in images]
     if options.validation_split > 0 and items:
         # Imported here: it brings torch, which a check without validation does not need.
-        from atelier.train.validation import split_validation
+        from atelier.data.holdout import split_validation
 
         trained = {item.path for item in split_validation(items, options.validation_split, options.validation_seed)[0]}
         images = [(folder, image) for folder, image in images if image.path in trained]

@@ -171,7 +171,7 @@ class LatentCache:
 
         buckets[i] is item i's bucket (BucketAssignment.bucket). Returns this call's stats.
         `check_stop(doing)` is called between images and between VAE batches; it raises to
-        stop (atelier.train.signals.raise_if_stop_asked). Latents written to disk stay there.
+        stop (atelier.runtime.signals.raise_if_stop_asked). Latents written to disk stay there.
         """
         if len(buckets) != len(items):
             raise ValueError(f"got {len(buckets)} buckets for {len(items)} items")

@@ -40,9 +40,9 @@ from atelier.loop.loop import TrainingLoop
 from atelier.models.loading import BaseModel
 from atelier.outputs.run_dir import write_environment, write_resolved_config
 from atelier.outputs.summary import write_summary
-from atelier.train import phases, reuse
-from atelier.train.run import failure_reason, summarise
-from atelier.train.signals import StopRequested, stop_on_signals
+from atelier.runtime import phases, reuse
+from atelier.loop.run import failure_reason, summarise
+from atelier.runtime.signals import StopRequested, stop_on_signals
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import atelier.config
 from atelier.fused.lane_logs import FORMAT, lane_log_files
 from atelier.outputs.lock import DirLockedError, lock_dir
 from atelier.outputs.summary import read_summary, write_summary
-from atelier.train import phases
-from atelier.train.signals import SECOND_CTRL_C, StopRequested
+from atelier.runtime import phases
+from atelier.runtime.signals import SECOND_CTRL_C, StopRequested
 from atelier.config.typed import load_run_config
 from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
 from atelier.utils.quiet import quiet_third_party_warnings
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + signal.SIGINT
         except Exception as err:
             log.exception("the fused group failed")
-            from atelier.train.run import failure_reason
+            from atelier.loop.run import failure_reason
 
             _summarise_lanes_without_one(run_dirs, "failed", f"the fused group failed: {failure_reason(err)}", started)
             return 1
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _summarise_lanes_without_one(run_dirs: list[Path], status: str, reason: str, started: float) -> None:
     """summary.json for each lane this process has not summarised (the group ended before it could)."""
-    from atelier.train.run import summarise
+    from atelier.loop.run import summarise
 
     for run_dir in run_dirs:
         summary = read_summary(run_dir)

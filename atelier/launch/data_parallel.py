@@ -1,6 +1,6 @@
 """Start the processes of one data-parallel run (training.num_processes > 1) and wait for them.
 
-Each process is `python -m atelier.train.worker <run_dir>` with the environment
+Each process is `python -m atelier.loop.worker <run_dir>` with the environment
 torch.distributed expects (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT);
 accelerate reads it and forms the process group (one GPU per process, in
 CUDA_VISIBLE_DEVICES order, or gloo on the CPU). The processes read the run dir's
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from atelier.launch.lifetime import die_with_parent
-from atelier.train.signals import StopFlag, stop_on_signals
+from atelier.runtime.signals import StopFlag, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def worker_env(rank: int, world_size: int, port: int) -> dict[str, str]:
 def run_processes(run_dir: Path, num_processes: int, poll_seconds: float = 0.2) -> tuple[list[int], StopFlag]:
     """Train the run in `run_dir` on `num_processes` processes; their exit codes and any stop signal."""
     port = free_port()
-    command = [sys.executable, "-m", "atelier.train.worker", str(run_dir)]
+    command = [sys.executable, "-m", "atelier.loop.worker", str(run_dir)]
     log.info("data-parallel training on %d processes (port %d)", num_processes, port)
     with stop_on_signals() as flag:
         procs = [subprocess.Popen(command, env=worker_env(r, num_processes, port), preexec_fn=die_with_parent())

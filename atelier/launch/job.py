@@ -1,6 +1,6 @@
 """One job as train.py runs it: type and check its config, record how to replay it, train.
 
-The job trains in this process (atelier.train.run.run_training), or, with
+The job trains in this process (atelier.loop.run.run_training), or, with
 training.num_processes > 1, in data-parallel worker processes started here
 (atelier.launch.data_parallel) that read the run dir's config.yaml.
 """
@@ -18,10 +18,10 @@ from atelier.config.typed import run_config
 from atelier.launch.data_parallel import run_processes
 from atelier.outputs.run_dir import write_command, write_resolved_config
 from atelier.outputs.summary import finished, read_summary, write_summary
-from atelier.train import phases
-from atelier.train.distributed import in_worker
-from atelier.train.run import failure_reason, record_ending, run_training, summarise
-from atelier.train.signals import StopRequested
+from atelier.runtime import phases
+from atelier.runtime.distributed import in_worker
+from atelier.loop.run import failure_reason, record_ending, run_training, summarise
+from atelier.runtime.signals import StopRequested
 from atelier.utils.atomic import remove_stale_temp_files
 
 log = logging.getLogger(__name__)

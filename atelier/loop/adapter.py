@@ -28,24 +28,24 @@ from atelier.models.loading import BaseModel
 from atelier.network.lora import LoRANetwork
 from atelier.outputs.lora_file import save_lora
 from atelier.outputs.metadata import checkpoint_metadata
-from atelier.train import phases
-from atelier.train.data import Batch, TrainingData
-from atelier.train.distributed import DataParallel
-from atelier.train.losses import diffusion_loss, training_target
-from atelier.train.metrics import MetricsLog, NullMetrics
-from atelier.train.noise import (
+from atelier.runtime import phases
+from atelier.data.training_data import Batch, TrainingData
+from atelier.runtime.distributed import DataParallel
+from atelier.objective.losses import diffusion_loss, training_target
+from atelier.loop.metrics import MetricsLog, NullMetrics
+from atelier.objective.noise import (
     noisy_latents,
     sample_noise,
     sample_timesteps,
     timestep_range,
     with_zero_terminal_snr,
 )
-from atelier.train.optimizers import effective_learning_rates, has_train_eval_modes
-from atelier.train.plan import TrainingPlan, plan_for
-from atelier.train.samples import SampleWriter
-from atelier.train.schedulers import ScheduleSteps
-from atelier.train.signals import StopFlag, StopRequested
-from atelier.train.state import (
+from atelier.optim.optimizers import effective_learning_rates, has_train_eval_modes
+from atelier.data.plan import TrainingPlan, plan_for
+from atelier.loop.samples import SampleWriter
+from atelier.optim.schedulers import ScheduleSteps
+from atelier.runtime.signals import StopFlag, StopRequested
+from atelier.loop.state import (
     STATE_FILE,
     config_fingerprint,
     load_training_state,
@@ -53,7 +53,7 @@ from atelier.train.state import (
     save_training_state,
     set_rng_states,
 )
-from atelier.train.validation import Validator
+from atelier.loop.validation import Validator, make_validator
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Adapter:
             clip_skip=t.clip_skip,
             autocast=self.accelerator.autocast,
         )
-        self.validator: Validator | None = self.data.validator(self.base.vae, self.base.noise_scheduler, self.device)
+        self.validator: Validator | None = make_validator(self.data, self.base.vae, self.base.noise_scheduler, self.device)
         with phases.phase("optimizer"):
             self.optimizer, self.lr_scheduler = build.create_optimizer(cfg, self.network, self.schedule, self.device)
         if has_train_eval_modes(self.optimizer):

@@ -29,12 +29,13 @@ from atelier.models.loading import BaseModel, load_base_model
 from atelier.network.factory import build_network
 from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork
 from atelier.outputs.metadata import training_metadata
-from atelier.train import reuse, speed
-from atelier.train.data import TrainingData
-from atelier.train.lr_plot import LR_SCHEDULE_PNG, plot_lr_schedule
-from atelier.train.optimizers import build_optimizer, describe_optimizer
-from atelier.train.plan import TrainingPlan
-from atelier.train.schedulers import ScheduleSteps, lr_curve, lr_scheduler_from_config
+from atelier.loop import speed
+from atelier.runtime import reuse
+from atelier.data.training_data import TrainingData
+from atelier.optim.lr_plot import LR_SCHEDULE_PNG, plot_lr_schedule
+from atelier.optim.optimizers import build_optimizer, describe_optimizer
+from atelier.data.plan import TrainingPlan
+from atelier.optim.schedulers import ScheduleSteps, lr_curve, lr_scheduler_from_config
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def load_base(cfg: AtelierConfig, device: torch.device) -> BaseModel:
     """The frozen base model on `device`, UNet and text encoders in the training dtype."""
     m = cfg.model
     log.info("loading base model %s", m.path or m.builtin)
-    base = reuse.load_base(m, cfg.training, device, lambda: load_base_model(
+    base = reuse.load_base(m, cfg.training, lambda: load_base_model(
         m.path,
         builtin=m.builtin,
         version=m.version.value,
@@ -62,6 +63,7 @@ def load_base(cfg: AtelierConfig, device: torch.device) -> BaseModel:
         vae=m.vae,
         allow_pickle=m.allow_pickle,
     ))
+    speed.apply_model_settings(base, cfg.training, device)
     weight_dtype = WEIGHT_DTYPES.get(MixedPrecision(cfg.training.mixed_precision), torch.float32)
     for module in (base.unet, base.text_encoder, base.vae):
         module.requires_grad_(False)

@@ -35,10 +35,10 @@ from atelier.loop.adapter import Adapter
 from atelier.loop.epochs import Draw, draws
 from atelier.loop.inputs import StepInputs, joined, same_shapes
 from atelier.loop.result import EpochProgress
-from atelier.train import phases
-from atelier.train.data import batch_time_ids
-from atelier.train.optimizers import eval_weights
-from atelier.train.signals import StopFlag, StopRequested, stop_on_signals
+from atelier.runtime import phases
+from atelier.data.training_data import batch_time_ids
+from atelier.optim.optimizers import eval_weights
+from atelier.runtime.signals import StopFlag, StopRequested, stop_on_signals
 
 log = logging.getLogger(__name__)
 

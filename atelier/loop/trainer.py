@@ -1,7 +1,7 @@
 """`Trainer`: a plain run, the K=1 case of the training loop.
 
 One Adapter, its network applied to a base model of its own, driven by a TrainingLoop
-without a router: an error or a stop propagates at once (atelier.train.run records it).
+without a router: an error or a stop propagates at once (atelier.loop.run records it).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from atelier.config.schema import AtelierConfig
 from atelier.loop.adapter import Adapter, NonFiniteLossError
 from atelier.loop.loop import TrainingLoop
 from atelier.loop.result import TrainResult
-from atelier.train import phases
+from atelier.runtime import phases
 
 
 class Trainer:

@@ -8,12 +8,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from atelier.config.validate import ConfigError
+from atelier.errors import ConfigError
 from atelier.network.kinds import FILE_FAMILIES, family, kinds_of_family
 from atelier.network.lora import LoRANetwork
 from atelier.network.spec import NetworkSpec
 from atelier.network.targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, belongs_to, iter_targets
-from atelier.outputs.lora_file import load_lora
 
 if TYPE_CHECKING:
     from atelier.config.schema import NetworkConfig
@@ -28,6 +27,9 @@ def build_network(net: NetworkConfig, unet: nn.Module | None, text_encoder: nn.M
     if not weights:
         network = create_network(spec, unet, text_encoder)
     else:
+        # The LoRA file format is the outputs layer's (imported here, not above it: see tests/test_layout.py).
+        from atelier.outputs.lora_file import load_lora
+
         try:
             state, _ = load_lora(weights)
         except FileNotFoundError as error:

@@ -51,7 +51,7 @@ class RunDirError(UserError, RuntimeError):
 
 class RunDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from atelier.train.distributed import in_worker
+        from atelier.runtime.distributed import in_worker
 
         if in_worker():  # a data-parallel rank: the process that started the ranks holds the dir
             return

@@ -26,7 +26,7 @@ from atelier.sweep.plan import SweepPlan, read_plan
 
 logger = logging.getLogger(__name__)
 
-# File names written by training; atelier.train.metrics/samples define them too, but
+# File names written by training; atelier.loop.metrics/samples define them too, but
 # importing those pulls in torch, which a report does not need.
 METRICS = "metrics.jsonl"
 SAMPLES_DIR = "samples"

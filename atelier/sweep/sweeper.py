@@ -37,7 +37,7 @@ from atelier.sweep.outcome import (
 )
 from atelier.sweep.placement import place
 from atelier.sweep.plan import PlannedJob, SweepPlan, mark_plan, write_plan
-from atelier.train.signals import StopRequested
+from atelier.runtime.signals import StopRequested
 from atelier.utils.atomic import write_text
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ and lists the keys that have no sd-scripts equivalent.
 
 OPTIONS is the mapping (our key -> sd-scripts option): one entry per schema field, whose
 flag and note are declared on the field (atelier/config/schema/, option(flag=..., kohya=...));
-HOW below says how a value is passed where it is not a plain option value.
+HOW says how a value is passed where it is not a plain option value (both in
+atelier.tools.kohya_options).
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ import argparse
 import json
 import math
 import shlex
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from atelier.config.options import schema_fields
-from atelier.config.schema import NetworkConfig, flag_name
-from atelier.network.spec import kohya_module, kohya_network_args
+from atelier.network.spec import kohya_network_args
 from atelier.tools.common import ToolError, check_output
+from atelier.tools.kohya_options import (  # noqa: F401 (OPTIONS: read from here too)
+    OPTIONS,
+    OPTIONS_BY_KEY,
+    args_value,
+    network_config,
+)
 
 CONFIG_TOML = "kohya_config.toml"
 DATASET_TOML = "kohya_dataset.toml"
@@ -36,175 +40,6 @@ PROMPTS_TXT = "kohya_prompts.txt"
 KOHYA_OUTPUT_DIR = "sd-scripts"  # sd-scripts' output_dir, inside the export folder: never our files
 
 
-@dataclass(frozen=True)
-class Option:
-    """How one of our config keys becomes an sd-scripts option.
-
-    flag: the train_network.py option (no dashes); None: no equivalent (`note` says why).
-    place: "args" (command line + kohya_config.toml), "dataset" (command line + [general] of
-      kohya_dataset.toml), "subsets" (command line; the dataset TOML has one subset per
-      folder instead), "accelerate" (an `accelerate launch` option), "prompts" (written into
-      each line of kohya_prompts.txt), "covered" (expressed through another option).
-    kind: "value", "switch" (store_true: given when true) or "list" (nargs='*').
-    convert: value -> the option's value (None: leave the option out).
-    dataset_key: also written to the dataset TOML's [general] under this name.
-    """
-
-    key: str
-    flag: str | None
-    place: str = "args"
-    kind: str = "value"
-    convert: Callable[[Any, dict[str, Any]], Any] | None = None
-    dataset_key: str | None = None
-    note: str = ""
-
-
-def network_config(cfg: dict[str, Any]) -> NetworkConfig:
-    """The run's network options as the schema's typed NetworkConfig (what atelier.network.spec reads)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(NetworkConfig), cfg["network"]))
-
-
-def _unless_zero(value: Any, cfg: dict[str, Any]) -> Any:
-    return value or None
-
-
-def _unless_one(value: Any, cfg: dict[str, Any]) -> Any:
-    return None if value == 1 else value
-
-
-def _optimizer_args(value: dict[str, Any] | None, cfg: dict[str, Any]) -> list[str] | None:
-    """sd-scripts parses each "key=value" with ast.literal_eval; lists become tuples."""
-    if not value:
-        return None
-    items = []
-    for name, arg in value.items():
-        if isinstance(arg, (list, tuple)):
-            text = ",".join(repr(v) for v in arg)
-        elif isinstance(arg, str):
-            text = repr(arg)
-        else:
-            text = repr(arg)
-        items.append(f"{name}={text}")
-    return items
-
-
-def _warmup_steps(value: int, cfg: dict[str, Any]) -> int | None:
-    if cfg["scheduler"].get("warmup_ratio") is not None:
-        return None  # the ratio row gives lr_warmup_steps
-    return value or None
-
-
-def _decay_steps(value: int, cfg: dict[str, Any]) -> int | None:
-    if cfg["scheduler"].get("decay_ratio") is not None:
-        return None  # the ratio row gives lr_decay_steps
-    return value or None
-
-
-def _model_path(value: str | None, cfg: dict[str, Any]) -> str:
-    if value:
-        return str(Path(value).expanduser().resolve())
-    from atelier.models.tiny import TINY_MODEL_DIRNAMES, default_cache_dir
-
-    builtin = cfg["model"].get("builtin")
-    if builtin in TINY_MODEL_DIRNAMES:
-        return str(default_cache_dir() / TINY_MODEL_DIRNAMES[builtin])
-    raise ToolError("the run has neither model.path nor a known model.builtin")
-
-
-def _neuron_dropout(value: float | None, cfg: dict[str, Any]) -> float | None:
-    """--network_dropout is networks.lora's; LyCORIS takes it in network_args."""
-    return value if value and kohya_module(network_config(cfg)) == "networks.lora" else None
-
-
-def _with_validation(value: Any, cfg: dict[str, Any]) -> Any:
-    """Validation options only when validation is on (older sd-scripts do not know them)."""
-    return value if cfg["dataset"].get("validation_split") else None
-
-
-def _attention(value: Any, cfg: dict[str, Any]) -> bool:
-    return value == "sdpa"
-
-
-def _with_torch_compile(value: Any, cfg: dict[str, Any]) -> Any:
-    return value if cfg["training"].get("torch_compile") else None
-
-
-def _args_value(name: str, value: Any) -> Any:
-    """The dataset TOML's resolution is a number; train_network.py's --resolution a string."""
-    return str(value) if name == "resolution" else value
-
-
-def _path(value: str | None, cfg: dict[str, Any]) -> str | None:
-    return str(Path(value).resolve()) if value else None
-
-
-# How a key is exported where it is not a plain value for its flag (the flag and the note
-# are the schema's: option(flag=..., kohya=...)).
-HOW: dict[str, dict[str, Any]] = {
-    "model.path": {"convert": _model_path},
-    "model.builtin": {"place": "covered"},
-    "model.name": {"place": "covered"},
-    "model.version": {"kind": "switch", "convert": lambda v, c: v == "sd2"},
-    "model.v_parameterization": {"kind": "switch"},
-    "model.resolution": {"place": "covered"},
-    "network.module": {"convert": lambda v, c: kohya_module(network_config(c))},
-    # network_args is one list made from several keys (build_export)
-    **{f"network.{name}": {"place": "covered"}
-       for name in ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "factor", "unit")},
-    "network.dropout": {"convert": _neuron_dropout},
-    "network.train_unet_only": {"kind": "switch"},
-    "network.train_text_encoder_only": {"kind": "switch"},
-    "optimizer.args": {"kind": "list", "convert": _optimizer_args},
-    "scheduler.warmup_steps": {"convert": _warmup_steps},
-    "scheduler.warmup_ratio": {"convert": _unless_zero},
-    "scheduler.decay_steps": {"convert": _decay_steps},
-    "scheduler.decay_ratio": {"convert": _unless_zero},
-    "scheduler.step_rules": {"kind": "list", "convert": lambda v, c: [f"step_rules={v!r}"] if v else None},
-    "dataset.name": {"place": "covered"},
-    "dataset.train_data_dir": {"place": "subsets", "convert": _path},
-    "dataset.reg_data_dir": {"place": "subsets", "convert": _path},
-    **{f"dataset.{name}": {"place": "dataset"}
-       for name in ("caption_extension", "resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-                    "keep_tokens", "caption_prefix", "caption_suffix", "caption_dropout_rate",
-                    "caption_tag_dropout_rate", "caption_dropout_every_n_epochs")},
-    **{f"dataset.{name}": {"place": "dataset", "kind": "switch"}
-       for name in ("enable_bucket", "bucket_no_upscale", "shuffle_caption", "flip_aug", "random_crop", "color_aug")},
-    "dataset.keep_tokens_separator": {"place": "dataset", "convert": lambda v, c: v or None},
-    "dataset.cache_latents": {"kind": "switch"},
-    "dataset.cache_latents_to_disk": {"kind": "switch"},
-    "dataset.persistent_data_loader_workers": {"kind": "switch"},
-    "dataset.validation_split": {"convert": _unless_zero},
-    "dataset.validation_seed": {"convert": _with_validation},
-    "dataset.validate_every_n_epochs": {"convert": _with_validation},
-    "training.train_batch_size": {"dataset_key": "batch_size"},
-    "training.gradient_checkpointing": {"kind": "switch"},
-    "training.cpu": {"place": "accelerate", "kind": "switch"},
-    "training.num_processes": {"place": "accelerate", "convert": _unless_one},
-    "training.noise_offset": {"convert": _unless_zero},
-    "training.zero_terminal_snr": {"kind": "switch"},
-    "training.debiased_estimation_loss": {"kind": "switch"},
-    "training.huber_scale": {"convert": lambda v, c: None if v == 1.0 else v},
-    "training.attention": {"kind": "switch", "convert": _attention},
-    "training.torch_compile": {"kind": "switch"},
-    "training.dynamo_backend": {"convert": _with_torch_compile},
-    "sampling.prompts": {"place": "covered"},
-    "sampling.prompt_file": {"place": "covered"},
-    **{f"sampling.{name}": {"place": "prompts"} for name in ("limit", "width", "height", "steps", "cfg_scale", "seed")},
-    "project": {"place": "covered"},
-}
-
-
-def _options() -> tuple[Option, ...]:
-    """One Option per schema field: its flag and note from the schema, how it is exported from HOW."""
-    options = []
-    for key, field in schema_fields().items():
-        flag = field.metadata["flag"]
-        options.append(Option(key, flag_name(flag) if flag else None, note=field.metadata["kohya"], **HOW.get(key, {})))
-    return tuple(options)
-
-
-OPTIONS: tuple[Option, ...] = _options()
-OPTIONS_BY_KEY = {option.key: option for option in OPTIONS}
 
 
 # --- reading the run ------------------------------------------------------------------
@@ -390,7 +225,7 @@ def config_toml(export: Export, run_dir: Path, dataset_toml: Path | None) -> str
         args.pop("reg_data_dir", None)
         args["dataset_config"] = str(dataset_toml)
     else:
-        args.update({k: _args_value(k, v) for k, v in export.dataset_general.items() if k != "batch_size"})
+        args.update({k: args_value(k, v) for k, v in export.dataset_general.items() if k != "batch_size"})
     lines = [
         f"# sd-scripts {export.script} --config_file for the atelier run {run_dir}",
         "# written by `atelier export-kohya`; keys are train_network.py options without the dashes",
@@ -420,7 +255,7 @@ def command_line(export: Export) -> str:
         launch += [f"--{name}"] if value is True else [f"--{name}", str(value)]
     segments = [" ".join(shlex.quote(p) for p in [*launch, export.script])]
     options = dict(export.args)
-    options.update({k: _args_value(k, v) for k, v in export.dataset_general.items() if k != "batch_size"})
+    options.update({k: args_value(k, v) for k, v in export.dataset_general.items() if k != "batch_size"})
     for name, value in options.items():
         if isinstance(value, bool):
             words = [f"--{name}"] if value else []

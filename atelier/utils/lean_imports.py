@@ -7,7 +7,7 @@ sizeable share of a short sweep. Our networks patch the layers themselves
 (atelier.network) and nothing here loads a bitsandbytes-quantized model, so diffusers is
 told both are missing: a setup it supports, as both are optional dependencies of it.
 What does need them imports them itself when chosen: the 8-bit optimizers import
-bitsandbytes (atelier.train.optimizers), LyCORIS' modules import peft.
+bitsandbytes (atelier.optim.optimizers), LyCORIS' modules import peft.
 """
 
 from __future__ import annotations

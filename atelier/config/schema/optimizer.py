@@ -76,12 +76,12 @@ def check_schedule_fits(kind: OptimizerType | str, scheduler_type: str, num_warm
 
 
 class LrFindError(ConfigError):
-    """The run cannot give a learning-rate suggestion (atelier.train.lr_find); the message says
+    """The run cannot give a learning-rate suggestion (atelier.loop.lr_find); the message says
     what to change."""
 
 
 def check_can_suggest(kind: OptimizerType | str, args: dict[str, Any]) -> None:
-    """training.suggest_lr needs an optimizer that logs d*lr (atelier.train.lr_find)."""
+    """training.suggest_lr needs an optimizer that logs d*lr (atelier.loop.lr_find)."""
     if not is_adaptive(kind, args):
         raise LrFindError(
             f"training.suggest_lr needs an optimizer that estimates its step size; optimizer.type is "

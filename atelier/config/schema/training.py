@@ -83,7 +83,7 @@ class TrainingConfig:
         doc="Weight each sample by 1/sqrt(SNR) (eps) or 1/(SNR+1) (v-prediction).",
     )
     loss_type: LossType = option(LossType.l2, flag="loss_type", ss="ss_loss_type",
-                                 doc="The loss between prediction and target (atelier.train.losses).")
+                                 doc="The loss between prediction and target (atelier.objective.losses).")
     huber_schedule: HuberSchedule = option(HuberSchedule.snr, flag="huber_schedule", ss="ss_huber_schedule",
                                            doc="How huber_c varies with the timestep.")
     huber_c: float = option(0.1, flag="huber_c", ss="ss_huber_c",
@@ -91,7 +91,7 @@ class TrainingConfig:
     huber_scale: float = option(1.0, flag="huber_scale", ss="ss_huber_scale", doc="Multiplies huber_c.",
                                 kohya="recent sd-scripts; left out at its default 1.0 for older ones")
     attention: Attention = option(Attention.sdpa, flag="sdpa",
-                                  doc="The UNet's attention kernel (atelier.train.speed logs what it did).",
+                                  doc="The UNet's attention kernel (atelier.loop.speed logs what it did).",
                                   kohya="xformers: --xformers; math: neither switch")
     channels_last: bool = option(False, doc="UNet weights and activations in NHWC memory format (faster "
                                  "convolutions on GPUs).", kohya="sd-scripts has no channels_last switch")  # fmt: skip
@@ -110,19 +110,19 @@ class TrainingConfig:
                               kohya="sd-scripts leaves torch's TF32 defaults")
     reuse_base_model: bool = option(
         True, doc="Jobs of a sweep run in one process (the default launcher) load the base model once and each "
-        "get fresh modules over its weights (atelier.train.reuse), and share their cached latents.",
+        "get fresh modules over its weights (atelier.runtime.reuse), and share their cached latents.",
         kohya="atelier's in-process sweeps; sd-scripts trains one run per process",
     )
     suggest_lr: bool = option(
         False, doc="After training, turn the logged d*lr of an adaptive optimizer into lr_suggestion.json "
-        "(experiment=lr_find sets it; atelier.train.lr_find).",
+        "(experiment=lr_find sets it; atelier.loop.lr_find).",
         kohya="atelier's lr finder (experiment=lr_find): reads the logged d*lr into lr_suggestion.json",
     )
 
     def __post_init__(self) -> None:
         for key in ("train_batch_size", "gradient_accumulation_steps", "clip_skip", "num_processes"):
             at_least(f"training.{key}", getattr(self, key), 1)
-        # The run's length (atelier.train.plan): steps win when both are set.
+        # The run's length (atelier.data.plan): steps win when both are set.
         if self.max_train_steps is not None:
             at_least("training.max_train_steps", self.max_train_steps, 1)
         elif self.max_train_epochs is not None:

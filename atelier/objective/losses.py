@@ -2,7 +2,7 @@
 
 sd-scripts' options with its names and formulas (train_util.conditional_loss,
 get_huber_threshold_if_needed; custom_train_functions.apply_snr_weight,
-apply_debiased_estimation). The noise and timesteps are drawn in atelier.train.noise.
+apply_debiased_estimation). The noise and timesteps are drawn in atelier.objective.noise.
 """
 
 from __future__ import annotations

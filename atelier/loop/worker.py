@@ -1,4 +1,4 @@
-"""One process of a data-parallel run: `python -m atelier.train.worker <run_dir>`.
+"""One process of a data-parallel run: `python -m atelier.loop.worker <run_dir>`.
 
 Started by atelier.launch.data_parallel with the torch.distributed environment set.
 It trains the run dir's resolved config.yaml (written by the job before it started
@@ -15,13 +15,13 @@ from pathlib import Path
 import atelier.config
 from atelier.config.typed import load_run_config
 from atelier.errors import UserError, one_line
-from atelier.train import phases
-from atelier.train.distributed import process_rank
-from atelier.train.signals import StopRequested
+from atelier.runtime import phases
+from atelier.runtime.distributed import process_rank
+from atelier.runtime.signals import StopRequested
 from atelier.utils.lean_imports import hide_peft_and_bitsandbytes_from_diffusers
 from atelier.utils.quiet import quiet_third_party_warnings
 
-log = logging.getLogger("atelier.train.worker")
+log = logging.getLogger("atelier.loop.worker")
 
 # Hydra's log file of the job (hydra.job.name is "train"): the main process appends to it.
 JOB_LOG = "train.log"
@@ -39,7 +39,7 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m atelier.train.worker <run_dir>", file=sys.stderr)
+        print("usage: python -m atelier.loop.worker <run_dir>", file=sys.stderr)
         return 2
     run_dir = Path(args[0])
     rank = process_rank()
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     atelier.config.register()
     with phases.timing_imports():
         hide_peft_and_bitsandbytes_from_diffusers()
-        from atelier.train.run import run_training  # torch and friends: after logging is set up
+        from atelier.loop.run import run_training  # torch and friends: after logging is set up
 
     try:
         run_training(load_run_config(run_dir), run_dir)

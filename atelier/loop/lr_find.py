@@ -15,10 +15,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from atelier.train.metrics import METRICS
+from atelier.loop.metrics import METRICS
 from atelier.config.schema import OptimizerType
 from atelier.config.schema.optimizer import LrFindError
-from atelier.train.optimizers import optimizer_type as typed_optimizer
+from atelier.optim.optimizers import optimizer_type as typed_optimizer
 from atelier.utils.atomic import write_text
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,6 @@ same dataset options are measured on exactly the same problems.
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -23,34 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from atelier.conditioning.sdxl import time_ids
 from atelier.conditioning.unet_call import unet_prediction
-from atelier.data.dataset import ImageItem
-from atelier.data.errors import DatasetError
-from atelier.train.losses import training_target
+from atelier.data.holdout import split_validation
+from atelier.data.training_data import TrainingData
+from atelier.objective.losses import training_target
 
 NUM_TIMESTEPS = 5  # t = 100, 300, 500, 700, 900 for a 1000-step schedule
-
-
-def split_validation(
-    items: Sequence[ImageItem], fraction: float, seed: int
-) -> tuple[list[ImageItem], list[ImageItem]]:
-    """(train items, validation items), both in item order; per folder, like sd-scripts."""
-    if fraction <= 0:
-        return list(items), []
-    rng = random.Random(seed)
-    held_out: set[int] = set()
-    for folder in dict.fromkeys(item.folder_name for item in items):
-        members = [i for i, item in enumerate(items) if item.folder_name == folder]
-        rng.shuffle(members)
-        keep = math.ceil(round(len(members) * (1.0 - fraction), 9))
-        held_out.update(members[keep:])
-    if not held_out:
-        raise DatasetError(
-            f"dataset.validation_split={fraction} holds out no image: each concept folder keeps "
-            "ceil(images x (1 - validation_split)) images for training. Raise it, or set it to 0."
-        )
-    train = [item for i, item in enumerate(items) if i not in held_out]
-    return train, [item for i, item in enumerate(items) if i in held_out]
 
 
 def validation_timesteps(num_train_timesteps: int, count: int = NUM_TIMESTEPS) -> list[int]:
@@ -134,4 +111,15 @@ class Validator:
         return total / count
 
 
-__all__ = ["NUM_TIMESTEPS", "Validator", "split_validation", "validation_timesteps"]
+def make_validator(data: TrainingData, vae: torch.nn.Module, noise_scheduler, device: torch.device) -> Validator | None:
+    """The validation loss of `data`'s held-out images, or None without validation_split."""
+    latents = data.validation_latents(vae, device)
+    if not latents:
+        return None
+    captions = [data.fixed_caption(item.caption) for item in data.validation_items]
+    # SDXL's size/crop conditioning of each (centre-cropped, unflipped) validation image.
+    sizes = [time_ids(a.bucket, a.image_size) for a in data.validation_assignments]
+    return Validator(latents, captions, noise_scheduler, data.validation_seed, data.batch_size, sizes)
+
+
+__all__ = ["NUM_TIMESTEPS", "Validator", "make_validator", "split_validation", "validation_timesteps"]

@@ -17,7 +17,7 @@ from atelier.sampling.generate import build_pipeline, build_sdxl_pipeline, gener
 from atelier.sampling.grid import make_grid
 from atelier.sampling.manifest import SAMPLES_DIR
 from atelier.sampling.prompts import SampleDefaults, SamplePrompt, load_prompt_file, parse_prompts
-from atelier.train.signals import stop_asked
+from atelier.runtime.signals import stop_asked
 
 log = logging.getLogger(__name__)
 

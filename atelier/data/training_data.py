@@ -39,7 +39,7 @@ from atelier.data.buckets import (
 from atelier.data.caption_ops import captions_are_static, process_caption
 from atelier.data.dataset import DatasetIndex, ImageItem, scan_dataset
 from atelier.data.latent_cache import LatentCache, can_cache_latents, default_cache_dir
-from atelier.train import phases, reuse
+from atelier.runtime import phases, reuse
 from atelier.config.schema.dataset import (
     bucket_settings,
     cache_latents_wanted,
@@ -47,11 +47,11 @@ from atelier.config.schema.dataset import (
     image_limits,
     max_token_length,
 )
-from atelier.train.latents import PixelJob, StepEncoder
-from atelier.train.regularization import balance_reg_repeats
-from atelier.train.signals import raise_if_stop_asked
-from atelier.train.state import as_tuples
-from atelier.train.validation import Validator, split_validation
+from atelier.data.latents import PixelJob, StepEncoder
+from atelier.data.holdout import split_validation
+from atelier.data.regularization import balance_reg_repeats
+from atelier.utils.rng import as_tuples
+from atelier.runtime.signals import raise_if_stop_asked
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class TrainingData:
     def _new_cache(self, vae: torch.nn.Module, device: torch.device, flip_aug: bool) -> LatentCache:
         d = self.options
         cache_dir = Path(d.latent_cache_dir) if d.latent_cache_dir else default_cache_dir(self.index.root)
-        # Jobs of an in-process sweep share what they encoded (atelier.train.reuse).
+        # Jobs of an in-process sweep share what they encoded (atelier.runtime.reuse).
         return LatentCache(vae, cache_dir, d.cache_latents_to_disk, flip_aug=flip_aug, device=device,
                            shared=reuse.latent_store())
 
@@ -244,16 +244,6 @@ class TrainingData:
         elif wanted:
             log.info("text-encoder outputs are not cached: captions change every step (shuffle or dropout)")
         return encoder
-
-    def validator(self, vae: torch.nn.Module, noise_scheduler, device: torch.device) -> Validator | None:
-        """The validation loss of the held-out images, or None without validation_split."""
-        latents = self.validation_latents(vae, device)
-        if not latents:
-            return None
-        captions = [self.fixed_caption(item.caption) for item in self.validation_items]
-        # SDXL's size/crop conditioning of each (centre-cropped, unflipped) validation image.
-        sizes = [time_ids(a.bucket, a.image_size) for a in self.validation_assignments]
-        return Validator(latents, captions, noise_scheduler, self.validation_seed, self.batch_size, sizes)
 
     # -------------------------------------------------------------- batches
     def epoch(self, epoch: int) -> list[Batch]:

@@ -117,14 +117,10 @@ def base_key(m: ModelConfig) -> tuple:
             _stamp(m.path), _stamp(m.vae))  # fmt: skip
 
 
-def load_base(m: ModelConfig, t: TrainingConfig, device: torch.device, load: Callable[[], BaseModel]) -> BaseModel:
-    """The base model for model config `m`: loaded by `load()`, or a fresh copy of the kept one,
-    with the speed settings of training config `t` applied (atelier.train.speed)."""
-    from atelier.train.speed import apply_model_settings
-
-    base = _load_or_copy(m, t, _random_builtin_loader(m) or load)
-    apply_model_settings(base, t, device)
-    return base
+def load_base(m: ModelConfig, t: TrainingConfig, load: Callable[[], BaseModel]) -> BaseModel:
+    """The base model for model config `m`: loaded by `load()`, or a fresh copy of the kept one
+    (the caller applies training config `t`'s speed settings: atelier.loop.speed)."""
+    return _load_or_copy(m, t, _random_builtin_loader(m) or load)
 
 
 def _load_or_copy(m: ModelConfig, t: TrainingConfig, load: Callable[[], BaseModel]) -> BaseModel:

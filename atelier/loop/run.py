@@ -11,11 +11,11 @@ from typing import Any
 from atelier.config.schema import AtelierConfig
 from atelier.outputs.run_dir import write_environment
 from atelier.outputs.summary import write_summary
-from atelier.train import phases
-from atelier.train.lr_find import suggest_and_report
-from atelier.train.distributed import process_rank
-from atelier.train.metrics import peak_memory_mb
-from atelier.train.signals import SECOND_CTRL_C, StopRequested, raise_if_stop_asked, stop_on_signals
+from atelier.runtime import phases
+from atelier.loop.lr_find import suggest_and_report
+from atelier.runtime.distributed import process_rank
+from atelier.loop.metrics import peak_memory_mb
+from atelier.runtime.signals import SECOND_CTRL_C, StopRequested, raise_if_stop_asked, stop_on_signals
 from atelier.loop.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from atelier.config.schema import AtelierConfig
 from atelier.config.typed import as_dictconfig
 from atelier.errors import UserError
 from atelier.utils.atomic import atomic_path
+from atelier.utils.rng import as_tuples
 
 STATE_FILE = "training_state.pt"
 # Bumped when the state's layout changes; an older state is refused, not misread.
@@ -55,11 +56,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(as_tuples(states["python"]))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def as_tuples(value: Any) -> Any:
-    # random.setstate wants tuples; a saved state may come back with lists.
-    return tuple(as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def content_digest(value: Any) -> str:

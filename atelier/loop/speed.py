@@ -2,7 +2,7 @@
 
 The trainer calls three functions, each at one place:
 
-    apply_model_settings(base, t, device)    # as the base is loaded (atelier.train.reuse.load_base):
+    apply_model_settings(base, t, device)    # as the base is loaded (atelier.runtime.reuse.load_base):
                                              # TF32, attention processor, memory format
     compile_unet(base.unet, t)               # after the LoRA network is applied: torch.compile
     optimizer_args(type, args, t, device)    # fused AdamW when it can run
