@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from atelier.errors import ConfigError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -120,10 +122,10 @@ def _ia3_layers(target: TargetLayer) -> bool:
 
 def _check_dylora(spec: NetworkSpec) -> None:
     if spec.unit <= 0 or spec.dim % spec.unit:
-        raise ValueError(f"network.dim={spec.dim} must be a multiple of network.unit={spec.unit} for DyLoRA")
+        raise ConfigError(f"network.dim={spec.dim} must be a multiple of network.unit={spec.unit} for DyLoRA")
     if spec.conv_dim and spec.conv_dim != spec.dim:
         # sd-scripts' networks.dylora asserts the same.
-        raise ValueError(f"DyLoRA needs network.conv_dim equal to network.dim ({spec.dim}), got {spec.conv_dim}")
+        raise ConfigError(f"DyLoRA needs network.conv_dim equal to network.dim ({spec.dim}), got {spec.conv_dim}")
 
 
 def _no_check(spec: NetworkSpec) -> None:
@@ -203,7 +205,7 @@ def kind_named(name: str) -> NetworkKind:
     try:
         return KINDS[name]
     except KeyError:
-        raise ValueError(f"network.module={name} is not one of {', '.join(KINDS)}") from None
+        raise ConfigError(f"network.module={name} is not one of {', '.join(KINDS)}") from None
 
 
 def kinds_of_family(name: str) -> list[str]:

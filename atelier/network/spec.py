@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from atelier.errors import ConfigError
 from atelier.network.kinds import NetworkKind, kind_named
 
 if TYPE_CHECKING:  # the schema imports the kinds registry; a runtime import here would be a circle
@@ -58,19 +59,19 @@ class NetworkSpec:
         }
         for key, value in given.items():
             if value and key not in entry.options:
-                raise ValueError(
+                raise ConfigError(
                     f"network.{key}={value} does not apply to network.module={kind} "
                     f"(it takes: {', '.join(sorted(entry.options)) or 'none of the optional keys'}); "
                     f"unset it (network.{key}=null)"
                 )
         for key in ("dropout", "rank_dropout", "module_dropout"):
             if given[key] is not None and not 0 <= given[key] < 1:
-                raise ValueError(f"network.{key}={given[key]} must be in [0, 1)")
+                raise ConfigError(f"network.{key}={given[key]} must be in [0, 1)")
         dim, conv_dim = int(net.dim), given["conv_dim"]
         if entry.has_rank and dim <= 0:
-            raise ValueError(f"network.dim={dim} must be a positive rank")
+            raise ConfigError(f"network.dim={dim} must be a positive rank")
         if conv_dim is not None and conv_dim < 0:
-            raise ValueError(f"network.conv_dim={conv_dim} must be a positive rank, or null for no conv layers")
+            raise ConfigError(f"network.conv_dim={conv_dim} must be a positive rank, or null for no conv layers")
         spec = cls(
             kind=kind,
             dim=dim,
