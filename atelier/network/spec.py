@@ -67,9 +67,7 @@ class NetworkSpec:
         for key in ("dropout", "rank_dropout", "module_dropout"):
             if given[key] is not None and not 0 <= given[key] < 1:
                 raise ConfigError(f"network.{key}={given[key]} must be in [0, 1)")
-        dim, conv_dim = int(net.dim), given["conv_dim"]
-        if entry.has_rank and dim <= 0:
-            raise ConfigError(f"network.dim={dim} must be a positive rank")
+        dim, conv_dim = int(net.dim), given["conv_dim"]  # dim >= 1: NetworkConfig's own rule
         if conv_dim is not None and conv_dim < 0:
             raise ConfigError(f"network.conv_dim={conv_dim} must be a positive rank, or null for no conv layers")
         spec = cls(
