@@ -9,7 +9,7 @@ whose inputs have the same shapes share one UNet call, each steps its own optimi
 
 What is only about several lanes lives here: the shared base, the slots, and a lane's exit.
 A lane whose loss is NaN/inf, or that fails, is marked failed (summary.json: status failed
-+ reason) and leaves; a lane that has done its steps saves its LoRA (same file, metadata
++ reason) and leaves; a lane its search trial prunes saves its LoRA as it stands and leaves; a lane that has done its steps saves its LoRA (same file, metadata
 and samples as a solo run) and leaves; on a stop signal each lane saves its state at its
 accumulation group's or epoch's end and says "interrupted". The others go on.
 
@@ -131,7 +131,7 @@ class FusedTrainer:
             network.requires_grad_(False)
             for p in network.parameters():
                 p.grad = None
-        reason = None
+        reason = adapter.reason  # a pruned lane's
         if isinstance(error, StopRequested):
             reason = str(error)
         elif error is not None:
@@ -139,8 +139,8 @@ class FusedTrainer:
         self._summarise(adapter.index, adapter.status, adapter.result, reason)
         with as_lane(adapter.index):
             name = adapter.run_dir.name
-            if adapter.status == "completed":
-                log.info("lane %d (%s) completed: %d steps", adapter.index, name, adapter.result.steps)
+            if adapter.status in ("completed", "pruned"):
+                log.info("lane %d (%s) %s: %d steps", adapter.index, name, adapter.status, adapter.result.steps)
             elif adapter.status == "interrupted":
                 log.warning("%s", reason)
             else:

@@ -146,7 +146,7 @@ def lane_return(group: Job, job: SweepJob) -> JobReturn:
     if summary is not None and group.started is not None and summary.get("finished_at", 0) < group.started:
         summary = None  # from an earlier run of the sweep
     status = (summary or {}).get("status")
-    if status == "completed":
+    if status in ("completed", "pruned"):  # a pruned run ended as its trial asked: the sweeper tells the study
         ret.status, ret._return_value = JobStatus.COMPLETED, None
         return ret
     reason = (summary or {}).get("reason")

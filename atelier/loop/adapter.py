@@ -54,6 +54,7 @@ from atelier.loop.state import (
     set_rng_states,
 )
 from atelier.loop.validation import Validator, make_validator
+from atelier.search.trial_link import TrialLink
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class Adapter:
         self.run_dir = Path(run_dir)
         self.index = index
         self.result = TrainResult()
-        self.status = "running"  # running | completed | failed | interrupted
+        self.status = "running"  # running | completed | pruned | failed | interrupted
         self.reason: str | None = None
         self.accelerator = build.make_accelerator(cfg)
         self.device = self.accelerator.device
@@ -111,6 +112,8 @@ class Adapter:
             autocast=self.accelerator.autocast,
         )
         self.validator: Validator | None = make_validator(self.data, self.base.vae, self.base.noise_scheduler, self.device)
+        # A search's run reports its validation losses to its trial (the main process only).
+        self.trial_link = TrialLink.open(self.run_dir, cfg.trial) if cfg.trial is not None and self.parallel.is_main else None
         with phases.phase("optimizer"):
             self.optimizer, self.lr_scheduler = build.create_optimizer(cfg, self.network, self.schedule, self.device)
         if has_train_eval_modes(self.optimizer):
@@ -209,14 +212,34 @@ class Adapter:
         return scalars
 
     # ----------------------------------------------------------------- epoch
-    def validate(self, epoch: int) -> None:
+    def validation_due(self, epoch: int | None) -> bool:
+        """Whether to measure the validation loss now: at `epoch`'s end, or (None) after a step.
+        The step rule (dataset.validate_every_n_steps) is heard at an epoch's end too."""
+        if self.validator is None:
+            return False
+        steps_every = self.cfg.dataset.validate_every_n_steps
+        by_steps = bool(steps_every) and self.result.steps % steps_every == 0
+        if epoch is None:
+            return by_steps
         every = self.cfg.dataset.validate_every_n_epochs
-        if self.validator is None or not ((every and epoch % every == 0) or epoch == self.plan.num_epochs):
-            return
+        return bool(every and epoch % every == 0) or epoch == self.plan.num_epochs or by_steps
+
+    def validate(self, epoch: int) -> float:
+        """The validation loss now (logged at the current step, within `epoch`)."""
         loss = self.validator.loss(self.base.unet, self.captions, self.accelerator.autocast, self.device)
         self.result.validation_losses.append(loss)
         self.metrics.log(self.result.steps, {"loss/validation": loss}, epoch=epoch)
-        log.info("epoch %d: validation loss %.5f", epoch, loss)
+        log.info("epoch %d, step %d: validation loss %.5f", epoch, self.result.steps, loss)
+        return loss
+
+    def should_prune(self, loss: float | None) -> bool:
+        """Report `loss` to the run's trial (if it has one); True when the trial says stop.
+        Every process of a data-parallel run calls it and hears the main process's answer."""
+        if self.cfg.trial is None:
+            return False
+        vote = self.trial_link is not None and loss is not None and self.trial_link.report(loss, self.result.steps)
+        _, agreed = self.parallel.agree(0.0, 1 if vote else None)
+        return bool(agreed)
 
     def epoch_outputs(self, epoch: int) -> None:
         """The epoch's checkpoint and samples, when the output and sampling options ask for them."""
@@ -244,6 +267,16 @@ class Adapter:
         self.result.output_file = path
         self.samples.write_grid()
         # The final LoRA supersedes it: a finished run is not resumed.
+        (self.run_dir / STATE_FILE).unlink(missing_ok=True)
+
+    def finish_pruned(self) -> None:
+        """A pruned run's end (main process): its LoRA as it stands, `<output_name>-pruned`, kept
+        beside its checkpoints and samples; the training state removed (its trial is over)."""
+        if not self.parallel.is_main:
+            return
+        path = self.run_dir / f"{self.cfg.output.output_name}-pruned.safetensors"
+        self._save(path, self.result.epochs)
+        self.result.checkpoints.append(path)
         (self.run_dir / STATE_FILE).unlink(missing_ok=True)
 
     # ----------------------------------------------------------------- state

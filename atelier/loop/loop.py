@@ -11,6 +11,9 @@ the gradient of its own loss (its parameters only see its rows). Then, per adapt
 - at an epoch's end: the epoch loss, validation, checkpoint and samples (the optimizer's
   eval weights in the model), the state saved every save_state_every_n_epochs or on a stop,
   the stop; after the last epoch the final LoRA, and the adapter leaves.
+- a run of a search reports each validation loss to its trial (the last epoch's excepted:
+  that is its result); when the trial is pruned, the adapter saves its LoRA as it stands
+  and leaves as "pruned" (in a fused group, the others go on without it).
 
 `isolate_failures` (a fused group): an adapter whose loss is NaN/inf, that fails or that
 stops leaves, and the others go on; once none is left, a stop signal raises StopRequested
@@ -191,6 +194,9 @@ class TrainingLoop:
         recent, stop_signal = adapter.parallel.agree(recent, self.stop.signal)
         adapter.metrics.log(result.steps, {**adapter.step_scalars(recent, elapsed), **norms}, epoch=draw.epoch)
         self._show_progress(draw.epoch, recent)
+        if not (adapter.done or draw.ends_epoch) and adapter.validation_due(None):  # else the epoch's end does it
+            if self._validate(adapter, draw.epoch):
+                return
         if not adapter.done:  # its last step: the final LoRA follows, no state to keep
             with self._alone(adapter):
                 every = adapter.cfg.output.save_state_every_n_steps
@@ -208,15 +214,15 @@ class TrainingLoop:
         result.epochs = epoch
         result.epoch_losses.append(epoch_loss)
         adapter.metrics.log(result.steps, {"loss/epoch": epoch_loss}, epoch=epoch)
+        last = epoch == adapter.plan.num_epochs or adapter.done
+        # The last epoch's validation loss is the trial's result, not a report to prune on.
+        if adapter.validation_due(epoch) and self._validate(adapter, epoch, report=not last):
+            return
         with self._alone(adapter):
             if adapter.parallel.is_main:
-                # Two blocks, as two switches: a schedule-free optimizer's eval/train switch
-                # rounds, and the weights must be those of a run that always switched so.
-                with phases.phase("validation"), eval_weights(adapter.optimizer):
-                    adapter.validate(epoch)
                 with phases.phase("epoch_outputs"), eval_weights(adapter.optimizer):
                     adapter.epoch_outputs(epoch)
-            if epoch == adapter.plan.num_epochs or adapter.done:
+            if last:
                 self._complete(adapter)
                 return
             # The next epoch starts from the data state this one left.
@@ -226,6 +232,25 @@ class TrainingLoop:
             if stop_signal or (every and epoch % every == 0):
                 adapter.save_state()
             adapter.stop_if_asked(epoch, self.stop, stop_signal)
+
+    def _validate(self, adapter: Adapter, epoch: int, report: bool = True) -> bool:
+        """The validation loss now (main process), reported to the adapter's trial if it has
+        one; True when the trial pruned it (it has left)."""
+        loss = None
+        with self._alone(adapter):
+            if adapter.parallel.is_main:
+                # Two blocks, as two switches: a schedule-free optimizer's eval/train switch
+                # rounds, and the weights must be those of a run that always switched so.
+                with phases.phase("validation"), eval_weights(adapter.optimizer):
+                    loss = adapter.validate(epoch)
+            if not (report and adapter.should_prune(loss)):
+                return False
+            shown = "" if loss is None else f" (validation loss {loss:.5f})"
+            adapter.reason = f"pruned by its search trial at step {adapter.result.steps}{shown}"
+            with phases.phase("final_outputs"), eval_weights(adapter.optimizer):
+                adapter.finish_pruned()
+        self._leave(adapter, "pruned", None)
+        return True
 
     def _complete(self, adapter: Adapter) -> None:
         with self._alone(adapter), phases.phase("final_outputs"), eval_weights(adapter.optimizer):

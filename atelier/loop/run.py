@@ -103,18 +103,20 @@ def run_training(cfg: AtelierConfig, run_dir: Path, started: float | None = None
             if main:
                 record_ending(run_dir, summarise("failed", trainer and trainer.result, started, failure_reason(err)))
             raise
-        summary = summarise("completed", result, started)
+        # completed, or pruned by its search trial (with the reason)
+        summary = summarise(trainer.adapter.status, result, started, trainer.adapter.reason)
         if suggestion is not None:
             summary["lr_suggestion"] = suggestion["learning_rate"]
         if main:
             write_summary(run_dir, summary)
         log.info(
-            "done: %d steps in %.1f s (%.3f s/step), final loss %.4f -> %s",
+            "%s: %d steps in %.1f s (%.3f s/step), final loss %.4f -> %s",
+            "done" if summary["status"] == "completed" else summary["status"],
             result.steps,
             summary["wall_seconds"],
             result.seconds_per_step or 0.0,
             result.final_loss or float("nan"),
-            result.output_file,
+            result.output_file or (result.checkpoints[-1] if result.checkpoints else None),
         )
         if flag.signal in ENDING_SIGNALS:  # SIGUSR1/2 only warn of a time limit: nothing is left to save
             message = f"stopped by {flag.name} as the run completed (its LoRA is saved: {result.output_file})"

@@ -25,7 +25,7 @@ STATE_FILE = "training_state.pt"
 # 3: the state carries a sha256 digest of its content, checked before use.
 STATE_VERSION = 3
 # Keys that do not change what is trained.
-IGNORED_KEYS = ("resume", "sampling")
+IGNORED_KEYS = ("resume", "sampling", "trial")
 
 
 class StateMismatchError(UserError, ValueError):

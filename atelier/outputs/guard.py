@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 OUR_MARKERS = (".hydra", LOCK_FILE, "summary.json", "multirun.yaml", "training_state.pt", "command.sh",
                "stdout.log", "stderr.log")  # fmt: skip
 RESOLVED_CONFIG = "config.yaml"
-# Keys that say how to start a run, not what it trains.
-BOOKKEEPING_KEYS = ("resume", "overwrite")
+# Keys that say how to start a run, not what it trains (trial: which study it reports to).
+BOOKKEEPING_KEYS = ("resume", "overwrite", "trial")
 REPLACED_PREFIX = "replaced-"
 
 
@@ -89,9 +89,9 @@ def guard_run_dir(run_dir: Path, cfg: DictConfig) -> None:
             "results aside into a replaced-<time>/ subfolder."
         )
     summary = read_summary(run_dir) or {}
-    if summary.get("status") == "completed" and not cfg.get("resume"):
+    if summary.get("status") in ("completed", "pruned") and not cfg.get("resume"):
         raise RunDirError(
-            f"{run_dir} holds a finished run of this config. Pass resume=true to keep it (nothing is "
+            f"{run_dir} holds a finished ({summary['status']}) run of this config. Pass resume=true to keep it (nothing is "
             "trained again), overwrite=true to train it again (the old results move into a "
             "replaced-<time>/ subfolder), or write this run elsewhere (another hydra.run.dir)."
         )

@@ -39,8 +39,11 @@ def write_resolved_config(run_dir: Path, cfg: AtelierConfig) -> Path:
 
 
 def replay_command(overrides: list[str], config_name: str, config_dir: str | None, cwd: str) -> str:
-    """A bash script that re-runs the job with the same overrides, from any directory."""
+    """A bash script that re-runs the job with the same overrides, from any directory.
+
+    A search's trial link (`trial=<n>`) is left out: the replay trains the config alone."""
     argv = [sys.executable, str(REPO_ROOT / "train.py")]
+    overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "trial"]
     if config_dir:
         argv += ["--config-dir", config_dir]
     if config_name != "config":

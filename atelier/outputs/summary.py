@@ -37,9 +37,12 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
 
 
 def finished(job_dir: Path) -> bool:
-    """A job whose summary.json says it completed (its LoRA file is there)."""
+    """A job whose summary.json says it completed (its LoRA file is there), or that its search
+    trial pruned (it is over: a resumed sweep does not train it again)."""
     summary = read_summary(job_dir)
     if summary is None:
         return False
+    if summary.get("status") == "pruned":
+        return True
     output = summary.get("output_file")
     return summary.get("status") == "completed" and bool(output) and (job_dir / output).is_file()

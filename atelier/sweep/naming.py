@@ -12,12 +12,12 @@ _UNSAFE_IN_FILE = re.compile(r"[^A-Za-z0-9.+\-]+")
 MAX_NAME = 120
 # Keys that say how to run a sweep, never what a job trains: they are not axes even when
 # two invocations of one sweep differ in them (a resumed sweep adds resume=true).
-BOOKKEEPING_KEYS = ("resume",)
+BOOKKEEPING_KEYS = ("resume", "trial")
 BOOKKEEPING_PREFIXES = ("hydra.", "hydra/")
 
 
 def is_bookkeeping(key: str) -> bool:
-    """`resume`, `hydra.*` and `hydra/*` (with any +/~ prefix): not a swept axis."""
+    """`resume`, `trial`, `hydra.*` and `hydra/*` (with any +/~ prefix): not a swept axis."""
     key = key.lstrip("+~")
     return key in BOOKKEEPING_KEYS or key == "hydra" or key.startswith(BOOKKEEPING_PREFIXES)
 

@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.utils import JobReturn, JobStatus
+
 from atelier.outputs.summary import read_summary
 
 log = logging.getLogger(__name__)
@@ -19,7 +21,7 @@ class JobInterrupted(JobFailed):
     """A job stopped from outside (Ctrl-C, SIGTERM) or never started because of it."""
 
 
-STATUSES = ("completed", "skipped", "failed", "interrupted", "not started")
+STATUSES = ("completed", "pruned", "skipped", "failed", "interrupted", "not started")
 
 
 @dataclass
@@ -38,10 +40,30 @@ def outcome_from_run_dir(name: str, job_dir: Path) -> JobOutcome:
     return JobOutcome(name, status if status in STATUSES else "failed", summary.get("reason"))
 
 
+def reason_of(error: BaseException | None) -> str:
+    """A job's error as one line (a JobFailed's message is one already)."""
+    if error is None:
+        return "unknown error"
+    if isinstance(error, JobFailed):
+        return str(error)
+    message = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {message}"
+
+
+def outcome_of(name: str, result: JobReturn) -> JobOutcome:
+    """What a launcher's JobReturn says of a job."""
+    if result.status != JobStatus.FAILED:
+        return JobOutcome(name, "completed")
+    error = result._return_value
+    if isinstance(error, JobInterrupted):
+        return JobOutcome(name, "not started" if str(error).startswith("not started") else "interrupted", str(error))
+    return JobOutcome(name, "failed", reason_of(error))
+
+
 def format_summary(outcomes: list[JobOutcome]) -> str:
     counts = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
     head = f"sweep finished: {counts['completed']} completed, {counts['skipped']} skipped (already done), {counts['failed']} failed"
-    stopped = [f"{counts[s]} {s}" for s in ("interrupted", "not started") if counts[s]]
+    stopped = [f"{counts[s]} {s}" for s in ("pruned", "interrupted", "not started") if counts[s]]
     lines = [", ".join([head, *stopped])]
     width = max((len(o.name) for o in outcomes), default=0)
     for o in outcomes:

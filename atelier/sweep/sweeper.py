@@ -8,7 +8,12 @@ Expands axes like Hydra's basic sweeper (Cartesian product), and also:
 - with `resume=true`, skips jobs of the same sweep dir that already finished, and runs a job
   whose config changed as a new job (`<name>@2`) beside the old results;
 - after the jobs, prints which failed and why, writes the sweep report, and only then
-  exits 1 if any failed (Hydra itself would raise the first error and skip its callbacks).
+  exits 1 if any failed (Hydra itself would raise the first error and skip its callbacks);
+- with `hydra.sweeper.prune=true`, makes each job a trial of an Optuna study in the sweep dir
+  (study.db) that its run reports its validation loss to, and that stops runs falling behind
+  (a grid with early stopping);
+- with `hydra.sweeper.search` set (an hparams_search/ recipe), runs a search instead
+  (atelier.sweep.search): Optuna suggests each job's values from `hydra.sweeper.params`.
 """
 
 from __future__ import annotations
@@ -21,57 +26,58 @@ from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from atelier.outputs.guard import differing_keys
 from atelier.outputs.summary import finished
 from atelier.sweep.compose_once import composed_once
 from atelier.sweep.naming import is_bookkeeping, job_names, lora_names, parse_job, swept_keys
-from atelier.sweep.outcome import (
-    JobFailed,
-    JobInterrupted,
-    JobOutcome,
-    format_summary,
-    outcome_from_run_dir,
-)
+from atelier.sweep.outcome import JobOutcome, format_summary, outcome_from_run_dir, outcome_of, reason_of
 from atelier.sweep.placement import place
 from atelier.sweep.plan import PlannedJob, SweepPlan, mark_plan, write_plan
 from atelier.runtime.signals import StopRequested
+from atelier.search.settings import PrunerSettings, SearchSettings
+from atelier.sweep.grid_trials import GridTrials
 from atelier.utils.atomic import write_text
 
 log = logging.getLogger(__name__)
 
 
-def _reason(error: BaseException | None) -> str:
-    if error is None:
-        return "unknown error"
-    if isinstance(error, JobFailed):
-        return str(error)
-    message = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {message}"
-
-
-def _outcome(name: str, result: JobReturn) -> JobOutcome:
-    if result.status != JobStatus.FAILED:
-        return JobOutcome(name, "completed")
-    error = result._return_value
-    if isinstance(error, JobInterrupted):
-        return JobOutcome(name, "not started" if str(error).startswith("not started") else "interrupted", str(error))
-    return JobOutcome(name, "failed", _reason(error))
+def _typed(schema: type, node: Any) -> Any:
+    """A sweeper setting as its dataclass (its __post_init__ checks the values)."""
+    if node is None or isinstance(node, schema):
+        return node
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
 
 
 class TrainingSweeper(BasicSweeper):
+    def __init__(
+        self,
+        max_batch_size: int | None = None,
+        params: dict[str, str] | None = None,
+        search: SearchSettings | None = None,
+        prune: bool = False,
+        pruner: PrunerSettings | None = None,
+    ):
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.search: SearchSettings | None = _typed(SearchSettings, search)
+        self.prune = prune
+        self.pruner: PrunerSettings = _typed(PrunerSettings, pruner) or PrunerSettings()
+
     def sweep(self, arguments: list[str]) -> Any:
+        if self.search is not None:
+            from atelier.sweep.search import Search
+
+            return Search(self, arguments).run()
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([*self._parse_config(), *arguments])
         jobs = self.split_arguments(overrides, None)[0]
         names = job_names(jobs)
-        sweep_dir = Path(self.config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        sweep_dir = self.sweep_dir()
         output_names = self._output_names(jobs)
-        resume = bool(OmegaConf.select(self.config, "resume", default=False))
+        resume = self.resume
         self._save_multirun_yaml(sweep_dir, resume)
+        trials = GridTrials(self, sweep_dir) if self.prune else None
 
         outcomes, batch, batch_names = [], [], []
         placed_names = []
@@ -83,7 +89,10 @@ class TrainingSweeper(BasicSweeper):
                 outcomes.append(JobOutcome(name, "skipped"))
                 log.info("resume: %s already finished, skipping it", name)
                 continue
-            batch.append(self._job_overrides(job, name, output_name))
+            overrides = self._job_overrides(job, name, output_name)
+            if trials is not None:
+                overrides.append(f"trial={trials.number_for(name, overrides)}")
+            batch.append(overrides)
             batch_names.append(name)
         log.info("sweep of %d jobs into %s (%d to run)", len(jobs), sweep_dir, len(batch))
 
@@ -101,16 +110,27 @@ class TrainingSweeper(BasicSweeper):
             mark_plan(sweep_dir, "interrupted")
             self._finish(sweep_dir, outcomes)
             raise
-        outcomes += [_outcome(name, result) for name, result in zip(batch_names, results)]
+        outcomes += [outcome_of(name, result) for name, result in zip(batch_names, results)]
+        if trials is not None:
+            outcomes = trials.tell(outcomes)
         stopped = any(o.status in ("interrupted", "not started") for o in outcomes)
         mark_plan(sweep_dir, "interrupted" if stopped else "finished")
         self._finish(sweep_dir, outcomes)
-        unsuccessful = [o for o in outcomes if o.status not in ("completed", "skipped")]
+        unsuccessful = [o for o in outcomes if o.status not in ("completed", "pruned", "skipped")]
         if unsuccessful:
             # The summary already says what went wrong: exit non-zero without a traceback.
             log.error("%d of %d jobs did not complete (see the summary above)", len(unsuccessful), len(outcomes))
             raise SystemExit(1)
         return [results]
+
+    def sweep_dir(self) -> Path:
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        return sweep_dir
+
+    @property
+    def resume(self) -> bool:
+        return bool(OmegaConf.select(self.config, "resume", default=False))
 
     @staticmethod
     def _job_overrides(job: list[str], name: str, output_name: str | None) -> list[str]:
@@ -144,19 +164,19 @@ class TrainingSweeper(BasicSweeper):
         write_text(path, OmegaConf.to_yaml(self.config))
 
     def _output_names(self, jobs: list[list[str]]) -> list[str | None]:
-        """Each job's output.output_name, or None where the config's own is kept (nothing varies).
-
-        The base is the job's own output.output_name override, else the config's value
-        unresolved (e.g. `${project}`), so it still resolves inside each job.
-        """
-        output = OmegaConf.select(self.config, "output")
-        default = str(OmegaConf.to_container(output, resolve=False).get("output_name")) if output is not None else "lora"
-        bases = []
-        for job in jobs:
-            values = {key.lstrip("+~"): value for key, value in parse_job(job).items()}
-            bases.append(values.get("output.output_name", default))
+        """Each job's output.output_name, or None where the config's own is kept (nothing varies)."""
+        bases = [self.output_name_base(job) for job in jobs]
         names = lora_names(jobs, bases)
         return [None if name == base else name for name, base in zip(names, bases)]
+
+    def output_name_base(self, job: list[str]) -> str:
+        """The job's own output.output_name override, else the config's value unresolved
+        (e.g. `${project}`), so it still resolves inside the job."""
+        values = {key.lstrip("+~"): value for key, value in parse_job(job).items()}
+        if "output.output_name" in values:
+            return values["output.output_name"]
+        output = OmegaConf.select(self.config, "output")
+        return str(OmegaConf.to_container(output, resolve=False).get("output_name")) if output is not None else "lora"
 
     @staticmethod
     def _write_plan(sweep_dir: Path, jobs: list[list[str]], names: list[str], output_names: list[str | None]) -> None:
@@ -176,4 +196,4 @@ class TrainingSweeper(BasicSweeper):
             report = write_report(sweep_dir)
             print(f"report: {report} ({time.perf_counter() - tic:.1f} s)", flush=True)
         except Exception as err:  # a broken report must not hide the sweep's own outcome
-            log.error("could not write the sweep report: %s", _reason(err))
+            log.error("could not write the sweep report: %s", reason_of(err))

@@ -123,6 +123,10 @@ class DatasetConfig:
     )
     validate_every_n_epochs: Optional[int] = option(1, flag="validate_every_n_epochs",
                                                     doc="How often the validation loss is measured.")
+    validate_every_n_steps: Optional[int] = option(
+        None, flag="validate_every_n_steps",
+        doc="Also measure the validation loss every this many steps (a search's pruner hears it sooner).",
+    )
 
     def __post_init__(self) -> None:
         """Raise DatasetError naming the first bad `dataset.*` value."""
@@ -155,6 +159,8 @@ class DatasetConfig:
             raise DatasetError(f"dataset.validation_split must be at least 0 and below 1, got {self.validation_split}")
         if self.validate_every_n_epochs is not None and self.validate_every_n_epochs < 1:
             raise DatasetError(f"dataset.validate_every_n_epochs must be at least 1, got {self.validate_every_n_epochs}")
+        if self.validate_every_n_steps is not None and self.validate_every_n_steps < 1:
+            raise DatasetError(f"dataset.validate_every_n_steps must be at least 1, got {self.validate_every_n_steps}")
         # The data layer's option objects check the rest (their messages start with the key).
         caption_options(self)
         bucket_settings(self)

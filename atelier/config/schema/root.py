@@ -9,6 +9,7 @@ from typing import Optional
 from omegaconf import MISSING, SI
 
 from atelier.config.schema.checks import check_name
+from atelier.errors import ConfigError
 from atelier.config.schema.dataset import DatasetConfig
 from atelier.config.schema.enums import ModelVersion
 from atelier.config.schema.fields import option
@@ -39,6 +40,11 @@ class AtelierConfig:
         "(atelier/outputs/guard.py); overwrite=true moves its files into replaced-<time>/ first.",
         kohya="atelier's run-dir guard; sd-scripts writes into an existing output dir",
     )
+    trial: Optional[int] = option(
+        None, doc="Set by the sweeper in a search (hparams_search=...) or a grid with hydra.sweeper.prune=true: the "
+        "Optuna trial this run reports its validation loss to (<sweep dir>/study.db), which may stop it early.",
+        kohya="atelier's search; sd-scripts has no pruning",
+    )
     # The groups: each a schema of its own (the modules beside this one).
     model: ModelConfig = MISSING
     network: NetworkConfig = MISSING
@@ -57,6 +63,11 @@ class AtelierConfig:
         check_schedule_fits(opt.type, sched.type.value, sched.warmup_steps or sched.warmup_ratio or 0)
         if self.training.suggest_lr:
             check_can_suggest(opt.type, opt.args)
+        if self.trial is not None and self.dataset.validation_split == 0:
+            raise ConfigError(
+                f"trial={self.trial}: a run of a search or a pruned sweep reports its validation loss, and "
+                "dataset.validation_split is 0: hold out images, e.g. dataset.validation_split=0.2"
+            )
         if self.model.version == ModelVersion.sdxl and self.dataset.resolution % 64:
             log.warning("dataset.resolution=%s: SDXL buckets step by 64; a multiple of 64 suits it best",
                         self.dataset.resolution)
