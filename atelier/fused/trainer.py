@@ -137,6 +137,8 @@ class FusedTrainer:
         elif error is not None:
             reason = failure_reason(error)
         self._summarise(adapter.index, adapter.status, adapter.result, reason)
+        if getattr(adapter, "trial_link", None) is not None:  # None: it failed before its link was made
+            adapter.trial_link.tell(self.summaries[adapter.index])
         with as_lane(adapter.index):
             name = adapter.run_dir.name
             if adapter.status in ("completed", "pruned"):

@@ -109,6 +109,8 @@ def run_training(cfg: AtelierConfig, run_dir: Path, started: float | None = None
             summary["lr_suggestion"] = suggestion["learning_rate"]
         if main:
             write_summary(run_dir, summary)
+            if trainer.adapter.trial_link is not None:
+                trainer.adapter.trial_link.tell(summary)
         log.info(
             "%s: %d steps in %.1f s (%.3f s/step), final loss %.4f -> %s",
             "done" if summary["status"] == "completed" else summary["status"],

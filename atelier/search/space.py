@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, QuotedString, RangeSweep
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -69,7 +69,7 @@ def parse_space(arguments: Sequence[str]) -> SearchSpace:
     distributions, fixed = {}, []
     for key, override in parsed.items():
         if override.is_sweep_override():
-            distributions[key] = distribution(key, override.value())
+            distributions[key] = distribution(override.input_line, override.value())
         else:
             fixed.append(override.input_line)
     if not distributions:
@@ -80,12 +80,14 @@ def parse_space(arguments: Sequence[str]) -> SearchSpace:
     return SearchSpace(distributions, fixed)
 
 
-def distribution(key: str, sweep: Any) -> BaseDistribution:
+def distribution(text: str, sweep: Any) -> BaseDistribution:
+    """`text`: the override as written (`key=sweep`), for the messages."""
+    key = text.split("=", 1)[0]
     log = "log" in getattr(sweep, "tags", set())
     if isinstance(sweep, IntervalSweep):
         low, high = sweep.start, sweep.end
         if not low < high:
-            raise ConfigError(f"{key}=interval({low},{high}): the start must be below the end")
+            raise ConfigError(f"{text}: the start must be below the end")
         if log and low <= 0:
             raise ConfigError(f"{key}: a log interval needs a start above 0, got {low}")
         if isinstance(low, int) and isinstance(high, int):
@@ -97,7 +99,7 @@ def distribution(key: str, sweep: Any) -> BaseDistribution:
         start, stop, step = sweep.start, sweep.stop, sweep.step
         count = math.ceil((stop - start) / step) if step else 0
         if count < 1:
-            raise ConfigError(f"{key}=range({start},{stop},{step}) holds no value")
+            raise ConfigError(f"{text} holds no value")
         last = start + (count - 1) * step
         if all(isinstance(v, int) for v in (start, stop, step)):
             return IntDistribution(start, last, step=step)
@@ -105,7 +107,7 @@ def distribution(key: str, sweep: Any) -> BaseDistribution:
     if isinstance(sweep, ChoiceSweep):
         if len(sweep.list) < 1:
             raise ConfigError(f"{key}=choice(): give at least one value")
-        return CategoricalDistribution(tuple(sweep.list))
+        return CategoricalDistribution(tuple(v.text if isinstance(v, QuotedString) else v for v in sweep.list))
     raise ConfigError(f"{key}: {type(sweep).__name__} cannot be searched; use interval(), range() or choice()")
 
 

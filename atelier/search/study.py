@@ -51,8 +51,10 @@ def make_pruner(settings: PrunerSettings | None) -> BasePruner:
     return HyperbandPruner(min_resource=settings.min_resource or 1, reduction_factor=settings.reduction_factor)
 
 
-def make_sampler(settings: SearchSettings, space: SearchSpace) -> BaseSampler:
-    seed = settings.seed
+def make_sampler(settings: SearchSettings, space: SearchSpace, trials_before: int = 0) -> BaseSampler:
+    """The search's sampler. A resumed search seeds it with seed + its trials so far: the same
+    seed again would draw the first trials' values again."""
+    seed = None if settings.seed is None else settings.seed + trials_before
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if settings.sampler == "grid":

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import optuna
 
 from atelier.errors import ConfigError
+from atelier.search.tell import tell_summary
 from atelier.search.study import live_trial, load_study, storage, study_path, trial_id
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,13 @@ class TrialLink:
             return cls(study, store, number)
         except KeyError as err:
             raise ConfigError(f"trial={number}: {study_path(sweep_dir)} has no trial {number}") from err
+
+    def tell(self, summary: dict[str, Any]) -> None:
+        """A run that ended (completed or pruned) tells its trial at once: the runs after it
+        compare themselves with it. The sweeper tells the other endings."""
+        if summary.get("status") in ("completed", "pruned"):
+            state = tell_summary(self.study, self.store, self.number, summary, self.study.user_attrs.get("objective", ""))
+            log.info("trial %d: %s", self.number, state)
 
     def report(self, value: float, step: int) -> bool:
         """Report `value` (the validation loss) at `step`; True when the trial should stop now."""

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from atelier.search.settings import SearchSettings
 from atelier.search.study import open_study, storage
 from atelier.sweep.outcome import JobOutcome
-from atelier.sweep.trials import NAME_ATTR, start_trial, tell_ending
+from atelier.search.tell import NAME_ATTR, start_trial, tell_ending
 
 if TYPE_CHECKING:
     from atelier.sweep.sweeper import TrainingSweeper

@@ -4,7 +4,7 @@ ask-and-tell inside the training sweeper, so each trial is a sweep job like any 
 
 In rounds of `n_jobs` trials: ask the study for each trial's values (the sampler draws
 them from `hydra.sweeper.params`), launch the round, tell the study how each run ended
-(atelier.sweep.trials). Runs report their validation losses as they train; with
+(atelier.search.tell). Runs report their validation losses as they train; with
 `hydra.sweeper.prune=true` the pruner stops those that fall behind. A trial whose config
 fails, or whose run fails, is recorded as failed with its reason and the search goes on.
 
@@ -31,7 +31,7 @@ from atelier.sweep.naming import is_bookkeeping, parse_job
 from atelier.outputs.summary import write_summary
 from atelier.sweep.outcome import JobOutcome, outcome_from_run_dir, outcome_of, reason_of
 from atelier.sweep.plan import PlannedJob, SweepPlan, mark_plan, write_plan
-from atelier.sweep.trials import NAME_ATTR, OVERRIDES_ATTR, start_trial, tell_ending
+from atelier.search.tell import NAME_ATTR, OVERRIDES_ATTR, start_trial, tell_ending
 
 if TYPE_CHECKING:
     from atelier.sweep.sweeper import TrainingSweeper
@@ -80,12 +80,13 @@ class Search:
         sweeper, settings = self.sweeper, self.settings
         sweeper._save_multirun_yaml(self.sweep_dir, sweeper.resume)
         self.study = open_study(
-            self.sweep_dir, self.store, settings.direction, make_sampler(settings, self.space),
+            self.sweep_dir, self.store, settings.direction,
             pruner=sweeper.pruner if sweeper.prune else None,
             attrs={"kind": "search", "objective": settings.objective, "direction": settings.direction,
                    "fixed": self.fixed, "space": {k: repr(d) for k, d in self.space.distributions.items()}},
         )  # fmt: skip
         trials = self.study.get_trials(deepcopy=False)
+        self.study.sampler = make_sampler(settings, self.space, len(trials))
         for trial in trials:
             if trial.state.is_finished():
                 self.outcomes.append(JobOutcome(trial.user_attrs.get(NAME_ATTR, trial_name(trial.number)), "skipped"))

@@ -159,6 +159,7 @@ HOW: dict[str, dict[str, Any]] = {
     "dataset.validation_split": {"convert": _unless_zero},
     "dataset.validation_seed": {"convert": _with_validation},
     "dataset.validate_every_n_epochs": {"convert": _with_validation},
+    "dataset.validate_every_n_steps": {"convert": _with_validation},
     "training.train_batch_size": {"dataset_key": "batch_size"},
     "training.gradient_checkpointing": {"kind": "switch"},
     "training.cpu": {"place": "accelerate", "kind": "switch"},

@@ -1,9 +1,10 @@
-"""A sweep's jobs as Optuna trials: each job's ending, told to its trial.
+"""A sweep's jobs as Optuna trials: a trial started for each job, and each job's ending told.
 
-A run reports its validation losses to its trial while it trains (atelier.search.trial_link);
-once the launcher is done with it, the sweeper tells the study how it ended, from its
-summary.json: completed (its objective), pruned, or failed (with the reason, kept on the
-trial). A run that was interrupted stays "running" in the study: a resumed sweep continues it.
+A run reports its validation losses to its trial while it trains (atelier.search.trial_link)
+and, as it ends, tells the study how it ended, from its summary: completed (its objective)
+or pruned. So the next run of a batch already compares itself with it. The sweeper tells
+what the run could not (it failed, or its config never composed), with the reason kept on
+the trial. A run that was interrupted stays "running": a resumed sweep continues it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from atelier.outputs.summary import read_summary
-from atelier.search.study import live_trial
+from atelier.search.study import live_trial, trial_id
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,19 @@ def objective_value(summary: dict[str, Any], objective: str) -> float | str:
 
 def tell_ending(study: optuna.Study, store: optuna.storages.BaseStorage, number: int, job_dir: Path, objective: str,
                 failure: str | None = None) -> str:
-    """Tell trial `number` how its run in `job_dir` ended; the state told ("running" if none).
+    """Tell trial `number` how its run in `job_dir` ended (summary.json), unless the run told it
+    already; the trial's state (complete, pruned, fail, or running if it did not end).
 
     `failure`: the launcher's reason when the job failed without a summary of its own."""
-    trial = study.trials[number]
+    return tell_summary(study, store, number, read_summary(job_dir) or {}, objective, failure)
+
+
+def tell_summary(study: optuna.Study, store: optuna.storages.BaseStorage, number: int, summary: dict[str, Any],
+                 objective: str, failure: str | None = None) -> str:
+    """tell_ending, from the run's summary itself."""
+    trial = store.get_trial(trial_id(store, number))
     if trial.state != TrialState.RUNNING:
         return trial.state.name.lower()
-    summary = read_summary(job_dir) or {}
     status = summary.get("status")
     if status in ("interrupted", "not started") or (status is None and failure is None):
         return "running"
@@ -67,5 +74,5 @@ def tell_ending(study: optuna.Study, store: optuna.storages.BaseStorage, number:
     reason = failure or summary.get("reason") or "failed"
     live_trial(study, store, number).set_user_attr(REASON_ATTR, reason)
     study.tell(number, state=TrialState.FAIL)
-    log.warning("trial %d (%s) failed: %s", number, job_dir.name, reason)
+    log.warning("trial %d failed: %s", number, reason)
     return "fail"
