@@ -129,3 +129,17 @@ def test_a_search_trains_its_trials_fused(tmp_path):
         assert run["fused"]["lanes"] == 2
         assert trial.intermediate_values.keys() == {12, 24}  # both lanes reported from the group's process
     check_trials_agree_with_their_runs(sweep, study)
+
+
+def test_a_failed_trial_is_recorded_with_its_reason_and_the_search_goes_on(tmp_path):
+    sweep = tmp_path / "failing"
+    proc = run_train("-m", "hparams_search=lr_dim", "hydra.sweeper.search.sampler=grid", "hydra.sweeper.search.n_trials=9",
+                     "network.dim=choice(0,4)", "network.alpha=1", "optimizer.learning_rate=1e-3",
+                     "training.max_train_steps=3", *FAST[1:4], f"hydra.sweep.dir={sweep}", timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = load_study(sweep)
+    assert len(study.trials) == 2  # the grid holds 2 configs: n_trials is capped to it
+    by_dim = {t.params["network.dim"]: t for t in study.trials}
+    assert by_dim[4].state == TrialState.COMPLETE
+    assert by_dim[0].state == TrialState.FAIL and "network.dim" in by_dim[0].user_attrs["reason"]
+    assert "1 completed, 0 skipped (already done), 1 failed" in proc.stdout

@@ -63,16 +63,26 @@ def tell_summary(study: optuna.Study, store: optuna.storages.BaseStorage, number
     if status in ("interrupted", "not started") or (status is None and failure is None):
         return "running"
     if status == "pruned":
-        study.tell(number, state=TrialState.PRUNED)
+        _tell(study, number, state=TrialState.PRUNED)
         return "pruned"
     if status == "completed":
         value = objective_value(summary, objective)
         if isinstance(value, float):
-            study.tell(number, value)
+            _tell(study, number, value)
             return "complete"
         failure = value
     reason = failure or summary.get("reason") or "failed"
     live_trial(study, store, number).set_user_attr(REASON_ATTR, reason)
-    study.tell(number, state=TrialState.FAIL)
+    _tell(study, number, state=TrialState.FAIL)
     log.warning("trial %d failed: %s", number, reason)
     return "fail"
+
+
+def _tell(study: optuna.Study, number: int, value: float | None = None, state: TrialState | None = None) -> None:
+    try:
+        study.tell(number, value, state=state)
+    except RuntimeError as err:
+        # Optuna's GridSampler calls study.stop() once the grid is used up, which only an
+        # optimize() loop accepts; the trial's state is stored before it raises.
+        if "Study.stop" not in str(err):
+            raise
