@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from atelier.launch.process_queue import Job
 
 log = logging.getLogger(__name__)
-STYLES = {"queued": "dim", "running": "cyan", "completed": "green", "failed": "red", "interrupted": "yellow"}
+STYLES = {"queued": "dim", "running": "cyan", "completed": "green", "pruned": "magenta", "failed": "red",
+          "interrupted": "yellow"}
 
 
 def last_metrics(run_dir: Path) -> dict:

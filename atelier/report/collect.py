@@ -72,7 +72,7 @@ class RunRecord:
     job_num: int | None  # Hydra's launch order
     overrides: dict[str, str]
     swept: dict[str, str] = field(default_factory=dict)  # this job's values of the keys that vary
-    status: str = "pending"  # completed | failed | interrupted | running | pending
+    status: str = "pending"  # completed | pruned (by its search trial) | failed | interrupted | running | pending
     reason: str | None = None
     steps: int | None = None
     epochs: int | None = None

@@ -14,7 +14,7 @@ from atelier.report.collect import NotASweepError, Sweep, collect_sweep
 from atelier.report.write import write_sweep_report
 
 # A job in one of these will not change any more.
-FINAL_STATUSES = ("completed", "failed", "interrupted", "not started")
+FINAL_STATUSES = ("completed", "pruned", "failed", "interrupted", "not started")
 
 
 def sweep_is_over(sweep: Sweep) -> bool:

@@ -17,9 +17,13 @@ from urllib.parse import quote
 from atelier.report.collect import RECENT_STEPS, RunRecord, Sweep
 from atelier.report.grids import PromptGrid
 from atelier.report.ranking import Ranking, metric_title, rank
+from atelier.report.search import SearchReport
+from atelier.report.search_page import SEARCH_CSS, search_section
 from atelier.report.table import lora_name
 
-STATUS_ORDER = {"completed": 0, "running": 1, "interrupted": 2, "pending": 3, "not started": 4, "failed": 5}
+# pruned: its search trial stopped it early (its run is over, but not comparable with the completed ones).
+STATUS_ORDER = {"completed": 0, "pruned": 1, "running": 2, "interrupted": 3, "pending": 4, "not started": 5,
+                "failed": 6}
 # Longer names are cut in the middle in the table; the full name is in the title (hover).
 SHORT_NAME = 30
 
@@ -59,10 +63,11 @@ tbody tr:hover { background:#f9fafb; }
 tr.failed { background:var(--bad-bg); box-shadow:inset 4px 0 var(--bad); }
 tr.is-best { background:var(--best-bg); box-shadow:inset 4px 0 #f79009; font-weight:600; }
 .badge { display:inline-block; padding:1px 9px; border-radius:999px; font-size:12px; font-weight:600; }
-.badge.completed { color:var(--ok); background:var(--ok-bg); }
+.badge.completed, .badge.complete { color:var(--ok); background:var(--ok-bg); }
 .badge.failed { color:var(--bad); background:#fee4e2; }
 .badge.running { color:var(--run); background:var(--run-bg); }
-.badge.pending { color:var(--muted); background:#f2f4f7; }
+.badge.pruned { color:#6941c6; background:#f4f3ff; }
+.badge.pending, .badge.waiting { color:var(--muted); background:#f2f4f7; }
 .badge.interrupted { color:#b54708; background:#fef0c7; }
 .badge.not.started { color:var(--muted); background:#f2f4f7; }
 .multiples { display:grid; grid-template-columns:repeat(auto-fill, minmax(270px, 1fr)); gap:12px; }
@@ -91,15 +96,19 @@ def render_report(
     data_files: Sequence[Path],
     run_plots: dict[str, Path] | None = None,
     refresh_seconds: int | None = None,
+    search: SearchReport | None = None,
+    search_plot: Path | None = None,
 ) -> str:
     """The page's HTML; every link is relative to the sweep folder, where it is written.
 
     `refresh_seconds`: the page reloads itself this often (`atelier report --live`).
+    `search`, `search_plot`: the sweep's study and its history plot (a Search section).
     """
     ranking = rank(sweep)
     parts = [
         _header(sweep, refresh_seconds),
         _best_section(ranking),
+        search_section(search, _href(sweep, search_plot) if search_plot else None) if search else "",
         _runs_section(sweep, ranking),
         _epochs_section(sweep, ranking),
         _loss_section(sweep, loss_plot, run_plots or {}),
@@ -111,7 +120,8 @@ def render_report(
     return (
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"{refresh}<title>{escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"
+        f"{refresh}<title>{escape(title)}</title>\n<style>{CSS}{SEARCH_CSS if search else ''}</style>\n"
+        "</head>\n<body>\n<main>\n"
         + "\n".join(part for part in parts if part)
         + "\n</main>\n</body>\n</html>\n"
     )

@@ -1,4 +1,5 @@
-"""loss_curves.png: every run's training loss on one chart."""
+"""loss_curves.png: every run's training loss on one chart; <job>/report_loss.png: each run's;
+search_history.png: a search's optimisation history."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from atelier.report.collect import RunRecord  # noqa: E402
+from atelier.report.search import SearchReport  # noqa: E402
 from atelier.utils.atomic import atomic_path  # noqa: E402
 
 # Beyond this max/min ratio a linear axis squashes the later, interesting part of the curves.
@@ -133,3 +135,36 @@ def plot_run_losses(runs: Sequence[RunRecord]) -> dict[str, Path]:
         plt.close(fig)
         paths[run.name] = path
     return paths
+
+
+# The search's optimisation history (a sweep with a study).
+SEARCH_PLOT = "search_history.png"
+
+
+def plot_search_history(search: SearchReport, path: Path) -> Path:
+    """Each complete trial's objective by trial number, the best so far as a step line, and each
+    pruned trial at the last validation loss it reported (grey x)."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=110)
+    complete = [t for t in search.trials if t.state == "complete" and t.value is not None and math.isfinite(t.value)]
+    pruned = [t for t in search.trials if t.state == "pruned" and t.last_report is not None]
+    if complete:
+        xs, ys = [t.number for t in complete], [t.value for t in complete]
+        ax.plot(xs, ys, "o", color="#175cd3", label=f"complete: {search.objective}")
+        pick = np.minimum if search.direction == "minimize" else np.maximum
+        ax.step(xs, pick.accumulate(ys), where="post", color="#f79009", linewidth=1.6, label="best so far")
+    if pruned:
+        ax.plot([t.number for t in pruned], [t.last_report[1] for t in pruned], "x", color="#667085",
+                markersize=7, label="pruned: last validation loss")
+    if not complete and not pruned:
+        ax.text(0.5, 0.5, "no trial has ended yet", ha="center", va="center", transform=ax.transAxes, fontsize=13)
+    else:
+        ax.legend(loc="best", fontsize=8, frameon=False)
+    ax.set_title("Optimisation history")
+    ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(search.objective)
+    ax.grid(True, alpha=0.3)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return path

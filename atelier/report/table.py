@@ -11,11 +11,15 @@ from typing import Any
 
 from atelier.report.collect import RunRecord, Sweep
 from atelier.report.ranking import rank
+from atelier.report.search import SearchReport
 from atelier.utils.atomic import write_text
 
 # Columns after the swept keys, in order.
 FIXED_COLUMNS = [
     "status",
+    "trial",  # the sweep's study (a search, or a grid with pruning): the run's trial number,
+    "trial_state",  # how it ended (complete | pruned | failed | running),
+    "objective",  # and its objective when complete; blank for a sweep without a study
     "steps",
     "final_loss",
     "best_loss",
@@ -40,24 +44,24 @@ def columns(sweep: Sweep) -> list[str]:
     return ["job", *sweep.swept_keys, *FIXED_COLUMNS]
 
 
-def run_rows(sweep: Sweep) -> list[dict[str, Any]]:
+def run_rows(sweep: Sweep, search: SearchReport | None = None) -> list[dict[str, Any]]:
     best = rank(sweep).best
-    return [_row(sweep, run, run is best) for run in sweep.runs]
+    return [_row(sweep, run, run is best, search) for run in sweep.runs]
 
 
-def write_runs_csv(sweep: Sweep, path: Path) -> Path:
+def write_runs_csv(sweep: Sweep, path: Path, search: SearchReport | None = None) -> Path:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns(sweep), lineterminator="\n")
     writer.writeheader()
-    for row in run_rows(sweep):
+    for row in run_rows(sweep, search):
         writer.writerow({key: "" if value is None else value for key, value in row.items()})
     write_text(path, buffer.getvalue())
     return path
 
 
-def write_runs_json(sweep: Sweep, path: Path) -> Path:
+def write_runs_json(sweep: Sweep, path: Path, search: SearchReport | None = None) -> Path:
     # Strict JSON (browsers reject NaN): a non-finite loss becomes null here, "nan" in the CSV.
-    rows = [{key: _json_safe(value) for key, value in row.items()} for row in run_rows(sweep)]
+    rows = [{key: _json_safe(value) for key, value in row.items()} for row in run_rows(sweep, search)]
     write_text(path, json.dumps(rows, indent=2, allow_nan=False) + "\n")
     return path
 
@@ -71,12 +75,16 @@ def lora_name(run: RunRecord) -> str | None:
     return None
 
 
-def _row(sweep: Sweep, run: RunRecord, is_best: bool) -> dict[str, Any]:
+def _row(sweep: Sweep, run: RunRecord, is_best: bool, search: SearchReport | None) -> dict[str, Any]:
     best = run.best_epoch
+    trial = search.trial_of(run.name) if search else None
     return {
         "job": run.name,
         **{key: run.swept.get(key) for key in sweep.swept_keys},
         "status": run.status,
+        "trial": trial.number if trial else None,
+        "trial_state": trial.state if trial else None,
+        "objective": trial.value if trial else None,
         "steps": run.steps,
         "final_loss": run.final_loss,
         "best_loss": run.best_loss,
