@@ -67,7 +67,17 @@ def test_the_demo_search_prunes_resumes_and_reports(tmp_path):
     assert plan["swept_keys"] == ["optimizer.learning_rate", "network.dim", "network.alpha"]
     command = (sweep / "trial-001" / "command.sh").read_text()
     assert "network.dim=" in command and "trial=" not in command
-    assert (sweep / "report.html").is_file()
+    # The report's Search section: every trial's state, the best config as a command line.
+    page = (sweep / "report.html").read_text()
+    assert "<h2>Search</h2>" in page and page.count("pruned") >= 1
+    assert f"optimizer.learning_rate={best.params['optimizer.learning_rate']!r}" in page
+    assert (sweep / "search_history.png").is_file()
+    rows = {r["job"]: r for r in json.loads((sweep / "runs.json").read_text())}
+    for trial in study.trials:
+        row = rows[trial.user_attrs["name"]]
+        assert row["trial"] == trial.number and row["trial_state"] == {"completed": "complete"}.get(
+            STATE_OF[trial.state], STATE_OF[trial.state])
+        assert row["objective"] == (trial.value if trial.state == TrialState.COMPLETE else None)
 
     # resume=true with one more trial: the four are kept, one new trial is drawn (not a repeat).
     proc = run_train(*args[:2], "hydra.sweeper.search.n_trials=5", *args[3:], "resume=true", timeout=600)

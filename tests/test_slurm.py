@@ -110,3 +110,25 @@ def test_a_signalled_job_is_requeued_and_resumes_to_the_same_weights(tmp_path):
     steps = [json.loads(line)["step"] for line in (job_dir / "metrics.jsonl").read_text().splitlines()
              if "loss/step" in line]  # fmt: skip
     assert steps == list(range(1, 113))
+
+
+def test_a_search_runs_its_trials_through_slurm(tmp_path):
+    """hparams_search with hydra/launcher=slurm: each round's trials are SLURM array tasks that
+    find the study in the sweep dir (shared file system) and report to it from the node."""
+    assert cluster_up(), "CI must start the SLURM test cluster before the tests"
+    sweep_dir = tmp_path / "search"
+    proc = run_train("-m", "hparams_search=lr_dim", "hydra.sweeper.search.n_trials=2", "hydra.sweeper.search.n_jobs=2",
+                     "training.max_train_steps=24", "sampling.limit=1", "sampling.sample_every_n_epochs=null",
+                     "hydra/launcher=slurm", *SMALL_JOBS, f"hydra.sweep.dir={sweep_dir}", timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from optuna.trial import TrialState
+
+    from atelier.search.study import load_study
+
+    study = load_study(sweep_dir)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    for trial in study.trials:
+        assert trial.intermediate_values.keys() == {12}  # epoch 1's report, from the node
+        summary = json.loads((sweep_dir / trial.user_attrs["name"] / "summary.json").read_text())
+        assert trial.value == summary["best_validation_loss"]
+    assert list((sweep_dir / ".submitit").glob("*/*_submission.sh"))

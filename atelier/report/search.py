@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atelier.report.collect import parse_overrides
+from atelier.search.settings import STUDY_FILE
 from atelier.sweep.plan import read_plan
 
 if TYPE_CHECKING:
@@ -21,8 +22,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# atelier.search.study.STUDY_FILE; not imported from there, as that imports Optuna.
-STUDY_FILE = "study.db"
 # Optuna's trial states as the report words them.
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 

@@ -12,6 +12,9 @@ from typing import Optional
 
 from atelier.errors import ConfigError
 
+# The sweep's Optuna study: <sweep dir>/study.db (atelier.search.study). Here, free of Optuna,
+# for the report to see whether a sweep has one without importing it.
+STUDY_FILE = "study.db"
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("median", "halving", "hyperband")
 DIRECTIONS = ("minimize", "maximize")

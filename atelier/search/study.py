@@ -19,10 +19,9 @@ from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, NopPruner,
 from optuna.samplers import BaseSampler
 
 from atelier.errors import ConfigError
-from atelier.search.settings import PrunerSettings, SearchSettings
+from atelier.search.settings import STUDY_FILE, PrunerSettings, SearchSettings
 from atelier.search.space import SearchSpace
 
-STUDY_FILE = "study.db"
 STUDY_NAME = "atelier"
 # Several runs write to one SQLite file (each reports as it validates): wait for the lock.
 SQLITE_TIMEOUT_S = 120
