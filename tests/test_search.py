@@ -107,9 +107,12 @@ def test_an_interrupted_trial_continues_from_its_state(tmp_path):
 
 
 def test_a_grid_with_pruning_stops_the_run_that_falls_behind(tmp_path):
+    """Each job in a process of its own (hydra/launcher=local_gpus, one CPU slot): a pruned
+    run exits at once, its slot takes the next job, and the launcher says "pruned"."""
     sweep = tmp_path / "grid"
     args = ["-m", "optimizer.learning_rate=4e-3,1e-7", "dataset.validation_split=0.25", "hydra.sweeper.prune=true",
-            "hydra.sweeper.pruner.n_startup_trials=1", *FAST, f"hydra.sweep.dir={sweep}"]  # fmt: skip
+            "hydra.sweeper.pruner.n_startup_trials=1", "hydra/launcher=local_gpus", "hydra.launcher.gpus=null",
+            "hydra.launcher.cpu_slots=1", *FAST, f"hydra.sweep.dir={sweep}"]  # fmt: skip
     proc = run_train(*args, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 completed, 0 skipped (already done), 0 failed, 1 pruned" in proc.stdout

@@ -49,7 +49,7 @@ def user_config_dir(config: DictConfig) -> str | None:
 
 def job_return(job: Job, overrides: Sequence[str]) -> JobReturn:
     ret = JobReturn(overrides=list(overrides), working_dir=str(job.run_dir), task_name=job.name)
-    if job.state == "completed":
+    if job.state in ("completed", "pruned"):  # pruned: ended as its trial asked; the sweeper tells the study
         ret.status, ret._return_value = JobStatus.COMPLETED, None
     else:
         error = JobInterrupted if job.state in ("interrupted", "not started") else JobFailed

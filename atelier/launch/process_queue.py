@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from atelier.outputs.summary import read_summary
+
 from atelier.launch.devices import Slot
 from atelier.launch.lifetime import die_with_parent
 from atelier.launch.status import StatusBoard
@@ -35,7 +37,7 @@ class Job:
     process: subprocess.Popen | None = None
     started: float | None = None
     ended: float | None = None
-    state: str = "queued"  # queued | running | completed | failed | interrupted | not started
+    state: str = "queued"  # queued | running | completed | pruned | failed | interrupted | not started
     returncode: int | None = None
     # A fused group (atelier.launch.fused): the run dirs it trains; its own run_dir holds its logs.
     lanes: list[Path] = field(default_factory=list)
@@ -96,7 +98,14 @@ class ProcessQueue:
             code = job.process.poll()
             if code is None:
                 continue
-            self._finish(job, code, "completed" if code == 0 else "failed")
+            self._finish(job, code, self._ended(job) if code == 0 else "failed")
+
+    @staticmethod
+    def _ended(job: Job) -> str:
+        """A job that exited 0: "completed", or "pruned" when its search trial stopped it early."""
+        if job.lanes:  # a fused group: each lane says in its own summary
+            return "completed"
+        return "pruned" if (read_summary(job.run_dir) or {}).get("status") == "pruned" else "completed"
 
     def _finish(self, job: Job, code: int, state: str) -> None:
         job.returncode, job.ended, job.state = code, time.time(), state
