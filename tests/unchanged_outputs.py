@@ -8,7 +8,7 @@ the same torch build and CPU kernels, so the record names its platform; elsewher
 checks the layout and the metadata and says how to record the values again:
 
     .venv/bin/python -m tests.unchanged_outputs --commit <commit the record was made on> \
-        --out tests/data/unchanged_outputs.<cpu capability>.json
+        --out tests/data/unchanged_outputs.<cpu capability>.<vendor>.json
 
 (records the runs of that commit, checked out in a temporary git worktree, with this venv;
 the test compares values with the record of its own platform, layout and metadata with
@@ -41,12 +41,25 @@ RUNS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
 VOLATILE = {"ss_training_started_at", "ss_training_finished_at", "modelspec.date", "sshs_model_hash", "sshs_legacy_hash"}
 
 
+def cpu_vendor() -> str:
+    """GenuineIntel / AuthenticAMD / ...: two CPUs of one capability (AVX512) run different
+    kernels (oneDNN picks by model), and the bits differ."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def platform_fingerprint() -> dict[str, str]:
     import torch
 
     return {
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_vendor": cpu_vendor(),
         "machine": platform.machine(),
     }
 
