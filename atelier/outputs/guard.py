@@ -91,7 +91,7 @@ def guard_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     summary = read_summary(run_dir) or {}
     if summary.get("status") in ("completed", "pruned") and not cfg.get("resume"):
         raise RunDirError(
-            f"{run_dir} holds a finished ({summary['status']}) run of this config. Pass resume=true to keep it (nothing is "
+            f"{run_dir} holds a finished run of this config{' (pruned by its search trial)' if summary['status'] == 'pruned' else ''}. Pass resume=true to keep it (nothing is "
             "trained again), overwrite=true to train it again (the old results move into a "
             "replaced-<time>/ subfolder), or write this run elsewhere (another hydra.run.dir)."
         )
