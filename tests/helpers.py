@@ -27,6 +27,11 @@ def run_train(*overrides: str, cwd: Path | None = None, timeout: int = 300) -> s
     )
 
 
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The one-line errors train.py printed (atelier.errors.one_line)."""
+    return [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+
+
 def logged_steps(run_dir: Path) -> int:
     """How many optimizer steps a run has logged so far (0 before its metrics.jsonl exists)."""
     metrics = run_dir / "metrics.jsonl"

@@ -11,13 +11,9 @@ from pathlib import Path
 import pytest
 
 from atelier.optim.schedulers import warmup_steps
-from tests.helpers import TRAIN, run_train
+from tests.helpers import TRAIN, error_lines, run_train
 
 FAST = ("debug=smoke", "sampling.steps=1")
-
-
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ launcher's check of each job, and tools that train or read a run's config all pa
 through it. Code below it receives `AtelierConfig` objects (enums are members, numbers
 are numbers, every key exists) and never a DictConfig.
 
-The checks that name a bad key run here too: that no mandatory ??? is left unset, then
+The checks that name a bad key run here too: that every key is an option of the schema
+(a `+key=value` outside the schema's dicts would be set and never read), that no mandatory ??? is left unset, then
 each schema dataclass's own `__post_init__` (atelier/config/schema/) as OmegaConf.to_object
 builds it, the whole config's cross-group rules last (AtelierConfig.__post_init__).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from atelier.config.schema import AtelierConfig
-from atelier.config.validate import check_required
+from atelier.config.validate import check_known_keys, check_required
 
 RUN_CONFIG_FILE = "config.yaml"  # atelier.outputs.run_dir.RESOLVED_CONFIG
 
@@ -31,6 +32,7 @@ def run_config(cfg: DictConfig | AtelierConfig) -> AtelierConfig:
     """
     if isinstance(cfg, AtelierConfig):
         return cfg
+    check_known_keys(cfg)  # a key no code reads, named with the option meant
     if OmegaConf.get_type(cfg) is not AtelierConfig:  # e.g. read back from a config.yaml
         cfg = OmegaConf.merge(OmegaConf.structured(AtelierConfig), cfg)
     check_required(cfg)  # a ??? named with its fix, before OmegaConf's own error

@@ -2,11 +2,18 @@
 
 The rules about values live on the schema dataclasses (their `__post_init__`, run by
 atelier.config.typed.run_config); here only what must be known about the DictConfig
-itself: every mandatory ??? key set, and the file-name rule of the keys Hydra builds
-paths from (the run-dir guard checks it before the run dir is made).
+itself: every key an option of the schema, every mandatory ??? key set, and the file-name
+rule of the keys Hydra builds paths from (the run-dir guard checks it before the run dir is made).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Iterator
+from functools import cache
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
@@ -49,3 +56,116 @@ def check_required(cfg: DictConfig) -> None:
                 key = missing
         hint = MISSING_HINTS.get(key, f"{key}=<value>")
         raise ConfigError(f"'{key}' must be set for this config: pass {hint}") from None
+
+
+# A group's free-form args under sd-scripts' name: its values are typed keys of the group here.
+ARGS_NAMES = {"network": ("args", "network_args"), "scheduler": ("args", "lr_scheduler_args")}
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Every key of a composed config is an option of the schema (AtelierConfig).
+
+    Hydra's `+key=value` adds a key to a typed node (it opens the struct flag), and
+    OmegaConf.to_object sets a key that is not a field as a plain attribute that nothing
+    reads: such a key is refused here, named, with the closest option. The free-form dicts
+    (optimizer.args) are checked against their target where it is resolved
+    (atelier.optim.optimizers.check_optimizer_args).
+    """
+    from atelier.config.schema import AtelierConfig
+
+    unknown = list(_unknown_keys(cfg, AtelierConfig, ""))
+    if unknown:
+        first, *others = unknown
+        also = f" (also unknown: {', '.join(others)})" if others else ""
+        raise ConfigError(unknown_key_message(first, cfg) + also)
+
+
+@cache
+def _hints(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
+
+
+def _unknown_keys(node: DictConfig, schema: type, prefix: str) -> Iterator[str]:
+    hints = _hints(schema)
+    for key in node.keys():
+        child = node._get_node(key)
+        if key not in hints:
+            yield from _leaves(child, f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(child, DictConfig):
+            if not (child._is_missing() or child._is_none() or child._is_interpolation()):
+                yield from _unknown_keys(child, hints[key], f"{prefix}{key}.")
+
+
+def _leaves(node: Any, key: str) -> Iterator[str]:
+    """The dotted keys a user gave under an unknown key (`+network.args.x=1`: network.args.x)."""
+    if isinstance(node, DictConfig) and not (node._is_missing() or node._is_none()) and len(node):
+        for name in node.keys():
+            yield from _leaves(node._get_node(name), f"{key}.{name}")
+    else:
+        yield key
+
+
+def unknown_key_message(key: str, cfg: DictConfig | None = None) -> str:
+    """What is wrong with `key` (not an option) and the option meant, e.g. "training.min_snr_gama:
+    not an option of training; did you mean training.min_snr_gamma? (...)". `cfg` (the composed
+    config) names the options of the chosen network kind / schedule for their args."""
+    from atelier.config.options import RUN_GROUP, schema_fields
+
+    fields = schema_fields()
+    group, _, rest = key.partition(".")
+    in_group = {k: f for k, f in fields.items() if k.startswith(f"{group}.")}
+    if not in_group or not rest:  # a top-level key
+        group, rest = RUN_GROUP, key
+        in_group = {k: f for k, f in fields.items() if "." not in k}
+    name, _, sub = rest.partition(".")
+    listing = f"(`atelier options {group}` lists them)"
+    where = "the run config" if group == RUN_GROUP else group
+    if sub and name in ARGS_NAMES.get(group, ()):
+        return _args_message(key, group, sub, in_group, cfg) + " " + listing
+    hint = _closest(name, in_group, fields)
+    return f"{key}: not an option of {where}{f'; did you mean {hint}?' if hint else ''} {listing}"
+
+
+def _closest(name: str, in_group: dict[str, Any], fields: dict[str, Any]) -> str | None:
+    """The option meant by `name`: one of the group's keys or sd-scripts flags (difflib), else
+    the same name (or flag) in another group."""
+    from atelier.config.schema import flag_name
+
+    def names(options: dict[str, Any]) -> dict[str, str]:
+        found = {key.rpartition(".")[2]: key for key in options}
+        for key, field in options.items():
+            flag = field.metadata.get("flag")
+            if flag and " " not in flag:
+                found.setdefault(flag_name(flag), key)
+        return found
+
+    local, anywhere = names(in_group), names(fields)
+    close = difflib.get_close_matches(name, list(local), n=1)
+    found, key = (close[0], local[close[0]]) if close else (name, anywhere.get(name))
+    if key is None:
+        return None
+    return f"{key} (sd-scripts' --{found})" if found != key.rpartition(".")[2] else key
+
+
+def _args_message(key: str, group: str, sub: str, in_group: dict[str, Any], cfg: DictConfig | None) -> str:
+    """`network.args.x` / `scheduler.args.x`: sd-scripts' --network_args / --lr_scheduler_args are
+    keys of their own here; the message names the key to set, or those the chosen kind reads."""
+    if sub in {k.rpartition(".")[2] for k in in_group} - {"type", "module"}:
+        return f"{key}: sd-scripts' {group} args are options of their own here: set {group}.{sub}"
+    selector = "module" if group == "network" else "type"
+    chosen = None if cfg is None else OmegaConf.select(cfg, f"{group}.{selector}", default=None,
+                                                       throw_on_resolution_failure=False)
+    chosen = getattr(chosen, "value", chosen)  # an enum member in a typed node
+    try:
+        if group == "network":
+            from atelier.network.kinds import kind_named
+
+            accepted = sorted(kind_named(str(chosen)).args)
+        else:
+            from atelier.config.schema.scheduler import keys_read_by
+
+            accepted = keys_read_by(chosen)
+    except (ValueError, KeyError):
+        chosen, accepted = None, sorted(k.rpartition(".")[2] for k in in_group)
+    of = f"{group}.{selector}={chosen}" if chosen is not None else group
+    return f"{key}: not an argument {of} takes; it takes {', '.join(f'{group}.{a}' for a in accepted)}"

@@ -160,6 +160,12 @@ class NetworkKind:
     # Can be a lane of a fused group (atelier.fused): its modules must fit BatchedLoRA.
     fusable: bool = False
 
+    @property
+    def args(self) -> frozenset[str]:
+        """Every optional network.* key the kind reads (sd-scripts passes most of them in
+        --network_args): its options, and conv_alpha with conv_dim."""
+        return self.options | ({"conv_alpha"} if "conv_dim" in self.options else set())
+
 
 _DROPOUTS = frozenset({"rank_dropout", "module_dropout"})
 

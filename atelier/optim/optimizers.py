@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from atelier.config.schema import OptimizerType
+from atelier.errors import ConfigError
 
 
 def _import(path: str) -> Callable[..., torch.optim.Optimizer]:
@@ -46,11 +49,52 @@ def optimizer_type(value: OptimizerType | str) -> OptimizerType:
         raise ValueError(f"optimizer.type: unknown optimizer '{value}'; choose one of {valid}") from None
 
 
+# Given by the trainer, never through optimizer.args: why, and what to set instead.
+RESERVED_ARGS = {
+    "params": "the trainer passes the network's parameters",
+    "lr": "set optimizer.learning_rate (or optimizer.unet_lr / optimizer.text_encoder_lr)",
+}
+
+
+def constructor_args(cls: Callable[..., Any]) -> frozenset[str] | None:
+    """The keyword arguments `cls(...)` takes; None when it takes **kwargs (any key may be read)."""
+    parameters = inspect.signature(cls).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def check_optimizer_args(kind: OptimizerType | str, args: dict[str, Any]) -> None:
+    """Each optimizer.args key is an argument of the optimizer class's constructor (its
+    signature; not checked when it takes **kwargs); ConfigError names one that is not and lists
+    those it takes. It imports the optimizer's package (bitsandbytes takes seconds), so it runs
+    in the job before the model loads (atelier.launch.job) and in build_optimizer, not at the
+    config boundary that launchers and tools pass without torch."""
+    kind = optimizer_type(kind)
+    for name, instead in RESERVED_ARGS.items():
+        if name in args:
+            raise ConfigError(f"optimizer.args.{name}: not an optimizer argument here: {instead}")
+    path = OPTIMIZER_CLASSES[kind]
+    accepted = constructor_args(_import(path))
+    if accepted is None:
+        return
+    unknown = [name for name in args if name not in accepted]
+    if unknown:
+        takes = sorted(accepted - RESERVED_ARGS.keys())
+        close = difflib.get_close_matches(unknown[0], takes, n=1)
+        hint = f"; did you mean optimizer.args.{close[0]}?" if close else ""
+        raise ConfigError(
+            f"optimizer.args.{unknown[0]}: not an argument of {path} (optimizer.type={kind.value}){hint} "
+            f"It takes: {', '.join(takes)}"
+        )
+
+
 def build_optimizer(
     kind: OptimizerType | str, param_groups: list[dict[str, Any]], learning_rate: float, args: dict[str, Any]
 ) -> torch.optim.Optimizer:
     """Create the optimizer; each param group carries its own "lr"."""
     kind = optimizer_type(kind)
+    check_optimizer_args(kind, args)
     cls = _import(OPTIMIZER_CLASSES[kind])
     args = {**DEFAULT_ARGS.get(kind, {}), **args}
     for name, value in FIXED_ARGS.get(kind, {}).items():

@@ -29,7 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from atelier.config.schema.checks import name_problem
-from atelier.config.validate import NAME_KEYS, ConfigError, check_names, check_required
+from atelier.config.validate import NAME_KEYS, ConfigError, check_known_keys, check_names, check_required
 from atelier.errors import UserError
 from atelier.outputs.lock import LOCK_FILE, DirLockedError, announce_holder, lock_dir
 from atelier.outputs.summary import read_summary
@@ -55,13 +55,15 @@ class RunDirGuard(Callback):
 
         if in_worker():  # a data-parallel rank: the process that started the ranks holds the dir
             return
-        # Mandatory keys first: hydra.run.dir is built from them (${project}).
+        # Keys no code reads, then mandatory keys: hydra.run.dir is built from them (${project}).
+        _refuse_on_error(lambda: check_known_keys(_task_config(config)))
         _refuse_on_error(lambda: check_required(_task_config(config)))
         _refuse_on_error(lambda: guard_run_dir(Path(str(config.hydra.run.dir)), _task_config(config)))
         announce_holder(Path(str(config.hydra.run.dir)))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         def check() -> None:
+            check_known_keys(_task_config(config))
             check_required(_task_config(config))
             check_swept_names(list(config.hydra.overrides.task))
             guard_sweep_dir(Path(str(config.hydra.sweep.dir)), _task_config(config))

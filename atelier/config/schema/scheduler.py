@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 from omegaconf import MISSING
@@ -87,6 +87,13 @@ class SchedulerConfig:
             if self.warmup_steps or self.warmup_ratio:
                 raise ConfigError("scheduler.type=piecewise_constant has no warmup: put it in scheduler.step_rules")
             parse_step_rules(self.step_rules)
+
+
+def keys_read_by(kind: SchedulerType | str) -> list[str]:
+    """The scheduler.* keys a schedule may be given (its own ones of KEYS_USED_BY, and the
+    common ones), in schema order. ValueError for a type that is not a schedule."""
+    kind = SchedulerType(kind)
+    return [f.name for f in fields(SchedulerConfig) if f.name != "type" and kind in KEYS_USED_BY.get(f.name, {kind})]
 
 
 def parse_step_rules(step_rules: str) -> tuple[list[tuple[float, int]], float]:
