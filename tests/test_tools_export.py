@@ -159,3 +159,21 @@ def test_every_config_key_is_in_the_mapping_table(tmp_path: Path) -> None:
     assert keys - set(OPTIONS_BY_KEY) <= {"model.allow_pickle"}
     assert len(OPTIONS_BY_KEY) == len(OPTIONS)
     assert all(o.flag or o.note for o in OPTIONS)
+
+
+def test_export_kohya_gives_sd_scripts_the_same_length(tmp_path: Path, capsys) -> None:
+    """Steps win here when set; sd-scripts lets --max_train_epochs override --max_train_steps
+    (train_network.py: max_train_steps = max_train_epochs * steps per epoch), so a smoke run
+    (2 steps, the default 10 epochs) exports only its steps ([13] point 5)."""
+    run_dir = make_run(tmp_path, "debug=smoke")
+    assert cli("export-kohya", run_dir) == 0
+    printed = capsys.readouterr().out
+    config = tomllib.loads((run_dir / "kohya_config.toml").read_text())
+    assert config["max_train_steps"] == 2 and "max_train_epochs" not in config
+    assert "--max_train_steps 2" in printed and "--max_train_epochs" not in printed
+
+    (tmp_path / "epochs").mkdir()
+    epochs = make_run(tmp_path / "epochs", "training.max_train_epochs=3")  # steps unset: the epochs give the length
+    assert cli("export-kohya", epochs) == 0
+    config = tomllib.loads((epochs / "kohya_config.toml").read_text())
+    assert config["max_train_epochs"] == 3 and "max_train_steps" not in config

@@ -83,6 +83,12 @@ def _decay_steps(value: int, cfg: dict[str, Any]) -> int | None:
     return value or None
 
 
+def _epochs_unless_steps(value: int | None, cfg: dict[str, Any]) -> int | None:
+    """Steps win here when both are set (atelier.data.plan); sd-scripts lets --max_train_epochs
+    override --max_train_steps (train_network.py), so only the one that sets the length is given."""
+    return None if cfg["training"].get("max_train_steps") is not None else value
+
+
 def _model_path(value: str | None, cfg: dict[str, Any]) -> str:
     if value:
         return str(Path(value).expanduser().resolve())
@@ -160,6 +166,7 @@ HOW: dict[str, dict[str, Any]] = {
     "dataset.validation_seed": {"convert": _with_validation},
     "dataset.validate_every_n_epochs": {"convert": _with_validation},
     "dataset.validate_every_n_steps": {"convert": _with_validation},
+    "training.max_train_epochs": {"convert": _epochs_unless_steps},
     "training.train_batch_size": {"dataset_key": "batch_size"},
     "training.gradient_checkpointing": {"kind": "switch"},
     "training.cpu": {"place": "accelerate", "kind": "switch"},

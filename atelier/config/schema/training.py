@@ -27,7 +27,8 @@ class TrainingConfig:
     max_train_steps: Optional[int] = option(
         None, flag="max_train_steps", ss="ss_max_train_steps",
         doc="When set, caps the run (max_train_epochs is then ignored).",
-        kohya="sd-scripts lets max_train_epochs win when both are set; here steps win",
+        kohya="sd-scripts lets max_train_epochs win when both are set; here steps win, and export-kohya gives it "
+        "only --max_train_steps",
     )
     train_batch_size: int = option(2, flag="train_batch_size", ss="ss_batch_size_per_device",
                                    doc="Images per step (per process).")
