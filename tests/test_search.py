@@ -156,3 +156,17 @@ def test_a_failed_trial_is_recorded_with_its_reason_and_the_search_goes_on(tmp_p
     assert by_dim[4].state == TrialState.COMPLETE
     assert by_dim[0].state == TrialState.FAIL and "network.dim" in by_dim[0].user_attrs["reason"]
     assert "1 completed, 0 skipped (already done), 1 failed" in proc.stdout
+
+
+def test_any_numeric_summary_key_is_the_objective_and_pruning_needs_a_minimum(tmp_path):
+    sweep = tmp_path / "objective"
+    common = ["-m", "hparams_search=lr_dim", "hydra.sweeper.search.n_trials=1", "training.max_train_steps=3",
+              *FAST[1:4], f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = run_train(*common, "hydra.sweeper.search.objective=final_loss", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (trial,) = load_study(sweep).trials
+    assert trial.value == summary(sweep / "trial-000")["final_loss"]
+    proc = run_train(*common, "hydra.sweeper.search.direction=maximize", "overwrite=true", timeout=600)
+    assert proc.returncode == 1
+    assert "hydra.sweeper.prune=true compares the runs' validation losses" in proc.stderr
+    assert not (sweep / "trial-000" / "summary.json").exists()  # moved aside by overwrite=true; nothing trained
