@@ -59,6 +59,7 @@ class Search:
         self.fixed = [o for o in self.space.fixed if not is_bookkeeping(o.split("=", 1)[0])]
         self.sweep_dir = sweeper.sweep_dir()
         self.store = storage(self.sweep_dir)
+        self.n_trials = self._n_trials()
         self.launched = 0
         self.outcomes: list[JobOutcome] = []
         if sweeper.prune and self.settings.direction == "maximize":
@@ -67,8 +68,8 @@ class Search:
                 f"hydra.sweeper.search.direction=maximize ({self.settings.objective}): prune only a search that minimizes"
             )
 
-    @property
-    def n_trials(self) -> int:
+    def _n_trials(self) -> int:
+        """n_trials; for sampler=grid at most the grid's size (Optuna would repeat its points)."""
         if self.settings.sampler != "grid":
             return self.settings.n_trials
         size = math.prod(len(values) for values in self.space.grid().values())
