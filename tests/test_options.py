@@ -56,6 +56,9 @@ EXPORT_RUNS = [
         "training.max_timestep=900", "training.debiased_estimation_loss=true", "training.huber_scale=2",
         "training.torch_compile=true", "training.gradient_checkpointing=true", "training.mixed_precision=bf16",
         "sampling.prompts=[\"a cube\"]",
+        "output.training_comment=c", "output.metadata_title=t", "output.metadata_author=a",
+        "output.metadata_description=d", "output.metadata_license=l", "output.metadata_tags='x,y'",
+        "output.metadata_trigger_phrase=p", "output.no_metadata=true",
     ],
     ["network=lokr", "network.train_text_encoder_only=true", "scheduler.warmup_ratio=0.1"],
     ["network=dylora", "network.unit=2", "sampling.prompt_file={prompts_txt}"],
@@ -117,8 +120,12 @@ def test_every_ss_key_is_written_by_the_metadata_writer() -> None:
     kwargs = {"base_model_name": "base", "optimizer_name": "torch.optim.adamw.AdamW", "dataset_dirs": {"1_cube": {}},
               "tag_frequency": {}, "num_train_images": 4, "num_batches_per_epoch": 2, "num_epochs": 3,
               "max_train_steps": 6, "started_at": 1.0}  # fmt: skip
-    # network.weights: ss_network_weights is written only for a run that starts from a file.
-    cfg = compose_config("network.weights=/loras/start.safetensors", "training.train_batch_size=3")
+    # network.weights: ss_network_weights is written only for a run that starts from a file; the
+    # comment and the modelspec.* texts only when given.
+    cfg = compose_config("network.weights=/loras/start.safetensors", "training.train_batch_size=3",
+                         *(f"output.{name}=x" for name in ("training_comment", "metadata_author", "metadata_description",
+                                                          "metadata_license", "metadata_tags",
+                                                          "metadata_trigger_phrase")))  # fmt: skip
     meta = training_metadata(run_config(cfg), **kwargs)  # the typed config, as the trainer passes it
     missing = {o.key: [k for k in o.ss if k not in meta] for o in WITH_SS if not set(o.ss) <= set(meta)}
     assert not missing, f"declared on the schema, not written by atelier/outputs/metadata.py: {missing}"

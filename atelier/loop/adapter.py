@@ -254,7 +254,8 @@ class Adapter:
             self.samples.generate(epoch, self.result.steps)
 
     def _save(self, path: Path, epoch: int) -> None:
-        metadata = checkpoint_metadata(self.base_metadata, epoch=epoch, steps=self.result.steps, finished_at=time.time())
+        metadata = checkpoint_metadata(self.base_metadata, epoch=epoch, steps=self.result.steps,
+                                       finished_at=time.time(), no_metadata=self.cfg.output.no_metadata)  # fmt: skip
         save_lora(path, self.network.kohya_state_dict(), metadata, self.cfg.output.save_precision)
         log.info("saved %s (epoch %d, step %d)", path.name, epoch, self.result.steps)
 

@@ -30,6 +30,15 @@ MODELSPEC_ARCHITECTURES = {
     "sd_v2_v": "stable-diffusion-v2-768-v",
     "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
 }
+# Keys of options written only when the option is given: sd-scripts leaves a modelspec.* field
+# that is None out (library/sai_model_spec.py); ss_training_comment, which sd-scripts writes
+# as "None", is left out too, so that a run without a comment keeps the metadata it had.
+WRITTEN_WHEN_GIVEN = ("ss_training_comment", "modelspec.author", "modelspec.description", "modelspec.license",
+                      "modelspec.tags", "modelspec.trigger_phrase")  # fmt: skip
+# What output.no_metadata keeps besides the modelspec.* keys (and the sshs_* hashes save_lora
+# adds): sd-scripts' train_util.SS_METADATA_MINIMUM_KEYS, what a loader needs to apply the network.
+MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                "ss_network_args")  # fmt: skip
 
 
 def _str(value: Any) -> str:
@@ -64,7 +73,7 @@ def training_metadata(
     num_reg_images: reg images x repeats (sd-scripts' count); bucket_info: as
     atelier.data.buckets.bucket_info; cache_latents: whether latents were cached.
     """
-    t, net = cfg.training, cfg.network
+    t, net, out = cfg.training, cfg.network, cfg.output
     base_version = base_model_version(cfg.model.version, cfg.model.v_parameterization)
     res = cfg.dataset.resolution
     rates = part_learning_rates(cfg.optimizer)
@@ -93,13 +102,16 @@ def training_metadata(
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
         if cfg.model.version == ModelVersion.sdxl
         else "diffusers",
-        "modelspec.title": cfg.output.output_name,
+        "modelspec.title": out.output_name if out.metadata_title is None else out.metadata_title,
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.prediction_type": "v" if cfg.model.v_parameterization else "epsilon",
     }
     meta = {**copied_metadata(cfg, skip=computed.keys()), **computed}
     if not net.weights:
         del meta["ss_network_weights"]
+    for key in WRITTEN_WHEN_GIVEN:
+        if meta.get(key) is None:
+            meta.pop(key, None)
     if t.min_timestep is not None or t.max_timestep is not None:
         # sd-scripts' get_sai_model_spec: the range trained on, the missing end filled in.
         low = 0 if t.min_timestep is None else t.min_timestep
@@ -136,11 +148,17 @@ def dataset_metadata(d: DatasetConfig, bucket_info: dict[str, Any] | None,
     return meta
 
 
-def checkpoint_metadata(base: dict[str, str], *, epoch: int, steps: int, finished_at: float) -> dict[str, str]:
-    return {
+def checkpoint_metadata(base: dict[str, str], *, epoch: int, steps: int, finished_at: float,
+                        no_metadata: bool = False) -> dict[str, str]:  # fmt: skip
+    """One saved file's metadata; with no_metadata (output.no_metadata) only MINIMUM_KEYS and the
+    modelspec.* keys, as sd-scripts' train_network.py saves with --no_metadata."""
+    meta = {
         **base,
         "ss_epoch": str(epoch),
         "ss_steps": str(steps),
         "ss_training_finished_at": str(finished_at),
         "modelspec.date": datetime.fromtimestamp(finished_at, timezone.utc).isoformat(timespec="seconds"),
     }
+    if no_metadata:
+        meta = {k: v for k, v in meta.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
+    return meta

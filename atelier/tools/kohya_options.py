@@ -181,6 +181,7 @@ HOW: dict[str, dict[str, Any]] = {
     "sampling.prompts": {"place": "covered"},
     "sampling.prompt_file": {"place": "covered"},
     **{f"sampling.{name}": {"place": "prompts"} for name in ("limit", "width", "height", "steps", "cfg_scale", "seed")},
+    "output.no_metadata": {"kind": "switch"},
     "project": {"place": "covered"},
 }
 

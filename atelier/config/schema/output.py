@@ -38,6 +38,36 @@ class OutputConfig:
         kohya="sd-scripts saves states with each --save_every_n_steps checkpoint (with --save_state); here a "
         "state is also saved on SIGTERM/SIGUSR1/SIGUSR2",
     )
+    # The file's metadata (sd-scripts: train_network.py --training_comment / --no_metadata, and
+    # library/sai_model_spec.py's --metadata_* options, which become modelspec.* keys).
+    training_comment: Optional[str] = option(
+        None, flag="training_comment", ss="ss_training_comment",
+        doc="A comment of yours stored in each LoRA file's metadata (null: none).",
+        kohya="sd-scripts writes ss_training_comment \"None\" when it is not given; here the key is left out",
+    )
+    metadata_title: Optional[str] = option(
+        None, flag="metadata_title", ss="modelspec.title",
+        doc="The model's title in its metadata (null: output.output_name).",
+    )
+    metadata_author: Optional[str] = option(None, flag="metadata_author", ss="modelspec.author",
+                                            doc="The author's name in the model's metadata (null: none).")
+    metadata_description: Optional[str] = option(None, flag="metadata_description", ss="modelspec.description",
+                                                 doc="What the model is, in its metadata (null: none).")
+    metadata_license: Optional[str] = option(None, flag="metadata_license", ss="modelspec.license",
+                                             doc="The model's license in its metadata (null: none).")
+    metadata_tags: Optional[str] = option(None, flag="metadata_tags", ss="modelspec.tags",
+                                          doc="Tags for the model's metadata, separated by commas (null: none).")
+    metadata_trigger_phrase: Optional[str] = option(
+        None, flag="metadata_trigger_phrase", ss="modelspec.trigger_phrase",
+        doc="The words that call up what the LoRA learned, in its metadata (null: none; ss_tag_frequency "
+        "lists the captions' tags either way).",
+    )
+    no_metadata: bool = option(
+        False, flag="no_metadata",
+        doc="Keep the training metadata out of the LoRA files: only the keys a loader needs to apply the "
+        "network (ss_v2, ss_base_model_version, ss_network_module, ss_network_dim, ss_network_alpha, "
+        "ss_network_args), the modelspec.* keys and the sshs_* hashes are written, as sd-scripts does.",
+    )
 
     def __post_init__(self) -> None:
         check_name("output.output_name", self.output_name)
