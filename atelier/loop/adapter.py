@@ -11,6 +11,7 @@ training state) is the adapter's own, the same in both cases.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -249,9 +250,35 @@ class Adapter:
             path = self.run_dir / f"{out.output_name}-{epoch:06d}.safetensors"
             self._save(path, epoch)
             self.result.checkpoints.append(path)
+            self._drop_old_checkpoints()
         every = self.cfg.sampling.sample_every_n_epochs
         if (every and epoch % every == 0) or is_last:
             self.samples.generate(epoch, self.result.steps)
+
+    def step_outputs(self, epoch: int) -> None:
+        """The step checkpoint (output.save_every_n_steps), as sd-scripts names it: -step<8 digits>."""
+        out = self.cfg.output
+        if not (out.save_every_n_steps and self.result.steps % out.save_every_n_steps == 0):
+            return
+        path = self.run_dir / f"{out.output_name}-step{self.result.steps:08d}.safetensors"
+        self._save(path, epoch)
+        self.result.checkpoints.append(path)
+        self._drop_old_checkpoints()
+
+    def _drop_old_checkpoints(self) -> None:
+        """output.save_last_n_epochs / save_last_n_steps: delete the checkpoints that fell out
+        (as sd-scripts: the epoch ones beyond the last n, the step ones older than the last n
+        steps). The final LoRA and a pruned run's file are never among them."""
+        out, name = self.cfg.output, re.escape(self.cfg.output.output_name)
+        by_epoch = [p for p in self.result.checkpoints if re.fullmatch(rf"{name}-\d{{6}}\.safetensors", p.name)]
+        by_step = [p for p in self.result.checkpoints if re.fullmatch(rf"{name}-step\d{{8}}\.safetensors", p.name)]
+        old = by_epoch[: -out.save_last_n_epochs] if out.save_last_n_epochs else []
+        if out.save_last_n_steps:
+            old += [p for p in by_step if int(p.stem[-8:]) < self.result.steps - out.save_last_n_steps]
+        for path in old:
+            path.unlink(missing_ok=True)
+            self.result.checkpoints.remove(path)
+            log.info("removed %s (output.save_last_n_epochs / save_last_n_steps)", path.name)
 
     def _save(self, path: Path, epoch: int) -> None:
         metadata = checkpoint_metadata(self.base_metadata, epoch=epoch, steps=self.result.steps,

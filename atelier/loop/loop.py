@@ -198,6 +198,9 @@ class TrainingLoop:
             if self._validate(adapter, draw.epoch):
                 return
         if not adapter.done:  # its last step: the final LoRA follows, no state to keep
+            if adapter.cfg.output.save_every_n_steps and adapter.parallel.is_main:
+                with self._alone(adapter), phases.phase("epoch_outputs"), eval_weights(adapter.optimizer):
+                    adapter.step_outputs(draw.epoch)
             with self._alone(adapter):
                 every = adapter.cfg.output.save_state_every_n_steps
                 if stop_signal or (every and result.steps % every == 0):

@@ -10,6 +10,7 @@ from omegaconf import SI
 from atelier.config.schema.checks import check_name
 from atelier.config.schema.enums import SavePrecision
 from atelier.config.schema.fields import option
+from atelier.errors import ConfigError
 
 
 @dataclass
@@ -20,6 +21,20 @@ class OutputConfig:
     )
     save_every_n_epochs: Optional[int] = option(5, flag="save_every_n_epochs",
                                                 doc="An intermediate LoRA every n epochs (null: only the final one).")
+    save_every_n_steps: Optional[int] = option(
+        None, flag="save_every_n_steps",
+        doc="Also an intermediate LoRA every n steps, <output_name>-step<8 digits> (null: not by step).",
+    )
+    save_last_n_epochs: Optional[int] = option(
+        None, flag="save_last_n_epochs",
+        doc="Keep only the last n epoch checkpoints: older ones are deleted as new ones are saved (null: all). "
+        "The final LoRA is never deleted.",
+    )
+    save_last_n_steps: Optional[int] = option(
+        None, flag="save_last_n_steps",
+        doc="Keep only the step checkpoints of the last n steps: older ones are deleted as new ones are saved "
+        "(null: all). The final LoRA is never deleted.",
+    )
     save_precision: SavePrecision = option(SavePrecision.float, flag="save_precision",
                                            doc="The dtype of the saved LoRA's tensors.")
     save_state: bool = option(
@@ -71,3 +86,7 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         check_name("output.output_name", self.output_name)
+        for name in ("save_every_n_steps", "save_last_n_epochs", "save_last_n_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"output.{name} must be at least 1 (or null), got {value}")

@@ -1,0 +1,44 @@
+"""Step checkpoints and checkpoint rotation, as sd-scripts' --save_every_n_steps,
+--save_last_n_epochs and --save_last_n_steps: the files on disk after a real tiny run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atelier.errors import ConfigError
+from atelier.outputs.lora_file import load_lora
+from tests.test_trainer import fresh_accelerate_state, make_cfg, train  # noqa: F401  (fixture)
+
+
+def saved(run_dir) -> list[str]:
+    return sorted(p.name for p in run_dir.glob("*.safetensors"))
+
+
+def test_step_checkpoints_keep_the_last_n_steps(tmp_path):
+    run_dir, summary = train(tmp_path, "training.max_train_steps=10", "output.save_every_n_epochs=null",
+                             "output.save_every_n_steps=2", "output.save_last_n_steps=4")  # fmt: skip
+    # Saved at steps 2, 4, 6, 8 (10 is the final LoRA); at step 8 those older than step 4 went.
+    assert saved(run_dir) == ["demo-step00000004.safetensors", "demo-step00000006.safetensors",
+                              "demo-step00000008.safetensors", "demo.safetensors"]  # fmt: skip
+    assert summary["checkpoints"] == ["demo-step00000004.safetensors", "demo-step00000006.safetensors",
+                                      "demo-step00000008.safetensors"]  # fmt: skip
+    _, meta = load_lora(run_dir / "demo-step00000006.safetensors")
+    assert meta["ss_steps"] == "6"
+
+
+def test_epoch_checkpoints_keep_the_last_n_and_never_the_final_file(tmp_path):
+    run_dir, summary = train(tmp_path, "training.max_train_epochs=4", "training.max_train_steps=null",
+                             "training.train_batch_size=8", "output.save_every_n_epochs=1",
+                             "output.save_last_n_epochs=2")  # fmt: skip
+    assert saved(run_dir) == ["demo-000002.safetensors", "demo-000003.safetensors", "demo.safetensors"]
+    assert summary["checkpoints"] == ["demo-000002.safetensors", "demo-000003.safetensors"]
+    final, _ = load_lora(run_dir / "demo.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in final.items() if k.endswith("lora_up.weight"))
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+@pytest.mark.parametrize("key", ["save_every_n_steps", "save_last_n_epochs", "save_last_n_steps"])
+def test_a_count_below_one_names_its_key(key):
+    with pytest.raises(ConfigError, match=f"output.{key} must be at least 1"):
+        make_cfg(f"output.{key}=0")
