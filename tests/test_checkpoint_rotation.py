@@ -42,3 +42,14 @@ def test_epoch_checkpoints_keep_the_last_n_and_never_the_final_file(tmp_path):
 def test_a_count_below_one_names_its_key(key):
     with pytest.raises(ConfigError, match=f"output.{key} must be at least 1"):
         make_cfg(f"output.{key}=0")
+
+
+def test_step_checkpoints_leave_a_schedule_free_run_as_it_was(tmp_path):
+    """The eval/train switch of a schedule-free optimizer rounds its weights: it happens only on
+    the steps that save, so a run whose step checkpoints never fall due trains bit for bit alike."""
+    common = ["optimizer=adamw_schedulefree", "training.max_train_steps=4", "output.save_every_n_epochs=null"]
+    plain, _ = train(tmp_path, *common, name="plain")
+    with_option, _ = train(tmp_path, *common, "output.save_every_n_steps=1000", name="option")
+    a, _ = load_lora(plain / "demo.safetensors")
+    b, _ = load_lora(with_option / "demo.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -255,11 +255,15 @@ class Adapter:
         if (every and epoch % every == 0) or is_last:
             self.samples.generate(epoch, self.result.steps)
 
+    @property
+    def step_checkpoint_due(self) -> bool:
+        """output.save_every_n_steps: a step checkpoint after this step (main process)."""
+        every = self.cfg.output.save_every_n_steps
+        return bool(every) and self.result.steps % every == 0 and self.parallel.is_main
+
     def step_outputs(self, epoch: int) -> None:
-        """The step checkpoint (output.save_every_n_steps), as sd-scripts names it: -step<8 digits>."""
+        """The step checkpoint (when step_checkpoint_due), as sd-scripts names it: -step<8 digits>."""
         out = self.cfg.output
-        if not (out.save_every_n_steps and self.result.steps % out.save_every_n_steps == 0):
-            return
         path = self.run_dir / f"{out.output_name}-step{self.result.steps:08d}.safetensors"
         self._save(path, epoch)
         self.result.checkpoints.append(path)

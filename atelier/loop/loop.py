@@ -198,7 +198,8 @@ class TrainingLoop:
             if self._validate(adapter, draw.epoch):
                 return
         if not adapter.done:  # its last step: the final LoRA follows, no state to keep
-            if adapter.cfg.output.save_every_n_steps and adapter.parallel.is_main:
+            # Only on the steps it saves: a schedule-free optimizer's eval/train switch rounds the weights.
+            if adapter.step_checkpoint_due:
                 with self._alone(adapter), phases.phase("epoch_outputs"), eval_weights(adapter.optimizer):
                     adapter.step_outputs(draw.epoch)
             with self._alone(adapter):
