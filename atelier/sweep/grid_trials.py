@@ -7,12 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import optuna
 from optuna.trial import TrialState
 
 from atelier.search.settings import SearchSettings
 from atelier.search.study import open_study, storage
 from atelier.sweep.outcome import JobOutcome
-from atelier.search.tell import NAME_ATTR, start_trial, tell_ending
+from atelier.search.tell import NAME_ATTR, REASON_ATTR, start_trial, tell_ending
 
 if TYPE_CHECKING:
     from atelier.sweep.sweeper import TrainingSweeper
@@ -42,13 +43,21 @@ class GridTrials:
 
     def tell(self, outcomes: list[JobOutcome]) -> list[JobOutcome]:
         """Tell each job's trial how it ended; the outcomes, a pruned run's as "pruned"."""
-        told = []
-        for outcome in outcomes:
-            number = self._numbers.get(outcome.name)
-            if number is not None and outcome.status in ("completed", "failed"):
-                state = tell_ending(self.study, self.store, number, self.sweep_dir / outcome.name, OBJECTIVE,
-                                    outcome.reason if outcome.status == "failed" else None)  # fmt: skip
-                if state == "pruned":
-                    outcome = JobOutcome(outcome.name, "pruned")
-            told.append(outcome)
-        return told
+        return [outcome if (number := self._numbers.get(outcome.name)) is None
+                else told_outcome(self.study, self.store, number, self.sweep_dir, OBJECTIVE, outcome)
+                for outcome in outcomes]  # fmt: skip
+
+
+def told_outcome(study: optuna.Study, store: optuna.storages.BaseStorage, number: int, sweep_dir: Path,
+                 objective: str, outcome: JobOutcome) -> JobOutcome:
+    """Tell trial `number` how its job ended (atelier.search.tell); the job's outcome as the
+    sweep reports it: "pruned" for a pruned run, "failed" for a run without its objective."""
+    if outcome.status not in ("completed", "failed"):
+        return outcome  # interrupted or not started: the trial stays running, a resume continues it
+    state = tell_ending(study, store, number, sweep_dir / outcome.name, objective,
+                        outcome.reason if outcome.status == "failed" else None)  # fmt: skip
+    if state == "pruned":
+        return JobOutcome(outcome.name, "pruned")
+    if state == "fail" and outcome.status == "completed":
+        return JobOutcome(outcome.name, "failed", study.trials[number].user_attrs.get(REASON_ATTR))
+    return outcome

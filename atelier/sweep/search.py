@@ -29,6 +29,7 @@ from atelier.search.space import parse_space
 from atelier.sweep.compose_once import composed_once
 from atelier.sweep.naming import is_bookkeeping, parse_job
 from atelier.outputs.summary import write_summary
+from atelier.sweep.grid_trials import told_outcome
 from atelier.sweep.outcome import JobOutcome, outcome_from_run_dir, outcome_of, reason_of
 from atelier.sweep.plan import PlannedJob, SweepPlan, mark_plan, write_plan
 from atelier.search.tell import NAME_ATTR, OVERRIDES_ATTR, start_trial, tell_ending
@@ -158,15 +159,9 @@ class Search:
         self.launched += len(runnable)
         stopped = False
         for job, result in zip(runnable, results):
-            outcome = outcome_of(job.name, result)
+            outcome = told_outcome(self.study, self.store, job.number, self.sweep_dir, self.settings.objective,
+                                   outcome_of(job.name, result))  # fmt: skip
             stopped = stopped or outcome.status in ("interrupted", "not started")
-            if outcome.status in ("completed", "failed"):
-                state = tell_ending(self.study, self.store, job.number, self.sweep_dir / job.name,
-                                    self.settings.objective, outcome.reason if outcome.status == "failed" else None)  # fmt: skip
-                if state == "pruned":
-                    outcome = JobOutcome(job.name, "pruned")
-                elif state == "fail" and outcome.status == "completed":  # it ran, but has no objective
-                    outcome = JobOutcome(job.name, "failed", self.study.trials[job.number].user_attrs.get("reason"))
             self.outcomes.append(outcome)
         return not stopped
 
