@@ -20,6 +20,11 @@ class ConfigError(UserError, ValueError):
     """A config that composes but cannot be trained; the message names the key."""
 
 
+class DatasetError(UserError, ValueError):
+    """A problem with the training data (a `dataset.*` value, an image, a caption): the message
+    names the key or path and the fix."""
+
+
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the config names does not exist; the message names it."""
 

@@ -41,7 +41,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from atelier.config.schema import DatasetConfig  # noqa: E402
-from atelier.data.training_data import TrainingData  # noqa: E402
+from atelier.conditioning.training_data import TrainingData  # noqa: E402
 from atelier.data.latents import PixelLoader  # noqa: E402
 from atelier.utils.atomic import write_text  # noqa: E402
 

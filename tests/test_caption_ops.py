@@ -10,7 +10,8 @@ import torch
 
 from atelier.conditioning.text_chunks import encode_long, split_into_chunks, tokenize_long
 from atelier.conditioning.text_encoding import encode_tokens
-from atelier.data.caption_ops import CaptionOptions, captions_are_static, process_caption
+from atelier.config.schema.captions import CaptionOptions
+from atelier.data.caption_ops import captions_are_static, process_caption
 from tests.builders import tokenize
 
 CAPTION = "sks dog, red collar, grass, sunny, outdoors, running"

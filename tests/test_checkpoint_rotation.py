@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from atelier.errors import ConfigError
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from tests.test_trainer import fresh_accelerate_state, make_cfg, train  # noqa: F401  (fixture)
 
 

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from atelier.outputs.lora_file import load_lora
-from atelier.data.training_data import Batch, shard
+from atelier.network.lora_file import load_lora
+from atelier.conditioning.training_data import Batch, shard
 from atelier.loop.state import STATE_FILE
 from tests.helpers import REPO_ROOT, TRAIN, sigterm_after_steps
 from tests.test_trainer import fresh_accelerate_state, steps_logged, train  # noqa: F401

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from atelier.data.errors import DatasetError
+from atelier.errors import DatasetError
 from atelier.loop.build import load_base
 from atelier.loop.trainer import Trainer
-from atelier.outputs.lora_file import load_lora
-from atelier.data.training_data import TrainingData
+from atelier.network.lora_file import load_lora
+from atelier.conditioning.training_data import TrainingData
 from tests.test_trainer import fresh_accelerate_state, interrupt_after_epoch, make_cfg, steps_logged, train  # noqa: F401
 
 DEMO_SAMPLES = 56  # 6 cube images x6 repeats + 5 orb images x4
@@ -86,7 +86,7 @@ def test_dataset_check_reads_the_training_options():
 
     from atelier.data.check import CheckOptions, check_dataset
     from atelier.data.cli import _add_check_arguments
-    from atelier.config.schema.dataset import bucket_settings
+    from atelier.data.options import bucket_settings
 
     parser = argparse.ArgumentParser()
     _add_check_arguments(parser)

@@ -48,7 +48,7 @@ def test_a_state_or_lora_that_does_not_fit_names_its_file_and_keeps_the_previous
         import torch
         from pathlib import Path
         from atelier.errors import DiskFullError
-        from atelier.outputs.lora_file import load_lora, save_lora
+        from atelier.network.lora_file import load_lora, save_lora
         from atelier.loop.state import save_training_state
         disk = Path({str(mount)!r})
         small = {{"lora_unet_a.lora_down.weight": torch.ones(4, 4)}}

@@ -14,7 +14,7 @@ from atelier.fused.slots import BatchedLoRA, LaneRouter, Slot
 from atelier.fused.trainer import FusedTrainer, run_fused
 from atelier.loop.loop import TrainingLoop
 from atelier.network.lora import LoRAModule
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from tests.test_trainer import fresh_accelerate_state, make_cfg, train  # noqa: F401  (fixture)
 
 # Float tolerance: a fused base layer multiplies a 3x taller matrix than a solo run's, so

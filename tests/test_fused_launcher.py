@@ -19,7 +19,7 @@ import pytest
 
 from atelier.fused.grouping import plan_groups
 from atelier.fused.trainer import run_fused
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from atelier.outputs.run_dir import write_resolved_config
 from tests.helpers import REPO_ROOT, TRAIN, final_lora, final_loras, logged_steps, run_train, sigterm_after_steps
 from tests.test_fused import COMMON, LANES, assert_same_weights

@@ -16,7 +16,7 @@ from PIL import Image
 
 from atelier.cli import main
 from atelier.data.dataset import scan_dataset
-from atelier.data.errors import DatasetError
+from atelier.errors import DatasetError
 from atelier.data.images import ImageLimits
 from tests.helpers import REPO_ROOT, run_train
 from tests.test_dataset_check import image

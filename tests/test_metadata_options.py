@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from atelier.outputs.metadata import MINIMUM_KEYS, WRITTEN_WHEN_GIVEN, checkpoint_metadata, training_metadata
 from atelier.outputs.run_dir import write_resolved_config
 from atelier.tools.export_kohya import build_export, load_run_config

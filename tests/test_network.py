@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from atelier.models.architectures import build_text_encoder, build_unet
 from atelier.network.lora import LoRANetwork
-from atelier.outputs.lora_file import addnet_model_hash, load_lora, save_lora
+from atelier.network.lora_file import addnet_model_hash, load_lora, save_lora
 from tests.builders import ranks_and_alphas
 
 

@@ -1,4 +1,4 @@
-"""atelier.network.kinds is the one table of network kinds: every consumer reads it, and a
+"""atelier.config.network_kinds is the one table of network kinds: every consumer reads it, and a
 kind added there as one entry composes, trains, saves under its kohya names and fuses."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from omegaconf import OmegaConf
 from atelier.config.schema import NetworkConfig, NetworkModule
 from atelier.fused.grouping import lane_problems
 from atelier.models.architectures import build_text_encoder, build_unet
-from atelier.network import kinds
+from atelier.config import network_kinds as kinds
 from atelier.network.factory import create_network, file_family
-from atelier.network.spec import NetworkSpec, kohya_module
-from atelier.outputs.lora_file import load_lora
+from atelier.config.network_spec import NetworkSpec, kohya_module
+from atelier.network.lora_file import load_lora
 from atelier.tools.common import ToolError, split_lora
 from tests.helpers import REPO_ROOT, TRAIN, final_lora
 from tests.test_config import compose_config
@@ -80,7 +80,7 @@ def test_a_kind_added_as_one_entry_is_known_everywhere(parts, monkeypatch):
 ADD_A_KIND = textwrap.dedent(
     """
     import dataclasses, sys
-    from atelier.network import kinds
+    from atelier.config import network_kinds as kinds
     kinds.KINDS["mirror"] = dataclasses.replace(
         kinds.KINDS["lora"], name="mirror", display="Mirror", kohya_module="networks.mirror")
     import runpy

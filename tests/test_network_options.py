@@ -11,11 +11,11 @@ from omegaconf import OmegaConf
 from atelier.cli import main
 from atelier.config.schema import NetworkConfig
 from atelier.models.architectures import build_text_encoder, build_unet
-from atelier.network import kinds as network_kinds
+from atelier.config import network_kinds
 from atelier.network.factory import create_network, network_from_state
 from atelier.network.lora import LoRAModule
-from atelier.network.spec import NetworkSpec, kohya_module, kohya_network_args
-from atelier.outputs.lora_file import save_lora
+from atelier.config.network_spec import NetworkSpec, kohya_module, kohya_network_args
+from atelier.network.lora_file import save_lora
 from atelier.tools.export_kohya import build_export
 from tests.test_config import compose_config
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from tests.test_trainer import fresh_accelerate_state, train  # noqa: F401  (autouse fixture)
 
 STEPS = ["training.max_train_steps=3", "training.train_batch_size=4"]

@@ -15,7 +15,7 @@ from torch import nn
 
 from atelier.loop.trainer import Trainer
 from atelier.models.architectures import SD1_PIPELINE_SCHEDULER
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from atelier.sampling.generate import build_pipeline
 from atelier.sampling.samplers import make_scheduler
 from tests.test_kohya_compat import render

@@ -11,7 +11,7 @@ from torch import nn
 from atelier.config.schema import NetworkConfig
 from atelier.config.validate import ConfigError
 from atelier.network.factory import check_ranks_fit, layer_width
-from atelier.network.spec import NetworkSpec
+from atelier.config.network_spec import NetworkSpec
 from atelier.network.targets import TargetLayer
 from tests.helpers import run_train
 

@@ -163,7 +163,7 @@ def test_diffusion_loss_uses_the_loss_type_and_huber_schedule(scheduler):
 
 # ------------------------------------------------------------------ in training + metadata
 def test_options_train_and_are_recorded_as_sd_scripts_does(tmp_path):
-    from atelier.outputs.lora_file import load_lora
+    from atelier.network.lora_file import load_lora
     from tests.test_trainer import train
 
     options = [

@@ -11,7 +11,7 @@ import pytest
 
 from atelier.fused.trainer import run_fused
 from atelier.loop.adapter import Adapter, NonFiniteLossError
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from atelier.loop.run import run_training
 from atelier.runtime.signals import StopRequested
 from atelier.loop.state import STATE_FILE

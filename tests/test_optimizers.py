@@ -141,7 +141,7 @@ def test_lr_find_needs_an_adaptive_optimizer(tmp_path):
 
 def test_schedule_free_run_saves_the_eval_weights(tmp_path):
     from atelier.loop.trainer import Trainer
-    from atelier.outputs.lora_file import load_lora
+    from atelier.network.lora_file import load_lora
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -161,7 +161,7 @@ def test_schedule_free_run_saves_the_eval_weights(tmp_path):
 
 
 def test_schedule_free_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    from atelier.outputs.lora_file import load_lora
+    from atelier.network.lora_file import load_lora
     from atelier.loop.run import run_training
     from tests.test_trainer import interrupt_after_epoch
 

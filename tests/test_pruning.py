@@ -17,7 +17,7 @@ import torch
 
 from atelier.errors import ConfigError
 from atelier.fused.trainer import FusedTrainer
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from atelier.search.settings import PrunerSettings
 from atelier.search.study import open_study, storage
 from atelier.search.tell import start_trial

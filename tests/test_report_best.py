@@ -26,7 +26,7 @@ from atelier.report.grids import BEST_FRAME, write_prompt_grids
 from atelier.report.ranking import rank
 from atelier.report.write import write_report
 from atelier.sampling.grid import default_cell_size, grid_layout
-from atelier.sweep.plan import PlannedJob, SweepPlan, mark_plan, read_plan, write_plan
+from atelier.outputs.sweep_plan import PlannedJob, SweepPlan, mark_plan, read_plan, write_plan
 from tests.helpers import REPO_ROOT, final_lora, run_train
 from tests.test_report import _browse, chromium  # noqa: F401  (a fixture)
 

@@ -26,7 +26,7 @@ from atelier.report.live import sweep_is_over
 from atelier.report.write import write_report
 from atelier.search.space import override_value
 from atelier.search.study import open_study, storage
-from atelier.sweep.plan import PlannedJob, SweepPlan, write_plan
+from atelier.outputs.sweep_plan import PlannedJob, SweepPlan, write_plan
 from tests.helpers import REPO_ROOT
 
 LR, DIM = "optimizer.learning_rate", "network.dim"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from atelier.loop.adapter import Adapter
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from atelier.loop.run import run_training
 from atelier.runtime.signals import StopRequested
 from atelier.loop.state import STATE_FILE

@@ -13,14 +13,15 @@ import pytest
 import torch
 from PIL import Image, ImageChops, ImageOps
 
-from atelier.sampling.prompts import (
+from atelier.config.sample_prompts import (
     FALLBACK_SEED_BASE,
     SampleDefaults,
     SamplePrompt,
     load_prompt_file,
     parse_prompts,
 )
-from atelier.sampling.samplers import SAMPLER_NAMES, make_scheduler
+from atelier.config.samplers import SAMPLER_NAMES
+from atelier.sampling.samplers import make_scheduler
 
 # ---------------------------------------------------------------- prompt lines
 
@@ -58,7 +59,7 @@ def test_seed_without_d_is_fixed_and_never_random() -> None:
 
 
 def test_size_rounded_down_to_multiple_of_8_with_warning(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="atelier.sampling.prompts"):
+    with caplog.at_level(logging.WARNING, logger="atelier.config.sample_prompts"):
         [p] = parse_prompts("x --w 515 --h 100", SampleDefaults())
     assert (p.width, p.height) == (512, 96)
     assert "--w 515" in caplog.text and "--h 100" in caplog.text

@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from atelier.loop.trainer import Trainer
 from atelier.models.architectures import SD2_V_PIPELINE_SCHEDULER
 from atelier.models.tiny import TINY_SD2_V_NAME, ensure_tiny_model
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from atelier.sampling.generate import build_pipeline
 from atelier.sampling.samplers import make_scheduler
 from tests.test_trainer import fresh_accelerate_state, make_cfg  # noqa: F401  (autouse fixture)
@@ -165,7 +165,7 @@ def test_sdxl_size_and_crop_conditioning_as_sd_scripts():
 
 
 def test_sdxl_batches_carry_each_images_size_and_bucket(sdxl_run):
-    from atelier.data.training_data import batch_time_ids
+    from atelier.conditioning.training_data import batch_time_ids
 
     trainer, _ = sdxl_run
     data = trainer.data

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from atelier.loop.run import run_training
 from tests.helpers import REPO_ROOT, TRAIN, final_lora, run_train
 from tests.test_trainer import make_cfg

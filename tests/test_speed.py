@@ -13,7 +13,7 @@ import torch
 from atelier.config.schema import TrainingConfig
 from atelier.loop.build import load_base
 from atelier.loop.trainer import Trainer
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from atelier.runtime import reuse
 from atelier.data.latents import PixelBatches, PixelJob, PixelLoader
 from atelier.loop.speed import apply_backend_settings, is_compiled, optimizer_args
@@ -288,7 +288,7 @@ def test_summary_has_phase_seconds(tmp_path):
 
 @pytest.mark.parametrize("persistent", [True, False])
 def test_persistent_workers_key_reaches_the_step_encoder(persistent):
-    from atelier.data.training_data import TrainingData
+    from atelier.conditioning.training_data import TrainingData
 
     cfg = make_cfg("dataset.random_crop=true", "dataset.max_data_loader_n_workers=1",
                    f"dataset.persistent_data_loader_workers={str(persistent).lower()}")  # fmt: skip

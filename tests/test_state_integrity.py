@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from atelier.outputs.lora_file import LoRAIntegrityError, load_lora, save_lora
+from atelier.network.lora_file import LoRAIntegrityError, load_lora, save_lora
 from atelier.loop.state import STATE_FILE, StateIntegrityError, load_training_state, save_training_state
 from tests.helpers import TRAIN, run_train, sigterm_after_steps
 

@@ -16,7 +16,7 @@ from atelier.cli import main
 from atelier.models.ldm_convert import unet_to_ldm
 from atelier.models.loading import BaseModel, load_base_model
 from atelier.network.lora import LoRANetwork
-from atelier.outputs.lora_file import load_lora, save_lora
+from atelier.network.lora_file import load_lora, save_lora
 from atelier.tools.common import LoRAFactors, split_lora
 from atelier.tools.merge import infer_unet_config, unet_module_keys
 from atelier.tools.resize import choose_rank, resize_module

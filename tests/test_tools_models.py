@@ -17,7 +17,7 @@ from atelier.models.ldm_convert import diffusers_to_ldm
 from atelier.models.loading import BaseModel, ModelLoadError, load_base_model
 from atelier.models.skeleton import WEIGHT_SUFFIXES, write_skeleton
 from atelier.models.sources import identify_single_file, inspect_single_file
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from atelier.loop.run import run_training
 from tests.test_trainer import fresh_accelerate_state, make_cfg  # noqa: F401  (autouse fixture)
 from tests.builders import save_single_file

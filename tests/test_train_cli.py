@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from tests.helpers import REPO_ROOT, run_train
 
 

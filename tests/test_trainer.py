@@ -16,7 +16,7 @@ from atelier.loop import adapter as trainer_module
 from atelier.loop.adapter import Adapter
 from atelier.loop.build import load_base
 from atelier.loop.trainer import NonFiniteLossError, Trainer
-from atelier.outputs.lora_file import load_lora
+from atelier.network.lora_file import load_lora
 from atelier.loop.run import run_training
 from tests.helpers import REPO_ROOT
 

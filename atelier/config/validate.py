@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
+from atelier.config.network_kinds import kind_named
 from atelier.config.schema.checks import check_name
 from atelier.errors import ConfigError  # raised by the checks (and imported from here)
 
@@ -158,8 +159,6 @@ def _args_message(key: str, group: str, sub: str, in_group: dict[str, Any], cfg:
     chosen = getattr(chosen, "value", chosen)  # an enum member in a typed node
     try:
         if group == "network":
-            from atelier.network.kinds import kind_named
-
             accepted = sorted(kind_named(str(chosen)).args)
         else:
             from atelier.config.schema.scheduler import keys_read_by

@@ -1,7 +1,8 @@
 """The dataset layer: scan a kohya-layout folder, load images and captions, bucket them, cache
 latents, count steps (schedule.py) and a run's length (plan.py), hold images out for
-validation (holdout.py), and serve a run's batches (training_data.py: TrainingData, with
-latents.py and regularization.py)."""
+validation (holdout.py), balance regularization images (regularization.py), encode latents
+(latents.py), and read the dataset config as these option objects (options.py). A run's batches
+are atelier.conditioning.training_data's."""
 
 from atelier.data.dataset import (
     ConceptFolder,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atelier.data.errors import DatasetError
+from atelier.errors import DatasetError
 
 
 def normalize_caption_extension(caption_extension: str) -> str:

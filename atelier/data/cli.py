@@ -11,7 +11,7 @@ from atelier.config.load import training_config
 from atelier.config.typed import run_config
 from atelier.data.buckets import BucketSettings
 from atelier.data.check import CheckOptions, check_dataset, render, seconds_per_step_from_run
-from atelier.config.schema.dataset import image_limits
+from atelier.data.options import image_limits
 
 CHECK_EPILOG = """\
 It reads train.py's config, so its steps are the run's: give the same overrides as to

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atelier.data.captions import link_leaving, normalize_caption_extension, read_caption, split_tags
-from atelier.data.errors import DatasetError
+from atelier.errors import DatasetError
 from atelier.data.images import (
     IMAGE_EXTENSIONS,
     ImageLimits,

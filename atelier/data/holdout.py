@@ -9,7 +9,7 @@ import random
 from collections.abc import Sequence
 
 from atelier.data.dataset import ImageItem
-from atelier.data.errors import DatasetError
+from atelier.errors import DatasetError
 
 
 def split_validation(

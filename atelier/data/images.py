@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 
 from dataclasses import dataclass
 
-from atelier.data.errors import DatasetError
+from atelier.errors import DatasetError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 

@@ -20,7 +20,7 @@ from atelier.data.captions import (
     read_caption,
 )
 from atelier.data.dataset import parse_concept_folder_name
-from atelier.data.errors import DatasetError
+from atelier.errors import DatasetError
 from atelier.data.images import (
     ImageLimits,
     header_problem,

@@ -26,7 +26,7 @@ from safetensors.torch import load, save_file
 from tqdm.auto import tqdm
 
 from atelier.data.buckets import Resolution, resize_and_crop_to_bucket
-from atelier.data.errors import DatasetError
+from atelier.errors import DatasetError
 from atelier.data.images import open_rgb, to_tensor
 from atelier.utils.atomic import atomic_path
 

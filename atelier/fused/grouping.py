@@ -2,7 +2,7 @@
 
 A group shares one frozen base model and one batch shape: the keys in SHARED_KEYS must be
 equal. Each config must also be a possible lane on its own (lane_problems): a network of a
-fusable kind (atelier.network.kinds: LoRA, LoCon) on the UNet only, no dropouts (they draw from the global RNG, so no lane
+fusable kind (atelier.config.network_kinds: LoRA, LoCon) on the UNet only, no dropouts (they draw from the global RNG, so no lane
 could match its solo run), bf16 or fp32, one process, no torch.compile.
 """
 
@@ -15,8 +15,8 @@ from functools import reduce
 
 from atelier.config.schema import AtelierConfig, MixedPrecision
 from atelier.errors import UserError
-from atelier.network.kinds import fusable_kinds
-from atelier.network.spec import NetworkSpec
+from atelier.config.network_kinds import fusable_kinds
+from atelier.config.network_spec import NetworkSpec
 
 # Config keys every lane of a group must share: one base model, one batch shape.
 SHARED_KEYS = (

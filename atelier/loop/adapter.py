@@ -27,10 +27,10 @@ from atelier.loop.inputs import StepInputs
 from atelier.loop.result import EpochProgress, TrainResult
 from atelier.models.loading import BaseModel
 from atelier.network.lora import LoRANetwork
-from atelier.outputs.lora_file import save_lora
+from atelier.network.lora_file import save_lora
 from atelier.outputs.metadata import checkpoint_metadata
 from atelier.runtime import phases
-from atelier.data.training_data import Batch, TrainingData
+from atelier.conditioning.training_data import Batch, TrainingData
 from atelier.runtime.distributed import DataParallel
 from atelier.objective.losses import diffusion_loss, training_target
 from atelier.loop.metrics import MetricsLog, NullMetrics

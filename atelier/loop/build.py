@@ -31,7 +31,7 @@ from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork
 from atelier.outputs.metadata import training_metadata
 from atelier.loop import speed
 from atelier.runtime import reuse
-from atelier.data.training_data import TrainingData
+from atelier.conditioning.training_data import TrainingData
 from atelier.optim.lr_plot import LR_SCHEDULE_PNG, plot_lr_schedule
 from atelier.optim.optimizers import build_optimizer, describe_optimizer
 from atelier.data.plan import TrainingPlan

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from atelier.loop.result import EpochProgress
-from atelier.data.training_data import Batch, shard
+from atelier.conditioning.training_data import Batch, shard
 
 if TYPE_CHECKING:
     from atelier.loop.adapter import Adapter

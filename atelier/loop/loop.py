@@ -39,7 +39,7 @@ from atelier.loop.epochs import Draw, draws
 from atelier.loop.inputs import StepInputs, joined, same_shapes
 from atelier.loop.result import EpochProgress
 from atelier.runtime import phases
-from atelier.data.training_data import batch_time_ids
+from atelier.conditioning.training_data import batch_time_ids
 from atelier.optim.optimizers import eval_weights
 from atelier.runtime.signals import StopFlag, StopRequested, stop_on_signals
 

@@ -16,7 +16,7 @@ from atelier.models.loading import BaseModel
 from atelier.sampling.generate import build_pipeline, build_sdxl_pipeline, generate_samples
 from atelier.sampling.grid import make_grid
 from atelier.sampling.manifest import SAMPLES_DIR
-from atelier.sampling.prompts import SampleDefaults, SamplePrompt, load_prompt_file, parse_prompts
+from atelier.config.sample_prompts import SampleDefaults, SamplePrompt, load_prompt_file, parse_prompts
 from atelier.runtime.signals import stop_asked
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from atelier.conditioning.sdxl import time_ids
 from atelier.conditioning.unet_call import unet_prediction
 from atelier.data.holdout import split_validation
-from atelier.data.training_data import TrainingData
+from atelier.conditioning.training_data import TrainingData
 from atelier.objective.losses import training_target
 
 NUM_TIMESTEPS = 5  # t = 100, 300, 500, 700, 900 for a 1000-step schedule

@@ -1,6 +1,7 @@
 """The base-model layer: where a model comes from and what a file is (sources.py), pickle
 safety (pickles.py), loading it (loading.py; errors: load_errors.py), the architectures and
-the built-in tiny models (architectures.py, tiny.py, tiny_variants.py), hashes, LDM <->
+the built-in tiny models (architectures.py, tiny.py, tiny_variants.py), the full-size random
+models of the benchmarks (random_builtins.py), hashes, LDM <->
 diffusers key conversion (ldm_convert.py) and config-only skeletons (skeleton.py).
 
 Importing this package is cheap (no torch / diffusers); they are imported when a

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atelier.models.load_errors import ModelLoadError, read_json, reraise_as_load_error
+from atelier.models.random_builtins import RANDOM_BUILTINS, build_random_base
 from atelier.models.pickles import PICKLE_SUFFIXES, inert_pickle_globals
 from atelier.models.sources import (
     SDXL_SINGLE_FILE_MESSAGE,
@@ -107,6 +108,10 @@ def load_base_model(
     check_version(version)
     # Hydra configs may spell "unset" as an empty string.
     path, builtin, config, vae = (None if value == "" else value for value in (path, builtin, config, vae))
+    if builtin in RANDOM_BUILTINS:  # built in memory: no folder to load
+        if path:
+            raise ModelLoadError(f"both model.path ({path}) and model.builtin ({builtin}) are set; set only one of them")
+        return build_random_base(builtin, v_parameterization=v_parameterization)
     source, name = resolve_source(path, builtin, cache_dir)
 
     if source.is_dir():

@@ -1,4 +1,4 @@
-"""The adapters a run trains: which network kinds exist (kinds.py, the one table of kinds), which base
-layers they adapt and under which kohya names (targets.py, sdxl_names.py), the modules themselves
-(lora.py, dylora.py, lycoris_modules.py; patch.py wraps a base layer), the `network` config read
-once (spec.py) and the network built from it or from a file (factory.py)."""
+"""The adapters a run trains (the kinds are atelier.config.network_kinds'): which base layers
+they adapt and under which kohya names (targets.py, sdxl_names.py), the modules themselves and
+their builders (lora.py, dylora.py, lycoris_modules.py; patch.py wraps a base layer), the kohya
+LoRA file (lora_file.py), and the network built from the config or from a file (factory.py)."""

@@ -12,6 +12,7 @@ a plain LoRA of the full rank, which is also how every loader reads the file
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,10 @@ from torch import nn
 
 from atelier.network.lora import max_norm_ratio
 from atelier.network.patch import PatchedLayer
+
+if TYPE_CHECKING:
+    from atelier.config.network_spec import NetworkSpec
+    from atelier.network.targets import TargetLayer
 
 DOWN, UP = "lora_down.weight", "lora_up.weight"
 
@@ -98,3 +103,8 @@ class DyLoRAModule(PatchedLayer):
             for block in (*self.down_blocks, *self.up_blocks):
                 block.mul_(ratio.sqrt())
         return scaled, float(norm * ratio)
+
+
+def build_module(spec: NetworkSpec, target: TargetLayer, dim: int, alpha: float, options: dict[str, Any]) -> DyLoRAModule:
+    """The `dylora` kind's builder (atelier.config.network_kinds)."""
+    return DyLoRAModule(target.lora_name, target.module, dim, alpha, spec.unit)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+from collections.abc import Callable
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from atelier.errors import ConfigError
-from atelier.network.kinds import FILE_FAMILIES, family, kinds_of_family
+from atelier.config.network_kinds import FILE_FAMILIES, family, kinds_of_family
+from atelier.config.network_spec import NetworkSpec
 from atelier.network.lora import LoRANetwork
-from atelier.network.spec import NetworkSpec
-from atelier.network.targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, belongs_to, iter_targets
+from atelier.network.lora_file import load_lora
+from atelier.network.targets import LAYER_SELECTIONS, TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, belongs_to, iter_targets
 
 if TYPE_CHECKING:
     from atelier.config.schema import NetworkConfig
@@ -27,9 +31,6 @@ def build_network(net: NetworkConfig, unet: nn.Module | None, text_encoder: nn.M
     if not weights:
         network = create_network(spec, unet, text_encoder)
     else:
-        # The LoRA file format is the outputs layer's (imported here, not above it: see tests/test_layout.py).
-        from atelier.outputs.lora_file import load_lora
-
         try:
             state, _ = load_lora(weights)
         except FileNotFoundError as error:
@@ -53,7 +54,7 @@ def create_network(
     targets = [
         target
         for target in iter_targets(unet, text_encoder, conv=conv)
-        if (names is None or target.lora_name in names) and spec.entry.adapts(target)
+        if (names is None or target.lora_name in names) and LAYER_SELECTIONS[spec.entry.layers](target)
     ]
     check_ranks_fit(spec, [t for t in targets if t.lora_name not in per_module])  # file shapes are as they are
     modules = {t.lora_name: make_module(spec, t, **per_module.get(t.lora_name, {})) for t in targets}
@@ -102,7 +103,15 @@ def make_module(spec: NetworkSpec, target: TargetLayer, dim: int | None = None, 
         dim = (spec.conv_dim if target.is_conv_kxk else None) or spec.dim
     if alpha is None:
         alpha = spec.conv_alpha if target.is_conv_kxk else spec.alpha
-    return spec.entry.build(spec, target, dim, alpha, options)
+    return builder(spec.entry.builder)(spec, target, dim, alpha, options)
+
+
+@cache
+def builder(path: str) -> Callable[..., nn.Module]:
+    """The module builder a kind names ("package.module:function"); imported once, when first used
+    (LyCORIS' modules bring peft and bitsandbytes, ~3 s, which LoRA runs never need)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def file_family(state: dict[str, torch.Tensor]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from atelier.network.targets import (  # noqa: F401  (re-exported: the trainer i
     iter_targets,
     text_encoder_name_root,
 )
+
+if TYPE_CHECKING:
+    from atelier.config.network_spec import NetworkSpec
 
 log = logging.getLogger(__name__)
 
@@ -217,3 +221,6 @@ class LoRANetwork(nn.Module):
         }
 
 
+def build_module(spec: NetworkSpec, target: TargetLayer, dim: int, alpha: float, options: dict[str, Any]) -> LoRAModule:
+    """The `lora` and `locon` kinds' builder (atelier.config.network_kinds)."""
+    return LoRAModule(target.lora_name, target.module, dim, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout)

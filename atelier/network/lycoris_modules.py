@@ -15,7 +15,7 @@ and by A1111 / ComfyUI style loaders) scales once.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lycoris.modules.ia3 import IA3Module
 from lycoris.modules.loha import LohaModule
@@ -24,6 +24,9 @@ from torch import nn
 
 from atelier.network.patch import GradGatedTraining
 from atelier.network.targets import IA3_INPUT_LAYERS, TargetLayer
+
+if TYPE_CHECKING:
+    from atelier.config.network_spec import NetworkSpec
 
 
 class LoHa(GradGatedTraining, LohaModule):
@@ -63,3 +66,11 @@ def make_lycoris_module(
     return LYCORIS_CLASSES[kind](
         target.lora_name, target.module, 1.0, dim, alpha, 0.0, rank_dropout, module_dropout, **options
     )
+
+
+def build_module(spec: NetworkSpec, target: TargetLayer, dim: int, alpha: float, options: dict[str, Any]) -> nn.Module:
+    """The LyCORIS kinds' builder (atelier.config.network_kinds): the kind's lycoris_algo."""
+    algo = spec.entry.lycoris_algo
+    if algo == "lokr":
+        options = {"factor": spec.factor, **options}
+    return make_lycoris_module(algo, target, dim, alpha, spec.rank_dropout, spec.module_dropout, **options)

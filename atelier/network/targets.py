@@ -47,6 +47,13 @@ def is_ia3_target(target: TargetLayer) -> bool:
     return isinstance(target.module, nn.Linear) and target.lora_name.endswith(IA3_OUTPUT_LAYERS + IA3_INPUT_LAYERS)
 
 
+# NetworkKind.layers (atelier.config.network_kinds) -> which target layers get a module.
+LAYER_SELECTIONS: dict[str, Callable[[TargetLayer], bool]] = {
+    "all": lambda target: True,
+    "ia3": is_ia3_target,
+}
+
+
 def _is_target_layer(module: nn.Module, conv: bool) -> bool:
     if isinstance(module, nn.Linear):
         return True

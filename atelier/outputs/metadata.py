@@ -16,7 +16,7 @@ from atelier.config.schema import (
     ModelVersion,
     part_learning_rates,
 )
-from atelier.network.spec import kohya_module, kohya_network_args
+from atelier.config.network_spec import kohya_module, kohya_network_args
 
 BASE_MODEL_VERSIONS = {
     (ModelVersion.sd1, False): "sd_v1",

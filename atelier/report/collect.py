@@ -21,8 +21,7 @@ import yaml
 
 from atelier.outputs.summary import read_summary
 from atelier.sampling.manifest import read_manifest
-from atelier.sweep.naming import is_bookkeeping
-from atelier.sweep.plan import SweepPlan, read_plan
+from atelier.outputs.sweep_plan import SweepPlan, is_bookkeeping, read_plan
 
 logger = logging.getLogger(__name__)
 

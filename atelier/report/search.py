@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from atelier.report.collect import parse_overrides
 from atelier.search.settings import STUDY_FILE
-from atelier.sweep.plan import read_plan
+from atelier.outputs.sweep_plan import read_plan
 
 if TYPE_CHECKING:
     import optuna

@@ -1,7 +1,7 @@
 """Data-parallel training across processes (training.num_processes > 1).
 
 Every process holds the same LoRA network and optimizer and trains its own share
-of each epoch's batches (atelier.data.training_data.shard). After each backward pass the
+of each epoch's batches (atelier.conditioning.training_data.shard). After each backward pass the
 processes average their LoRA gradients, so every process takes the same optimizer
 step; they also agree on the logged loss and on whether a stop signal came. Only
 the main process writes outputs.

@@ -18,10 +18,6 @@ a short job's time. Here:
 Both are used only inside an in-process sweep (`in_process_sweep()`), and only when
 training.reuse_base_model is true (the default): a single run, or a sweep whose jobs are
 separate processes (submitit, local_gpus), keeps no second copy of the model in memory.
-
-The `sd15-random` and `sdxl-random` builtins (full-size SD1.5- and SDXL-shaped models with
-random weights, built from atelier.models.architectures, nothing on disk) are made here too:
-the benchmarks' full-size models.
 """
 
 from __future__ import annotations
@@ -43,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RANDOM_BUILTINS = ("sd15-random", "sdxl-random")
 _BASES: dict[tuple, tuple[Any, list[int]]] = {}  # (model, tensor versions); one entry: one base at a time
 _LATENTS: dict[str, torch.Tensor] = {}
 _FORCE: bool | None = None  # tests: force reuse on/off outside Hydra
@@ -120,7 +115,7 @@ def base_key(m: ModelConfig) -> tuple:
 def load_base(m: ModelConfig, t: TrainingConfig, load: Callable[[], BaseModel]) -> BaseModel:
     """The base model for model config `m`: loaded by `load()`, or a fresh copy of the kept one
     (the caller applies training config `t`'s speed settings: atelier.loop.speed)."""
-    return _load_or_copy(m, t, _random_builtin_loader(m) or load)
+    return _load_or_copy(m, t, load)
 
 
 def _load_or_copy(m: ModelConfig, t: TrainingConfig, load: Callable[[], BaseModel]) -> BaseModel:
@@ -204,54 +199,8 @@ def latent_store_active() -> bool:
     return in_process_sweep() or _SHARE_LATENTS
 
 
-# ------------------------------------------------------------ random builtins
-def _random_builtin_loader(m: ModelConfig) -> Callable[[], BaseModel] | None:
-    if m.builtin not in RANDOM_BUILTINS:
-        return None
-    if m.path:
-        raise ValueError(f"both model.path ({m.path}) and model.builtin ({m.builtin}) are set; set only one of them")
-    return lambda: build_random_base(m.builtin, v_parameterization=bool(m.v_parameterization))
-
-
-def build_random_base(name: str, v_parameterization: bool = False, seed: int = 0) -> Any:
-    """A full-size SD1.5- or SDXL-shaped base model with random weights, built in memory (benchmarks).
-
-    The tokenizers are the tiny models' byte-level ones: their ids fit the 49408-entry embeddings.
-    """
-    from transformers import CLIPTokenizer
-
-    from atelier.models import architectures as arch
-    from atelier.models.loading import BaseModel
-    from atelier.models.tiny import TINY_SDXL_NAME, ensure_tiny_model
-
-    name_arch = name.removesuffix("-random")
-    sdxl = name_arch == "sdxl"
-    torch.manual_seed(seed)
-    tokenizers = ensure_tiny_model(name=TINY_SDXL_NAME) if sdxl else ensure_tiny_model()
-    extra = {}
-    if sdxl:
-        extra = {
-            "text_encoder_2": arch.build_text_encoder_2(name_arch),
-            "tokenizer_2": CLIPTokenizer.from_pretrained(tokenizers / "tokenizer_2", local_files_only=True),
-        }
-    return BaseModel(
-        unet=arch.build_unet(name_arch),
-        vae=arch.build_vae(name_arch),
-        text_encoder=arch.build_text_encoder(name_arch),
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizers / "tokenizer", local_files_only=True),
-        noise_scheduler=arch.build_noise_scheduler(v_parameterization),
-        version="sdxl" if sdxl else "sd1",
-        v_parameterization=v_parameterization,
-        name=name,
-        path=f"builtin:{name}",
-        **extra,
-    )
-
-
 __all__ = [
-    "RANDOM_BUILTINS",
     "base_key",
-    "build_random_base",
     "clear",
     "force_reuse",
     "freeze_startup_objects",

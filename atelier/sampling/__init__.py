@@ -1,7 +1,9 @@
 """Sample images during training (kohya sd-scripts prompt syntax and file names) and grids.
 
-- `prompts`: parse sample prompt lines into `SamplePrompt`s.
-- `samplers`: sd-scripts sampler names -> diffusers schedulers.
+The prompt syntax and the sampler names are the config's (atelier.config.sample_prompts,
+atelier.config.samplers): the config checks them before training.
+
+- `samplers`: the diffusers scheduler of each sd-scripts sampler name.
 - `generate`: build a pipeline around the training modules and render samples.
 - `manifest`: the `samples.json` record of every sample written.
 - `grid`: labelled comparison grids (prompts x epochs, or any rows x columns).

@@ -20,7 +20,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from atelier.sampling.manifest import append_manifest, manifest_record
-from atelier.sampling.prompts import SamplePrompt
+from atelier.config.sample_prompts import SamplePrompt
 from atelier.sampling.samplers import make_scheduler, sampler_name
 from atelier.utils.atomic import atomic_path
 

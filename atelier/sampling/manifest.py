@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from atelier.sampling.prompts import SamplePrompt
+from atelier.config.sample_prompts import SamplePrompt
 from atelier.utils.atomic import write_text
 
 logger = logging.getLogger(__name__)

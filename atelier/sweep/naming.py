@@ -5,21 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from atelier.outputs.sweep_plan import is_bookkeeping
+
 # Characters that are unsafe in a file name or in Hydra's override grammar.
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+\-@]+")
 # LoRA file names go into ComfyUI/A1111 folders and UIs: keep them to the plainest characters.
 _UNSAFE_IN_FILE = re.compile(r"[^A-Za-z0-9.+\-]+")
 MAX_NAME = 120
-# Keys that say how to run a sweep, never what a job trains: they are not axes even when
-# two invocations of one sweep differ in them (a resumed sweep adds resume=true).
-BOOKKEEPING_KEYS = ("resume", "trial")
-BOOKKEEPING_PREFIXES = ("hydra.", "hydra/")
-
-
-def is_bookkeeping(key: str) -> bool:
-    """`resume`, `trial`, `hydra.*` and `hydra/*` (with any +/~ prefix): not a swept axis."""
-    key = key.lstrip("+~")
-    return key in BOOKKEEPING_KEYS or key == "hydra" or key.startswith(BOOKKEEPING_PREFIXES)
 
 
 def parse_job(overrides: Sequence[str]) -> dict[str, str]:

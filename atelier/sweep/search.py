@@ -27,11 +27,11 @@ from atelier.runtime.signals import StopRequested
 from atelier.search.study import make_sampler, open_study, storage
 from atelier.search.space import parse_space
 from atelier.sweep.compose_once import composed_once
-from atelier.sweep.naming import is_bookkeeping, parse_job
+from atelier.sweep.naming import parse_job
 from atelier.outputs.summary import write_summary
 from atelier.sweep.grid_trials import told_outcome
 from atelier.sweep.outcome import JobOutcome, outcome_from_run_dir, outcome_of, reason_of
-from atelier.sweep.plan import PlannedJob, SweepPlan, mark_plan, write_plan
+from atelier.outputs.sweep_plan import PlannedJob, SweepPlan, is_bookkeeping, mark_plan, write_plan
 from atelier.search.tell import NAME_ATTR, OVERRIDES_ATTR, start_trial, tell_ending
 
 if TYPE_CHECKING:

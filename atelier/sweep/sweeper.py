@@ -31,10 +31,10 @@ from omegaconf import OmegaConf
 from atelier.outputs.guard import differing_keys
 from atelier.outputs.summary import finished
 from atelier.sweep.compose_once import composed_once
-from atelier.sweep.naming import is_bookkeeping, job_names, lora_names, parse_job, swept_keys
+from atelier.sweep.naming import job_names, lora_names, parse_job, swept_keys
 from atelier.sweep.outcome import JobOutcome, format_summary, outcome_from_run_dir, outcome_of, reason_of
 from atelier.sweep.placement import place
-from atelier.sweep.plan import PlannedJob, SweepPlan, mark_plan, write_plan
+from atelier.outputs.sweep_plan import PlannedJob, SweepPlan, is_bookkeeping, mark_plan, write_plan
 from atelier.runtime.signals import StopRequested
 from atelier.search.settings import PrunerSettings, SearchSettings
 from atelier.sweep.grid_trials import GridTrials

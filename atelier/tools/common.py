@@ -12,7 +12,7 @@ import torch
 
 from atelier.config.schema import SavePrecision
 from atelier.errors import UserError
-from atelier.network.kinds import lycoris_markers
+from atelier.config.network_kinds import lycoris_markers
 
 
 class ToolError(UserError, Exception):
@@ -144,7 +144,7 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A .safetensors file's tensors and metadata, its damage said in one ToolError."""
     from safetensors import SafetensorError
 
-    from atelier.outputs.lora_file import LoRAIntegrityError, load_lora
+    from atelier.network.lora_file import LoRAIntegrityError, load_lora
 
     try:
         return load_lora(path)

@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from atelier.network.spec import kohya_network_args
+from atelier.config.network_spec import kohya_network_args
 from atelier.tools.common import ToolError, check_output
 from atelier.tools.kohya_options import (  # noqa: F401 (OPTIONS: read from here too)
     OPTIONS,
@@ -163,7 +163,7 @@ def build_export(cfg: dict[str, Any], out_dir: Path) -> Export:
 
 def sample_prompt_lines(cfg: dict[str, Any], class_tokens: list[str]) -> list[str]:
     """The run's sample prompts with every option (size, steps, CFG, seed) spelled out."""
-    from atelier.sampling.prompts import SampleDefaults, load_prompt_file, parse_prompts
+    from atelier.config.sample_prompts import SampleDefaults, load_prompt_file, parse_prompts
 
     s = cfg.get("sampling", {})
     defaults = SampleDefaults(

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from atelier.config.options import schema_fields
 from atelier.config.schema import NetworkConfig, flag_name
-from atelier.network.spec import kohya_module
+from atelier.config.network_spec import kohya_module
 from atelier.tools.common import ToolError
 
 
@@ -43,7 +43,7 @@ class Option:
 
 
 def network_config(cfg: dict[str, Any]) -> NetworkConfig:
-    """The run's network options as the schema's typed NetworkConfig (what atelier.network.spec reads)."""
+    """The run's network options as the schema's typed NetworkConfig (what atelier.config.network_spec reads)."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(NetworkConfig), cfg["network"]))
 
 

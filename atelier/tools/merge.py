@@ -301,7 +301,7 @@ def _looks_like_lora(path: Path) -> bool:
 def run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from atelier.outputs.lora_file import save_lora
+    from atelier.network.lora_file import save_lora
     from atelier.utils.atomic import atomic_path
 
     inputs = [Path(p) for p in args.inputs]

@@ -165,7 +165,7 @@ def format_report(report: list[ModuleResize]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from atelier.outputs.lora_file import save_lora
+    from atelier.network.lora_file import save_lora
 
     source = Path(args.input)
     out = check_output(args.output, args.force, [source])

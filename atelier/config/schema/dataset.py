@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from omegaconf import MISSING
 
+from atelier.config.schema.captions import CaptionOptions
 from atelier.config.schema.checks import unresolved
 from atelier.config.schema.fields import option
-
-if TYPE_CHECKING:
-    from atelier.data.buckets import BucketSettings
-    from atelier.data.caption_ops import CaptionOptions
-    from atelier.data.images import ImageLimits
+from atelier.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +127,6 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         """Raise DatasetError naming the first bad `dataset.*` value."""
-        from atelier.data.errors import DatasetError
-
         if unresolved(self.resolution) or unresolved(self.min_bucket_reso):
             return  # built with its defaults (the model's, by interpolation): checked once resolved
         problem = max_token_length_problem(self.max_token_length)
@@ -161,9 +156,7 @@ class DatasetConfig:
             raise DatasetError(f"dataset.validate_every_n_epochs must be at least 1, got {self.validate_every_n_epochs}")
         if self.validate_every_n_steps is not None and self.validate_every_n_steps < 1:
             raise DatasetError(f"dataset.validate_every_n_steps must be at least 1, got {self.validate_every_n_steps}")
-        # The data layer's option objects check the rest (their messages start with the key).
-        caption_options(self)
-        bucket_settings(self)
+        caption_options(self)  # CaptionOptions' own rules (its messages start with the key)
 
 
 def max_token_length_problem(value: int | None) -> str | None:
@@ -173,19 +166,8 @@ def max_token_length_problem(value: int | None) -> str | None:
     return f"max_token_length must be 75, 150 or 225 ({', '.join(map(str, SUPPORTED_MAX_TOKEN_LENGTHS))}; null for 75), got {value}"
 
 
-# The dataset config as the data layer's option objects (imported when called: the data layer
-# brings torch, and the schema is read by --help and the launchers without it).
-def image_limits(d: DatasetConfig) -> ImageLimits:
-    """The dataset.max_image_pixels / max_aspect_ratio checks, as the scanner takes them."""
-    from atelier.data.images import ImageLimits
-
-    return ImageLimits(max_pixels=d.max_image_pixels, max_aspect_ratio=d.max_aspect_ratio)
-
-
 def caption_options(d: DatasetConfig) -> CaptionOptions:
-    from atelier.data.caption_ops import CaptionOptions
-    from atelier.data.errors import DatasetError
-
+    """The caption options of `d`, checked (DatasetError naming the key)."""
     try:
         return CaptionOptions(
             shuffle_caption=d.shuffle_caption,
@@ -199,17 +181,6 @@ def caption_options(d: DatasetConfig) -> CaptionOptions:
             caption_dropout_every_n_epochs=d.caption_dropout_every_n_epochs,
         )
     except ValueError as err:  # its messages start with the option's name
-        raise DatasetError(f"dataset.{err}") from None
-
-
-def bucket_settings(d: DatasetConfig) -> BucketSettings:
-    """The same settings `atelier dataset check` builds from its --enable-bucket ... flags."""
-    from atelier.data.buckets import BucketSettings
-    from atelier.data.errors import DatasetError
-
-    try:
-        return BucketSettings.from_options(d)
-    except ValueError as err:
         raise DatasetError(f"dataset.{err}") from None
 
 

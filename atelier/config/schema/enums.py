@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from atelier.network.kinds import KINDS
+from atelier.config.network_kinds import KINDS
 
 
 class ModelVersion(str, Enum):
@@ -14,7 +14,7 @@ class ModelVersion(str, Enum):
     sdxl = "sdxl"
 
 
-# network.module: one member per entry of atelier.network.kinds.KINDS (documented there).
+# network.module: one member per entry of atelier.config.network_kinds.KINDS (documented there).
 NetworkModule = Enum("NetworkModule", [(name, name) for name in KINDS], type=str, module=__name__)
 
 

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
+from atelier.config.network_spec import NetworkSpec
 from atelier.config.schema.checks import at_least
 from atelier.config.schema.enums import NetworkModule
 from atelier.config.schema.fields import option
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 class NetworkConfig:
     module: NetworkModule = option(
         NetworkModule.lora, flag="network_module", ss=("ss_network_module", "ss_network_args"),
-        doc="The network kind (atelier/network/kinds.py lists them).",
+        doc="The network kind (atelier/config/network_kinds.py lists them).",
         kohya="lycoris.kohya kinds also get network_args algo=... preset=...",
     )
     dim: int = option(8, flag="network_dim", ss="ss_network_dim", doc="The rank of each module.")
@@ -64,6 +65,4 @@ class NetworkConfig:
             log.warning("network.alpha=%s: the LoRA's scale alpha/dim is %s; usual values are 1 to network.dim",
                         self.alpha, "0 (it learns nothing)" if float(self.alpha) == 0 else "negative")
         # The options the kind takes and its own rules (dylora's unit, ...): the kinds registry's.
-        from atelier.network.spec import NetworkSpec
-
         NetworkSpec.from_config(self)

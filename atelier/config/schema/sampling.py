@@ -7,6 +7,8 @@ from typing import List, Optional
 
 from omegaconf import SI
 
+from atelier.config.sample_prompts import SampleDefaults, load_prompt_file, parse_prompts
+from atelier.config.samplers import normalize_sampler
 from atelier.config.schema.checks import unresolved
 from atelier.config.schema.fields import option
 from atelier.errors import ConfigError, MissingFileError
@@ -39,9 +41,6 @@ class SamplingConfig:
         than after it (when the LoRA would not be written)."""
         if unresolved(self.width) or unresolved(self.height):
             return  # built with its defaults (the dataset's resolution): checked once resolved
-        from atelier.sampling.prompts import SampleDefaults, load_prompt_file, parse_prompts
-        from atelier.sampling.samplers import normalize_sampler
-
         try:
             normalize_sampler(str(self.sampler))
         except ValueError as err:

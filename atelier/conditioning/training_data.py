@@ -40,13 +40,8 @@ from atelier.data.caption_ops import captions_are_static, process_caption
 from atelier.data.dataset import DatasetIndex, ImageItem, scan_dataset
 from atelier.data.latent_cache import LatentCache, can_cache_latents, default_cache_dir
 from atelier.runtime import phases, reuse
-from atelier.config.schema.dataset import (
-    bucket_settings,
-    cache_latents_wanted,
-    caption_options,
-    image_limits,
-    max_token_length,
-)
+from atelier.config.schema.dataset import cache_latents_wanted, caption_options, max_token_length
+from atelier.data.options import bucket_settings, image_limits
 from atelier.data.latents import PixelJob, StepEncoder
 from atelier.data.holdout import split_validation
 from atelier.data.regularization import balance_reg_repeats

@@ -15,6 +15,18 @@ from typing import Any
 
 from atelier.utils.atomic import write_text
 
+# Keys that say how to run a sweep, never what a job trains: they are not axes even when
+# two invocations of one sweep differ in them (a resumed sweep adds resume=true).
+BOOKKEEPING_KEYS = ("resume", "trial")
+BOOKKEEPING_PREFIXES = ("hydra.", "hydra/")
+
+
+def is_bookkeeping(key: str) -> bool:
+    """`resume`, `trial`, `hydra.*` and `hydra/*` (with any +/~ prefix): not a swept axis."""
+    key = key.lstrip("+~")
+    return key in BOOKKEEPING_KEYS or key == "hydra" or key.startswith(BOOKKEEPING_PREFIXES)
+
+
 PLAN = "sweep.json"
 # state: "running" while the sweeper runs jobs; "finished" or "interrupted" once it has stopped.
 STATES = ("running", "finished", "interrupted")

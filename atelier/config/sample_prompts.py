@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from atelier.sampling.samplers import normalize_sampler
+from atelier.config.samplers import normalize_sampler
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from atelier.errors import ConfigError
-from atelier.network.kinds import NetworkKind, kind_named
+from atelier.config.network_kinds import NetworkKind, kind_named
 
-if TYPE_CHECKING:  # the schema imports the kinds registry; a runtime import here would be a circle
+if TYPE_CHECKING:  # the schema checks its network group with NetworkSpec: a runtime import would be a circle
     from atelier.config.schema import NetworkConfig
 
 # sd-scripts' default conv_alpha when conv_dim is given without it.
@@ -40,7 +40,7 @@ class NetworkSpec:
 
     @property
     def entry(self) -> NetworkKind:
-        """What the kind means (atelier.network.kinds)."""
+        """What the kind means (atelier.config.network_kinds)."""
         return kind_named(self.kind)
 
     @classmethod

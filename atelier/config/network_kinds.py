@@ -3,11 +3,12 @@
 The config's `network.module` choices, the spec's checks, the factory's modules, the
 kohya names in metadata and export-kohya, the tools' file recognition and the fused
 launcher all read KINDS and FILE_FAMILIES. Adding a kind is one `NetworkKind(...)` in
-KINDS (and its module class): nothing else lists kinds.
+KINDS (and the function that builds its module): nothing else lists kinds.
 
-Nothing here imports torch at import time: atelier.config.schema builds its enum from
-KINDS, and a config check should not pay for torch. The module classes are imported
-when a module is built.
+It lives with the config because the config's choices and rules are made of it. It names
+each kind's module builder by import path (`"atelier.network.lora:build_module"`, as Hydra's
+`_target_` does), so the config layer imports neither torch nor atelier.network; the
+network factory imports the builder when a module is built.
 """
 
 from __future__ import annotations
@@ -19,13 +20,8 @@ from typing import TYPE_CHECKING, Any
 from atelier.errors import ConfigError
 
 if TYPE_CHECKING:
-    from torch import nn
+    from atelier.config.network_spec import NetworkSpec
 
-    from atelier.network.spec import NetworkSpec
-    from atelier.network.targets import TargetLayer
-
-# (spec, target, dim, alpha, per-module options from a file) -> the module on `target`.
-Builder = Callable[["NetworkSpec", "TargetLayer", int, float, dict[str, Any]], "nn.Module"]
 # A file's tensor for one module, by suffix ("lora_down.weight"), or None.
 TensorOf = Callable[[str], Any]
 
@@ -86,40 +82,6 @@ def lycoris_markers() -> tuple[str, ...]:
     return (*ours, *OTHER_LYCORIS_MARKERS)
 
 
-def _lora(spec: NetworkSpec, target: TargetLayer, dim: int, alpha: float, options: dict[str, Any]) -> nn.Module:
-    from atelier.network.lora import LoRAModule
-
-    return LoRAModule(target.lora_name, target.module, dim, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout)
-
-
-def _dylora(spec: NetworkSpec, target: TargetLayer, dim: int, alpha: float, options: dict[str, Any]) -> nn.Module:
-    from atelier.network.dylora import DyLoRAModule
-
-    return DyLoRAModule(target.lora_name, target.module, dim, alpha, spec.unit)
-
-
-def _lycoris(algo: str) -> Builder:
-    def build(spec: NetworkSpec, target: TargetLayer, dim: int, alpha: float, options: dict[str, Any]) -> nn.Module:
-        # Imported here: lycoris pulls in peft and bitsandbytes (~3 s), which LoRA runs never need.
-        from atelier.network.lycoris_modules import make_lycoris_module
-
-        if algo == "lokr":
-            options = {"factor": spec.factor, **options}
-        return make_lycoris_module(algo, target, dim, alpha, spec.rank_dropout, spec.module_dropout, **options)
-
-    return build
-
-
-def _every_layer(target: TargetLayer) -> bool:
-    return True
-
-
-def _ia3_layers(target: TargetLayer) -> bool:
-    from atelier.network.targets import is_ia3_target
-
-    return is_ia3_target(target)
-
-
 def _check_dylora(spec: NetworkSpec) -> None:
     if spec.unit <= 0 or spec.dim % spec.unit:
         raise ConfigError(f"network.dim={spec.dim} must be a multiple of network.unit={spec.unit} for DyLoRA")
@@ -141,7 +103,9 @@ class NetworkKind:
     display: str  # how logs name it (sd-scripts prints "create LoRA for U-Net: ...")
     kohya_module: str  # ss_network_module / --network_module
     family: str  # the FileFamily its files use
-    build: Builder
+    # "package.module:function": (spec, target, dim, alpha, per-module options from a file) -> the
+    # nn.Module on `target` (atelier.network.factory imports and calls it).
+    builder: str
     # The optional network.* keys it implements; any other one set is an error, not ignored.
     options: frozenset[str]
     # LyCORIS' algo= in network_args, None for sd-scripts' own modules.
@@ -155,7 +119,9 @@ class NetworkKind:
     # network.dim / conv_dim no wider than each layer (LoKr: a dim past its factors means
     # full matrices; (IA)^3: no rank).
     rank_bounded_by_layer: bool = True
-    adapts: Callable[[TargetLayer], bool] = _every_layer  # which target layers get a module
+    # Which target layers get a module: "all", or "ia3" (keys, values, FFN output); the
+    # selections are atelier.network.targets.LAYER_SELECTIONS.
+    layers: str = "all"
     check: Callable[[NetworkSpec], None] = _no_check  # rules only this kind has
     # Can be a lane of a fused group (atelier.fused): its modules must fit BatchedLoRA.
     fusable: bool = False
@@ -168,39 +134,41 @@ class NetworkKind:
 
 
 _DROPOUTS = frozenset({"rank_dropout", "module_dropout"})
+# LyCORIS' own module classes; the kind's lycoris_algo picks the algorithm.
+_LYCORIS = "atelier.network.lycoris_modules:build_module"
 
 KINDS: dict[str, NetworkKind] = {
     kind.name: kind
     for kind in (
         NetworkKind(
             "lora", "sd-scripts networks.lora; with conv_dim also the 3x3 convs (LoCon-style \"C3Lier\")",
-            "LoRA", "networks.lora", "lora", _lora, frozenset({"conv_dim", "dropout", *_DROPOUTS}), fusable=True,
+            "LoRA", "networks.lora", "lora", "atelier.network.lora:build_module", frozenset({"conv_dim", "dropout", *_DROPOUTS}), fusable=True,
         ),
         NetworkKind(
             "locon", "LyCORIS LoCon (lycoris.kohya algo=locon): LoRA on linear and conv layers",
-            "LoCon", "lycoris.kohya", "lora", _lora, frozenset({"conv_dim", "dropout", *_DROPOUTS}),
+            "LoCon", "lycoris.kohya", "lora", "atelier.network.lora:build_module", frozenset({"conv_dim", "dropout", *_DROPOUTS}),
             lycoris_algo="locon", fusable=True,
         ),
         NetworkKind(
             "loha", "LyCORIS LoHa: a Hadamard product of two low-rank pairs (more expressive per rank)",
-            "LoHa", "lycoris.kohya", "loha", _lycoris("loha"), frozenset({"conv_dim", *_DROPOUTS}),
+            "LoHa", "lycoris.kohya", "loha", _LYCORIS, frozenset({"conv_dim", *_DROPOUTS}),
             lycoris_algo="loha",
         ),
         NetworkKind(
             "lokr", "LyCORIS LoKr: a Kronecker product (network.factor sets the split)",
-            "LoKr", "lycoris.kohya", "lokr", _lycoris("lokr"), frozenset({"conv_dim", "factor", *_DROPOUTS}),
+            "LoKr", "lycoris.kohya", "lokr", _LYCORIS, frozenset({"conv_dim", "factor", *_DROPOUTS}),
             lycoris_algo="lokr", always_in_args=("factor",), rank_bounded_by_layer=False,
         ),
         NetworkKind(
             "dylora", "sd-scripts networks.dylora: ranks learnt in blocks of network.unit, cut to any rank later",
-            "DyLoRA", "networks.dylora", "lora", _dylora, frozenset({"conv_dim", "unit"}),
+            "DyLoRA", "networks.dylora", "lora", "atelier.network.dylora:build_module", frozenset({"conv_dim", "unit"}),
             always_in_args=("unit",), check=_check_dylora,
         ),
         NetworkKind(
             "ia3", "LyCORIS (IA)^3: a learnt scale of keys, values and the FFN output (no rank)",
-            "(IA)^3", "lycoris.kohya", "ia3", _lycoris("ia3"), frozenset({"module_dropout"}),
+            "(IA)^3", "lycoris.kohya", "ia3", _LYCORIS, frozenset({"module_dropout"}),
             lycoris_algo="ia3", lycoris_preset="ia3", has_rank=False, rank_bounded_by_layer=False,
-            adapts=_ia3_layers,
+            layers="ia3",
         ),
     )
 }  # fmt: skip
