@@ -61,7 +61,8 @@ EXPORT_RUNS = [
         "output.metadata_description=d", "output.metadata_license=l", "output.metadata_tags='x,y'",
         "output.metadata_trigger_phrase=p", "output.no_metadata=true",
     ],
-    ["network=lokr", "network.train_text_encoder_only=true", "scheduler.warmup_ratio=0.1"],
+    ["network=lokr", "network.train_text_encoder_only=true", "scheduler.warmup_ratio=0.1",
+     "sampling.sample_every_n_epochs=null", "sampling.sample_every_n_steps=50", "sampling.sample_at_first=true"],
     ["network=dylora", "network.unit=2", "sampling.prompt_file={prompts_txt}"],
 ]
 

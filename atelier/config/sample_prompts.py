@@ -6,16 +6,26 @@ One prompt per line::
 
 Options may come in any order and are case-insensitive: ``--n`` negative prompt,
 ``--w``/``--h`` size, ``--s`` steps, ``--l`` CFG scale, ``--d`` seed, ``--ss`` sampler for
-this prompt only. Lines starting with ``#`` are comments; blank lines are skipped.
+this prompt only, ``--g`` FLUX's distilled guidance. Lines starting with ``#`` are comments;
+blank lines are skipped.
+
+A prompt file is read as sd-scripts' load_prompts reads it: a .txt of such lines; a .toml
+whose ``[prompt]`` table holds the defaults and each ``[[prompt.subset]]`` one prompt; or a
+.json list whose items are such lines or tables. A table's keys are sd-scripts' (prompt,
+negative_prompt, width, height, sample_steps, scale, seed, sample_sampler, guidance_scale).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from atelier.config.samplers import normalize_sampler
 
@@ -35,7 +45,19 @@ MIN_SIZE = 64
 # Only " --" followed by a letter starts an option, so a prompt like "a -- b" stays intact.
 _OPTION_SPLIT = re.compile(r"(?:^|\s+)--(?=[A-Za-z])")
 
-KNOWN_OPTIONS = ("n", "w", "h", "s", "l", "d", "ss")
+KNOWN_OPTIONS = ("n", "w", "h", "s", "l", "d", "ss", "g")
+
+# A prompt table's keys in a .toml / .json prompt file (sd-scripts' names) -> the line option.
+TABLE_KEYS = {
+    "negative_prompt": "n", "width": "w", "height": "h", "sample_steps": "s", "scale": "l", "seed": "d",
+    "sample_sampler": "ss", "guidance_scale": "g",
+}  # fmt: skip
+# Keys sd-scripts reads for models or features Atelier does not sample with: refused by name.
+UNSUPPORTED_TABLE_KEYS = {
+    "controlnet_image": "ControlNet samples", "cfg_trunc_ratio": "Lumina's CFG truncation",
+    "renorm_cfg": "Lumina's CFG renormalisation", "flow_shift": "flow-matching models' shift",
+}  # fmt: skip
+PROMPT_FILE_SUFFIXES = (".txt", ".toml", ".json")
 
 
 @dataclass
@@ -64,6 +86,8 @@ class SamplePrompt:
     index: int
     # sd-scripts' per-prompt --ss; None means the pipeline's sampler.
     sampler: str | None = None
+    # --g: the distilled guidance of FLUX models (SD models have none: their CFG is cfg_scale).
+    guidance: float | None = None
 
 
 def parse_prompts(text_or_lines: str | list[str], defaults: SampleDefaults) -> list[SamplePrompt]:
@@ -87,7 +111,28 @@ def parse_prompt_line(line: str, defaults: SampleDefaults, index: int, line_no: 
     prompt, *option_texts = _OPTION_SPLIT.split(line.strip())
     # A repeated option: the last one wins, as in sd-scripts.
     options = dict(_split_option(text, where) for text in option_texts)
+    return _resolve(prompt, options, defaults, index, where)
 
+
+def parse_prompt_table(table: Mapping[str, Any], defaults: SampleDefaults, index: int, where: str) -> SamplePrompt:
+    """One prompt of a .toml / .json prompt file: a table of sd-scripts' keys (TABLE_KEYS)."""
+    if not isinstance(table.get("prompt"), str):
+        raise ValueError(f"{where}: needs a `prompt` string")
+    options = {}
+    for key, value in table.items():
+        if key == "prompt":
+            continue
+        if key in UNSUPPORTED_TABLE_KEYS:
+            raise ValueError(f"{where}: `{key}` is for {UNSUPPORTED_TABLE_KEYS[key]}, which Atelier does not sample; remove it")
+        if key not in TABLE_KEYS:
+            raise ValueError(f"{where}: unknown key `{key}`; known keys: prompt, {', '.join(TABLE_KEYS)}")
+        if isinstance(value, (dict, list)) or isinstance(value, bool):
+            raise ValueError(f"{where}: `{key}` needs a {'text' if key in ('negative_prompt', 'sample_sampler') else 'number'}, got {value!r}")
+        options[TABLE_KEYS[key]] = str(value)
+    return _resolve(table["prompt"], options, defaults, index, where)
+
+
+def _resolve(prompt: str, options: dict[str, str], defaults: SampleDefaults, index: int, where: str) -> SamplePrompt:
     return SamplePrompt(
         prompt=prompt.strip(),
         negative_prompt=options.get("n", defaults.negative_prompt).strip(),
@@ -98,6 +143,7 @@ def parse_prompt_line(line: str, defaults: SampleDefaults, index: int, line_no: 
         seed=_parse_seed(options["d"], where) if "d" in options else default_seed(index, defaults),
         index=index,
         sampler=_parse_sampler(options["ss"], where) if "ss" in options else None,
+        guidance=_parse_float(options["g"], "g", where) if "g" in options else None,
     )
 
 
@@ -108,13 +154,54 @@ def default_seed(index: int, defaults: SampleDefaults) -> int:
 
 
 def load_prompt_file(path: str | Path, defaults: SampleDefaults | None = None) -> list[SamplePrompt]:
-    """Read a .txt prompt file (one sd-scripts prompt line per line)."""
+    """Read a prompt file as sd-scripts does (see the module docstring): .txt, .toml or .json."""
     path = Path(path)
+    defaults = defaults or SampleDefaults()
     if not path.is_file():
         raise FileNotFoundError(f"sampling.prompt_file: no such file: {path}")
-    if path.suffix.lower() != ".txt":
-        raise ValueError(f"sampling.prompt_file: only .txt prompt files are supported, got {path}")
-    return parse_prompts(path.read_text(encoding="utf-8"), defaults or SampleDefaults())
+    suffix = path.suffix.lower()
+    if suffix not in PROMPT_FILE_SUFFIXES:
+        raise ValueError(f"{path} is not a prompt file sd-scripts reads "
+                         f"({', '.join(PROMPT_FILE_SUFFIXES)})")  # fmt: skip
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".txt":
+        return parse_prompts(text, defaults)
+    entries = _toml_prompts(text, path) if suffix == ".toml" else _json_prompts(text, path)
+    prompts: list[SamplePrompt] = []
+    for number, entry in enumerate(entries, start=1):
+        where = f"{path}: prompt {number}"
+        if isinstance(entry, str):
+            if entry.strip() and not entry.strip().startswith("#"):
+                prompts.append(parse_prompt_line(entry, defaults, index=len(prompts), line_no=number))
+        elif isinstance(entry, Mapping):
+            prompts.append(parse_prompt_table(entry, defaults, len(prompts), where))
+        else:
+            raise ValueError(f"{where}: expected a prompt line or a table, got {entry!r}")
+    return prompts
+
+
+def _toml_prompts(text: str, path: Path) -> list[dict[str, Any]]:
+    """[prompt] holds the defaults, each [[prompt.subset]] one prompt (a subset's keys win)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML: {err}") from None
+    table = data.get("prompt")
+    if not isinstance(table, dict) or not isinstance(table.get("subset"), list):
+        raise ValueError(f"{path} needs a [prompt] table with [[prompt.subset]] entries, "
+                         "one per prompt (sd-scripts' layout)")  # fmt: skip
+    shared = {key: value for key, value in table.items() if key != "subset"}
+    return [{**shared, **subset} if isinstance(subset, dict) else subset for subset in table["subset"]]
+
+
+def _json_prompts(text: str, path: Path) -> list[Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path} must hold a JSON list of prompt lines or tables")
+    return data
 
 
 def _split_option(text: str, where: str) -> tuple[str, str]:

@@ -255,19 +255,33 @@ class Adapter:
         if (every and epoch % every == 0) or is_last:
             self.samples.generate(epoch, self.result.steps)
 
-    @property
-    def step_checkpoint_due(self) -> bool:
-        """output.save_every_n_steps: a step checkpoint after this step (main process)."""
-        every = self.cfg.output.save_every_n_steps
+    def first_samples(self) -> None:
+        """sampling.sample_at_first: samples before the first step (the LoRA still adds nothing),
+        named for epoch 0 as sd-scripts names them; not again when a run continues."""
+        if self.cfg.sampling.sample_at_first and self.result.steps == 0 and self.parallel.is_main:
+            self.samples.generate(0, 0)
+
+    def _every_n_steps(self, every: int | None) -> bool:
         return bool(every) and self.result.steps % every == 0 and self.parallel.is_main
 
+    @property
+    def step_outputs_due(self) -> bool:
+        """A step checkpoint (output.save_every_n_steps) or step samples (sampling.sample_every_n_steps)
+        after this step (main process)."""
+        return self._every_n_steps(self.cfg.output.save_every_n_steps) or \
+            self._every_n_steps(self.cfg.sampling.sample_every_n_steps)
+
     def step_outputs(self, epoch: int) -> None:
-        """The step checkpoint (when step_checkpoint_due), as sd-scripts names it: -step<8 digits>."""
+        """What step_outputs_due asks for: the step checkpoint, as sd-scripts names it
+        (-step<8 digits>), and the step's samples (named by step, as sd-scripts names them)."""
         out = self.cfg.output
-        path = self.run_dir / f"{out.output_name}-step{self.result.steps:08d}.safetensors"
-        self._save(path, epoch)
-        self.result.checkpoints.append(path)
-        self._drop_old_checkpoints()
+        if self._every_n_steps(out.save_every_n_steps):
+            path = self.run_dir / f"{out.output_name}-step{self.result.steps:08d}.safetensors"
+            self._save(path, epoch)
+            self.result.checkpoints.append(path)
+            self._drop_old_checkpoints()
+        if self._every_n_steps(self.cfg.sampling.sample_every_n_steps):
+            self.samples.generate(None, self.result.steps)
 
     def _drop_old_checkpoints(self) -> None:
         """output.save_last_n_epochs / save_last_n_steps: delete the checkpoints that fell out

@@ -101,6 +101,9 @@ class TrainingLoop:
         with stop_on_signals() as self.stop:
             for adapter in self.active():
                 self._tracks[id(adapter)] = _Track(draws(adapter), group_started=time.perf_counter())
+                with self._errors_of([adapter]), self._alone(adapter), phases.phase("epoch_outputs"), \
+                        eval_weights(adapter.optimizer):
+                    adapter.first_samples()
             self._progress = self._progress_bar()
             try:
                 while self.active():
@@ -198,8 +201,8 @@ class TrainingLoop:
             if self._validate(adapter, draw.epoch):
                 return
         if not adapter.done:  # its last step: the final LoRA follows, no state to keep
-            # Only on the steps it saves: a schedule-free optimizer's eval/train switch rounds the weights.
-            if adapter.step_checkpoint_due:
+            # Only on the steps it saves or samples: a schedule-free optimizer's eval/train switch rounds the weights.
+            if adapter.step_outputs_due:
                 with self._alone(adapter), phases.phase("epoch_outputs"), eval_weights(adapter.optimizer):
                     adapter.step_outputs(draw.epoch)
             with self._alone(adapter):

@@ -35,7 +35,12 @@ def sample_prompts(cfg: AtelierConfig, dataset: DatasetIndex) -> list[SampleProm
     else:
         tokens = [folder.class_tokens for folder in dataset.folders if folder.class_tokens]
         prompts = parse_prompts(tokens, defaults)
-    return prompts[: s.limit] if s.limit is not None else prompts
+    prompts = prompts[: s.limit] if s.limit is not None else prompts
+    guided = [p.index for p in prompts if p.guidance is not None]
+    if guided:
+        log.warning("sample prompt(s) %s give --g, the distilled guidance of FLUX models; SD models have none (their "
+                    "guidance is the CFG scale, --l), so --g is not used", ", ".join(str(i + 1) for i in guided))
+    return prompts
 
 
 class SampleWriter:
@@ -69,10 +74,11 @@ class SampleWriter:
                 self._pipeline = build_pipeline(b.unet, b.vae, b.text_encoder, b.tokenizer, config, sampler)
         return self._pipeline
 
-    def generate(self, epoch: int, step: int) -> list[Path]:
+    def generate(self, epoch: int | None, step: int) -> list[Path]:
+        """The samples after `epoch` (None: after `step`, mid-epoch)."""
         if not self.prompts:
             return []
-        log.info("sampling %d prompt(s) at epoch %d", len(self.prompts), epoch)
+        log.info("sampling %d prompt(s) at %s", len(self.prompts), f"epoch {epoch}" if epoch is not None else f"step {step}")
         # Mixed precision: the VAE is float32 while the UNet may be half precision.
         with self.autocast():
             return generate_samples(

@@ -188,6 +188,8 @@ def sample_prompt_lines(cfg: dict[str, Any], class_tokens: list[str]) -> list[st
             line += f" --n {p.negative_prompt}"
         if p.sampler:
             line += f" --ss {p.sampler}"
+        if p.guidance is not None:
+            line += f" --g {p.guidance:g}"
         lines.append(line)
     return lines
 

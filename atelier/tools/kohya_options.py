@@ -180,6 +180,7 @@ HOW: dict[str, dict[str, Any]] = {
     "training.dynamo_backend": {"convert": _with_torch_compile},
     "sampling.prompts": {"place": "covered"},
     "sampling.prompt_file": {"place": "covered"},
+    "sampling.sample_at_first": {"kind": "switch"},
     **{f"sampling.{name}": {"place": "prompts"} for name in ("limit", "width", "height", "steps", "cfg_scale", "seed")},
     "output.no_metadata": {"kind": "switch"},
     "project": {"place": "covered"},

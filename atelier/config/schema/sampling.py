@@ -27,6 +27,12 @@ class SamplingConfig:
                                   kohya="only the first N prompts are written")
     sample_every_n_epochs: Optional[int] = option(5, flag="sample_every_n_epochs",
                                                   doc="Sample every n epochs (null: only after the last step).")
+    sample_every_n_steps: Optional[int] = option(
+        None, flag="sample_every_n_steps",
+        doc="Sample every n steps instead (needs sample_every_n_epochs=null: in sd-scripts the epochs win).",
+    )
+    sample_at_first: bool = option(False, flag="sample_at_first",
+                                   doc="Also sample before the first step: the base model, for comparison.")
     sampler: str = option("ddim", flag="sample_sampler", doc="The sampler (ddim, euler_a, dpmsolver++, ...).")
     width: int = option(SI("${dataset.resolution}"), flag="sample_prompts --w",
                         doc="Sample width; a prompt's --w wins over it.")
@@ -39,6 +45,16 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         """The sampler and the prompt lines are parsed now, so a typo fails before training rather
         than after it (when the LoRA would not be written)."""
+        for key in ("sample_every_n_epochs", "sample_every_n_steps"):
+            every = getattr(self, key)
+            if every is not None and every < 1:
+                raise ConfigError(f"sampling.{key}={every}: must be at least 1 (null: off)")
+        if self.sample_every_n_steps is not None and self.sample_every_n_epochs is not None:
+            raise ConfigError(
+                f"sampling.sample_every_n_steps={self.sample_every_n_steps} and sampling.sample_every_n_epochs="
+                f"{self.sample_every_n_epochs} are both set; sd-scripts then samples by epoch and ignores the steps: "
+                "set sampling.sample_every_n_epochs=null to sample by steps (or sample_every_n_steps=null)"
+            )
         if unresolved(self.width) or unresolved(self.height):
             return  # built with its defaults (the dataset's resolution): checked once resolved
         try:
@@ -53,7 +69,7 @@ class SamplingConfig:
             elif self.prompt_file:
                 load_prompt_file(self.prompt_file, defaults)
         except FileNotFoundError as err:
-            raise MissingFileError(f"{err}: pass an existing .txt file, or sampling.prompt_file=null") from None
+            raise MissingFileError(f"{err}: pass an existing .txt, .toml or .json file, or sampling.prompt_file=null") from None
         except ValueError as err:
             key = "sampling.prompts" if self.prompts else "sampling.prompt_file"
             raise ConfigError(f"{key}: {err}") from None
