@@ -53,3 +53,12 @@ def test_step_checkpoints_leave_a_schedule_free_run_as_it_was(tmp_path):
     a, _ = load_lora(plain / "demo.safetensors")
     b, _ = load_lora(with_option / "demo.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("value", "why"), [("ckpt", "a pickle, which can run code"), ("pt", "a pickle"),
+                                            ("diffusers", "a whole-model folder"), ("onnx", "not a format")])
+def test_save_model_as_takes_safetensors_and_says_why_not_the_others(value, why):
+    with pytest.raises(ConfigError, match=f"output.save_model_as={value}: {why}.*set output.save_model_as=safetensors"):
+        make_cfg(f"output.save_model_as={value}")
+    assert make_cfg("output.save_model_as=safetensors").output.save_model_as == "safetensors"
+

@@ -13,6 +13,15 @@ from atelier.config.schema.fields import option
 from atelier.errors import ConfigError
 
 
+# sd-scripts' other --save_model_as choices, and why a LoRA is not saved so here.
+_NOT_SAVED_AS = {
+    "ckpt": "a pickle, which can run code when it is loaded",
+    "pt": "a pickle, which can run code when it is loaded",
+    "diffusers": "a whole-model folder (sd-scripts' fine-tuning scripts), not a LoRA",
+    "diffusers_safetensors": "a whole-model folder (sd-scripts' fine-tuning scripts), not a LoRA",
+}
+
+
 @dataclass
 class OutputConfig:
     output_name: str = option(
@@ -37,6 +46,11 @@ class OutputConfig:
     )
     save_precision: SavePrecision = option(SavePrecision.float, flag="save_precision",
                                            doc="The dtype of the saved LoRA's tensors.")
+    save_model_as: str = option(
+        "safetensors", flag="save_model_as",
+        doc="The LoRA file's format: safetensors (the one every loader reads without running code).",
+        kohya="sd-scripts also writes ckpt/pt (pickles, which can run code when loaded); here they are refused",
+    )
     save_state: bool = option(
         True, doc="Keep the training state (weights, optimizer, scheduler, RNGs, data position) in "
         "training_state.pt, so a job started again in the same run dir continues from it. Saved every n epochs / "
@@ -86,6 +100,10 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         check_name("output.output_name", self.output_name)
+        if self.save_model_as != "safetensors":
+            why = _NOT_SAVED_AS.get(self.save_model_as, "not a format sd-scripts saves a LoRA in")
+            raise ConfigError(f"output.save_model_as={self.save_model_as}: {why}; set output.save_model_as=safetensors "
+                              "(A1111, ComfyUI, sd-scripts and diffusers load it)")  # fmt: skip
         for name in ("save_every_n_steps", "save_last_n_epochs", "save_last_n_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
