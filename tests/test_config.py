@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import atelier.config
-from atelier.config.schema import NetworkConfig, OptimizerType
+from atelier.config.optimizer_types import NAMED_OPTIMIZERS
+from atelier.config.schema import NetworkConfig
 from tests.helpers import REPO_ROOT, run_train
 
 CONF = REPO_ROOT / "conf"
@@ -72,15 +73,15 @@ def test_smoke_debug_switch():
     assert cfg.sampling.limit == 1
 
 
-def test_optimizer_types_match_enum():
+def test_optimizer_options_name_sd_scripts_optimizers():
     for name in options("optimizer"):
         cfg = compose_config(f"optimizer={name}")
-        assert cfg.optimizer.type in set(OptimizerType)
+        assert cfg.optimizer.type in NAMED_OPTIMIZERS
 
 
 @pytest.mark.parametrize(
     "override,cause",
-    [("network.dim=abc", "could not be converted to Integer"), ("optimizer.type=Adamv", "Invalid value 'Adamv'")],
+    [("network.dim=abc", "could not be converted to Integer"), ("scheduler.type=cosin", "Invalid value 'cosin'")],
 )
 def test_sweepable_paths_are_typed(override, cause):
     with pytest.raises(Exception, match=f"Error merging override {override}") as info:
@@ -98,7 +99,6 @@ def test_sweepable_paths_are_typed(override, cause):
         ("training.min_timestep=low", "could not be converted to Integer"),
         ("scheduler.min_lr_ration=0.1", "Key 'min_lr_ration' not in 'SchedulerConfig'"),
         ("scheduler.type=cosine_min_lr", "Invalid value 'cosine_min_lr'"),
-        ("optimizer.type=AdamWSchedulefree", "Invalid value 'AdamWSchedulefree'"),
     ],
 )
 def test_new_noise_loss_and_schedule_keys_are_typed(override, expected):
@@ -109,7 +109,7 @@ def test_new_noise_loss_and_schedule_keys_are_typed(override, expected):
 
 def test_lr_find_recipe_asks_for_a_suggestion_from_an_adaptive_optimizer():
     cfg = compose_config("experiment=lr_find")
-    assert cfg.training.suggest_lr is True and cfg.optimizer.type in {OptimizerType.Prodigy, OptimizerType.DAdaptAdam}
+    assert cfg.training.suggest_lr is True and cfg.optimizer.type in {"Prodigy", "DAdaptAdam"}
     assert cfg.scheduler.type == "constant" and cfg.recipe == "lr_find"
 
 
@@ -120,7 +120,8 @@ def test_lr_find_recipe_asks_for_a_suggestion_from_an_adaptive_optimizer():
         ("optimizer=adamv", "Could not find 'optimizer/adamv'"),
         ("scheduler=cosine_restarts", "Available options in 'scheduler'"),
         ("training.max_train_epochs=ten", "could not be converted to Integer"),
-        ("optimizer.type=AdamX", "Invalid value 'AdamX'"),
+        # a free str (a class path is a type too): its spelling is checked by the run-dir guard
+        ("optimizer.type=AdamX", "Error: optimizer.type=AdamX: not an optimizer sd-scripts names"),
     ],
 )
 def test_cli_typo_fails_before_any_work(override, expected, tmp_path):

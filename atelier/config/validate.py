@@ -79,6 +79,19 @@ def check_known_keys(cfg: DictConfig) -> None:
         first, *others = unknown
         also = f" (also unknown: {', '.join(others)})" if others else ""
         raise ConfigError(unknown_key_message(first, cfg) + also)
+    check_class_names(cfg)
+
+
+def check_class_names(cfg: DictConfig) -> None:
+    """optimizer.type and scheduler.class_path name something (a free str: a class path is a
+    type too): checked with the keys, so a typo stops in the run-dir guard, before Hydra makes
+    the run dir, as OmegaConf stops a bad enum value at compose time."""
+    from atelier.config.optimizer_types import canonical_optimizer, scheduler_class_path
+
+    for key, check in (("optimizer.type", canonical_optimizer), ("scheduler.class_path", scheduler_class_path)):
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False, throw_on_resolution_failure=False)
+        if isinstance(value, str) and value != "???":
+            check(value)
 
 
 @cache

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from atelier.config.typed import run_config
 from atelier.launch.data_parallel import run_processes
 from atelier.optim.optimizers import check_optimizer_args
+from atelier.optim.schedulers import check_scheduler_args
 from atelier.outputs.run_dir import write_command, write_resolved_config
 from atelier.outputs.summary import finished, read_summary, write_summary
 from atelier.runtime import phases
@@ -45,8 +46,10 @@ def run_job(
             log.info("removed %s, left by a killed run", stale.relative_to(run_dir))
     try:
         typed = run_config(cfg)  # the boundary: below here the config is AtelierConfig
-        # optimizer.args against the optimizer's constructor: its package is imported here, before the model loads.
+        # The optimizer and a class-path schedule against their constructors: their packages are
+        # imported here, before the model loads.
         check_optimizer_args(typed.optimizer.type, typed.optimizer.args)
+        check_scheduler_args(typed.scheduler)
         write_resolved_config(run_dir, typed)
         write_command(run_dir, overrides, config_name, config_dir)
     except Exception as err:

@@ -204,7 +204,7 @@ class Adapter:
 
     def step_scalars(self, loss: float, seconds: float) -> dict[str, float]:
         scalars = {"loss/step": loss, "time/step_seconds": seconds}
-        names = build.param_group_names(self.cfg.network)
+        names = build.param_group_names(self.cfg)
         for name, lr in zip(names, self.lr_scheduler.get_last_lr()):
             scalars[f"lr/{name}"] = lr
         # Adaptive optimizers: the step size they really take (sd-scripts' key; experiment=lr_find reads it).

@@ -28,6 +28,7 @@ from atelier.models.hashes import model_hashes
 from atelier.models.loading import BaseModel, load_base_model
 from atelier.network.factory import build_network
 from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork
+from atelier.network.targets import SDXL_TEXT_ENCODER_PREFIXES
 from atelier.outputs.metadata import training_metadata
 from atelier.loop import speed
 from atelier.runtime import reuse
@@ -86,9 +87,24 @@ def trains_text_encoder(network: NetworkConfig) -> bool:
     return not network.train_unet_only
 
 
-def param_group_names(network: NetworkConfig) -> list[str]:
-    """Metric names of the optimizer's param groups, in order."""
-    return (["unet"] if trains_unet(network) else []) + (["text_encoder"] if trains_text_encoder(network) else [])
+def trained_parts(cfg: AtelierConfig) -> list[tuple[str, str, float]]:
+    """(metric name, kohya name prefix, learning rate) of each of the optimizer's param groups, in
+    order: the UNet, the text encoder; SDXL's two text encoders are two groups when
+    optimizer.text_encoder_2_lr is set (AtelierConfig allows it for SDXL only)."""
+    rates = part_learning_rates(cfg.optimizer)
+    parts = [("unet", UNET_PREFIX, rates.unet)] if trains_unet(cfg.network) else []
+    if trains_text_encoder(cfg.network):
+        if cfg.optimizer.text_encoder_2_lr is None:
+            parts.append(("text_encoder", TEXT_ENCODER_PREFIX, rates.text_encoder))
+        else:
+            te1, te2 = SDXL_TEXT_ENCODER_PREFIXES
+            parts += [("text_encoder", te1, rates.text_encoder), ("text_encoder_2", te2, rates.text_encoder_2)]
+    return parts
+
+
+def param_group_names(cfg: AtelierConfig) -> list[str]:
+    """Metric names of the optimizer's param groups, in order (lr/<name>, lr/d*lr/<name>)."""
+    return [name for name, _, _ in trained_parts(cfg)]
 
 
 def create_network(cfg: AtelierConfig, base: BaseModel, device: torch.device, apply: bool) -> LoRANetwork:
@@ -119,14 +135,9 @@ def enable_gradient_checkpointing(base: BaseModel, text_encoders: bool) -> None:
 
 
 def create_optimizer(cfg: AtelierConfig, network: LoRANetwork, schedule: ScheduleSteps, device: torch.device):
-    """(optimizer, lr scheduler): one param group per trained part (unet, text_encoder)."""
+    """(optimizer, lr scheduler): one param group per trained part (trained_parts)."""
     opt, sched = cfg.optimizer, cfg.scheduler
-    rates = part_learning_rates(opt)
-    groups = []
-    if trains_unet(cfg.network):
-        groups.append({"params": network.parameters_of(UNET_PREFIX), "lr": rates.unet})
-    if trains_text_encoder(cfg.network):
-        groups.append({"params": network.parameters_of(TEXT_ENCODER_PREFIX), "lr": rates.text_encoder})
+    groups = [{"params": network.parameters_of(prefix), "lr": lr} for _, prefix, lr in trained_parts(cfg)]
     optimizer = build_optimizer(opt.type, groups, opt.learning_rate,
                                 speed.optimizer_args(opt.type, dict(opt.args), cfg.training, device))  # fmt: skip
     return optimizer, lr_scheduler_from_config(sched, optimizer, schedule)
@@ -134,15 +145,15 @@ def create_optimizer(cfg: AtelierConfig, network: LoRANetwork, schedule: Schedul
 
 def plot_schedule(cfg: AtelierConfig, optimizer: torch.optim.Optimizer, schedule: ScheduleSteps, run_dir: Path) -> None:
     """lr_schedule.png in the run dir: the lr of each trained part over the planned steps."""
-    labels = param_group_names(cfg.network)
+    labels = param_group_names(cfg)
     base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     curves = lr_curve(cfg.scheduler, base_lrs, schedule)
     opt = cfg.optimizer
-    kind = opt.type.value
+    kind = opt.type
     note = None
     if is_adaptive(opt.type, dict(opt.args)):
         note = f"{kind} scales its steps itself; the step size it takes is logged as lr/d*lr/*"
-    title = f"{cfg.scheduler.type.value} schedule, {kind}"
+    title = f"{cfg.scheduler.class_path or cfg.scheduler.type.value} schedule, {kind}"
     plot_lr_schedule(dict(zip(labels, curves)), run_dir / LR_SCHEDULE_PNG, title, note)
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from atelier.loop.metrics import METRICS
-from atelier.config.schema import OptimizerType
 from atelier.config.schema.optimizer import LrFindError
 from atelier.optim.optimizers import optimizer_type as typed_optimizer
 from atelier.utils.atomic import write_text
@@ -65,9 +64,9 @@ def settled_value(points: list[tuple[int, float]], tail_fraction: float = TAIL_F
     }
 
 
-def suggest_learning_rate(run_dir: Path, optimizer_type: OptimizerType | str | None = None) -> dict[str, Any]:
+def suggest_learning_rate(run_dir: Path, optimizer_type: str | None = None) -> dict[str, Any]:
     """The suggestion as a dict (written by `write_suggestion`); optimizer_type is recorded in it."""
-    source = typed_optimizer(optimizer_type).value if optimizer_type else ""
+    source = typed_optimizer(optimizer_type) if optimizer_type else ""
     series = read_effective_lrs(run_dir)
     if not series:
         raise LrFindError(
@@ -100,7 +99,7 @@ def write_suggestion(run_dir: Path, suggestion: dict[str, Any]) -> Path:
     return path
 
 
-def suggest_and_report(run_dir: Path, optimizer_type: OptimizerType | str | None = None) -> dict[str, Any]:
+def suggest_and_report(run_dir: Path, optimizer_type: str | None = None) -> dict[str, Any]:
     """Read the run's metrics, write lr_suggestion.json, print and log the suggestion."""
     suggestion = suggest_learning_rate(run_dir, optimizer_type)
     path = write_suggestion(run_dir, suggestion)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from atelier.config.schema import OptimizerType
+from atelier.config.optimizer_types import optimizer_class_path
 
 if TYPE_CHECKING:
     from atelier.config.schema import TrainingConfig
@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ATTENTION_CHOICES = ("sdpa", "math", "xformers")
-# Optimizers whose torch implementation has a fused kernel (`fused=True`).
-_TORCH_FUSED = ("AdamW", "SGDNesterov")
+# Optimizer classes whose torch implementation has a fused kernel (`fused=True`); sd-scripts'
+# names reach them too (AdamW, SGDNesterov).
+_TORCH_FUSED = ("torch.optim.AdamW", "torch.optim.SGD")
 
 
 # --------------------------------------------------------------------- backend
@@ -126,17 +127,16 @@ def is_compiled(module: torch.nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------- optimizer
-def optimizer_args(kind: OptimizerType, args: dict[str, Any], t: TrainingConfig, device: torch.device) -> dict[str, Any]:
+def optimizer_args(kind: str, args: dict[str, Any], t: TrainingConfig, device: torch.device) -> dict[str, Any]:
     """optimizer.args with fused=True added when training.fused_optimizer asks and it can run.
 
     torch has fused AdamW and SGD kernels for CUDA and, since 2.4, for the CPU (and a few
     other devices; torch keeps the list). For another optimizer or device the switch is
     logged and ignored; an explicit optimizer.args.fused is passed through untouched.
     """
-    kind = OptimizerType(kind).value
     if not t.fused_optimizer or "fused" in args:
         return args
-    if kind not in _TORCH_FUSED:
+    if optimizer_class_path(kind) not in _TORCH_FUSED:
         log.info("training.fused_optimizer=true ignored: %s has no fused kernel (only %s)", kind, ", ".join(_TORCH_FUSED))
         return args
     if device.type not in _fused_devices():

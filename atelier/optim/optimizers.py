@@ -11,42 +11,63 @@ from typing import Any
 
 import torch
 
-from atelier.config.schema import OptimizerType
+from atelier.config.optimizer_types import (
+    ADAFACTOR,
+    CLASS_PATH_EXAMPLE,
+    PIP_NAMES,
+    call_string,
+    canonical_optimizer,
+    optimizer_class_path,
+)
 from atelier.errors import ConfigError
 
-
-def _import(path: str) -> Callable[..., torch.optim.Optimizer]:
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ImportError as err:
-        raise ImportError(f"optimizer class {path} needs the package '{module.split('.')[0]}': {err}") from err
-
-
-# Imported lazily: bitsandbytes and friends are slow to import and only one is used.
-OPTIMIZER_CLASSES: dict[OptimizerType, str] = {
-    OptimizerType.AdamW: "torch.optim.AdamW",
-    OptimizerType.AdamW8bit: "bitsandbytes.optim.AdamW8bit",
-    OptimizerType.Prodigy: "prodigyopt.Prodigy",
-    OptimizerType.Lion: "lion_pytorch.Lion",
-    OptimizerType.Lion8bit: "bitsandbytes.optim.Lion8bit",
-    OptimizerType.Adafactor: "transformers.optimization.Adafactor",
-    OptimizerType.DAdaptAdam: "dadaptation.DAdaptAdam",
-    OptimizerType.SGDNesterov: "torch.optim.SGD",
-    OptimizerType.AdamWScheduleFree: "schedulefree.AdamWScheduleFree",
-}
-
 # Arguments an optimizer type always gets, and defaults `optimizer.args` may override
-# (sd-scripts does the same: SGDNesterov is SGD with nesterov=True and momentum 0.9).
-FIXED_ARGS: dict[OptimizerType, dict[str, Any]] = {OptimizerType.SGDNesterov: {"nesterov": True}}
-DEFAULT_ARGS: dict[OptimizerType, dict[str, Any]] = {OptimizerType.SGDNesterov: {"momentum": 0.9}}
+# (sd-scripts does the same: SGDNesterov is SGD with nesterov=True and momentum 0.9, and
+# SGDNesterov8bit bitsandbytes' SGD8bit likewise).
+FIXED_ARGS: dict[str, dict[str, Any]] = {"SGDNesterov": {"nesterov": True}, "SGDNesterov8bit": {"nesterov": True}}
+DEFAULT_ARGS: dict[str, dict[str, Any]] = {"SGDNesterov": {"momentum": 0.9}, "SGDNesterov8bit": {"momentum": 0.9}}
 
-def optimizer_type(value: OptimizerType | str) -> OptimizerType:
+
+def optimizer_type(value: str) -> str:
+    """`optimizer.type` in sd-scripts' spelling (ConfigError naming the key when it names nothing)."""
+    return canonical_optimizer(value)
+
+
+def import_class(path: str, key: str) -> Any:
+    """The object `path` ("package.module.Name") names. ConfigError that names `key` (the
+    option that gave the path) and says what is missing: the package (and how to install
+    it), the module, or the name in the module (with the closest one)."""
+    module_name, _, name = path.rpartition(".")
+    package = module_name.split(".")[0]
     try:
-        return OptimizerType(value)
-    except ValueError:
-        valid = ", ".join(t.value for t in OptimizerType)
-        raise ValueError(f"optimizer.type: unknown optimizer '{value}'; choose one of {valid}") from None
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        missing = err.name or package
+        if missing != package and missing.split(".")[0] == package:  # the package is there, not the module
+            raise ConfigError(f"{key}={path}: the package '{package}' has no module '{missing}'") from None
+        top = missing.split(".")[0]  # a package the class's module imports, or its own
+        raise ConfigError(
+            f"{key}={path} needs the package '{top}', which is not installed (or the path is misspelt): "
+            f"pip install {PIP_NAMES.get(top, top)} into .venv, or change {key}"
+        ) from None
+    if not hasattr(module, name):
+        close = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
+        hint = f"; did you mean {module_name}.{close[0]}?" if close else ""
+        raise ConfigError(f"{key}={path}: {module_name} has no {name}{hint}")
+    return getattr(module, name)
+
+
+def resolve_optimizer_class(kind: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class `optimizer.type` names, imported. ConfigError naming optimizer.type
+    for one that does not import or is not an optimizer; run before the model loads."""
+    path = optimizer_class_path(kind)
+    cls = import_class(path, "optimizer.type")
+    if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(
+            f"optimizer.type={kind}: {path} is not an optimizer (not a torch.optim.Optimizer class); give an "
+            f"optimizer's class path, e.g. {CLASS_PATH_EXAMPLE}"
+        )
+    return cls
 
 
 # Given by the trainer, never through optimizer.args: why, and what to set instead.
@@ -64,18 +85,19 @@ def constructor_args(cls: Callable[..., Any]) -> frozenset[str] | None:
     return frozenset(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
-def check_optimizer_args(kind: OptimizerType | str, args: dict[str, Any]) -> None:
-    """Each optimizer.args key is an argument of the optimizer class's constructor (its
-    signature; not checked when it takes **kwargs); ConfigError names one that is not and lists
-    those it takes. It imports the optimizer's package (bitsandbytes takes seconds), so it runs
-    in the job before the model loads (atelier.launch.job) and in build_optimizer, not at the
-    config boundary that launchers and tools pass without torch."""
+def check_optimizer_args(kind: str, args: dict[str, Any]) -> None:
+    """optimizer.type names an optimizer class that imports, and each optimizer.args key is an
+    argument of its constructor (its signature; not checked when it takes **kwargs); ConfigError
+    names one that is not and lists those it takes. It imports the optimizer's package
+    (bitsandbytes takes seconds), so it runs in the job before the model loads
+    (atelier.launch.job) and in build_optimizer, not at the config boundary that launchers and
+    tools pass without torch."""
     kind = optimizer_type(kind)
     for name, instead in RESERVED_ARGS.items():
         if name in args:
             raise ConfigError(f"optimizer.args.{name}: not an optimizer argument here: {instead}")
-    path = OPTIMIZER_CLASSES[kind]
-    accepted = constructor_args(_import(path))
+    cls = resolve_optimizer_class(kind)
+    accepted = constructor_args(cls)
     if accepted is None:
         return
     unknown = [name for name in args if name not in accepted]
@@ -84,27 +106,34 @@ def check_optimizer_args(kind: OptimizerType | str, args: dict[str, Any]) -> Non
         close = difflib.get_close_matches(unknown[0], takes, n=1)
         hint = f"; did you mean optimizer.args.{close[0]}?" if close else ""
         raise ConfigError(
-            f"optimizer.args.{unknown[0]}: not an argument of {path} (optimizer.type={kind.value}){hint} "
-            f"It takes: {', '.join(takes)}"
+            f"optimizer.args.{unknown[0]}: not an argument of {optimizer_class_path(kind)} (optimizer.type={kind})"
+            f"{hint} It takes: {', '.join(takes)}"
         )
 
 
+def optimizer_kwargs(kind: str, args: dict[str, Any]) -> dict[str, Any]:
+    """optimizer.args with the type's defaults and fixed arguments (ValueError when args contradict one)."""
+    kind = optimizer_type(kind)
+    args = {**DEFAULT_ARGS.get(kind, {}), **args}
+    for name, value in FIXED_ARGS.get(kind, {}).items():
+        if args.get(name, value) != value:
+            raise ValueError(f"optimizer.args.{name}={args[name]}: {kind} always uses {name}={value}")
+        args[name] = value
+    if "betas" in args:
+        args["betas"] = tuple(args["betas"])
+    return args
+
+
 def build_optimizer(
-    kind: OptimizerType | str, param_groups: list[dict[str, Any]], learning_rate: float, args: dict[str, Any]
+    kind: str, param_groups: list[dict[str, Any]], learning_rate: float, args: dict[str, Any]
 ) -> torch.optim.Optimizer:
     """Create the optimizer; each param group carries its own "lr"."""
     kind = optimizer_type(kind)
     check_optimizer_args(kind, args)
-    cls = _import(OPTIMIZER_CLASSES[kind])
-    args = {**DEFAULT_ARGS.get(kind, {}), **args}
-    for name, value in FIXED_ARGS.get(kind, {}).items():
-        if args.get(name, value) != value:
-            raise ValueError(f"optimizer.args.{name}={args[name]}: {kind.value} always uses {name}={value}")
-        args[name] = value
-    if "betas" in args:
-        args["betas"] = tuple(args["betas"])
+    cls = resolve_optimizer_class(kind)
+    args = optimizer_kwargs(kind, args)
     lr: float | None = learning_rate
-    if kind == OptimizerType.Adafactor and args.get("relative_step", True):
+    if optimizer_class_path(kind) == ADAFACTOR and args.get("relative_step", True):
         # Adafactor refuses an lr with relative_step: it computes its own (logged as lr/d*lr/*).
         lr = None
     try:
@@ -152,9 +181,7 @@ def eval_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer, args: dict[str, Any]) -> str:
-    """sd-scripts' ss_optimizer string: `module.Class(key=value,...)`."""
+    """sd-scripts' ss_optimizer string: `module.Class(key=value,...)` (the class's own module,
+    e.g. torch.optim.adamw.AdamW)."""
     cls = type(optimizer)
-    name = f"{cls.__module__}.{cls.__name__}"
-    if args:
-        name += "(" + ",".join(f"{k}={v}" for k, v in args.items()) + ")"
-    return name
+    return call_string(f"{cls.__module__}.{cls.__name__}", args)

@@ -6,13 +6,25 @@ inverse_sqrt and warmup_stable_decay (as sd-scripts does, num_cycles counts half
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 from diffusers.optimization import get_scheduler
 
+from atelier.config.optimizer_types import scheduler_class_path
 from atelier.config.schema import SchedulerConfig, SchedulerType
+from atelier.errors import ConfigError
+from atelier.optim.optimizers import import_class
+
+LRScheduler = torch.optim.lr_scheduler.LRScheduler
+# Schedules the trainer cannot step: why.
+UNSTEPPABLE = {
+    torch.optim.lr_scheduler.ReduceLROnPlateau: "it needs a metric at each step(metrics), which the trainer does not "
+    "give (sd-scripts neither)",
+}
 
 
 def _steps(total_steps: int, steps: int, ratio: float | None) -> int:
@@ -103,10 +115,55 @@ def build_lr_scheduler(
     )
 
 
+def resolve_scheduler_class(class_path: str) -> type[LRScheduler]:
+    """The schedule class scheduler.class_path names, imported. ConfigError naming the key for
+    one that does not import, is not a schedule, or cannot be stepped here."""
+    path = scheduler_class_path(class_path)
+    cls = import_class(path, "scheduler.class_path")
+    if not (inspect.isclass(cls) and issubclass(cls, LRScheduler)):
+        raise ConfigError(
+            f"scheduler.class_path={class_path}: {path} is not a learning-rate schedule (not a "
+            "torch.optim.lr_scheduler.LRScheduler class); e.g. torch.optim.lr_scheduler.CosineAnnealingLR"
+        )
+    for refused, why in UNSTEPPABLE.items():
+        if issubclass(cls, refused):
+            raise ConfigError(f"scheduler.class_path={class_path}: {why}; choose another schedule")
+    return cls
+
+
+def check_scheduler_args(cfg: SchedulerConfig) -> None:
+    """A class-path schedule imports, and scheduler.args fits its constructor: no unknown
+    argument (named, with the closest), none it needs left out. Run in the job before the model
+    loads (atelier.launch.job) and when the schedule is built; nothing to do for a named one."""
+    if cfg.class_path is None:
+        return
+    cls = resolve_scheduler_class(cfg.class_path)
+    path = scheduler_class_path(cfg.class_path)
+    parameters = list(inspect.signature(cls).parameters.values())[1:]  # after `optimizer`, the trainer's
+    if "optimizer" in cfg.args:
+        raise ConfigError("scheduler.args.optimizer: not a schedule argument here: the trainer passes the optimizer")
+    takes = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        for name in cfg.args:
+            if name not in takes:
+                close = difflib.get_close_matches(name, takes, n=1)
+                hint = f"; did you mean scheduler.args.{close[0]}?" if close else ""
+                raise ConfigError(f"scheduler.args.{name}: not an argument of {path}{hint} It takes: {', '.join(takes)}")
+    needed = [p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for name in needed:
+        if name not in cfg.args:
+            raise ConfigError(f"scheduler.class_path={cfg.class_path} needs scheduler.args.{name}: add "
+                              f"+scheduler.args.{name}=<value> (it takes: {', '.join(takes)})")  # fmt: skip
+
+
 def lr_scheduler_from_config(
     cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, steps: ScheduleSteps
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The schedule `cfg` (a SchedulerConfig) describes, over `steps.total` optimizer steps."""
+    """The schedule `cfg` (a SchedulerConfig) describes, over `steps.total` optimizer steps; a
+    class-path one is Class(optimizer, **scheduler.args), as sd-scripts' --lr_scheduler_type."""
+    if cfg.class_path is not None:
+        check_scheduler_args(cfg)
+        return resolve_scheduler_class(cfg.class_path)(optimizer, **cfg.args)
     return build_lr_scheduler(
         cfg.type,
         optimizer,

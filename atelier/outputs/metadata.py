@@ -9,11 +9,14 @@ from enum import Enum
 from operator import attrgetter
 from typing import Any
 
+from atelier.config.optimizer_types import call_string, scheduler_class_path
 from atelier.config.options import schema_fields
 from atelier.config.schema import (
     AtelierConfig,
     DatasetConfig,
     ModelVersion,
+    PartLearningRates,
+    SchedulerConfig,
     part_learning_rates,
 )
 from atelier.config.network_spec import kohya_module, kohya_network_args
@@ -84,7 +87,8 @@ def training_metadata(
         "ss_v2": cfg.model.version == ModelVersion.sd2,
         "ss_sd_model_name": base_model_name,
         "ss_unet_lr": None if net.train_text_encoder_only else rates.unet,
-        "ss_text_encoder_lr": None if net.train_unet_only else rates.text_encoder,
+        "ss_text_encoder_lr": None if net.train_unet_only else text_encoder_rates(rates),
+        "ss_lr_scheduler": scheduler_name(cfg.scheduler),
         "ss_optimizer": optimizer_name,
         "ss_num_train_images": num_train_images,
         "ss_num_reg_images": num_reg_images,
@@ -118,6 +122,21 @@ def training_metadata(
         high = 1000 if t.max_timestep is None else t.max_timestep
         meta["modelspec.timestep_range"] = f"{low},{high}"
     return {k: _str(v) for k, v in meta.items()}
+
+
+def text_encoder_rates(rates: PartLearningRates) -> float | list[float]:
+    """ss_text_encoder_lr: the rate, or [te1, te2] when SDXL's two differ (as sd-scripts writes
+    its --text_encoder_lr list for the networks that read both)."""
+    if rates.text_encoder_2 == rates.text_encoder:
+        return rates.text_encoder
+    return [rates.text_encoder, rates.text_encoder_2]
+
+
+def scheduler_name(s: SchedulerConfig) -> str:
+    """ss_lr_scheduler: scheduler.type, or a class-path schedule as `path(args)` (ss_optimizer's form)."""
+    if s.class_path is None:
+        return s.type.value
+    return call_string(scheduler_class_path(s.class_path), dict(s.args))
 
 
 def copied_metadata(cfg: AtelierConfig, skip: Iterable[str] = ()) -> dict[str, Any]:

@@ -55,8 +55,18 @@ def _unless_one(value: Any, cfg: dict[str, Any]) -> Any:
     return None if value == 1 else value
 
 
+def _text_encoder_lrs(value: float | None, cfg: dict[str, Any]) -> float | list[float] | None:
+    """--text_encoder_lr A, or A B with SDXL's second text encoder's rate (sd-scripts' nargs='*')."""
+    opt = cfg["optimizer"]
+    second = opt.get("text_encoder_2_lr")
+    if second is None:
+        return value
+    return [opt["learning_rate"] if value is None else value, second]
+
+
 def _optimizer_args(value: dict[str, Any] | None, cfg: dict[str, Any]) -> list[str] | None:
-    """sd-scripts parses each "key=value" with ast.literal_eval; lists become tuples."""
+    """sd-scripts parses each "key=value" with ast.literal_eval; lists become tuples (also
+    --lr_scheduler_args)."""
     if not value:
         return None
     items = []
@@ -144,6 +154,9 @@ HOW: dict[str, dict[str, Any]] = {
     "network.train_unet_only": {"kind": "switch"},
     "network.train_text_encoder_only": {"kind": "switch"},
     "optimizer.args": {"kind": "list", "convert": _optimizer_args},
+    "optimizer.text_encoder_lr": {"convert": _text_encoder_lrs},
+    "optimizer.text_encoder_2_lr": {"place": "covered"},  # the second value of --text_encoder_lr
+    "scheduler.args": {"kind": "list", "convert": _optimizer_args},
     "scheduler.warmup_steps": {"convert": _warmup_steps},
     "scheduler.warmup_ratio": {"convert": _unless_zero},
     "scheduler.decay_steps": {"convert": _decay_steps},

@@ -60,7 +60,10 @@ class AtelierConfig:
         check_name("project", self.project)
         check_noise_options(self.training, self.model.v_parameterization)
         opt, sched = self.optimizer, self.scheduler
-        check_schedule_fits(opt.type, sched.type.value, sched.warmup_steps or sched.warmup_ratio or 0)
+        check_schedule_fits(opt.type, sched.class_path or sched.type.value, sched.warmup_steps or sched.warmup_ratio or 0)
+        if opt.text_encoder_2_lr is not None and self.model.version != ModelVersion.sdxl:
+            raise ConfigError(f"optimizer.text_encoder_2_lr={opt.text_encoder_2_lr}: only SDXL has a second text "
+                              f"encoder (model.version={self.model.version.value}); set optimizer.text_encoder_lr")
         if self.training.suggest_lr:
             check_can_suggest(opt.type, opt.args)
         if self.trial is not None and self.dataset.validation_split == 0:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from omegaconf import MISSING
 
+from atelier.config.optimizer_types import scheduler_class_path
 from atelier.config.schema.checks import unresolved
 from atelier.config.schema.enums import SchedulerType
 from atelier.config.schema.fields import option
@@ -20,6 +21,8 @@ KEYS_USED_BY: dict[str, frozenset[SchedulerType]] = {
     "timescale": frozenset({SchedulerType.inverse_sqrt}),
     "step_rules": frozenset({SchedulerType.piecewise_constant}),
 }
+# The keys of a schedule given by its class (scheduler.class_path), not by scheduler.type.
+CLASS_KEYS = ("class_path", "args")
 
 
 @dataclass
@@ -58,6 +61,19 @@ class SchedulerConfig:
         None, flag="lr_scheduler_args step_rules",
         doc='piecewise_constant: diffusers\' rules "mult:until_step,...,final_mult", e.g. "1:100,0.5:200,0.1".',
     )
+    class_path: Optional[str] = option(
+        None, flag="lr_scheduler_type", ss="ss_lr_scheduler",
+        doc="Any schedule by its class instead of scheduler.type (with scheduler=constant, no warmup): a class of "
+        "torch.optim.lr_scheduler (CosineAnnealingLR) or a class path (torch.optim.lr_scheduler.OneCycleLR), "
+        "built as Class(optimizer, **scheduler.args) and stepped once per optimizer step. ss_lr_scheduler is "
+        "then 'class_path(args)'.",
+        kohya="sd-scripts writes --lr_scheduler (constant) to ss_lr_scheduler and leaves --lr_scheduler_type out",
+    )
+    args: Dict[str, Any] = option(
+        default_factory=dict, flag="lr_scheduler_args",
+        doc="The scheduler.class_path schedule's constructor arguments (+scheduler.args.T_max=1000), checked "
+        "against its signature before the model loads.",
+    )
 
     def __post_init__(self) -> None:
         if unresolved(self.type):
@@ -87,13 +103,44 @@ class SchedulerConfig:
             if self.warmup_steps or self.warmup_ratio:
                 raise ConfigError("scheduler.type=piecewise_constant has no warmup: put it in scheduler.step_rules")
             parse_step_rules(self.step_rules)
+        if self.class_path is not None:
+            self.check_class_schedule(kind)
+        elif self.args:
+            self.refuse_args(kind)
+
+    def check_class_schedule(self, kind: SchedulerType) -> None:
+        """A class-path schedule replaces scheduler.type's; the keys only a named schedule reads
+        would be ignored, so they are refused (sd-scripts refuses a warmup there too)."""
+        where = f"scheduler.class_path={self.class_path}"
+        scheduler_class_path(self.class_path)  # the spelling; the import is checked before the model loads
+        if kind != SchedulerType.constant:
+            raise ConfigError(f"{where} replaces scheduler.type={kind.value}: use scheduler=constant with it")
+        if self.warmup_steps or self.warmup_ratio:
+            raise ConfigError(f"{where} takes no scheduler.warmup_steps / warmup_ratio (sd-scripts refuses them "
+                              "too): give the class's own warmup in scheduler.args, or chain one with "
+                              "torch.optim.lr_scheduler.SequentialLR")  # fmt: skip
+        for key in ("num_cycles", "power"):
+            if getattr(self, key) != 1:
+                raise ConfigError(f"scheduler.{key}={getattr(self, key)} is not read with {where}: give the "
+                                  f"class's own argument in scheduler.args")  # fmt: skip
+
+    def refuse_args(self, kind: SchedulerType) -> None:
+        """scheduler.args is read by a class-path schedule only; a named one's arguments are keys here."""
+        name = next(iter(self.args))
+        key = f"scheduler.args.{name}"
+        if name in {f.name for f in fields(SchedulerConfig)} - {"type", *CLASS_KEYS}:
+            raise ConfigError(f"{key}: sd-scripts' scheduler args are options of their own here: set scheduler.{name}")
+        takes = ", ".join(f"scheduler.{k}" for k in keys_read_by(kind))
+        raise ConfigError(f"{key}: not an argument scheduler.type={kind.value} takes; it takes {takes} "
+                          "(scheduler.args is read by a schedule class, scheduler.class_path)")  # fmt: skip
 
 
 def keys_read_by(kind: SchedulerType | str) -> list[str]:
     """The scheduler.* keys a schedule may be given (its own ones of KEYS_USED_BY, and the
     common ones), in schema order. ValueError for a type that is not a schedule."""
     kind = SchedulerType(kind)
-    return [f.name for f in fields(SchedulerConfig) if f.name != "type" and kind in KEYS_USED_BY.get(f.name, {kind})]
+    return [f.name for f in fields(SchedulerConfig)
+            if f.name not in ("type", *CLASS_KEYS) and kind in KEYS_USED_BY.get(f.name, {kind})]  # fmt: skip
 
 
 def parse_step_rules(step_rules: str) -> tuple[list[tuple[float, int]], float]:
