@@ -86,6 +86,13 @@ def test_every_named_optimizer_builds_and_takes_a_step(name: str) -> None:
     assert (effective_learning_rates(optimizer) is not None) == (name in ADAPTIVE) == is_adaptive(name, args)
 
 
+def test_an_adaptive_optimizer_at_an_adamw_learning_rate_is_warned_about(caplog) -> None:
+    build_optimizer("DAdaptAdan", groups(1.0), 1.0, {})
+    assert "is low for" not in caplog.text
+    build_optimizer("DAdaptAdan", groups(1e-4), 1e-4, {})  # e.g. optimizer.type=DAdaptAdan on the adamw option
+    assert "optimizer.learning_rate=0.0001 is low for DAdaptAdan" in caplog.text and "around 1.0" in caplog.text
+
+
 def test_sgd_nesterov_8bit_is_sgd8bit_with_nesterov_momentum() -> None:
     optimizer = build_optimizer("SGDNesterov8bit", groups(), 0.1, {})
     assert type(optimizer).__name__ == "SGD8bit"

@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import importlib
 import inspect
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,9 +18,12 @@ from atelier.config.optimizer_types import (
     PIP_NAMES,
     call_string,
     canonical_optimizer,
+    is_adaptive_type,
     optimizer_class_path,
 )
 from atelier.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Arguments an optimizer type always gets, and defaults `optimizer.args` may override
 # (sd-scripts does the same: SGDNesterov is SGD with nesterov=True and momentum 0.9, and
@@ -132,6 +136,10 @@ def build_optimizer(
     check_optimizer_args(kind, args)
     cls = resolve_optimizer_class(kind)
     args = optimizer_kwargs(kind, args)
+    if is_adaptive_type(kind) and learning_rate <= 0.1:
+        # As sd-scripts warns: D-Adaptation / Prodigy multiply their estimate by the lr.
+        log.warning("optimizer.learning_rate=%g is low for %s, which estimates its step size itself: set it "
+                    "around 1.0", learning_rate, kind)  # fmt: skip
     lr: float | None = learning_rate
     if optimizer_class_path(kind) == ADAFACTOR and args.get("relative_step", True):
         # Adafactor refuses an lr with relative_step: it computes its own (logged as lr/d*lr/*).
