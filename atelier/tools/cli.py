@@ -157,6 +157,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=_lazy("export_kohya", "export-kohya"))
 
+    p = _parser(subparsers, "kohya-options", "every sd-scripts train_network.py option: its Atelier key, or why none",
+                "The coverage table of sd-scripts' train_network.py options (docs/kohya-options.md).", "")  # fmt: skip
+    p.add_argument("--write", metavar="FILE", help="write the table to FILE instead of printing it")
+    p.set_defaults(func=_lazy("kohya_coverage", "kohya-options"))
+
     p = _parser(subparsers, "skeleton", "copy a diffusers folder's configs + tokenizer (no weights) for model.config",
                 "Write a config-only copy of a diffusers pipeline folder.", SKELETON_EPILOG)  # fmt: skip
     p.add_argument("diffusers_folder", help="a diffusers pipeline folder (with model_index.json)")
