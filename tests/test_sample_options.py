@@ -127,26 +127,19 @@ def test_samples_at_first_and_every_n_steps_on_a_real_run(tmp_path, caplog):
     assert any("--g" in message and "not used" in message for message in caplog.messages)
 
 
-def test_a_continued_run_does_not_sample_at_first_again(tmp_path):
+def test_a_continued_run_does_not_sample_at_first_again():
     """sample_at_first is about the base model: a run that starts past step 0 has no first step."""
-    cfg = make_cfg("training.max_train_steps=2", "sampling.sample_at_first=true")
     from atelier.loop.adapter import Adapter
 
-    class Result:
-        steps = 3
-
-    class Parallel:
-        is_main = True
-
-    called = []
-    adapter = Adapter.__new__(Adapter)
-    adapter.cfg, adapter.result, adapter.parallel = cfg, Result(), Parallel()
-    adapter.samples = type("Samples", (), {"generate": lambda self, epoch, step: called.append((epoch, step))})()
-    adapter.first_samples()
-    assert called == []
-    Result.steps = 0
-    adapter.first_samples()
-    assert called == [(0, 0)]
+    adapter = Adapter.__new__(Adapter)  # only the fields first_samples_due reads
+    adapter.cfg = make_cfg("training.max_train_steps=2", "sampling.sample_at_first=true")
+    adapter.result = type("Result", (), {"steps": 3})()
+    adapter.parallel = type("Parallel", (), {"is_main": True})()
+    assert not adapter.first_samples_due
+    adapter.result.steps = 0
+    assert adapter.first_samples_due
+    adapter.parallel.is_main = False
+    assert not adapter.first_samples_due
 
 
 def test_export_kohya_maps_the_sampling_options(tmp_path, capsys):

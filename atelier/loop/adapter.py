@@ -255,11 +255,11 @@ class Adapter:
         if (every and epoch % every == 0) or is_last:
             self.samples.generate(epoch, self.result.steps)
 
-    def first_samples(self) -> None:
+    @property
+    def first_samples_due(self) -> bool:
         """sampling.sample_at_first: samples before the first step (the LoRA still adds nothing),
-        named for epoch 0 as sd-scripts names them; not again when a run continues."""
-        if self.cfg.sampling.sample_at_first and self.result.steps == 0 and self.parallel.is_main:
-            self.samples.generate(0, 0)
+        named for epoch 0 as sd-scripts names them; not again when a run continues (main process)."""
+        return self.cfg.sampling.sample_at_first and self.result.steps == 0 and self.parallel.is_main
 
     def _every_n_steps(self, every: int | None) -> bool:
         return bool(every) and self.result.steps % every == 0 and self.parallel.is_main

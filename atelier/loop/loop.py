@@ -101,9 +101,11 @@ class TrainingLoop:
         with stop_on_signals() as self.stop:
             for adapter in self.active():
                 self._tracks[id(adapter)] = _Track(draws(adapter), group_started=time.perf_counter())
-                with self._errors_of([adapter]), self._alone(adapter), phases.phase("epoch_outputs"), \
-                        eval_weights(adapter.optimizer):
-                    adapter.first_samples()
+                # Only then: a schedule-free optimizer's eval/train switch rounds the weights.
+                if adapter.first_samples_due:
+                    with self._errors_of([adapter]), self._alone(adapter), phases.phase("epoch_outputs"), \
+                            eval_weights(adapter.optimizer):
+                        adapter.samples.generate(0, 0)
             self._progress = self._progress_bar()
             try:
                 while self.active():
