@@ -26,6 +26,18 @@ values kept: up = U_k sqrt(S_k), down = sqrt(S_k) Vh_k, alpha = k * old_alpha / 
 with --rank as the upper bound. Prints the Frobenius norm fraction each module keeps.
 """
 
+IMPORT_EPILOG = """\
+examples:
+  atelier import-kohya my_lora_config.toml           # sd-scripts --config_file (its dataset_config too)
+  atelier import-kohya "SDXL - LoHA v1.0.json"        # a kohya_ss GUI config
+  atelier import-kohya train_command.sh --name mychar # a saved accelerate launch ... command line
+  python train.py experiment=mychar                   # train it
+  python train.py -m experiment=mychar network.dim=16,32   # or sweep around it
+
+Options with no Atelier equivalent are listed, never dropped; options the source left out get
+sd-scripts' defaults, so the run trains what the source did.
+"""
+
 MERGE_EPILOG = """\
 examples:
   # LoRAs into a base checkpoint (SD1 single file, original layout): a new checkpoint
@@ -156,6 +168,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="where to write the files (default: the run dir)")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=_lazy("export_kohya", "export-kohya"))
+
+    p = _parser(subparsers, "import-kohya", "an sd-scripts config / dataset TOML, kohya_ss GUI JSON or command line as "
+                "an experiment config", "Write what a kohya user has as conf/experiment/<name>.yaml.", IMPORT_EPILOG)  # fmt: skip
+    p.add_argument("file", help="a --config_file or --dataset_config TOML, a kohya_ss GUI .json, or a file holding the "
+                   "`accelerate launch train_network.py ...` command")  # fmt: skip
+    p.add_argument("--sdxl", action="store_true", help="the config is for sdxl_train_network.py (a TOML does not say; "
+                   "a command line and a GUI JSON do)")  # fmt: skip
+    p.add_argument("--name", help="the experiment's name (default: the file's name)")
+    p.add_argument("--out", metavar="FILE", help="where to write it (default: conf/experiment/<name>.yaml)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing experiment config")
+    p.set_defaults(func=_lazy("import_kohya", "import-kohya"))
 
     p = _parser(subparsers, "kohya-options", "every sd-scripts train_network.py option: its Atelier key, or why none",
                 "The coverage table of sd-scripts' train_network.py options (docs/kohya-options.md).", "")  # fmt: skip

@@ -124,8 +124,8 @@ def build_export(cfg: dict[str, Any], out_dir: Path) -> Export:
         if option.kind == "switch":
             converted = bool(converted)
         if option.place == "accelerate":
-            if converted:
-                accelerate[option.flag] = True
+            if converted:  # a switch (--cpu) or a value (--num_processes 2)
+                accelerate[option.flag] = converted
             continue
         (general if option.place == "dataset" else args)[option.flag] = converted
         if option.dataset_key:

@@ -93,6 +93,7 @@ class KohyaOption:
     help: str
     nargs: Any
     switch: bool
+    type: str | None  # the argparse type's name: int, float, str, int_or_float, ...
 
 
 @cache
@@ -104,7 +105,7 @@ def sd_scripts_options() -> dict[str, KohyaOption]:
         switch = raw["action"] == "store_true"
         default = False if switch and raw["default"] is None else raw["default"]
         found[raw["name"]] = KohyaOption(raw["name"], SECTIONS.get(function, NETWORK_SECTION), default,
-                                         raw["help"] or "", raw["nargs"], switch)  # fmt: skip
+                                         raw["help"] or "", raw["nargs"], switch, raw["type"])  # fmt: skip
     return found
 
 
@@ -140,8 +141,9 @@ def render_coverage() -> str:
         "Atelier key that does the same, or why there is none. Generated from the config schema and",
         f"atelier/tools/sd_scripts_args.json by `{REGENERATE}`.",
         "",
-        f"{have} of {len(kohya)} options have an Atelier key. `atelier export-kohya <run dir>` writes a run as",
-        "sd-scripts options.",
+        f"{have} of {len(kohya)} options have an Atelier key. `atelier import-kohya <file>` maps them from an",
+        "sd-scripts config or dataset TOML, a kohya_ss GUI JSON or a command line into an experiment config;",
+        "`atelier export-kohya <run dir>` writes a run back as sd-scripts options.",
     ]
     for section in [*dict.fromkeys(SECTIONS.values()), NETWORK_SECTION]:
         if not by_section.get(section):

@@ -81,16 +81,14 @@ def _optimizer_args(value: dict[str, Any] | None, cfg: dict[str, Any]) -> list[s
     return items
 
 
-def _warmup_steps(value: int, cfg: dict[str, Any]) -> int | None:
-    if cfg["scheduler"].get("warmup_ratio") is not None:
-        return None  # the ratio row gives lr_warmup_steps
-    return value or None
+def _ratio_unless_steps(name: str) -> Callable[[float | None, dict[str, Any]], float | None]:
+    """scheduler.<name>_ratio as --lr_<name>_steps (a float below 1 is a ratio in sd-scripts too),
+    unless scheduler.<name>_steps is set: a step count wins over a ratio (atelier.optim.schedulers),
+    and sd-scripts takes one --lr_<name>_steps."""
+    def convert(value: float | None, cfg: dict[str, Any]) -> float | None:
+        return None if cfg["scheduler"].get(f"{name}_steps") else (value or None)
 
-
-def _decay_steps(value: int, cfg: dict[str, Any]) -> int | None:
-    if cfg["scheduler"].get("decay_ratio") is not None:
-        return None  # the ratio row gives lr_decay_steps
-    return value or None
+    return convert
 
 
 def _epochs_unless_steps(value: int | None, cfg: dict[str, Any]) -> int | None:
@@ -157,10 +155,10 @@ HOW: dict[str, dict[str, Any]] = {
     "optimizer.text_encoder_lr": {"convert": _text_encoder_lrs},
     "optimizer.text_encoder_2_lr": {"place": "covered"},  # the second value of --text_encoder_lr
     "scheduler.args": {"kind": "list", "convert": _optimizer_args},
-    "scheduler.warmup_steps": {"convert": _warmup_steps},
-    "scheduler.warmup_ratio": {"convert": _unless_zero},
-    "scheduler.decay_steps": {"convert": _decay_steps},
-    "scheduler.decay_ratio": {"convert": _unless_zero},
+    "scheduler.warmup_steps": {"convert": _unless_zero},
+    "scheduler.warmup_ratio": {"convert": _ratio_unless_steps("warmup")},
+    "scheduler.decay_steps": {"convert": _unless_zero},
+    "scheduler.decay_ratio": {"convert": _ratio_unless_steps("decay")},
     "scheduler.step_rules": {"kind": "list", "convert": lambda v, c: [f"step_rules={v!r}"] if v else None},
     "dataset.name": {"place": "covered"},
     "dataset.train_data_dir": {"place": "subsets", "convert": _path},

@@ -1,0 +1,384 @@
+"""`atelier import-kohya <file>`: what a kohya user already has, as an Atelier experiment config.
+
+The file is an sd-scripts --config_file TOML (its dataset_config followed), a --dataset_config
+TOML, a kohya_ss GUI JSON or a saved `accelerate launch train_network.py ...` command line
+(atelier.tools.kohya_sources reads them). Each option is mapped to the config key that carries
+its flag (the schema's option(flag=...), as export-kohya writes them); options sd-scripts left
+at its default get sd-scripts' default where ours differs, so the run trains the same thing.
+The experiment (conf/experiment/<name>.yaml, or --out) states every imported value; an option
+with no Atelier key is listed by name in the file's header and on the console, never dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from atelier.config.network_kinds import KINDS
+from atelier.config.options import ConfigOption
+from atelier.tools.common import ToolError, check_output
+from atelier.tools.kohya_coverage import NOT_HERE, ours_by_flag, sd_scripts_options
+from atelier.tools.kohya_sources import SDXL_SCRIPT, KohyaRun, read_source
+
+REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+# The groups the experiment states in full (their conf/ options would add values of their own).
+STATED_GROUPS = ("model", "network", "optimizer", "scheduler", "dataset")
+# Options handled by a function of their own below (not a plain value for one key).
+HANDLED = {
+    "pretrained_model_name_or_path", "v2", "network_module", "network_args", "network_dim", "network_alpha",
+    "optimizer_args", "lr_scheduler_args", "lr_warmup_steps", "lr_decay_steps", "text_encoder_lr", "resolution",
+    "xformers", "sdpa", "mem_eff_attn", "sample_prompts", "train_data_dir", "reg_data_dir", "max_train_epochs",
+    "max_train_steps", "output_dir",
+}  # fmt: skip
+# Atelier's model resolution (the bucket and sample default) per family.
+RESOLUTIONS = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+
+
+@dataclass
+class Imported:
+    values: dict[str, Any] = field(default_factory=dict)  # dotted key -> value
+    unmapped: list[tuple[str, Any, str]] = field(default_factory=list)  # sd-scripts name, value, why
+    notes: list[str] = field(default_factory=list)
+
+    def set(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+    def skip(self, name: str, value: Any, why: str | None = None) -> None:
+        self.unmapped.append((name, value, why or NOT_HERE.get(name) or "no Atelier key"))
+
+
+def import_run(run: KohyaRun) -> Imported:
+    out = Imported()
+    args = {**run.args, **_dataset_general(run)}
+    ours = ours_by_flag()
+    _model(run, args, out)
+    _network(args, out, ours)
+    _optimizer(args, out)
+    _scheduler(args, out, ours)
+    _length(args, out)
+    _dataset(run, args, out)
+    _attention(args, out)
+    if args.get("sample_prompts"):
+        out.set("sampling.prompt_file", str(_path(args["sample_prompts"], run.source)))
+    if "output_dir" in args:
+        out.notes.append(f"--output_dir {args['output_dir']}: the run goes to Hydra's run dir (outputs/<project>/...)")
+    for name, value in args.items():
+        if name in HANDLED or name in ("dataset_config", "config_file"):
+            continue
+        simple = [o for o in ours.get(name, []) if o.flag == name]
+        if simple:
+            out.set(simple[0].key, _value_for(simple[0], value))
+        else:
+            out.skip(name, value)
+    _accelerate(run, out)
+    _sd_scripts_defaults(args, out, ours)
+    for name, value in run.unknown.items():
+        out.skip(name, value, f"not an option of sd-scripts' {run.script}")
+    return out
+
+
+def _value_for(option: ConfigOption, value: Any) -> Any:
+    if option.key == "model.version":
+        return "sd2" if value else "sd1"
+    return value
+
+
+def _path(value: str, source: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (source.parent / path).resolve()
+
+
+def _dataset_general(run: KohyaRun) -> dict[str, Any]:
+    """A dataset TOML's [general] keys as options (batch_size is train_batch_size there)."""
+    general = {("train_batch_size" if k == "batch_size" else k): v for k, v in run.general.items()}
+    known = sd_scripts_options()
+    return {k: v for k, v in general.items() if k in known}
+
+
+def _model(run: KohyaRun, args: dict[str, Any], out: Imported) -> None:
+    version = "sdxl" if run.script == SDXL_SCRIPT else ("sd2" if args.get("v2") else "sd1")
+    path = args.get("pretrained_model_name_or_path")
+    out.set("model.name", Path(str(path)).stem if path else "imported")
+    out.set("model.path", str(path) if path else "???")
+    out.set("model.builtin", None)
+    out.set("model.version", version)
+    out.set("model.resolution", RESOLUTIONS[version] if not (version == "sd2" and not args.get("v_parameterization"))
+            else 512)  # fmt: skip
+    if not path:
+        out.notes.append("no --pretrained_model_name_or_path: set model.path before training")
+
+
+def _kv_list(items: list[str], option: str, out: Imported) -> dict[str, Any]:
+    """["k=v", ...] as sd-scripts reads them (ast.literal_eval where it parses, else the text)."""
+    found = {}
+    for item in items:
+        key, eq, text = str(item).partition("=")
+        if not eq:
+            out.skip(option, item, "not key=value")
+            continue
+        try:
+            found[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            found[key.strip()] = text.strip()
+    return found
+
+
+def _network(args: dict[str, Any], out: Imported, ours: dict[str, list[ConfigOption]]) -> None:
+    module = args.get("network_module", "networks.lora")
+    extra = _kv_list(args.get("network_args", []), "network_args", out)
+    algo = extra.pop("algo", "lora" if module == "lycoris.kohya" else None)
+    kind = _kind_of(module, algo)
+    if kind is None:
+        out.skip("network_module", f"{module}" + (f" algo={algo}" if algo else ""),
+                 f"Atelier trains {', '.join(KINDS)}; this kind is not one of them (lora is imported instead)")  # fmt: skip
+        kind = "lora"
+    out.set("network.module", kind)
+    # networks.lora's defaults when none is given (sd-scripts: dim 4, alpha 1).
+    out.set("network.dim", 4 if args.get("network_dim") is None else args["network_dim"])
+    out.set("network.alpha", args.get("network_alpha", 1.0))
+    preset = extra.pop("preset", None)
+    entry = KINDS[kind]
+    if preset is not None and preset != (entry.lycoris_preset or ("full" if extra.get("conv_dim") else "attn-mlp")):
+        out.skip("network_args", f"preset={preset}", "Atelier's targets are LyCORIS' attn-mlp (full with conv_dim)")
+    by_arg = {o.flag.split()[1]: o for o in ours.get("network_args", []) if len(o.flag.split()) == 2}
+    for name, value in extra.items():
+        if name in by_arg and by_arg[name].key.split(".")[1] in entry.args:
+            out.set(by_arg[name].key, value)
+        else:
+            out.skip("network_args", f"{name}={_text(value)}", f"not an option network.module={kind} takes here")
+
+
+def _text(value: Any) -> str:
+    """A parsed key=value back as written (literal_eval made "2,2,2" a tuple)."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _kind_of(module: str, algo: str | None) -> str | None:
+    for kind in KINDS.values():
+        if kind.kohya_module == module and kind.lycoris_algo == algo and kind.name != "locon":
+            return kind.name
+    return "locon" if module == "lycoris.kohya" and algo in ("lora", "locon") else None
+
+
+def _optimizer(args: dict[str, Any], out: Imported) -> None:
+    out.set("optimizer.type", args.get("optimizer_type") or "AdamW")  # sd-scripts' default
+    out.set("optimizer.learning_rate", args.get("learning_rate", 2e-6))
+    out.set("optimizer.args", _kv_list(args.get("optimizer_args", []), "optimizer_args", out))
+    rates = args.get("text_encoder_lr")
+    if rates:
+        out.set("optimizer.text_encoder_lr", rates[0])
+        if len(rates) > 1:
+            out.set("optimizer.text_encoder_2_lr", rates[1])
+
+
+def _scheduler(args: dict[str, Any], out: Imported, ours: dict[str, list[ConfigOption]]) -> None:
+    out.set("scheduler.type", args.get("lr_scheduler", "constant"))
+    for name, key in (("lr_warmup_steps", "warmup"), ("lr_decay_steps", "decay")):
+        value = args.get(name, 0)
+        if isinstance(value, float) and value < 1:
+            out.set(f"scheduler.{key}_ratio", value)  # sd-scripts: a float below 1 is a ratio of the steps
+        elif value:
+            out.set(f"scheduler.{key}_steps", int(value))
+    extra = _kv_list(args.get("lr_scheduler_args", []), "lr_scheduler_args", out)
+    by_arg = {o.flag.split()[1]: o for o in ours.get("lr_scheduler_args", []) if len(o.flag.split()) == 2}
+    plain = {}
+    for name, value in extra.items():
+        if name in by_arg:
+            out.set(by_arg[name].key, value)
+        else:
+            plain[name] = value
+    if plain:
+        out.set("scheduler.args", plain)
+
+
+def _length(args: dict[str, Any], out: Imported) -> None:
+    """sd-scripts: --max_train_epochs wins over --max_train_steps; neither: 1600 steps."""
+    epochs, steps = args.get("max_train_epochs"), args.get("max_train_steps")
+    if epochs:
+        out.set("training.max_train_epochs", epochs)
+        out.set("training.max_train_steps", None)
+    else:
+        out.set("training.max_train_epochs", None)
+        out.set("training.max_train_steps", steps or 1600)
+
+
+def _attention(args: dict[str, Any], out: Imported) -> None:
+    if args.get("xformers"):
+        out.set("training.attention", "xformers")
+    elif args.get("sdpa") or args.get("mem_eff_attn"):
+        out.set("training.attention", "sdpa")
+    else:
+        out.set("training.attention", "math")  # sd-scripts' plain attention when neither is given
+
+
+def _dataset(run: KohyaRun, args: dict[str, Any], out: Imported) -> None:
+    resolution = args.get("resolution")
+    if resolution is not None:
+        text = ",".join(map(str, resolution)) if isinstance(resolution, (list, tuple)) else str(resolution)
+        sides = [int(float(s)) for s in text.replace("x", ",").split(",") if s.strip()]
+        if len(sides) == 2 and sides[0] != sides[1]:
+            out.skip("resolution", resolution, "Atelier trains square resolutions (buckets give other shapes)")
+        out.set("dataset.resolution", sides[0])
+    else:
+        out.set("dataset.resolution", out.values["model.resolution"])
+    train = [s for s in run.subsets if not s.get("is_reg")]
+    reg = [s for s in run.subsets if s.get("is_reg")]
+    for key, name, subsets in (("dataset.train_data_dir", "train_data_dir", train), ("dataset.reg_data_dir", "reg_data_dir", reg)):
+        if subsets:
+            parent = _parent_of(subsets, run, out)
+            if parent:
+                out.set(key, parent)
+        elif args.get(name):
+            out.set(key, str(_path(args[name], run.source)))
+    if "dataset.train_data_dir" not in out.values:
+        out.set("dataset.train_data_dir", "???")
+        out.notes.append("no train_data_dir or dataset subsets: set dataset.train_data_dir before training")
+    train_dir = out.values["dataset.train_data_dir"]
+    out.set("dataset.name", Path(train_dir).name if train_dir != "???" else "imported")
+
+
+def _parent_of(subsets: list[dict[str, Any]], run: KohyaRun, out: Imported) -> str | None:
+    """The folder Atelier reads: the subsets' common parent, when each subset's folder is named
+    <num_repeats>_<class_tokens> (how sd-scripts' DreamBooth folders carry them)."""
+    from atelier.data.dataset import parse_concept_folder_name
+
+    parents = set()
+    for subset in subsets:
+        folder = _path(str(subset.get("image_dir", "")), run.source)
+        parsed = parse_concept_folder_name(folder.name)
+        repeats, tokens = int(subset.get("num_repeats", 1)), subset.get("class_tokens")
+        if parsed is None or parsed[0] != repeats or (tokens is not None and parsed[1] != tokens):
+            out.skip("datasets.subsets", str(folder),
+                     f"Atelier reads repeats and class tokens from folder names: put it in one parent folder as "
+                     f"{repeats}_{tokens or folder.name}")  # fmt: skip
+            return None
+        for key in sorted(set(subset) - {"image_dir", "num_repeats", "class_tokens", "is_reg"}):
+            out.skip("datasets.subsets", f"{folder.name}: {key}={subset[key]}",
+                     "per-subset options are not supported yet ([13]); set them for the whole dataset")  # fmt: skip
+        parents.add(str(folder.parent))
+    if len(parents) > 1:
+        out.skip("datasets.subsets", sorted(parents), "Atelier reads one folder of N_name subfolders: move them together")
+        return None
+    return parents.pop()
+
+
+def _accelerate(run: KohyaRun, out: Imported) -> None:
+    for name, value in run.accelerate.items():
+        if name == "mixed_precision":
+            out.values.setdefault("training.mixed_precision", value)
+        elif name == "num_processes":
+            out.set("training.num_processes", int(value))
+        elif name == "cpu":
+            out.set("training.cpu", True)
+        elif name not in ("num_cpu_threads_per_process", "num_machines", "main_process_port", "dynamo_backend"):
+            out.skip(f"accelerate --{name}", value, "an accelerate launch option Atelier does not take")
+
+
+def _sd_scripts_defaults(args: dict[str, Any], out: Imported, ours: dict[str, list[ConfigOption]]) -> None:
+    """The options the source left out: sd-scripts' default where Atelier's differs."""
+    from atelier.config.options import all_options
+
+    defaults = {o.key: o.default for o in all_options()}
+    for name, option in sd_scripts_options().items():
+        if name in args or name in HANDLED:
+            continue
+        for ours_option in ours.get(name, []):
+            key = ours_option.key
+            if ours_option.flag != name or key in out.values or key.startswith("model."):
+                continue
+            value = None if option.default == "" else _value_for(ours_option, option.default)  # "": unset
+            if value is None and "None" not in ours_option.type:
+                continue  # sd-scripts' "not given" where Atelier's key always has a value (its default is that)
+            if _yaml(value) != defaults[key]:
+                out.set(key, value)
+
+
+def _yaml(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def nested(values: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in values.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def experiment_yaml(imported: Imported, run: KohyaRun, name: str) -> str:
+    header = [
+        "# @package _global_",
+        f"# Imported by `atelier import-kohya` from {run.source} ({run.kind}, {run.script}),",
+        f"# {dt.date.today().isoformat()}, as experiment `{name}`.",
+        "# Every group is stated in full (defaults: null below), with sd-scripts' defaults where",
+        "# the source left an option out, so the run trains what the source did.",
+    ]
+    if imported.unmapped:
+        header.append("# Not imported (no Atelier equivalent):")
+        header += [f"#   {option}={value}: {why}" for option, value, why in imported.unmapped]
+    header += [f"# Note: {note}" for note in imported.notes]
+    defaults = {"defaults": [{f"override /{group}": None} for group in STATED_GROUPS]}
+    body = OmegaConf.to_yaml(OmegaConf.create({**defaults, **nested(imported.values)}))
+    return "\n".join(header) + "\n" + body
+
+
+def run(args: argparse.Namespace) -> int:
+    from atelier.utils.atomic import write_text
+
+    source = Path(args.file).expanduser().resolve()
+    name = args.name or "".join(c if c.isalnum() or c in "-_" else "_" for c in source.stem)
+    out = Path(args.out).expanduser().resolve() if args.out else REPO_CONF / "experiment" / f"{name}.yaml"
+    if out.parent.name != "experiment" or out.suffix != ".yaml":
+        raise ToolError(f"--out {out}: an experiment config is <folder>/experiment/<name>.yaml (Hydra finds it there)")
+    check_output(out, args.force)
+    kohya = read_source(source)
+    if args.sdxl:
+        kohya.script = SDXL_SCRIPT
+    imported = import_run(kohya)
+    write_text(out, experiment_yaml(imported, kohya, out.stem))
+    print(f"read {source} ({kohya.kind}); wrote {out}")
+    overrides = [] if out.parent == REPO_CONF / "experiment" else [f"hydra.searchpath=[file://{out.parent.parent}]"]
+    problem = config_problem(out, overrides)
+    print(f"train it: python train.py {' '.join([*overrides, f'experiment={out.stem}'])}")
+    if problem:
+        print(f"warning: the config does not check yet: {problem}")
+    if imported.unmapped:
+        print("\nnot imported (no Atelier equivalent):")
+        for option, value, why in imported.unmapped:
+            print(f"  {option}={value}: {why}")
+    for note in imported.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def config_problem(experiment: Path, overrides: list[str]) -> str | None:
+    """Why the written experiment does not compose into a run config (a path that is not on this
+    machine, a value out of range), or None."""
+    from hydra import compose, initialize_config_dir
+
+    import atelier.config
+    from atelier.config.typed import run_config
+
+    atelier.config.register()
+    try:
+        with initialize_config_dir(config_dir=str(REPO_CONF), version_base="1.3"):
+            run_config(compose("config", overrides=[*overrides, f"experiment={experiment.stem}"]))
+    except Exception as err:  # noqa: BLE001 (any reason is reported, the file stays)
+        return " ".join(str(err).split())[:400]
+    return None
