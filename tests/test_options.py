@@ -63,7 +63,8 @@ EXPORT_RUNS = [
     ],
     ["network=lokr", "network.train_text_encoder_only=true", "scheduler.warmup_ratio=0.1",
      "sampling.sample_every_n_epochs=null", "sampling.sample_every_n_steps=50", "sampling.sample_at_first=true"],
-    ["network=dylora", "network.unit=2", "sampling.prompt_file={prompts_txt}"],
+    ["network=dylora", "network.unit=2", "network.loraplus_lr_ratio=16", "network.loraplus_unet_lr_ratio=8",
+     "network.loraplus_text_encoder_lr_ratio=4", "sampling.prompt_file={prompts_txt}"],
     ["model=tiny_sdxl", "optimizer.text_encoder_2_lr=2e-5", "scheduler.class_path=StepLR", "+scheduler.args.step_size=10"],
 ]
 

@@ -134,6 +134,8 @@ class NetworkKind:
 
 
 _DROPOUTS = frozenset({"rank_dropout", "module_dropout"})
+# LoRA+ (sd-scripts' networks.lora and networks.dylora): the up matrices' own learning rate.
+_LORAPLUS = frozenset({"loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"})
 # LyCORIS' own module classes; the kind's lycoris_algo picks the algorithm.
 _LYCORIS = "atelier.network.lycoris_modules:build_module"
 
@@ -142,7 +144,8 @@ KINDS: dict[str, NetworkKind] = {
     for kind in (
         NetworkKind(
             "lora", "sd-scripts networks.lora; with conv_dim also the 3x3 convs (LoCon-style \"C3Lier\")",
-            "LoRA", "networks.lora", "lora", "atelier.network.lora:build_module", frozenset({"conv_dim", "dropout", *_DROPOUTS}), fusable=True,
+            "LoRA", "networks.lora", "lora", "atelier.network.lora:build_module",
+            frozenset({"conv_dim", "dropout", *_DROPOUTS, *_LORAPLUS}), fusable=True,
         ),
         NetworkKind(
             "locon", "LyCORIS LoCon (lycoris.kohya algo=locon): LoRA on linear and conv layers",
@@ -161,7 +164,8 @@ KINDS: dict[str, NetworkKind] = {
         ),
         NetworkKind(
             "dylora", "sd-scripts networks.dylora: ranks learnt in blocks of network.unit, cut to any rank later",
-            "DyLoRA", "networks.dylora", "lora", "atelier.network.dylora:build_module", frozenset({"conv_dim", "unit"}),
+            "DyLoRA", "networks.dylora", "lora", "atelier.network.dylora:build_module",
+            frozenset({"conv_dim", "unit", *_LORAPLUS}),
             always_in_args=("unit",), check=_check_dylora,
         ),
         NetworkKind(

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from atelier.errors import ConfigError
+
+# The LoRA+ keys of the network group (NetworkConfig's rules; network_args as sd-scripts spells them).
+LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 from atelier.config.network_kinds import NetworkKind, kind_named
 
 if TYPE_CHECKING:  # the schema checks its network group with NetworkSpec: a runtime import would be a circle
@@ -56,6 +59,7 @@ class NetworkSpec:
             "module_dropout": net.module_dropout,
             "factor": None if net.factor in (None, -1) else net.factor,
             "unit": net.unit,
+            **{name: getattr(net, name) for name in LORAPLUS_KEYS},
         }
         for key, value in given.items():
             if value and key not in entry.options:
@@ -114,4 +118,7 @@ def kohya_network_args(net: NetworkConfig) -> dict[str, str]:
         args["module_dropout"] = str(spec.module_dropout)
     for key in entry.always_in_args:
         args[key] = str(getattr(spec, key))
+    for key in LORAPLUS_KEYS:
+        if getattr(net, key) is not None:
+            args[key] = str(getattr(net, key))
     return args

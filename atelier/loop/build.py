@@ -88,9 +88,9 @@ def trains_text_encoder(network: NetworkConfig) -> bool:
 
 
 def trained_parts(cfg: AtelierConfig) -> list[tuple[str, str, float]]:
-    """(metric name, kohya name prefix, learning rate) of each of the optimizer's param groups, in
-    order: the UNet, the text encoder; SDXL's two text encoders are two groups when
-    optimizer.text_encoder_2_lr is set (AtelierConfig allows it for SDXL only)."""
+    """(metric name, kohya name prefix, learning rate) of each trained part, in order: the UNet,
+    the text encoder; SDXL's two text encoders are two parts when optimizer.text_encoder_2_lr is
+    set (AtelierConfig allows it for SDXL only)."""
     rates = part_learning_rates(cfg.optimizer)
     parts = [("unet", UNET_PREFIX, rates.unet)] if trains_unet(cfg.network) else []
     if trains_text_encoder(cfg.network):
@@ -102,9 +102,23 @@ def trained_parts(cfg: AtelierConfig) -> list[tuple[str, str, float]]:
     return parts
 
 
+def param_groups(cfg: AtelierConfig) -> list[tuple[str, str, bool | None, float]]:
+    """(metric name, prefix, up, learning rate) of each of the optimizer's param groups, in order:
+    one per trained part, or two with LoRA+ (network.loraplus_*: the part's up matrices, up=True,
+    at its rate times the ratio, as sd-scripts' prepare_optimizer_params groups them)."""
+    groups: list[tuple[str, str, bool | None, float]] = []
+    for name, prefix, lr in trained_parts(cfg):
+        ratio = cfg.network.loraplus_ratio(text_encoder=name != "unet")
+        if ratio is None:
+            groups.append((name, prefix, None, lr))
+        else:
+            groups += [(name, prefix, False, lr), (f"{name}_plus", prefix, True, lr * ratio)]
+    return groups
+
+
 def param_group_names(cfg: AtelierConfig) -> list[str]:
     """Metric names of the optimizer's param groups, in order (lr/<name>, lr/d*lr/<name>)."""
-    return [name for name, _, _ in trained_parts(cfg)]
+    return [name for name, _, _, _ in param_groups(cfg)]
 
 
 def create_network(cfg: AtelierConfig, base: BaseModel, device: torch.device, apply: bool) -> LoRANetwork:
@@ -135,9 +149,9 @@ def enable_gradient_checkpointing(base: BaseModel, text_encoders: bool) -> None:
 
 
 def create_optimizer(cfg: AtelierConfig, network: LoRANetwork, schedule: ScheduleSteps, device: torch.device):
-    """(optimizer, lr scheduler): one param group per trained part (trained_parts)."""
+    """(optimizer, lr scheduler): the param groups of param_groups."""
     opt, sched = cfg.optimizer, cfg.scheduler
-    groups = [{"params": network.parameters_of(prefix), "lr": lr} for _, prefix, lr in trained_parts(cfg)]
+    groups = [{"params": network.parameters_of(prefix, up), "lr": lr} for _, prefix, up, lr in param_groups(cfg)]
     optimizer = build_optimizer(opt.type, groups, opt.learning_rate,
                                 speed.optimizer_args(opt.type, dict(opt.args), cfg.training, device))  # fmt: skip
     return optimizer, lr_scheduler_from_config(sched, optimizer, schedule)

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The parameter names of a module's up (B) matrices: LoRAModule's and DyLoRAModule's blocks.
+UP_WEIGHTS = ("lora_up", "up_blocks")
+
 
 def max_norm_ratio(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     """kohya's max-norm factor for an update of Frobenius norm `norm` (1 = untouched)."""
@@ -168,8 +171,11 @@ class LoRANetwork(nn.Module):
         for module in self.loras.values():
             module.restore()
 
-    def parameters_of(self, prefix: str) -> list[nn.Parameter]:
-        return [p for name, m in self.loras.items() if belongs_to(name, prefix) for p in m.parameters()]
+    def parameters_of(self, prefix: str, up: bool | None = None) -> list[nn.Parameter]:
+        """The parameters of the modules under `prefix`; up=True: only their up (B) matrices,
+        up=False: all but those (LoRA+ gives the up matrices a learning rate of their own)."""
+        return [p for name, m in self.loras.items() if belongs_to(name, prefix)
+                for key, p in m.named_parameters() if up is None or key.startswith(UP_WEIGHTS) == up]  # fmt: skip
 
     def kohya_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors as the kohya file stores them (LoRA: lora_down/lora_up weights and alpha)."""

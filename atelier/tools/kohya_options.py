@@ -147,7 +147,8 @@ HOW: dict[str, dict[str, Any]] = {
     "network.module": {"convert": lambda v, c: kohya_module(network_config(c))},
     # network_args is one list made from several keys (build_export)
     **{f"network.{name}": {"place": "covered"}
-       for name in ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "factor", "unit")},
+       for name in ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "factor", "unit", "loraplus_lr_ratio",
+                    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")},
     "network.dropout": {"convert": _neuron_dropout},
     "network.train_unet_only": {"kind": "switch"},
     "network.train_text_encoder_only": {"kind": "switch"},

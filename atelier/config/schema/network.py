@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-from atelier.config.network_spec import NetworkSpec
+from atelier.config.network_spec import LORAPLUS_KEYS, NetworkSpec
 from atelier.config.schema.checks import at_least
 from atelier.config.schema.enums import NetworkModule
 from atelier.config.schema.fields import option
@@ -51,13 +51,37 @@ class NetworkConfig:
                          doc="LoKr: Kronecker factor of each layer's dimensions (-1: the most balanced split).")
     unit: Optional[int] = option(None, flag="network_args unit", ss="ss_network_args",
                                  doc="DyLoRA: ranks learnt together per step; dim must be a multiple (null = 1).")
+    # LoRA+ (sd-scripts' network_args, networks.lora / networks.dylora): the up matrices learn at
+    # the part's learning rate times the ratio (https://arxiv.org/abs/2402.12354 suggests 16).
+    loraplus_lr_ratio: Optional[float] = option(
+        None, flag="network_args loraplus_lr_ratio", ss="ss_network_args",
+        doc="LoRA+: the up (B) matrices learn this many times faster than the down ones (null: off; 16 is usual).",
+    )
+    loraplus_unet_lr_ratio: Optional[float] = option(
+        None, flag="network_args loraplus_unet_lr_ratio", ss="ss_network_args",
+        doc="LoRA+ for the UNet's modules only (null: loraplus_lr_ratio).",
+    )
+    loraplus_text_encoder_lr_ratio: Optional[float] = option(
+        None, flag="network_args loraplus_text_encoder_lr_ratio", ss="ss_network_args",
+        doc="LoRA+ for the text encoders' modules only (null: loraplus_lr_ratio).",
+    )
     scale_weight_norms: Optional[float] = option(
         None, flag="scale_weight_norms", ss="ss_scale_weight_norms",
         doc="Cap the norm of every module's update after each optimizer step (1.0 is the usual value). Null: off.",
     )
 
+    def loraplus_ratio(self, text_encoder: bool) -> float | None:
+        """The LoRA+ ratio of the UNet's or the text encoders' up matrices (None: no LoRA+), as
+        sd-scripts picks it: the part's own ratio, else loraplus_lr_ratio."""
+        own = self.loraplus_text_encoder_lr_ratio if text_encoder else self.loraplus_unet_lr_ratio
+        return own if own is not None else self.loraplus_lr_ratio
+
     def __post_init__(self) -> None:
         at_least("network.dim", self.dim, 1)
+        for name in LORAPLUS_KEYS:
+            ratio = getattr(self, name)
+            if ratio is not None and not ratio > 0:
+                raise ConfigError(f"network.{name}={ratio} must be above 0 (null: no LoRA+)")
         if self.train_unet_only and self.train_text_encoder_only:
             raise ConfigError("network.train_unet_only and network.train_text_encoder_only cannot both be true")
         if self.alpha is not None and not float(self.alpha) > 0:
