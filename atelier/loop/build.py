@@ -26,6 +26,7 @@ from atelier.config.schema import (
 from atelier.config.schema.optimizer import is_adaptive
 from atelier.models.hashes import model_hashes
 from atelier.models.loading import BaseModel, load_base_model
+from atelier.network.base_merge import merge_base_weights
 from atelier.network.factory import build_network
 from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork
 from atelier.network.targets import SDXL_TEXT_ENCODER_PREFIXES
@@ -64,6 +65,8 @@ def load_base(cfg: AtelierConfig, device: torch.device) -> BaseModel:
         vae=m.vae,
         allow_pickle=m.allow_pickle,
     ))
+    if m.base_weights:  # before the network: its modules wrap the merged layers
+        merge_base_weights(base.unet, base.text_encoders, m.base_weights, m.base_weights_multiplier)
     speed.apply_model_settings(base, cfg.training, device)
     weight_dtype = WEIGHT_DTYPES.get(MixedPrecision(cfg.training.mixed_precision), torch.float32)
     for module in (base.unet, base.text_encoder, base.vae):

@@ -62,7 +62,7 @@ NOT_HERE: dict[str, str] = {
     "resume": "a run continues from <run dir>/training_state.pt: run the same command again (resume=true in a sweep)",
     "save_state": "output.save_state (on by default) keeps one training state per run dir, for continuing it",
     **{name: _NOT_YET for name in (
-        "base_weights", "base_weights_multiplier", "fp8_base", "fp8_base_unet", "full_bf16", "full_fp16",
+        "fp8_base", "fp8_base_unet", "full_bf16", "full_fp16",
         "fused_backward_pass", "cpu_offload_checkpointing", "lowram", "vae_batch_size", "max_validation_steps",
         "masked_loss", "alpha_mask", "conditioning_data_dir", "weighted_captions", "save_state_on_train_end",
         "save_last_n_epochs_state", "save_last_n_steps_state", "save_n_epoch_ratio", "initial_epoch", "initial_step",

@@ -144,6 +144,8 @@ HOW: dict[str, dict[str, Any]] = {
     "model.version": {"kind": "switch", "convert": lambda v, c: v == "sd2"},
     "model.v_parameterization": {"kind": "switch"},
     "model.resolution": {"place": "covered"},
+    "model.base_weights": {"kind": "list", "convert": lambda v, c: [str(Path(p).resolve()) for p in v] or None},
+    "model.base_weights_multiplier": {"kind": "list", "convert": lambda v, c: list(v) or None},
     "network.module": {"convert": lambda v, c: kohya_module(network_config(c))},
     # network_args is one list made from several keys (build_export)
     **{f"network.{name}": {"place": "covered"}

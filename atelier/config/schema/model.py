@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional
 
 from omegaconf import MISSING
 
 from atelier.config.schema.enums import ModelVersion
 from atelier.config.schema.fields import option
+from atelier.errors import ConfigError, MissingFileError
 
 
 @dataclass
@@ -51,3 +53,19 @@ class ModelConfig:
                                   kohya="the model's default for dataset.max_bucket_reso (exported there)")
     bucket_reso_steps: int = option(64, doc="The dataset's default bucket_reso_steps (see min_bucket_reso).",
                                     kohya="the model's default for dataset.bucket_reso_steps (exported there)")
+    base_weights: List[str] = option(
+        default_factory=list, flag="base_weights",
+        doc="LoRA files merged into the base model before training (their updates become part of the base).",
+    )
+    base_weights_multiplier: List[float] = option(
+        default_factory=list, flag="base_weights_multiplier",
+        doc="The weight of each base_weights file, in order (1.0 for those without one).",
+    )
+
+    def __post_init__(self) -> None:
+        if len(self.base_weights_multiplier) > len(self.base_weights):
+            raise ConfigError(f"model.base_weights_multiplier has {len(self.base_weights_multiplier)} values for "
+                              f"{len(self.base_weights)} model.base_weights files; give one per file")  # fmt: skip
+        for index, path in enumerate(self.base_weights):
+            if not Path(str(path)).expanduser().is_file():
+                raise MissingFileError(f"model.base_weights[{index}]={path}: no such file (a LoRA .safetensors)")
