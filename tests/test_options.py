@@ -65,6 +65,8 @@ EXPORT_RUNS = [
      "sampling.sample_every_n_epochs=null", "sampling.sample_every_n_steps=50", "sampling.sample_at_first=true"],
     ["network=dylora", "network.unit=2", "network.loraplus_lr_ratio=16", "network.loraplus_unet_lr_ratio=8",
      "network.loraplus_text_encoder_lr_ratio=4", "sampling.prompt_file={prompts_txt}"],
+    ["output.log_with=all", "output.logging_dir=/logs", "output.log_prefix=mine-", "output.log_tracker_name=chars",
+     "output.wandb_run_name=first"],
     ["model=tiny_sdxl", "optimizer.text_encoder_2_lr=2e-5", "scheduler.class_path=StepLR", "+scheduler.args.step_size=10",
      "model.base_weights=[/loras/a.safetensors,/loras/b.safetensors]", "model.base_weights_multiplier=[0.5]"],
 ]

@@ -69,6 +69,8 @@ def equivalent(key: str, original: dict, value) -> bool:
         return value == flat["optimizer.learning_rate"]  # null means the learning rate
     if key.startswith("dataset.validat") and not flat["dataset.validation_split"]:
         return True  # exported only when validation is on (older sd-scripts do not know them)
+    if key == "output.logging_dir" and flat[key] is None:
+        return str(value).endswith("/sd-scripts/logs")  # our run dir's logs: the export gives sd-scripts a folder
     return False
 
 

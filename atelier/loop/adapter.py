@@ -137,9 +137,10 @@ class Adapter:
         return self.result.steps >= self.plan.total_steps
 
     def open_metrics(self, resumed: bool) -> None:
-        """metrics.jsonl (the main process only); a resumed run forgets steps after its state."""
+        """metrics.jsonl and the trackers (the main process only: one wandb run per run, not per
+        process); a resumed run forgets steps after its state."""
         if self.parallel.is_main:
-            self.metrics = MetricsLog(self.run_dir, resume_step=self.result.steps if resumed else None)
+            self.metrics = MetricsLog(self.run_dir, resume_step=self.result.steps if resumed else None, cfg=self.cfg)
 
     def close(self) -> None:
         self.metrics.close()

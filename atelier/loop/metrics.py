@@ -1,4 +1,4 @@
-"""Where training numbers go: TensorBoard, a JSON-lines log, and summary.json."""
+"""Where training numbers go: a JSON-lines log, the trackers (TensorBoard, wandb), and summary.json."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from typing import Any
 
 import torch
 
+from atelier.config.schema import AtelierConfig
+from atelier.loop.trackers import TENSORBOARD, open_trackers
 from atelier.sampling.manifest import SAMPLES_DIR, drop_records_after
 from atelier.utils.atomic import naming_a_full_disk, write_text
 
 METRICS = "metrics.jsonl"
-TENSORBOARD = "tensorboard"
+__all__ = ["METRICS", "TENSORBOARD", "MetricsLog", "NullMetrics", "peak_memory_mb"]
 
 
 def peak_memory_mb() -> dict[str, float]:
@@ -26,30 +28,32 @@ def peak_memory_mb() -> dict[str, float]:
 
 
 class MetricsLog:
-    """Per-step scalars to TensorBoard and metrics.jsonl (read by sweep reports)."""
+    """Per-step scalars to metrics.jsonl (read by sweep reports) and the trackers of
+    output.log_with (TensorBoard by default; atelier.loop.trackers)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, cfg: AtelierConfig | None = None):
         """`resume_step`: continuing a run from that step; None: starting it (again) from 0.
         What a killed run logged after the state it continues from is dropped (metrics.jsonl,
-        TensorBoard, the samples manifest), so no step is ever recorded twice."""
-        from torch.utils.tensorboard import SummaryWriter
-
+        TensorBoard, the samples manifest), so no step is ever recorded twice. `cfg`: the run's
+        config, whose output.log_with / logging_dir choose the trackers (None: TensorBoard in
+        <run_dir>/tensorboard)."""
         self.run_dir = run_dir
         kept = resume_step if resume_step is not None else -1  # a fresh start keeps nothing
-        self.writer = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=kept + 1)
+        self.trackers = open_trackers(cfg, run_dir, resume_step)
         _truncate_after(run_dir / METRICS, kept)
         drop_records_after(run_dir / SAMPLES_DIR, kept)
         self._jsonl = open(run_dir / METRICS, "a", encoding="utf-8", buffering=1)
 
     def log(self, step: int, scalars: dict[str, float], **fields: Any) -> None:
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
+        for tracker in self.trackers:
+            tracker.log(step, scalars, fields)
         record = {"step": step, "time": round(time.time(), 3), **fields, **scalars}
         with naming_a_full_disk(self.run_dir / METRICS):
             self._jsonl.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
-        self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
         self._jsonl.close()
 
 

@@ -139,7 +139,7 @@ def build_export(cfg: dict[str, Any], out_dir: Path) -> Export:
 
     out_dir = out_dir.resolve()
     args["output_dir"] = str(out_dir / KOHYA_OUTPUT_DIR)
-    args["logging_dir"] = str(out_dir / KOHYA_OUTPUT_DIR / "logs")
+    args.setdefault("logging_dir", str(out_dir / KOHYA_OUTPUT_DIR / "logs"))  # output.logging_dir wins
     dataset = cfg.get("dataset", {})
     subsets = [
         {"image_dir": str(folder), "num_repeats": repeats, "class_tokens": tokens}

@@ -70,8 +70,7 @@ NOT_HERE: dict[str, str] = {
         "metadata_thumbnail", "metadata_usage_hint", "wandb_api_key", "log_config", "log_tracker_config",
         "enable_wildcard", "secondary_separator", "token_warmup_min", "token_warmup_step", "face_crop_aug_range",
         "resize_interpolation", "noise_offset_random_strength", "ip_noise_gamma_random_strength",
-        "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "log_with", "log_prefix", "log_tracker_name",
-        "logging_dir", "wandb_run_name",
+        "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
     )},
 }  # fmt: skip
 

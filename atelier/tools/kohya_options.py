@@ -135,6 +135,12 @@ def _path(value: str | None, cfg: dict[str, Any]) -> str | None:
     return str(Path(value).resolve()) if value else None
 
 
+def _wandb_run_name(value: str | None, cfg: dict[str, Any]) -> str | None:
+    """Our wandb run is named output.output_name by default; sd-scripts leaves the name to wandb."""
+    out = cfg["output"]
+    return value or (out["output_name"] if out.get("log_with") in ("wandb", "all") else None)
+
+
 # How a key is exported where it is not a plain value for its flag (the flag and the note
 # are the schema's: option(flag=..., kohya=...)).
 HOW: dict[str, dict[str, Any]] = {
@@ -197,6 +203,8 @@ HOW: dict[str, dict[str, Any]] = {
     "sampling.sample_at_first": {"kind": "switch"},
     **{f"sampling.{name}": {"place": "prompts"} for name in ("limit", "width", "height", "steps", "cfg_scale", "seed")},
     "output.no_metadata": {"kind": "switch"},
+    "output.logging_dir": {"convert": _path},  # unset: the export's own logs folder (build_export)
+    "output.wandb_run_name": {"convert": _wandb_run_name},
     "project": {"place": "covered"},
 }
 

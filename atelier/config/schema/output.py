@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
@@ -97,6 +98,33 @@ class OutputConfig:
         "network (ss_v2, ss_base_model_version, ss_network_module, ss_network_dim, ss_network_alpha, "
         "ss_network_args), the modelspec.* keys and the sshs_* hashes are written, as sd-scripts does.",
     )
+    # Where the per-step scalars go besides metrics.jsonl (sd-scripts: library/train_util.py's
+    # prepare_accelerator and init_trackers; atelier/loop/trackers.py).
+    log_with: Optional[str] = option(
+        None, flag="log_with",
+        doc="The trackers: tensorboard, wandb (Weights & Biases) or all (both); null: TensorBoard. metrics.jsonl "
+        "is always written.",
+        kohya="sd-scripts logs nothing unless --log_with or --logging_dir is given",
+    )
+    logging_dir: Optional[str] = option(
+        None, flag="logging_dir",
+        doc="null: the run dir (tensorboard/, wandb/). A folder: each run logs into "
+        "<logging_dir>/<log_prefix><YYYYmmddHHMMSS>_<output_name>/ (TensorBoard in its <log_tracker_name>/ "
+        "subfolder); a resumed run goes on in the same folder.",
+        kohya="sd-scripts' folder is <log_prefix><YYYYmmddHHMMSS>; here _<output_name> keeps a sweep's runs apart",
+    )
+    log_prefix: Optional[str] = option(None, flag="log_prefix",
+                                       doc="Put before the name of each run's folder under output.logging_dir.")
+    log_tracker_name: Optional[str] = option(
+        None, flag="log_tracker_name",
+        doc="The tracker's name: the wandb project and the TensorBoard subfolder under output.logging_dir "
+        "(null: network_train, as sd-scripts).",
+    )
+    wandb_run_name: Optional[str] = option(
+        None, flag="wandb_run_name",
+        doc="The run's name in wandb (null: output.output_name, which a sweep makes from the job's values).",
+        kohya="sd-scripts leaves the name to wandb",
+    )
 
     def __post_init__(self) -> None:
         check_name("output.output_name", self.output_name)
@@ -108,3 +136,31 @@ class OutputConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"output.{name} must be at least 1 (or null), got {value}")
+        check_logging(self)
+
+
+LOG_WITH = ("tensorboard", "wandb", "all")
+
+
+def check_logging(out: OutputConfig) -> None:
+    """output.log_with is a tracker sd-scripts knows; the names are names; no logging option is given
+    where it would do nothing."""
+    if out.log_with is not None and out.log_with not in LOG_WITH:
+        raise ConfigError(f"output.log_with={out.log_with!r} is not a tracker: pass one of {', '.join(LOG_WITH)} "
+                          "(null: TensorBoard)")
+    for name in ("log_prefix", "log_tracker_name"):
+        check_name(f"output.{name}", getattr(out, name))
+    wandb = out.log_with in ("wandb", "all")
+    if wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"output.log_with={out.log_with} needs the wandb package: .venv/bin/pip install wandb "
+                          "(WANDB_MODE=offline logs without an account)")
+    unused = {
+        "log_prefix": out.logging_dir is None and "it names the run's folder under output.logging_dir: set that",
+        "log_tracker_name": out.logging_dir is None and not wandb
+        and "it names the TensorBoard folder under output.logging_dir and the wandb project: set output.logging_dir "
+        "or output.log_with=wandb",
+        "wandb_run_name": not wandb and "it names the wandb run: set output.log_with=wandb or all",
+    }
+    for name, why in unused.items():
+        if getattr(out, name) is not None and why:
+            raise ConfigError(f"output.{name}={getattr(out, name)!r} does nothing here: {why}")
