@@ -11,7 +11,7 @@ import torch
 from atelier.conditioning.text_chunks import encode_long, split_into_chunks, tokenize_long
 from atelier.conditioning.text_encoding import encode_tokens
 from atelier.config.schema.captions import CaptionOptions
-from atelier.data.caption_ops import captions_are_static, process_caption
+from atelier.data.caption_ops import captions_are_static, process_caption, token_warmup_steps, warmup_tag_count
 from tests.builders import tokenize
 
 CAPTION = "sks dog, red collar, grass, sunny, outdoors, running"
@@ -130,6 +130,66 @@ def test_captions_are_static_only_without_randomness() -> None:
     ],
 )
 def test_options_are_validated(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        CaptionOptions(**kwargs)
+
+
+def test_secondary_separator_keeps_a_tag_together_then_becomes_the_separator() -> None:
+    opts = CaptionOptions(shuffle_caption=True, secondary_separator=";;;")
+    outputs = {run("a, b;;;c, d, e", opts, seed) for seed in range(30)}
+    assert len(outputs) > 5
+    for out in outputs:
+        assert ";;;" not in out and "b,c" in out  # shuffled as one tag, joined by caption_separator after
+        assert sorted(out.split(", ")) == ["a", "b,c", "d", "e"]
+    # Without shuffle or dropout it is still replaced (sd-scripts does it last, always).
+    assert run("a, b;;;c", CaptionOptions(secondary_separator=";;;")) == "a, b,c"
+    assert run("a, b;;;c", CaptionOptions(secondary_separator=";;;", caption_dropout_rate=1.0)) == ""
+
+
+def test_wildcards_pick_one_alternative_per_step() -> None:
+    opts = CaptionOptions(enable_wildcard=True)
+    outputs = {run("a {red|blue|green} dog, {{literal}}", opts, seed) for seed in range(30)}
+    assert outputs == {f"a {colour} dog, {{literal}}" for colour in ("red", "blue", "green")}
+    assert run("a {red|blue} dog", opts, seed=3) == run("a {red|blue} dog", opts, seed=3)
+    # Off: the braces are text.
+    assert run("a {red|blue} dog", CaptionOptions()) == "a {red|blue} dog"
+
+
+def test_wildcard_lines_are_alternatives_and_each_gets_prefix_and_suffix() -> None:
+    opts = CaptionOptions(enable_wildcard=True, caption_prefix="pre", caption_suffix="post")
+    outputs = {run("one, x\ntwo {a|b}", opts, seed) for seed in range(40)}
+    assert outputs == {"pre one, x post", "pre two a post", "pre two b post"}
+
+
+def test_token_warmup_grows_the_free_tags_from_min_to_all() -> None:
+    opts = CaptionOptions(keep_tokens=1, token_warmup_min=1, token_warmup_step=10)
+    counts = [len(tags_of(process_caption(CAPTION, opts, random.Random(0), 1, step))) for step in (0, 5, 9, 10, 50)]
+    # The kept tag + floor(step * (5 - 1) / 10) + 1 of the 5 free ones.
+    assert counts == [1 + 1, 1 + 3, 1 + 4, 6, 6]
+    assert tags_of(process_caption(CAPTION, opts, random.Random(0), 1, 0)) == TAGS[:2]  # cut before the shuffle
+    # Below 1: a fraction of the run's steps (floor(0.5 * 20) = 10 here).
+    frac = CaptionOptions(keep_tokens=1, token_warmup_step=0.5)
+    assert token_warmup_steps(frac, 20) == 10
+    assert len(tags_of(process_caption(CAPTION, frac, random.Random(0), 1, 5, 20))) == 4
+    assert warmup_tag_count(5, CaptionOptions(), 0, 100) == 5  # off by default
+
+
+def test_captions_vary_with_wildcards_and_token_warmup() -> None:
+    assert not captions_are_static(CaptionOptions(enable_wildcard=True))
+    assert not captions_are_static(CaptionOptions(token_warmup_step=0.2))
+    assert captions_are_static(CaptionOptions(secondary_separator=";;;", token_warmup_min=3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"secondary_separator": ","}, "secondary_separator=',' is also the caption_separator"),
+        ({"secondary_separator": "|||", "keep_tokens_separator": "|||"}, "also the caption_separator or the keep"),
+        ({"token_warmup_min": -1}, "token_warmup_min must not be negative"),
+        ({"token_warmup_step": -0.5}, "token_warmup_step must not be negative"),
+    ],
+)
+def test_new_caption_options_are_validated(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         CaptionOptions(**kwargs)
 

@@ -9,12 +9,22 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from atelier.config.schema.training import check_noise_options
+from atelier.config.schema.training import TrainingConfig, check_noise_options
 from atelier.models.architectures import build_noise_scheduler
-from atelier.objective.losses import debiased_weight, diffusion_loss, elementwise_loss, huber_threshold, min_snr_weight, snr
+from atelier.objective.losses import (
+    debiased_weight,
+    diffusion_loss,
+    elementwise_loss,
+    huber_threshold,
+    min_snr_weight,
+    scale_v_pred_like_noise_pred_weight,
+    snr,
+    v_pred_like_loss_weight,
+)
 from atelier.objective.noise import (
     multires_noise,
     noisy_latents,
+    random_strength,
     sample_noise,
     sample_timesteps,
     with_zero_terminal_snr,
@@ -53,6 +63,23 @@ def test_adaptive_noise_scale_raises_the_offset_by_the_latent_channel_mean():
     torch.testing.assert_close(noise, base + per_channel * shift)
 
 
+def test_noise_offset_random_strength_draws_one_offset_per_batch_below_noise_offset():
+    latents = torch.zeros(2, 4, 8, 8)
+    noise = sample_noise(latents, gen(), noise_offset=0.1, noise_offset_random_strength=True)
+    g = gen()
+    base = torch.randn(latents.shape, generator=g)
+    strength = torch.rand((), generator=g).item() * 0.1  # drawn after the noise, as sd-scripts
+    shift = torch.randn((2, 4, 1, 1), generator=g)
+    torch.testing.assert_close(noise, base + strength * shift)
+    assert 0 < strength < 0.1
+    # Batches get other strengths; without the option the offset is always noise_offset.
+    strengths = {round(random_strength(gen(seed), 0.1), 6) for seed in range(20)}
+    assert len(strengths) == 20 and max(strengths) < 0.1
+    fixed = sample_noise(latents, gen(), noise_offset=0.1)
+    g = gen()
+    torch.testing.assert_close(fixed, torch.randn(latents.shape, generator=g) + 0.1 * torch.randn((2, 4, 1, 1), generator=g))
+
+
 def test_multires_noise_keeps_the_shape_has_unit_std_and_low_frequencies():
     latents = torch.zeros(4, 4, 32, 32)
     plain = sample_noise(latents, gen())
@@ -73,6 +100,17 @@ def test_ip_noise_gamma_perturbs_the_input_only(scheduler):
     perturbed = noisy_latents(scheduler, latents, noise, t, gen(), ip_noise_gamma=0.1)
     extra = torch.randn(latents.shape, generator=gen())
     torch.testing.assert_close(perturbed, scheduler.add_noise(latents, noise + 0.1 * extra, t))
+
+
+def test_ip_noise_gamma_random_strength_scales_the_perturbation(scheduler):
+    latents, noise = torch.randn(2, 4, 8, 8, generator=gen(1)), torch.randn(2, 4, 8, 8, generator=gen(2))
+    t = torch.tensor([100, 900])
+    perturbed = noisy_latents(scheduler, latents, noise, t, gen(), 0.1, ip_noise_gamma_random_strength=True)
+    g = gen()
+    gamma = torch.rand((), generator=g).item() * 0.1  # drawn before the perturbation, as sd-scripts
+    extra = torch.randn(latents.shape, generator=g)
+    torch.testing.assert_close(perturbed, scheduler.add_noise(latents, noise + gamma * extra, t))
+    assert not torch.allclose(perturbed, noisy_latents(scheduler, latents, noise, t, gen(), 0.1))
 
 
 def test_min_and_max_timestep_bound_the_sampled_timesteps(scheduler):
@@ -102,13 +140,36 @@ def test_zero_terminal_snr_rescales_to_snr_zero_at_the_last_step(scheduler):
 
 def test_option_combinations_that_cannot_work_are_named():
     base = dict(noise_offset=0.0, adaptive_noise_scale=None, multires_noise_iterations=None,
-                zero_terminal_snr=False, debiased_estimation_loss=False)  # fmt: skip
+                zero_terminal_snr=False, debiased_estimation_loss=False, scale_v_pred_loss_like_noise_pred=False,
+                v_pred_like_loss=None)  # fmt: skip
     with pytest.raises(ValueError, match="training.adaptive_noise_scale scales training.noise_offset"):
         check_noise_options(SimpleNamespace(**{**base, "adaptive_noise_scale": 0.1}), False)
     ztsnr = SimpleNamespace(**{**base, "zero_terminal_snr": True, "debiased_estimation_loss": True})
     with pytest.raises(ValueError, match="needs model.v_parameterization=true"):
         check_noise_options(ztsnr, False)
     check_noise_options(ztsnr, True)
+    # sd-scripts' verify_training_args rules for the v-prediction loss scalings.
+    scaled = SimpleNamespace(**{**base, "scale_v_pred_loss_like_noise_pred": True})
+    with pytest.raises(ValueError, match="scale_v_pred_loss_like_noise_pred needs model.v_parameterization=true"):
+        check_noise_options(scaled, False)
+    check_noise_options(scaled, True)
+    v_like = SimpleNamespace(**{**base, "v_pred_like_loss": 0.1})
+    with pytest.raises(ValueError, match="with model.v_parameterization=true the loss already is one"):
+        check_noise_options(v_like, True)
+    check_noise_options(v_like, False)
+    with pytest.raises(ValueError, match="training.v_pred_like_loss with training.zero_terminal_snr"):
+        check_noise_options(SimpleNamespace(**{**base, "v_pred_like_loss": 0.1, "zero_terminal_snr": True}), False)
+
+
+def test_random_strengths_need_their_value_and_v_pred_like_loss_a_positive_one():
+    with pytest.raises(ValueError, match="training.noise_offset_random_strength .* set training.noise_offset"):
+        TrainingConfig(noise_offset_random_strength=True)
+    with pytest.raises(ValueError, match="training.ip_noise_gamma_random_strength .* set training.ip_noise_gamma"):
+        TrainingConfig(ip_noise_gamma_random_strength=True)
+    with pytest.raises(ValueError, match="training.v_pred_like_loss must not be negative"):
+        TrainingConfig(v_pred_like_loss=-0.1)
+    TrainingConfig(noise_offset=0.1, noise_offset_random_strength=True, ip_noise_gamma=0.1,
+                   ip_noise_gamma_random_strength=True, v_pred_like_loss=0.1)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- loss
@@ -161,6 +222,24 @@ def test_diffusion_loss_uses_the_loss_type_and_huber_schedule(scheduler):
     assert diffusion_loss(pred, target, scheduler, t, loss_type="huber").item() == pytest.approx(expected)
 
 
+def test_v_prediction_loss_scalings_weight_each_sample_as_sd_scripts(scheduler):
+    t = torch.tensor([0, 10, 500, 999])
+    s = torch.clamp(snr(scheduler, t), max=1000)  # sd-scripts' get_snr_scale caps SNR at 1000
+    pred, target = torch.zeros(4, 1, 2, 2), torch.ones(4, 1, 2, 2)  # per-sample loss 1
+    scaled = diffusion_loss(pred, target, scheduler, t, scale_v_pred_loss_like_noise_pred=True)
+    torch.testing.assert_close(scale_v_pred_like_noise_pred_weight(scheduler, t), s / (s + 1))
+    assert scaled.item() == pytest.approx((s / (s + 1)).mean().item())
+    # loss + loss / scale * v: large where SNR is small (late timesteps).
+    weight = v_pred_like_loss_weight(scheduler, t, 0.2)
+    torch.testing.assert_close(weight, 1 + 0.2 * (s + 1) / s)
+    assert weight[3] > 10 * weight[1]
+    added = diffusion_loss(pred, target, scheduler, t, v_pred_like_loss=0.2)
+    assert added.item() == pytest.approx(weight.mean().item(), rel=1e-6)
+    # Off (False / None / 0): the plain loss, bit for bit.
+    plain = diffusion_loss(pred + 0.5, target, scheduler, t)
+    assert torch.equal(plain, diffusion_loss(pred + 0.5, target, scheduler, t, v_pred_like_loss=0.0))
+
+
 # ------------------------------------------------------------------ in training + metadata
 def test_options_train_and_are_recorded_as_sd_scripts_does(tmp_path):
     from atelier.network.lora_file import load_lora
@@ -171,6 +250,8 @@ def test_options_train_and_are_recorded_as_sd_scripts_does(tmp_path):
         "training.noise_offset=0.05", "training.adaptive_noise_scale=0.01", "training.multires_noise_iterations=4",
         "training.multires_noise_discount=0.5", "training.ip_noise_gamma=0.1", "training.min_timestep=100",
         "training.max_timestep=900", "training.loss_type=huber", "training.huber_c=0.2",
+        "training.noise_offset_random_strength=true", "training.ip_noise_gamma_random_strength=true",
+        "training.scale_v_pred_loss_like_noise_pred=true",
     ]  # fmt: skip
     run_dir, summary = train(tmp_path, "training.max_train_steps=3", *options)
     assert summary["status"] == "completed" and math.isfinite(summary["final_loss"])
@@ -178,12 +259,27 @@ def test_options_train_and_are_recorded_as_sd_scripts_does(tmp_path):
     assert {k: meta[k] for k in ("ss_zero_terminal_snr", "ss_debiased_estimation", "ss_adaptive_noise_scale",
                                  "ss_multires_noise_iterations", "ss_multires_noise_discount", "ss_ip_noise_gamma",
                                  "ss_loss_type", "ss_huber_schedule", "ss_huber_c", "ss_huber_scale",
+                                 "ss_noise_offset_random_strength", "ss_ip_noise_gamma_random_strength",
                                  "modelspec.timestep_range")} == {  # fmt: skip
         "ss_zero_terminal_snr": "True", "ss_debiased_estimation": "True", "ss_adaptive_noise_scale": "0.01",
         "ss_multires_noise_iterations": "4", "ss_multires_noise_discount": "0.5", "ss_ip_noise_gamma": "0.1",
         "ss_loss_type": "huber", "ss_huber_schedule": "snr", "ss_huber_c": "0.2", "ss_huber_scale": "1.0",
+        "ss_noise_offset_random_strength": "True", "ss_ip_noise_gamma_random_strength": "True",
         "modelspec.timestep_range": "100,900",
     }  # fmt: skip
+
+
+def test_v_pred_like_loss_raises_the_loss_of_the_same_draws(tmp_path):
+    from tests.test_trainer import steps_logged, train
+
+    plain, _ = train(tmp_path, "training.max_train_steps=1", name="plain")
+    added, summary = train(tmp_path, "training.max_train_steps=1", "training.v_pred_like_loss=0.1", name="added")
+    # Same seed, same noise and timesteps: each sample's loss x (1 + 0.1 (SNR+1)/SNR) > 1.
+    assert steps_logged(added)[0]["loss/step"] > steps_logged(plain)[0]["loss/step"] * 1.1
+    from atelier.network.lora_file import load_lora
+
+    _, meta = load_lora(added / "demo.safetensors")
+    assert "ss_v_pred_like_loss" not in meta  # sd-scripts' train_network.py writes no key for it
 
 
 def test_options_export_to_sd_scripts_flags(tmp_path):

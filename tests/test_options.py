@@ -55,6 +55,8 @@ EXPORT_RUNS = [
         "training.noise_offset=0.1", "training.adaptive_noise_scale=0.01", "training.multires_noise_iterations=6",
         "training.ip_noise_gamma=0.1", "training.zero_terminal_snr=true", "training.min_timestep=10",
         "training.max_timestep=900", "training.debiased_estimation_loss=true", "training.huber_scale=2",
+        "training.noise_offset_random_strength=true", "training.ip_noise_gamma_random_strength=true",
+        "training.scale_v_pred_loss_like_noise_pred=true",
         "training.torch_compile=true", "training.gradient_checkpointing=true", "training.mixed_precision=bf16",
         "sampling.prompts=[\"a cube\"]",
         "output.training_comment=c", "output.metadata_title=t", "output.metadata_author=a",
@@ -62,7 +64,10 @@ EXPORT_RUNS = [
         "output.metadata_trigger_phrase=p", "output.no_metadata=true",
     ],
     ["network=lokr", "network.train_text_encoder_only=true", "scheduler.warmup_ratio=0.1",
-     "sampling.sample_every_n_epochs=null", "sampling.sample_every_n_steps=50", "sampling.sample_at_first=true"],
+     "sampling.sample_every_n_epochs=null", "sampling.sample_every_n_steps=50", "sampling.sample_at_first=true",
+     "training.v_pred_like_loss=0.1", "dataset.secondary_separator=';;;'", "dataset.enable_wildcard=true",
+     "dataset.token_warmup_min=2", "dataset.token_warmup_step=0.5", "dataset.face_crop_aug_range=[2.0,4.0]",
+     "dataset.resize_interpolation=bicubic"],
     ["network=dylora", "network.unit=2", "network.loraplus_lr_ratio=16", "network.loraplus_unet_lr_ratio=8",
      "network.loraplus_text_encoder_lr_ratio=4", "sampling.prompt_file={prompts_txt}"],
     ["output.log_with=all", "output.logging_dir=/logs", "output.log_prefix=mine-", "output.log_tracker_name=chars",
@@ -129,7 +134,11 @@ def test_every_ss_key_is_written_by_the_metadata_writer() -> None:
               "max_train_steps": 6, "started_at": 1.0}  # fmt: skip
     # network.weights: ss_network_weights is written only for a run that starts from a file; the
     # comment and the modelspec.* texts only when given.
+    # Options added after the unchanged-outputs record are written when on (WRITTEN_WHEN_ON).
     cfg = compose_config("network.weights=/loras/start.safetensors", "training.train_batch_size=3",
+                         "training.noise_offset=0.1", "training.noise_offset_random_strength=true",
+                         "training.ip_noise_gamma=0.1", "training.ip_noise_gamma_random_strength=true",
+                         "dataset.face_crop_aug_range=[2.0,4.0]", "dataset.resize_interpolation=area",
                          *(f"output.{name}=x" for name in ("training_comment", "metadata_author", "metadata_description",
                                                           "metadata_license", "metadata_tags",
                                                           "metadata_trigger_phrase")))  # fmt: skip

@@ -41,7 +41,7 @@ from atelier.data.dataset import DatasetIndex, ImageItem, scan_dataset
 from atelier.data.latent_cache import LatentCache, can_cache_latents, default_cache_dir
 from atelier.runtime import phases, reuse
 from atelier.config.schema.dataset import cache_latents_wanted, caption_options, max_token_length
-from atelier.data.options import bucket_settings, image_limits
+from atelier.data.options import bucket_settings, face_crop_range, image_limits, resize_interpolation
 from atelier.data.latents import PixelJob, StepEncoder
 from atelier.data.holdout import split_validation
 from atelier.data.regularization import balance_reg_repeats
@@ -71,6 +71,20 @@ class Batch:
         return torch.Generator(device="cpu").manual_seed(self.noise_seed)
 
 
+@dataclass(frozen=True)
+class StepPlace:
+    """Where an epoch's batches fall in the run: batch j of TrainingData.epoch trains at optimizer
+    step step_of(j) (0-based, the steps done before it, sd-scripts' current_step)."""
+
+    first_step: int  # optimizer steps of the epochs before this one
+    accumulation: int  # batches per optimizer step (gradient_accumulation_steps)
+    world_size: int  # processes; batch j goes to process j % world_size (shard)
+    total_steps: int  # the run's optimizer steps (token_warmup_step below 1 is a fraction of it)
+
+    def step_of(self, j: int) -> int:
+        return self.first_step + (j // self.world_size) // self.accumulation
+
+
 class TrainingData:
     def __init__(self, d: DatasetConfig, seed: int, batch_size: int):
         self.options = d
@@ -80,11 +94,13 @@ class TrainingData:
         self.rng = random.Random(seed)
         self.validation_seed = d.validation_seed if d.validation_seed is not None else seed
         limits = image_limits(d)
-        full = scan_dataset(d.train_data_dir, d.caption_extension, limits=limits, max_samples_per_epoch=d.max_samples_per_epoch)
+        full = scan_dataset(d.train_data_dir, d.caption_extension, limits=limits, max_samples_per_epoch=d.max_samples_per_epoch,
+                            all_caption_lines=d.enable_wildcard)  # fmt: skip
         train_items, self.validation_items = split_validation(full.items, d.validation_split, self.validation_seed)
         self.index = _subset(full, train_items)
         self.reg_index = (
-            scan_dataset(d.reg_data_dir, d.caption_extension, REG_DATA_DIR_KEY, limits, d.max_samples_per_epoch)
+            scan_dataset(d.reg_data_dir, d.caption_extension, REG_DATA_DIR_KEY, limits, d.max_samples_per_epoch,
+                         d.enable_wildcard)  # fmt: skip
             if d.reg_data_dir
             else None
         )
@@ -162,6 +178,7 @@ class TrainingData:
             caption_dropout_rate=0.0,
             caption_tag_dropout_rate=0.0,
             caption_dropout_every_n_epochs=0,
+            token_warmup_step=0.0,
         )
         return process_caption(caption, static, random.Random(0), 1)
 
@@ -173,7 +190,7 @@ class TrainingData:
 
     def _prepare(self, vae: torch.nn.Module, device: torch.device) -> None:
         d = self.options
-        cacheable, reason = can_cache_latents(d.random_crop, d.color_aug)
+        cacheable, reason = can_cache_latents(d.random_crop, d.color_aug, d.face_crop_aug_range is not None)
         if cache_latents_wanted(d) and not cacheable:
             log.warning(reason)
         paths = [item.path for item in self.items]
@@ -191,6 +208,8 @@ class TrainingData:
                 color_aug=d.color_aug,
                 num_workers=d.max_data_loader_n_workers,
                 persistent_workers=d.persistent_data_loader_workers,
+                face_crop_aug_range=face_crop_range(d),
+                interpolation=resize_interpolation(d),
             )
             log.info("latents are encoded every step (not cached)")
 
@@ -207,7 +226,7 @@ class TrainingData:
         cache_dir = Path(d.latent_cache_dir) if d.latent_cache_dir else default_cache_dir(self.index.root)
         # Jobs of an in-process sweep share what they encoded (atelier.runtime.reuse).
         return LatentCache(vae, cache_dir, d.cache_latents_to_disk, flip_aug=flip_aug, device=device,
-                           shared=reuse.latent_store())
+                           shared=reuse.latent_store(), interpolation=resize_interpolation(d))
 
     @property
     def caches_latents(self) -> bool:
@@ -241,15 +260,22 @@ class TrainingData:
         return encoder
 
     # -------------------------------------------------------------- batches
-    def epoch(self, epoch: int) -> list[Batch]:
-        """This epoch's batches (no batch mixes buckets) with every random draw made."""
+    def epoch(self, epoch: int, place: StepPlace | None = None) -> list[Batch]:
+        """This epoch's batches (no batch mixes buckets) with every random draw made.
+
+        `place` says at which optimizer step each batch trains (token warmup needs it).
+        """
         d = self.options
-        augmented = d.random_crop or d.color_aug
+        augmented = d.random_crop or d.color_aug or d.face_crop_aug_range is not None
+        if place is None and self.captions.token_warmup_step > 0:
+            raise ValueError("dataset.token_warmup_step needs the batches' steps: pass TrainingData.epoch a StepPlace")
         batches = []
-        for indices in bucket_batches(self.assignments, self.batch_size, self.seed, epoch):
+        for j, indices in enumerate(bucket_batches(self.assignments, self.batch_size, self.seed, epoch)):
             flips = [self.rng.random() < 0.5 for _ in indices] if d.flip_aug else [False] * len(indices)
             seeds = [self.rng.getrandbits(63) for _ in indices] if augmented else [0] * len(indices)
-            captions = [process_caption(self.items[i].caption, self.captions, self.rng, epoch) for i in indices]
+            step, total = (place.step_of(j), place.total_steps) if place is not None else (0, 0)
+            captions = [process_caption(self.items[i].caption, self.captions, self.rng, epoch, step, total)
+                        for i in indices]  # fmt: skip
             batches.append(Batch(indices, flips, seeds, captions, noise_seed=self.rng.getrandbits(63)))
         return batches
 
@@ -321,5 +347,5 @@ def batch_time_ids(data: TrainingData, batch: Batch) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
 
-__all__ = ["Batch", "TrainingData", "batch_time_ids", "shard"]
+__all__ = ["Batch", "StepPlace", "TrainingData", "batch_time_ids", "shard"]
 

@@ -1,4 +1,4 @@
-"""Per-step image augmentations (sd-scripts' flip_aug, random_crop, color_aug).
+"""Per-step image augmentations (sd-scripts' flip_aug, random_crop, color_aug, face_crop_aug_range).
 
 Every random choice comes from the `random.Random` it is given, so a sample drawn
 with the same seed is the same image in every run, also in a DataLoader worker.
@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from atelier.data.buckets import Resolution, resize_and_crop_to_bucket
+from atelier.data.face_crop import face_crop, face_in_name
 from atelier.data.images import open_rgb, to_tensor
 
 # sd-scripts' color_aug: with probability 0.33 one of two changes, chosen 50/50:
@@ -54,14 +55,23 @@ def load_training_pixels(
     random_crop: bool = False,
     color: bool = False,
     seed: int = 0,
+    face_crop_aug_range: tuple[float, float] | None = None,
+    interpolation: str | None = None,
 ) -> torch.Tensor:
     """The image as the VAE sees it: [3, h, w] in [-1, 1], cropped to its bucket.
 
-    Order as in the latent cache: scale to cover, crop (centre, or random from
-    `seed`), mirror, then colour. Without random_crop and color, `seed` is unused.
+    Order as in the latent cache: scale to cover (with `interpolation`'s filter), crop
+    (centre, random from `seed`, or around the face the file name gives with
+    face_crop_aug_range), mirror, then colour. Without random_crop, color and face crops,
+    `seed` is unused.
     """
     rng = random.Random(seed)
-    image, _ = resize_and_crop_to_bucket(open_rgb(path), bucket, random_crop, rng if random_crop else None)
+    face = face_in_name(path) if face_crop_aug_range is not None else None
+    if face is not None:
+        image = face_crop(open_rgb(path), bucket, face, face_crop_aug_range, random_crop, rng, interpolation)
+    else:
+        image, _ = resize_and_crop_to_bucket(open_rgb(path), bucket, random_crop, rng if random_crop else None,
+                                             interpolation)  # fmt: skip
     if flip:
         image = ImageOps.mirror(image)
     if color:

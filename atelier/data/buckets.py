@@ -227,15 +227,20 @@ def _nearest_aspect(resolutions: set[Resolution], aspect: float) -> Resolution:
 
 
 def resize_and_crop_to_bucket(
-    img: Image.Image, bucket: Resolution, random_crop: bool = False, rng: random.Random | None = None
+    img: Image.Image,
+    bucket: Resolution,
+    random_crop: bool = False,
+    rng: random.Random | None = None,
+    interpolation: str | None = None,
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """Scale img to cover the bucket, crop it to the bucket; returns (image, (left, top)).
+    """Scale img to cover the bucket (with dataset.resize_interpolation's filter), crop it to the
+    bucket; returns (image, (left, top)).
 
     The crop is centred unless random_crop, which draws the offset from rng. The
     offset is what SDXL's crop conditioning needs.
     """
     width, height = bucket
-    covered = resize_to_cover(img, width, height)
+    covered = resize_to_cover(img, width, height, interpolation)
     spare_x, spare_y = covered.width - width, covered.height - height
     if random_crop:
         if rng is None:

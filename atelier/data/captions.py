@@ -36,10 +36,13 @@ def link_leaving(path: Path, root: Path | None) -> str | None:
     )
 
 
-def read_caption(image_path: Path, caption_extension: str, root: Path | None = None) -> str | None:
+def read_caption(
+    image_path: Path, caption_extension: str, root: Path | None = None, all_lines: bool = False
+) -> str | None:
     """The image's caption: None without a caption file, "" when the file is blank.
 
-    Like sd-scripts, only the first non-blank line is the caption. With the dataset
+    Like sd-scripts, only the first non-blank line is the caption; with `all_lines`
+    (dataset.enable_wildcard) every non-blank line, joined by newlines. With the dataset
     folder `root`, a caption file that links outside it is refused.
     """
     path = caption_path_for(image_path, caption_extension)
@@ -59,12 +62,15 @@ def read_caption(image_path: Path, caption_extension: str, root: Path | None = N
     except OSError as exc:
         raise DatasetError(f"Cannot read caption file {path}: {exc.strerror or exc}.") from exc
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if all_lines:
+        return "\n".join(lines)
     return lines[0] if lines else ""
 
 
 def split_tags(caption: str) -> list[str]:
     """Booru-style tags of a caption: comma separated, trimmed, lower-cased, no blanks.
 
-    Lower-casing matches how sd-scripts counts tags for `ss_tag_frequency`.
+    Lower-casing matches how sd-scripts counts tags for `ss_tag_frequency`. The lines of
+    a multi-line (enable_wildcard) caption are counted as tags of their own.
     """
-    return [tag.strip().lower() for tag in caption.split(",") if tag.strip()]
+    return [tag.strip().lower() for line in caption.split("\n") for tag in line.split(",") if tag.strip()]

@@ -132,12 +132,14 @@ def scan_dataset(
     config_key: str = CONFIG_KEY,
     limits: ImageLimits | None = None,
     max_samples_per_epoch: int | None = None,
+    all_caption_lines: bool = False,
 ) -> DatasetIndex:
     """Index every image and caption under train_data_dir; raise DatasetError on bad data.
 
     Folders and files are sorted by name, so the same folder always gives the same index.
     `config_key` is the option named in error messages (e.g. dataset.reg_data_dir).
     `limits` refuses images by their header; `max_samples_per_epoch` caps images x repeats.
+    `all_caption_lines` (dataset.enable_wildcard) keeps every line of a caption file.
     """
     root = _resolve_root(train_data_dir, config_key)
     caption_extension = normalize_caption_extension(caption_extension)
@@ -168,7 +170,7 @@ def scan_dataset(
         folders.append(
             ConceptFolder(concept.path, concept.path.name, concept.class_tokens, concept.repeats, len(concept.images))
         )
-        items.extend(_caption_items(concept, caption_extension, warnings, root))
+        items.extend(_caption_items(concept, caption_extension, warnings, root, all_caption_lines))
     return DatasetIndex(root=root, folders=folders, items=items, warnings=warnings)
 
 
@@ -275,11 +277,13 @@ def _check_images_readable(images: list[Path], limits: ImageLimits | None = None
         raise DatasetError(unreadable_images_message(problems))
 
 
-def _caption_items(concept: _Concept, caption_extension: str, warnings: list[str], root: Path) -> list[ImageItem]:
+def _caption_items(
+    concept: _Concept, caption_extension: str, warnings: list[str], root: Path, all_lines: bool = False
+) -> list[ImageItem]:
     items = []
     uncaptioned: list[str] = []
     for image in concept.images:
-        caption = read_caption(image, caption_extension, root)
+        caption = read_caption(image, caption_extension, root, all_lines)
         if not caption:
             empty_file = " (empty caption file)" if caption == "" else ""
             uncaptioned.append(image.name + empty_file)

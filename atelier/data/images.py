@@ -28,6 +28,18 @@ _VERIFY_IS_A_NO_OP = frozenset({"JPEG", "MPO", "BMP", "DIB"})
 
 _WHITE = (255, 255, 255)
 
+# dataset.resize_interpolation -> PIL's filter. sd-scripts scales with OpenCV for all but
+# lanczos; cv2's INTER_AREA (area) is the pixel-area average, PIL's BOX when shrinking.
+RESAMPLING = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "linear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "cubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX,
+}
+
 
 @dataclass(frozen=True)
 class ImageLimits:
@@ -135,16 +147,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_to_cover(img: Image.Image, width: int, height: int) -> Image.Image:
+def resize_to_cover(img: Image.Image, width: int, height: int, interpolation: str | None = None) -> Image.Image:
     """Scale (aspect kept) to the smallest size that covers width x height."""
     scale = max(width / img.width, height / img.height)
     # max() guards against rounding landing one pixel short of the target.
     new_size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
     if new_size == img.size:
         return img
-    # reducing_gap lets PIL shrink big photos in cheap integer steps before Lanczos.
-    reducing_gap = 3.0 if scale < 1 else None
-    return img.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=reducing_gap)
+    return resample(img, new_size, scale < 1, interpolation)
+
+
+def resample(img: Image.Image, size: tuple[int, int], shrinking: bool, interpolation: str | None = None) -> Image.Image:
+    """img scaled to size with the filter dataset.resize_interpolation names (RESAMPLING); by
+    default Lanczos, which shrinks big photos in cheap integer steps first (reducing_gap)."""
+    if interpolation is not None:
+        return img.resize(size, RESAMPLING[interpolation])
+    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0 if shrinking else None)
 
 
 def center_crop(img: Image.Image, width: int, height: int) -> Image.Image:
@@ -245,6 +263,8 @@ __all__ = [
     "is_unsupported_image_file",
     "load_image",
     "open_rgb",
+    "RESAMPLING",
+    "resample",
     "resize_to_cover",
     "to_rgb",
     "to_tensor",

@@ -44,9 +44,10 @@ class _Image(Protocol):
     path: Path
 
 
-def can_cache_latents(random_crop: bool, color_aug: bool) -> tuple[bool, str]:
+def can_cache_latents(random_crop: bool, color_aug: bool, face_crop: bool = False) -> tuple[bool, str]:
     """(allowed, reason): augmentations that change the pixels every step rule out a cache."""
-    per_step = [name for name, enabled in (("random_crop", random_crop), ("color_aug", color_aug)) if enabled]
+    named = (("random_crop", random_crop), ("color_aug", color_aug), ("face_crop_aug_range", face_crop))
+    per_step = [name for name, enabled in named if enabled]
     if not per_step:
         return True, ""
     names = " and ".join(per_step)
@@ -78,7 +79,10 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def latent_key(image_sha256: str, bucket: Resolution, flipped: bool, vae_id: str, sample_posterior: bool) -> str:
+def latent_key(image_sha256: str, bucket: Resolution, flipped: bool, vae_id: str, sample_posterior: bool,
+               interpolation: str | None = None) -> str:  # fmt: skip
+    """The content key; dataset.resize_interpolation is a part only when set, so the keys (and the
+    posterior noise seeded from them) of the default filter are those of older caches."""
     parts = [
         CACHE_FORMAT,
         image_sha256,
@@ -87,6 +91,7 @@ def latent_key(image_sha256: str, bucket: Resolution, flipped: bool, vae_id: str
         "flip" if flipped else "noflip",
         "sample" if sample_posterior else "mean",
         vae_id,
+        *([f"resize:{interpolation}"] if interpolation is not None else []),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
@@ -122,6 +127,7 @@ class LatentCache:
         device: torch.device | str | None = None,
         sample_posterior: bool = True,
         shared: dict[str, torch.Tensor] | None = None,
+        interpolation: str | None = None,
     ):
         if to_disk and cache_dir is None:
             raise ValueError("a disk latent cache needs a cache_dir (e.g. default_cache_dir(dataset root))")
@@ -134,6 +140,7 @@ class LatentCache:
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else next(vae.parameters()).device
         self.sample_posterior = sample_posterior
+        self.interpolation = interpolation  # dataset.resize_interpolation (None: Lanczos)
         self.vae_id = vae_fingerprint(vae)
         self.stats = CacheStats()
         self._by_key: dict[str, torch.Tensor] = {}
@@ -197,7 +204,7 @@ class LatentCache:
         self._by_key = {key: latent for key, latent in self._by_key.items() if key in in_use}
 
     def _key(self, digest: str, bucket: Resolution, flipped: bool) -> str:
-        return latent_key(digest, bucket, flipped, self.vae_id, self.sample_posterior)
+        return latent_key(digest, bucket, flipped, self.vae_id, self.sample_posterior, self.interpolation)
 
     def _lookup(self, key: str, bucket: Resolution) -> bool:
         if key in self._by_key:
@@ -245,7 +252,7 @@ class LatentCache:
             # Keyed by the bytes actually encoded, in case the file changed since build() hashed it.
             key = self._key(hashlib.sha256(data).hexdigest(), bucket, job.flipped)
             self._keys[(job.index, job.flipped)] = key
-            image, _ = resize_and_crop_to_bucket(open_rgb(path, data), bucket)
+            image, _ = resize_and_crop_to_bucket(open_rgb(path, data), bucket, interpolation=self.interpolation)
             if job.flipped:
                 image = ImageOps.mirror(image)
             keys.append(key)

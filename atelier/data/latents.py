@@ -38,16 +38,20 @@ class PixelJob:
 class PixelBatches(Dataset):
     """dataset[job] = the stacked pixels [B, 3, H, W] of a PixelJob; picklable for workers."""
 
-    def __init__(self, random_crop: bool, color_aug: bool):
+    def __init__(self, random_crop: bool, color_aug: bool, face_crop_aug_range: tuple[float, float] | None = None,
+                 interpolation: str | None = None):  # fmt: skip
         self.random_crop = random_crop
         self.color_aug = color_aug
+        self.face_crop_aug_range = face_crop_aug_range
+        self.interpolation = interpolation
 
     def __getitem__(self, job: PixelJob) -> torch.Tensor:
         return torch.stack(
             [
                 load_training_pixels(
-                    path, bucket, flip=flip, random_crop=self.random_crop, color=self.color_aug, seed=seed
-                )
+                    path, bucket, flip=flip, random_crop=self.random_crop, color=self.color_aug, seed=seed,
+                    face_crop_aug_range=self.face_crop_aug_range, interpolation=self.interpolation,
+                )  # fmt: skip
                 for path, bucket, flip, seed in zip(job.paths, job.buckets, job.flips, job.seeds)
             ]
         )
@@ -69,8 +73,9 @@ class _Jobs(Sampler):
 class PixelLoader:
     """Pixels of PixelJobs, in order; `num_workers` processes decode ahead (0: in this process)."""
 
-    def __init__(self, random_crop: bool, color_aug: bool, num_workers: int = 0, persistent_workers: bool = True):
-        self.dataset = PixelBatches(random_crop, color_aug)
+    def __init__(self, random_crop: bool, color_aug: bool, num_workers: int = 0, persistent_workers: bool = True,
+                 face_crop_aug_range: tuple[float, float] | None = None, interpolation: str | None = None):  # fmt: skip
+        self.dataset = PixelBatches(random_crop, color_aug, face_crop_aug_range, interpolation)
         self._jobs = _Jobs()
         self._loader = None
         if num_workers > 0:
@@ -101,14 +106,18 @@ class StepEncoder:
         color_aug: bool,
         num_workers: int = 0,
         persistent_workers: bool = True,
+        face_crop_aug_range: tuple[float, float] | None = None,
+        interpolation: str | None = None,
     ):
         self.vae = vae
         self.device = device
         self.random_crop = random_crop
         self.color_aug = color_aug
-        self.pixels = PixelLoader(random_crop, color_aug, num_workers, persistent_workers)
+        self.interpolation = interpolation
+        self.pixels = PixelLoader(random_crop, color_aug, num_workers, persistent_workers, face_crop_aug_range,
+                                  interpolation)  # fmt: skip
         self.paths = list(paths)
-        self.augmented = random_crop or color_aug
+        self.augmented = random_crop or color_aug or face_crop_aug_range is not None
         # Unaugmented samples reuse the cache's noise seeds, which need the content key.
         self._digests = None if self.augmented else [file_sha256(path) for path in self.paths]
         self._vae_id = None if self.augmented else vae_fingerprint(vae)
@@ -117,7 +126,7 @@ class StepEncoder:
         if self.augmented:
             return list(job.seeds)
         return [
-            noise_seed(latent_key(self._digests[i], bucket, flip, self._vae_id, True))
+            noise_seed(latent_key(self._digests[i], bucket, flip, self._vae_id, True, self.interpolation))
             for i, bucket, flip in zip(indices, job.buckets, job.flips)
         ]
 

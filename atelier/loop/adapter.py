@@ -153,10 +153,12 @@ class Adapter:
         latents = batch.latents.to(self.device)
         generator = batch.noise_generator()  # the batch's own stream: any process draws the same
         noise = sample_noise(latents, generator, t.noise_offset, t.adaptive_noise_scale,
-                             t.multires_noise_iterations, t.multires_noise_discount)  # fmt: skip
+                             t.multires_noise_iterations, t.multires_noise_discount,
+                             t.noise_offset_random_strength)  # fmt: skip
         timesteps = sample_timesteps(len(batch), base.noise_scheduler, generator, t.min_timestep,
                                      t.max_timestep).to(self.device)  # fmt: skip
-        noisy = noisy_latents(base.noise_scheduler, latents, noise, timesteps, generator, t.ip_noise_gamma)
+        noisy = noisy_latents(base.noise_scheduler, latents, noise, timesteps, generator, t.ip_noise_gamma,
+                              t.ip_noise_gamma_random_strength)  # fmt: skip
         with self.accelerator.autocast():
             hidden = self.captions(batch.captions, grad=self.train_text_encoder)
         return StepInputs(latents, noise, timesteps, noisy, hidden)
@@ -169,6 +171,7 @@ class Adapter:
             pred, target, scheduler, inputs.timesteps, t.min_snr_gamma, weights,
             loss_type=t.loss_type, huber_schedule=t.huber_schedule, huber_c=t.huber_c,
             huber_scale=t.huber_scale, debiased_estimation=t.debiased_estimation_loss,
+            scale_v_pred_loss_like_noise_pred=t.scale_v_pred_loss_like_noise_pred, v_pred_like_loss=t.v_pred_like_loss,
         )  # fmt: skip
 
     def check_finite(self, loss: torch.Tensor, epoch: int) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from atelier.loop.result import EpochProgress
-from atelier.conditioning.training_data import Batch, shard
+from atelier.conditioning.training_data import Batch, StepPlace, shard
 
 if TYPE_CHECKING:
     from atelier.loop.adapter import Adapter
@@ -38,7 +38,8 @@ def draws(adapter: Adapter) -> Iterator[Draw]:
     for epoch in range(adapter.result.epochs + 1, plan.num_epochs + 1):
         if adapter.position is None:  # a fresh run's first epoch (the loop sets it at an epoch's end)
             adapter.position = EpochProgress(data.state_dict())
-        batches = shard(data.epoch(epoch), parallel.rank, parallel.world_size)
+        place = StepPlace((epoch - 1) * plan.updates_per_epoch, accum, parallel.world_size, plan.total_steps)
+        batches = shard(data.epoch(epoch, place), parallel.rank, parallel.world_size)
         skip = adapter.position.batches_done  # a run resumed mid-epoch skips what it trained before
         if skip >= len(batches):
             yield Draw(None, epoch, skip - 1, 1, True, True)

@@ -2,6 +2,7 @@
 
 sd-scripts' options with its names and formulas (train_util.conditional_loss,
 get_huber_threshold_if_needed; custom_train_functions.apply_snr_weight,
+scale_v_prediction_loss_like_noise_prediction, add_v_prediction_like_loss,
 apply_debiased_estimation). The noise and timesteps are drawn in atelier.objective.noise.
 """
 
@@ -40,6 +41,26 @@ def min_snr_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: flo
         return clipped / (s + 1)
     # min(SNR, g) / SNR -> 1 as SNR -> 0 (the last timestep with training.zero_terminal_snr).
     return torch.where(s > 0, clipped / s.clamp(min=torch.finfo(s.dtype).tiny), torch.ones_like(s))
+
+
+def v_pred_scale(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR/(SNR+1), SNR capped at 1000 (sd-scripts' get_snr_scale): the ratio of an eps-prediction
+    loss to the v-prediction loss of the same error, 0 where SNR is 0."""
+    s = torch.clamp(snr(scheduler, timesteps), max=DEBIASED_SNR_CAP)
+    return s / (s + 1)
+
+
+def scale_v_pred_like_noise_pred_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """scale_v_pred_loss_like_noise_pred: weight = SNR/(SNR+1), so a v-prediction loss weighs the
+    timesteps as an eps-prediction loss does (sd-scripts' scale_v_prediction_loss_like_noise_prediction)."""
+    return v_pred_scale(scheduler, timesteps)
+
+
+def v_pred_like_loss_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, amount: float) -> torch.Tensor:
+    """v_pred_like_loss: loss + amount * loss * (SNR+1)/SNR, i.e. weight = 1 + amount / (SNR/(SNR+1))
+    (sd-scripts' add_v_prediction_like_loss); infinite where SNR is 0 (TrainingConfig refuses
+    zero_terminal_snr with it)."""
+    return 1.0 + amount / v_pred_scale(scheduler, timesteps)
 
 
 def debiased_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -106,8 +127,11 @@ def diffusion_loss(
     huber_c: float = 0.1,
     huber_scale: float = 1.0,
     debiased_estimation: bool = False,
+    scale_v_pred_loss_like_noise_pred: bool = False,
+    v_pred_like_loss: float | None = None,
 ) -> torch.Tensor:
-    """Per-sample loss (loss_type), optionally min-SNR and debiased weighted, averaged over the batch.
+    """Per-sample loss (loss_type), optionally min-SNR, v-prediction-like and debiased weighted
+    (sd-scripts' post_process_loss order), averaged over the batch.
 
     `weights` [B] scales each sample's loss before the mean (sd-scripts' loss_weights:
     1 for train images, prior_loss_weight for regularization images).
@@ -123,6 +147,10 @@ def diffusion_loss(
         loss = loss * weights.to(loss.device, loss.dtype)
     if min_snr_gamma:
         loss = loss * min_snr_weight(scheduler, timesteps, min_snr_gamma).to(loss.device)
+    if scale_v_pred_loss_like_noise_pred:
+        loss = loss * scale_v_pred_like_noise_pred_weight(scheduler, timesteps).to(loss.device)
+    if v_pred_like_loss:
+        loss = loss * v_pred_like_loss_weight(scheduler, timesteps, v_pred_like_loss).to(loss.device)
     if debiased_estimation:
         loss = loss * debiased_weight(scheduler, timesteps).to(loss.device)
     return loss.mean()

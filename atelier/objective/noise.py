@@ -24,18 +24,27 @@ def sample_noise(
     adaptive_noise_scale: float | None = None,
     multires_noise_iterations: int | None = None,
     multires_noise_discount: float = 0.3,
+    noise_offset_random_strength: bool = False,
 ) -> torch.Tensor:
     """Gaussian noise like `latents`, then (in sd-scripts' order) offset noise and multires noise.
 
     noise_offset adds a per-(sample, channel) constant shift of std noise_offset;
     adaptive_noise_scale raises that std by scale * |channel mean of the latents|.
+    noise_offset_random_strength: the batch's offset is U(0, 1) * noise_offset, one draw per batch.
     """
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     if noise_offset:
-        noise = noise + offset_noise(latents, generator, noise_offset, adaptive_noise_scale)
+        offset = random_strength(generator, noise_offset) if noise_offset_random_strength else noise_offset
+        noise = noise + offset_noise(latents, generator, offset, adaptive_noise_scale)
     if multires_noise_iterations:
         noise = multires_noise(noise, generator, multires_noise_iterations, multires_noise_discount)
     return noise.to(latents.device, latents.dtype)
+
+
+def random_strength(generator: torch.Generator, maximum: float) -> float:
+    """U(0, 1) * maximum, one draw for the whole batch (sd-scripts' torch.rand(1) * value in
+    train_util.get_noise_noisy_latents_and_timesteps, for noise_offset and ip_noise_gamma)."""
+    return torch.rand((), generator=generator).item() * maximum
 
 
 def offset_noise(
@@ -101,12 +110,15 @@ def noisy_latents(
     timesteps: torch.Tensor,
     generator: torch.Generator,
     ip_noise_gamma: float | None = None,
+    ip_noise_gamma_random_strength: bool = False,
 ) -> torch.Tensor:
     """The model input x_t. With ip_noise_gamma (input perturbation) the latents are noised with
-    noise + gamma * N(0, 1) while the target stays `noise`."""
+    noise + gamma * N(0, 1) while the target stays `noise`; ip_noise_gamma_random_strength makes
+    gamma U(0, 1) * ip_noise_gamma, drawn once per batch before the perturbation (sd-scripts' order)."""
     if ip_noise_gamma:
+        gamma = random_strength(generator, ip_noise_gamma) if ip_noise_gamma_random_strength else ip_noise_gamma
         extra = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-        noise = noise + ip_noise_gamma * extra.to(noise.device, noise.dtype)
+        noise = noise + gamma * extra.to(noise.device, noise.dtype)
     return scheduler.add_noise(latents, noise, timesteps)
 
 
@@ -120,6 +132,7 @@ __all__ = [
     "multires_noise",
     "noisy_latents",
     "offset_noise",
+    "random_strength",
     "sample_noise",
     "sample_timesteps",
     "timestep_range",

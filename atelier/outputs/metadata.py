@@ -38,6 +38,10 @@ MODELSPEC_ARCHITECTURES = {
 # as "None", is left out too, so that a run without a comment keeps the metadata it had.
 WRITTEN_WHEN_GIVEN = ("ss_training_comment", "modelspec.author", "modelspec.description", "modelspec.license",
                       "modelspec.tags", "modelspec.trigger_phrase")  # fmt: skip
+# Options added after tests/data/unchanged_outputs.json was recorded: written only when on, so a
+# default run's metadata stays as it was (sd-scripts writes them always, False / None when off).
+WRITTEN_WHEN_ON = ("ss_noise_offset_random_strength", "ss_ip_noise_gamma_random_strength", "ss_face_crop_aug_range",
+                   "ss_resize_interpolation")  # fmt: skip
 # What output.no_metadata keeps besides the modelspec.* keys (and the sshs_* hashes save_lora
 # adds): sd-scripts' train_util.SS_METADATA_MINIMUM_KEYS, what a loader needs to apply the network.
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
@@ -116,6 +120,9 @@ def training_metadata(
     for key in WRITTEN_WHEN_GIVEN:
         if meta.get(key) is None:
             meta.pop(key, None)
+    for key in WRITTEN_WHEN_ON:
+        if not meta.get(key):
+            meta.pop(key, None)
     if t.min_timestep is not None or t.max_timestep is not None:
         # sd-scripts' get_sai_model_spec: the range trained on, the missing end filled in.
         low = 0 if t.min_timestep is None else t.min_timestep
@@ -161,6 +168,8 @@ def dataset_metadata(d: DatasetConfig, bucket_info: dict[str, Any] | None,
         "ss_max_bucket_reso": d.max_bucket_reso if bucketing else None,
         "ss_bucket_no_upscale": d.bucket_no_upscale if bucketing else None,
         "ss_cache_latents": cache_latents,
+        # sd-scripts writes the parsed tuple: "(2.0, 4.0)".
+        "ss_face_crop_aug_range": None if d.face_crop_aug_range is None else str(tuple(d.face_crop_aug_range)),
     }
     if bucket_info is not None:
         meta["ss_bucket_info"] = json.dumps(bucket_info)

@@ -64,15 +64,12 @@ NOT_HERE: dict[str, str] = {
     "wandb_api_key": "a key does not belong in a config saved with each run: `wandb login` or WANDB_API_KEY",
     "log_config": "with output.log_with=wandb or all, every wandb run gets the run's resolved config",
     **{name: _NOT_YET for name in (
-        "fp8_base", "fp8_base_unet", "full_bf16", "full_fp16",
-        "fused_backward_pass", "cpu_offload_checkpointing", "lowram", "vae_batch_size", "max_validation_steps",
-        "masked_loss", "alpha_mask", "conditioning_data_dir", "weighted_captions", "save_state_on_train_end",
-        "save_last_n_epochs_state", "save_last_n_steps_state", "save_n_epoch_ratio", "initial_epoch", "initial_step",
-        "skip_until_initial_step", "metadata_is_negative_embedding", "metadata_merged_from", "metadata_preprocessor",
-        "metadata_thumbnail", "metadata_usage_hint", "log_tracker_config",
-        "enable_wildcard", "secondary_separator", "token_warmup_min", "token_warmup_step", "face_crop_aug_range",
-        "resize_interpolation", "noise_offset_random_strength", "ip_noise_gamma_random_strength",
-        "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
+        "fp8_base", "fp8_base_unet", "full_bf16", "full_fp16", "fused_backward_pass", "cpu_offload_checkpointing",
+        "lowram", "vae_batch_size", "max_validation_steps", "masked_loss", "alpha_mask", "conditioning_data_dir",
+        "weighted_captions", "save_state_on_train_end", "save_last_n_epochs_state", "save_last_n_steps_state",
+        "save_n_epoch_ratio", "initial_epoch", "initial_step", "skip_until_initial_step",
+        "metadata_is_negative_embedding", "metadata_merged_from", "metadata_preprocessor", "metadata_thumbnail",
+        "metadata_usage_hint", "log_tracker_config",
     )},
 }  # fmt: skip
 

@@ -127,7 +127,10 @@ def _with_torch_compile(value: Any, cfg: dict[str, Any]) -> Any:
 
 
 def args_value(name: str, value: Any) -> Any:
-    """The dataset TOML's resolution is a number; train_network.py's --resolution a string."""
+    """The dataset TOML's resolution is a number, face_crop_aug_range a list; train_network.py
+    takes --resolution as a string and --face_crop_aug_range as 'low,high'."""
+    if name == "face_crop_aug_range":
+        return ",".join(f"{v:g}" for v in value)
     return str(value) if name == "resolution" else value
 
 
@@ -179,6 +182,12 @@ HOW: dict[str, dict[str, Any]] = {
     **{f"dataset.{name}": {"place": "dataset", "kind": "switch"}
        for name in ("enable_bucket", "bucket_no_upscale", "shuffle_caption", "flip_aug", "random_crop", "color_aug")},
     "dataset.keep_tokens_separator": {"place": "dataset", "convert": lambda v, c: v or None},
+    "dataset.secondary_separator": {"place": "dataset", "convert": lambda v, c: v or None},
+    "dataset.enable_wildcard": {"place": "dataset", "kind": "switch"},
+    "dataset.token_warmup_min": {"place": "dataset"},
+    "dataset.token_warmup_step": {"place": "dataset", "convert": _unless_zero},
+    "dataset.face_crop_aug_range": {"place": "dataset"},
+    "dataset.resize_interpolation": {"place": "dataset"},
     "dataset.cache_latents": {"kind": "switch"},
     "dataset.cache_latents_to_disk": {"kind": "switch"},
     "dataset.persistent_data_loader_workers": {"kind": "switch"},
@@ -194,6 +203,9 @@ HOW: dict[str, dict[str, Any]] = {
     "training.noise_offset": {"convert": _unless_zero},
     "training.zero_terminal_snr": {"kind": "switch"},
     "training.debiased_estimation_loss": {"kind": "switch"},
+    **{f"training.{name}": {"kind": "switch"}
+       for name in ("noise_offset_random_strength", "ip_noise_gamma_random_strength",
+                    "scale_v_pred_loss_like_noise_pred")},
     "training.huber_scale": {"convert": lambda v, c: None if v == 1.0 else v},
     "training.attention": {"kind": "switch", "convert": _attention},
     "training.torch_compile": {"kind": "switch"},

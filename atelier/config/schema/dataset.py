@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from omegaconf import MISSING
 
 from atelier.config.schema.captions import CaptionOptions
 from atelier.config.schema.checks import unresolved
+from atelier.config.schema.enums import ResizeInterpolation
 from atelier.config.schema.fields import option
 from atelier.errors import DatasetError
 
@@ -87,6 +88,25 @@ class DatasetConfig:
                               doc="The first N tags stay in place when shuffling.")
     keep_tokens_separator: str = option("", flag="keep_tokens_separator",
                                         doc="Tags before this separator stay in place when shuffling.")
+    secondary_separator: Optional[str] = option(
+        None, flag="secondary_separator",
+        doc="A separator inside tags (e.g. ;;;) that shuffle and dropout keep together; it becomes "
+        "caption_separator afterwards.",
+    )
+    enable_wildcard: bool = option(
+        False, flag="enable_wildcard",
+        doc="{a|b|c} in a caption picks one alternative each step ({{ }} are literal braces), and a caption "
+        "file's non-blank lines are alternatives, one picked each step (off: its first line).",
+        kohya="sd-scripts joins caption_prefix/suffix to the file's first/last line before picking one; here every "
+        "line gets both",
+    )
+    token_warmup_min: int = option(1, flag="token_warmup_min",
+                                   doc="Token warmup: the number of shuffled tags a caption keeps at step 0.")
+    token_warmup_step: float = option(
+        0.0, flag="token_warmup_step",
+        doc="Token warmup: the step from which captions keep all their tags, growing linearly from "
+        "token_warmup_min (below 1: that fraction of the run's steps; 0: off).",
+    )
     caption_prefix: Optional[str] = option(None, flag="caption_prefix", doc="Text put before every caption.")
     caption_suffix: Optional[str] = option(None, flag="caption_suffix", doc="Text put after every caption.")
     caption_dropout_rate: float = option(0.0, flag="caption_dropout_rate", ss="ss_caption_dropout_rate",
@@ -105,6 +125,20 @@ class DatasetConfig:
     random_crop: bool = option(False, flag="random_crop", ss="ss_random_crop",
                                doc="Crop at a random place instead of the centre.")
     color_aug: bool = option(False, flag="color_aug", ss="ss_color_aug", doc="Shift the hue at random.")
+    face_crop_aug_range: Optional[List[float]] = option(
+        None, flag="face_crop_aug_range", ss="ss_face_crop_aug_range",
+        doc="[low, high], e.g. [2.0, 4.0]: an image named <name>_<cx>_<cy>_<w>_<h> (its face's centre and size, "
+        "as sd-scripts' detect_face_rotate.py writes) is scaled so the face is 1/high..1/low of the training "
+        "side and cropped around it, at random each step (needs enable_bucket=false; other images are "
+        "cropped as usual; the latent cache is then off).",
+        kohya="sd-scripts takes it as a string 'low,high'; with cache_latents it is silently not applied there",
+    )
+    resize_interpolation: Optional[ResizeInterpolation] = option(
+        None, flag="resize_interpolation", ss="ss_resize_interpolation",
+        doc="The filter that scales images (PIL's of that name; area: PIL's box average). null: Lanczos.",
+        kohya="sd-scripts scales with OpenCV but for lanczos (its bilinear/bicubic do not average when shrinking); "
+        "its null is area when shrinking, lanczos when enlarging",
+    )
     reg_data_dir: Optional[str] = option(
         None, flag="reg_data_dir", ss="ss_num_reg_images",
         doc="Regularization images (same N_name layout), balanced to the train images x repeats.",
@@ -157,6 +191,20 @@ class DatasetConfig:
         if self.validate_every_n_steps is not None and self.validate_every_n_steps < 1:
             raise DatasetError(f"dataset.validate_every_n_steps must be at least 1, got {self.validate_every_n_steps}")
         caption_options(self)  # CaptionOptions' own rules (its messages start with the key)
+        check_face_crop_aug_range(self)
+
+
+def check_face_crop_aug_range(d: DatasetConfig) -> None:
+    """Two sizes, low <= high, and no bucketing: sd-scripts crops faces only without buckets."""
+    aug_range = d.face_crop_aug_range
+    if aug_range is None:
+        return
+    if len(aug_range) != 2 or not 0 < aug_range[0] <= aug_range[1]:
+        raise DatasetError(f"dataset.face_crop_aug_range must be [low, high] with 0 < low <= high (the face is scaled "
+                           f"to 1/high..1/low of the training side), got {list(aug_range)}; e.g. [2.0, 4.0]")
+    if d.enable_bucket:
+        raise DatasetError("dataset.face_crop_aug_range crops at the resolution, without buckets (sd-scripts "
+                           "ignores it with buckets): set dataset.enable_bucket=false or drop face_crop_aug_range")
 
 
 def max_token_length_problem(value: int | None) -> str | None:
@@ -179,6 +227,10 @@ def caption_options(d: DatasetConfig) -> CaptionOptions:
             caption_dropout_rate=d.caption_dropout_rate,
             caption_tag_dropout_rate=d.caption_tag_dropout_rate,
             caption_dropout_every_n_epochs=d.caption_dropout_every_n_epochs,
+            secondary_separator=d.secondary_separator or None,
+            enable_wildcard=d.enable_wildcard,
+            token_warmup_min=d.token_warmup_min,
+            token_warmup_step=d.token_warmup_step,
         )
     except ValueError as err:  # its messages start with the option's name
         raise DatasetError(f"dataset.{err}") from None

@@ -61,6 +61,18 @@ class HuberSchedule(str, Enum):
     snr = "snr"
 
 
+class ResizeInterpolation(str, Enum):
+    """sd-scripts' --resize_interpolation choices (atelier.data.images.RESAMPLING: the PIL filter of each)."""
+
+    lanczos = "lanczos"
+    nearest = "nearest"
+    bilinear = "bilinear"
+    linear = "linear"
+    bicubic = "bicubic"
+    cubic = "cubic"
+    area = "area"
+
+
 class MixedPrecision(str, Enum):
     no = "no"
     fp16 = "fp16"

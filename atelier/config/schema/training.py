@@ -55,6 +55,10 @@ class TrainingConfig:
                                             doc="Min-SNR loss weighting: min(SNR, gamma) / SNR (null: off).")
     noise_offset: float = option(0.0, flag="noise_offset", ss="ss_noise_offset",
                                  doc="Adds noise_offset x N(0,1) per latent channel to the noise (0: off).")
+    noise_offset_random_strength: bool = option(
+        False, flag="noise_offset_random_strength", ss="ss_noise_offset_random_strength",
+        doc="Each batch uses an offset drawn uniformly from 0..noise_offset instead of noise_offset itself.",
+    )
     max_grad_norm: float = option(1.0, flag="max_grad_norm", ss="ss_max_grad_norm",
                                   doc="Clip the gradients' norm to this (0: no clipping).")
     adaptive_noise_scale: Optional[float] = option(
@@ -71,6 +75,10 @@ class TrainingConfig:
         None, flag="ip_noise_gamma", ss="ss_ip_noise_gamma",
         doc="Input perturbation: the latents are noised with noise + gamma x N(0,1); the target stays noise.",
     )
+    ip_noise_gamma_random_strength: bool = option(
+        False, flag="ip_noise_gamma_random_strength", ss="ss_ip_noise_gamma_random_strength",
+        doc="Each batch uses a gamma drawn uniformly from 0..ip_noise_gamma instead of ip_noise_gamma itself.",
+    )
     zero_terminal_snr: bool = option(
         False, flag="zero_terminal_snr", ss="ss_zero_terminal_snr",
         doc="Rescale the training noise schedule so the last timestep has SNR 0 (meant for v-prediction).",
@@ -82,6 +90,14 @@ class TrainingConfig:
     debiased_estimation_loss: bool = option(
         False, flag="debiased_estimation_loss", ss="ss_debiased_estimation",
         doc="Weight each sample by 1/sqrt(SNR) (eps) or 1/(SNR+1) (v-prediction).",
+    )
+    scale_v_pred_loss_like_noise_pred: bool = option(
+        False, flag="scale_v_pred_loss_like_noise_pred",
+        doc="v-prediction only: weight each sample by SNR/(SNR+1), so the loss scales like an eps-prediction loss.",
+    )
+    v_pred_like_loss: Optional[float] = option(
+        None, flag="v_pred_like_loss",
+        doc="eps-prediction only: add this times a v-prediction-like loss, loss x (1 + value x (SNR+1)/SNR).",
     )
     loss_type: LossType = option(LossType.l2, flag="loss_type", ss="ss_loss_type",
                                  doc="The loss between prediction and target (atelier.objective.losses).")
@@ -130,6 +146,16 @@ class TrainingConfig:
             at_least("training.max_train_epochs", self.max_train_epochs, 1)
         else:
             raise ConfigError("set training.max_train_epochs or training.max_train_steps")
+        # sd-scripts ignores a random strength whose range is 0..0 without a word.
+        if self.noise_offset_random_strength and not self.noise_offset:
+            raise ConfigError("training.noise_offset_random_strength draws the offset from 0..training.noise_offset, "
+                              "which is 0: set training.noise_offset (e.g. 0.1) or drop the random strength")
+        if self.ip_noise_gamma_random_strength and not self.ip_noise_gamma:
+            raise ConfigError("training.ip_noise_gamma_random_strength draws gamma from 0..training.ip_noise_gamma, "
+                              "which is not set: set training.ip_noise_gamma (e.g. 0.1) or drop the random strength")
+        if self.v_pred_like_loss is not None and self.v_pred_like_loss < 0:
+            raise ConfigError(f"training.v_pred_like_loss must not be negative (a negative loss weight), got "
+                              f"{self.v_pred_like_loss}; use e.g. 0.1, or null for off")
 
     def check_precision(self, cuda_available: bool) -> None:
         """fp16 needs a CUDA GPU (the trainer asks, with what it found)."""
@@ -147,6 +173,7 @@ def check_noise_options(t: TrainingConfig, v_parameterization: bool) -> None:
         )
     if t.multires_noise_iterations is not None and t.multires_noise_iterations < 0:
         raise ConfigError(f"training.multires_noise_iterations must be >= 0, got {t.multires_noise_iterations}")
+    check_v_pred_loss_options(t, v_parameterization)
     if t.zero_terminal_snr and not v_parameterization:
         if t.debiased_estimation_loss:
             raise ConfigError(
@@ -158,3 +185,16 @@ def check_noise_options(t: TrainingConfig, v_parameterization: bool) -> None:
             "training.zero_terminal_snr without model.v_parameterization: the last timestep is pure "
             "noise, which an eps-prediction model predicts trivially (sd-scripts warns the same)"
         )
+
+
+def check_v_pred_loss_options(t: TrainingConfig, v_parameterization: bool) -> None:
+    """sd-scripts' rules for the two v-prediction loss scalings (train_util.verify_training_args)."""
+    if t.scale_v_pred_loss_like_noise_pred and not v_parameterization:
+        raise ConfigError("training.scale_v_pred_loss_like_noise_pred needs model.v_parameterization=true (it scales "
+                          "a v-prediction loss); drop it for an eps-prediction model")
+    if t.v_pred_like_loss and v_parameterization:
+        raise ConfigError("training.v_pred_like_loss adds a v-prediction-like loss to an eps-prediction model; with "
+                          "model.v_parameterization=true the loss already is one: drop training.v_pred_like_loss")
+    if t.v_pred_like_loss and t.zero_terminal_snr:
+        raise ConfigError("training.v_pred_like_loss with training.zero_terminal_snr: the last timestep has SNR 0 "
+                          "and its weight (SNR+1)/SNR is infinite; drop one of the two")
