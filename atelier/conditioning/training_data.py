@@ -43,6 +43,7 @@ from atelier.runtime import phases, reuse
 from atelier.config.schema.dataset import cache_latents_wanted, caption_options, max_token_length
 from atelier.data.options import bucket_settings, face_crop_range, image_limits, resize_interpolation
 from atelier.data.latents import PixelJob, StepEncoder
+from atelier.data.masks import MaskOptions, MaskSource, find_mask_files
 from atelier.data.holdout import split_validation
 from atelier.data.regularization import balance_reg_repeats
 from atelier.utils.rng import as_tuples
@@ -63,6 +64,7 @@ class Batch:
     captions: list[str]
     noise_seed: int = 0  # seeds this batch's noise and timesteps
     latents: torch.Tensor | None = field(default=None, repr=False)
+    masks: torch.Tensor | None = field(default=None, repr=False)  # [B, h, w] loss masks (masked_loss)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -108,6 +110,8 @@ class TrainingData:
         self.items: list[ImageItem] = train_items + reg_items
         self.num_train_items = len(train_items)
         self._make_buckets(d)
+        # Mask files are found now, so a missing one fails before any model is loaded.
+        self.masks = _mask_source(d, full.items)
         self.latent_cache: LatentCache | None = None
         self.step_encoder: StepEncoder | None = None
         self._log_summary(len(reg_items))
@@ -284,14 +288,21 @@ class TrainingData:
         if self.latent_cache is not None:
             for batch in batches:
                 batch.latents = self.latent_cache.get_batch(batch.indices, batch.flips)
-                yield batch
+                yield self._with_masks(batch)
             return
         assert self.step_encoder is not None, "call prepare() first"
         jobs = [self.pixel_job(batch) for batch in batches]
         latents = self.step_encoder.encode(jobs, [batch.indices for batch in batches])
         for batch, batch_latents in zip(batches, latents):
             batch.latents = batch_latents
-            yield batch
+            yield self._with_masks(batch)
+
+    def _with_masks(self, batch: Batch) -> Batch:
+        if self.masks is not None:
+            job = self.pixel_job(batch)
+            size = tuple(batch.latents.shape[-2:])  # the latents' h, w: masks are area-averaged to it
+            batch.masks = self.masks.batch(job.paths, job.buckets, job.flips, job.seeds, size)
+        return batch
 
     def pixel_job(self, batch: Batch) -> PixelJob:
         return PixelJob(
@@ -323,6 +334,15 @@ def _subset(index: DatasetIndex, items: list[ImageItem]) -> DatasetIndex:
         for folder in index.folders
     ]
     return DatasetIndex(root=index.root, folders=folders, items=items, warnings=index.warnings)
+
+
+def _mask_source(d: DatasetConfig, items: list[ImageItem]) -> MaskSource | None:
+    """The loss masks dataset.alpha_mask / conditioning_data_dir give (None: no masks)."""
+    if not (d.alpha_mask or d.conditioning_data_dir):
+        return None
+    files = find_mask_files(items, d.conditioning_data_dir) if d.conditioning_data_dir else None
+    return MaskSource(files, bool(d.alpha_mask), MaskOptions(bool(d.random_crop), face_crop_range(d),
+                                                             resize_interpolation(d)))  # fmt: skip
 
 
 def shard(batches: list[Batch], rank: int, world_size: int) -> list[Batch]:

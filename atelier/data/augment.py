@@ -66,17 +66,46 @@ def load_training_pixels(
     `seed` is unused.
     """
     rng = random.Random(seed)
-    face = face_in_name(path) if face_crop_aug_range is not None else None
-    if face is not None:
-        image = face_crop(open_rgb(path), bucket, face, face_crop_aug_range, random_crop, rng, interpolation)
-    else:
-        image, _ = resize_and_crop_to_bucket(open_rgb(path), bucket, random_crop, rng if random_crop else None,
-                                             interpolation)  # fmt: skip
-    if flip:
-        image = ImageOps.mirror(image)
+    image = place_on_bucket(open_rgb(path), path, bucket, flip, random_crop, rng, face_crop_aug_range, interpolation)
     if color:
         image = color_aug(image, rng)
     return to_tensor(image)
 
 
-__all__ = ["apply_gamma", "color_aug", "load_training_pixels", "shift_hue"]
+def place_on_bucket(img: Image.Image, path: Path, bucket: Resolution, flip: bool, random_crop: bool,
+                    rng: random.Random, face_crop_aug_range: tuple[float, float] | None = None,
+                    interpolation: str | None = None) -> Image.Image:  # fmt: skip
+    """img scaled, cropped and mirrored onto its bucket: the geometry of load_training_pixels.
+
+    The draws depend only on the sizes, so a mask of the image's size given the same `rng`
+    state is cut exactly as the image is (load_training_mask).
+    """
+    face = face_in_name(path) if face_crop_aug_range is not None else None
+    if face is not None:
+        image = face_crop(img, bucket, face, face_crop_aug_range, random_crop, rng, interpolation)
+    else:
+        image, _ = resize_and_crop_to_bucket(img, bucket, random_crop, rng if random_crop else None, interpolation)
+    return ImageOps.mirror(image) if flip else image
+
+
+def load_training_mask(
+    mask: Image.Image,
+    path: Path,
+    bucket: Resolution,
+    *,
+    flip: bool = False,
+    random_crop: bool = False,
+    seed: int = 0,
+    face_crop_aug_range: tuple[float, float] | None = None,
+    interpolation: str | None = None,
+) -> torch.Tensor:
+    """The 8-bit mask (mode L, the size of the image at `path`) cut as load_training_pixels cuts that
+    image with the same arguments: [h, w] float32 in 0..1."""
+    if mask.mode != "L":
+        raise ValueError(f"a mask is a mode L image, got mode {mask.mode}")
+    placed = place_on_bucket(mask, path, bucket, flip, random_crop, random.Random(seed), face_crop_aug_range,
+                             interpolation)  # fmt: skip
+    return torch.from_numpy(np.asarray(placed, dtype=np.uint8).copy()).to(torch.float32).div_(255.0)
+
+
+__all__ = ["apply_gamma", "color_aug", "load_training_mask", "load_training_pixels", "place_on_bucket", "shift_hue"]

@@ -54,6 +54,7 @@ class CheckOptions:
     validation_seed: int = 0
     image_limits: ImageLimits = field(default_factory=ImageLimits)  # dataset.max_image_pixels/_aspect_ratio
     max_samples_per_epoch: int = 10_000_000  # dataset.max_samples_per_epoch
+    conditioning_data_dir: str | None = None  # dataset.conditioning_data_dir: every image needs its mask
 
 
 @dataclass
@@ -82,6 +83,8 @@ def analyse(inspection: DatasetInspection, options: CheckOptions) -> CheckReport
         inspection.add(ERROR, inspection.root, too_many)
     images = [(folder, image) for folder in inspection.folders for image in folder.readable]
     items = [ImageItem(image.path, image.caption, folder.path.name, folder.repeats) for folder, image in images]
+    if options.conditioning_data_dir:
+        _check_masks(inspection, items, options.conditioning_data_dir)
     if options.validation_split > 0 and items:
         # Imported here: it brings torch, which a check without validation does not need.
         from atelier.data.holdout import split_validation
@@ -101,6 +104,20 @@ def analyse(inspection: DatasetInspection, options: CheckOptions) -> CheckReport
     per_epoch = bucket_steps_per_epoch(assignments, options.batch_size)
     total, epochs = _total_steps(options, sum(a.repeats for a in assignments), per_epoch)
     return CheckReport(inspection, options, images, assignments, manager.info(assignments), per_epoch, total, epochs)
+
+
+def _check_masks(inspection: DatasetInspection, items: list[ImageItem], conditioning_dir: str) -> None:
+    """Each image's loss mask (training refuses the run without one), reported per image."""
+    from atelier.data.masks import match_masks  # brings torch, which other checks do not need
+    from atelier.errors import DatasetError
+
+    try:
+        problems = match_masks(items, conditioning_dir)[1]
+    except DatasetError as err:
+        inspection.add(ERROR, inspection.root, str(err))
+        return
+    for path, _, text in problems:
+        inspection.add(ERROR, path, f"{text} (dataset.conditioning_data_dir)")
 
 
 def _total_steps(options: CheckOptions, num_samples: int, per_epoch: int) -> tuple[int, int]:

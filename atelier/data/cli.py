@@ -130,6 +130,7 @@ def _check_options(args: argparse.Namespace) -> tuple[str, str, CheckOptions]:
         validation_seed=d.validation_seed if d.validation_seed is not None else t.seed,
         image_limits=image_limits(d),
         max_samples_per_epoch=d.max_samples_per_epoch,
+        conditioning_data_dir=d.conditioning_data_dir,
     )
     return data_dir, flag("caption_extension", d.caption_extension), options
 

@@ -172,6 +172,7 @@ class Adapter:
             loss_type=t.loss_type, huber_schedule=t.huber_schedule, huber_c=t.huber_c,
             huber_scale=t.huber_scale, debiased_estimation=t.debiased_estimation_loss,
             scale_v_pred_loss_like_noise_pred=t.scale_v_pred_loss_like_noise_pred, v_pred_like_loss=t.v_pred_like_loss,
+            masks=batch.masks,
         )  # fmt: skip
 
     def check_finite(self, loss: torch.Tensor, epoch: int) -> None:

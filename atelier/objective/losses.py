@@ -3,7 +3,7 @@
 sd-scripts' options with its names and formulas (train_util.conditional_loss,
 get_huber_threshold_if_needed; custom_train_functions.apply_snr_weight,
 scale_v_prediction_loss_like_noise_prediction, add_v_prediction_like_loss,
-apply_debiased_estimation). The noise and timesteps are drawn in atelier.objective.noise.
+apply_debiased_estimation, apply_masked_loss). The noise and timesteps are drawn in atelier.objective.noise.
 """
 
 from __future__ import annotations
@@ -114,6 +114,26 @@ def elementwise_loss(
     return 2 * c * root if loss_type == LossType.huber else 2 * root
 
 
+def apply_masked_loss(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """masked_loss: loss[b, c, y, x] * m[b, y, x], m the mask (0..1) area-averaged to the loss's size
+    (sd-scripts' custom_train_functions.apply_masked_loss).
+
+    `mask` is [B, H, W] or [B, 1, H, W] at any size (pixels or latents); every channel of a
+    sample shares it. The caller then takes the plain mean, as sd-scripts does: a masked-out
+    element counts as a zero, so a half-masked image weighs about half as much (not a mean
+    over the unmasked area).
+    """
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    if mask.ndim != 4 or mask.shape[0] != loss.shape[0] or mask.shape[1] != 1:
+        raise ValueError(f"mask must be [B, H, W] or [B, 1, H, W] for a loss of {tuple(loss.shape)}, "
+                         f"got {tuple(mask.shape)}")  # fmt: skip
+    mask = mask.to(loss.device, loss.dtype)
+    if tuple(mask.shape[2:]) != tuple(loss.shape[2:]):
+        mask = F.interpolate(mask, size=loss.shape[2:], mode="area")
+    return loss * mask
+
+
 def diffusion_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -129,18 +149,23 @@ def diffusion_loss(
     debiased_estimation: bool = False,
     scale_v_pred_loss_like_noise_pred: bool = False,
     v_pred_like_loss: float | None = None,
+    masks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample loss (loss_type), optionally min-SNR, v-prediction-like and debiased weighted
     (sd-scripts' post_process_loss order), averaged over the batch.
 
     `weights` [B] scales each sample's loss before the mean (sd-scripts' loss_weights:
-    1 for train images, prior_loss_weight for regularization images).
+    1 for train images, prior_loss_weight for regularization images). `masks` [B, H, W]
+    (0..1) weigh each element first (apply_masked_loss: training.masked_loss, dataset.alpha_mask).
     """
     timesteps = timesteps.to(pred.device)
     threshold = None
     if LossType(loss_type) in (LossType.huber, LossType.smooth_l1):
         threshold = huber_threshold(scheduler, timesteps, huber_schedule, huber_c, huber_scale)
-    loss = elementwise_loss(pred.float(), target.float(), loss_type, threshold).mean(dim=(1, 2, 3))
+    loss = elementwise_loss(pred.float(), target.float(), loss_type, threshold)
+    if masks is not None:
+        loss = apply_masked_loss(loss, masks)
+    loss = loss.mean(dim=(1, 2, 3))
     if weights is not None:
         if weights.shape != loss.shape:
             raise ValueError(f"weights must have one value per sample {tuple(loss.shape)}, got {tuple(weights.shape)}")

@@ -152,12 +152,23 @@ def build_export(cfg: dict[str, Any], out_dir: Path) -> Export:
     for subset in subsets:
         if not subset["class_tokens"]:
             del subset["class_tokens"]
+    if dataset.get("conditioning_data_dir"):
+        _add_mask_folders(subsets, Path(dataset["conditioning_data_dir"]).expanduser().resolve())
     prompts = sample_prompt_lines(cfg, [s.get("class_tokens", "") for s in subsets if not s.get("is_reg")])
     if prompts:
         args["sample_prompts"] = str(out_dir / PROMPTS_TXT)
     version = cfg.get("model", {}).get("version")
     script = "sdxl_train_network.py" if version == "sdxl" else "train_network.py"
     return Export(script, accelerate, args, general, subsets, prompts, unmapped)
+
+
+def _add_mask_folders(subsets: list[dict[str, Any]], conditioning_dir: Path) -> None:
+    """dataset.conditioning_data_dir as sd-scripts' per-subset key: each train subset's mask folder
+    (atelier.data.masks.mask_folder: <dir>/<concept folder> when it exists, else <dir>)."""
+    for subset in subsets:
+        if not subset.get("is_reg"):
+            mirrored = conditioning_dir / Path(subset["image_dir"]).name
+            subset["conditioning_data_dir"] = str(mirrored if mirrored.is_dir() else conditioning_dir)
 
 
 def sample_prompt_lines(cfg: dict[str, Any], class_tokens: list[str]) -> list[str]:

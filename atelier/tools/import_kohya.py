@@ -236,11 +236,31 @@ def _dataset(run: KohyaRun, args: dict[str, Any], out: Imported) -> None:
                 out.set(key, parent)
         elif args.get(name):
             out.set(key, str(_path(args[name], run.source)))
+    if any("conditioning_data_dir" in s for s in train):
+        _conditioning_dir(train, run, out)
     if "dataset.train_data_dir" not in out.values:
         out.set("dataset.train_data_dir", "???")
         out.notes.append("no train_data_dir or dataset subsets: set dataset.train_data_dir before training")
     train_dir = out.values["dataset.train_data_dir"]
     out.set("dataset.name", Path(train_dir).name if train_dir != "???" else "imported")
+
+
+def _conditioning_dir(subsets: list[dict[str, Any]], run: KohyaRun, out: Imported) -> None:
+    """The subsets' conditioning_data_dir (masks) as dataset.conditioning_data_dir: one folder for all,
+    or per subset <dir>/<its image folder's name> (the layout atelier.data.masks.mask_folder reads)."""
+    folders = [(_path(str(s.get("image_dir", "")), run.source).name,
+                _path(str(s["conditioning_data_dir"]), run.source) if s.get("conditioning_data_dir") else None)
+               for s in subsets]  # fmt: skip
+    candidates = {str(mask.parent if mask.name == name else mask) for name, mask in folders if mask is not None}
+    if len(candidates) == 1 and all(mask is not None for _, mask in folders):
+        out.set("dataset.conditioning_data_dir", candidates.pop())
+        return
+    out.skip("datasets.subsets", [str(mask) for _, mask in folders],
+             "Atelier reads masks from one conditioning_data_dir (per concept folder: <dir>/<folder name>)")
+
+
+# Subset keys _dataset reads (conditioning_data_dir: _conditioning_dir).
+_SUBSET_KEYS_READ = {"image_dir", "num_repeats", "class_tokens", "is_reg", "conditioning_data_dir"}
 
 
 def _parent_of(subsets: list[dict[str, Any]], run: KohyaRun, out: Imported) -> str | None:
@@ -258,7 +278,7 @@ def _parent_of(subsets: list[dict[str, Any]], run: KohyaRun, out: Imported) -> s
                      f"Atelier reads repeats and class tokens from folder names: put it in one parent folder as "
                      f"{repeats}_{tokens or folder.name}")  # fmt: skip
             return None
-        for key in sorted(set(subset) - {"image_dir", "num_repeats", "class_tokens", "is_reg"}):
+        for key in sorted(set(subset) - _SUBSET_KEYS_READ):
             out.skip("datasets.subsets", f"{folder.name}: {key}={subset[key]}",
                      "per-subset options are not supported yet ([13]); set them for the whole dataset")  # fmt: skip
         parents.add(str(folder.parent))

@@ -65,7 +65,7 @@ NOT_HERE: dict[str, str] = {
     "log_config": "with output.log_with=wandb or all, every wandb run gets the run's resolved config",
     **{name: _NOT_YET for name in (
         "fp8_base", "fp8_base_unet", "full_bf16", "full_fp16", "fused_backward_pass", "cpu_offload_checkpointing",
-        "lowram", "vae_batch_size", "max_validation_steps", "masked_loss", "alpha_mask", "conditioning_data_dir",
+        "lowram", "vae_batch_size", "max_validation_steps",
         "weighted_captions", "save_state_on_train_end", "save_last_n_epochs_state", "save_last_n_steps_state",
         "save_n_epoch_ratio", "initial_epoch", "initial_step", "skip_until_initial_step",
         "metadata_is_negative_embedding", "metadata_merged_from", "metadata_preprocessor", "metadata_thumbnail",

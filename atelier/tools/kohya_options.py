@@ -188,6 +188,9 @@ HOW: dict[str, dict[str, Any]] = {
     "dataset.token_warmup_step": {"place": "dataset", "convert": _unless_zero},
     "dataset.face_crop_aug_range": {"place": "dataset"},
     "dataset.resize_interpolation": {"place": "dataset"},
+    "dataset.alpha_mask": {"place": "dataset", "kind": "switch"},
+    # also each train subset's key in the dataset TOML (build_export)
+    "dataset.conditioning_data_dir": {"place": "subsets", "convert": _path},
     "dataset.cache_latents": {"kind": "switch"},
     "dataset.cache_latents_to_disk": {"kind": "switch"},
     "dataset.persistent_data_loader_workers": {"kind": "switch"},
@@ -205,7 +208,7 @@ HOW: dict[str, dict[str, Any]] = {
     "training.debiased_estimation_loss": {"kind": "switch"},
     **{f"training.{name}": {"kind": "switch"}
        for name in ("noise_offset_random_strength", "ip_noise_gamma_random_strength",
-                    "scale_v_pred_loss_like_noise_pred")},
+                    "scale_v_pred_loss_like_noise_pred", "masked_loss")},
     "training.huber_scale": {"convert": lambda v, c: None if v == 1.0 else v},
     "training.attention": {"kind": "switch", "convert": _attention},
     "training.torch_compile": {"kind": "switch"},

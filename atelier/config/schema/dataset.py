@@ -139,6 +139,20 @@ class DatasetConfig:
         kohya="sd-scripts scales with OpenCV but for lanczos (its bilinear/bicubic do not average when shrinking); "
         "its null is area when shrinking, lanczos when enlarging",
     )
+    alpha_mask: bool = option(
+        False, flag="alpha_mask",
+        doc="The images' alpha channel is a loss mask (0..1; images without alpha: all ones): the loss of each "
+        "latent pixel is multiplied by it. On by itself, as in sd-scripts; training.masked_loss names it too.",
+        kohya="the pixels trained on are the alpha composited on white, as without alpha_mask (sd-scripts trains "
+        "the raw RGB under the alpha)",
+    )
+    conditioning_data_dir: Optional[str] = option(
+        None, flag="conditioning_data_dir",
+        doc="Loss masks (with training.masked_loss): per training image a mask of the same file stem, its R channel "
+        "0..1, in <conditioning_data_dir>/<concept folder>/ or, without that folder, <conditioning_data_dir>/; "
+        "a missing mask fails before training.",
+        kohya="sd-scripts: a dataset-config subset key (one folder per subset) and a flag",
+    )
     reg_data_dir: Optional[str] = option(
         None, flag="reg_data_dir", ss="ss_num_reg_images",
         doc="Regularization images (same N_name layout), balanced to the train images x repeats.",
@@ -192,6 +206,9 @@ class DatasetConfig:
             raise DatasetError(f"dataset.validate_every_n_steps must be at least 1, got {self.validate_every_n_steps}")
         caption_options(self)  # CaptionOptions' own rules (its messages start with the key)
         check_face_crop_aug_range(self)
+        if self.alpha_mask and self.conditioning_data_dir:
+            raise DatasetError("dataset.alpha_mask and dataset.conditioning_data_dir both give loss masks (sd-scripts "
+                               "uses one per subset): keep one of them")  # fmt: skip
 
 
 def check_face_crop_aug_range(d: DatasetConfig) -> None:

@@ -19,7 +19,7 @@ from atelier.config.schema.optimizer import OptimizerConfig, check_can_suggest, 
 from atelier.config.schema.output import OutputConfig
 from atelier.config.schema.sampling import SamplingConfig
 from atelier.config.schema.scheduler import SchedulerConfig
-from atelier.config.schema.training import TrainingConfig, check_noise_options
+from atelier.config.schema.training import TrainingConfig, check_masked_loss, check_noise_options
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class AtelierConfig:
         """The rules that span groups; each group's own rules ran as it was built."""
         check_name("project", self.project)
         check_noise_options(self.training, self.model.v_parameterization)
+        check_masked_loss(self.training, self.dataset)
         opt, sched = self.optimizer, self.scheduler
         check_schedule_fits(opt.type, sched.class_path or sched.type.value, sched.warmup_steps or sched.warmup_ratio or 0)
         if opt.text_encoder_2_lr is not None and self.model.version != ModelVersion.sdxl:

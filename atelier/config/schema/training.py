@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from atelier.config.schema.enums import (
     Attention,
@@ -15,6 +15,9 @@ from atelier.config.schema.enums import (
 from atelier.config.schema.checks import at_least
 from atelier.config.schema.fields import option
 from atelier.errors import ConfigError
+
+if TYPE_CHECKING:
+    from atelier.config.schema.dataset import DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,11 @@ class TrainingConfig:
                             doc="huber / smooth_l1 threshold, scheduled per timestep by huber_schedule.")
     huber_scale: float = option(1.0, flag="huber_scale", ss="ss_huber_scale", doc="Multiplies huber_c.",
                                 kohya="recent sd-scripts; left out at its default 1.0 for older ones")
+    masked_loss: bool = option(
+        False, flag="masked_loss",
+        doc="Multiply the loss by a mask (0 = ignored, 1 = trained): dataset.alpha_mask or "
+        "dataset.conditioning_data_dir gives it; the mean stays over all pixels (sd-scripts' apply_masked_loss).",
+    )
     attention: Attention = option(Attention.sdpa, flag="sdpa",
                                   doc="The UNet's attention kernel (atelier.loop.speed logs what it did).",
                                   kohya="xformers: --xformers; math: neither switch")
@@ -198,3 +206,15 @@ def check_v_pred_loss_options(t: TrainingConfig, v_parameterization: bool) -> No
     if t.v_pred_like_loss and t.zero_terminal_snr:
         raise ConfigError("training.v_pred_like_loss with training.zero_terminal_snr: the last timestep has SNR 0 "
                           "and its weight (SNR+1)/SNR is infinite; drop one of the two")
+
+
+def check_masked_loss(t: TrainingConfig, d: DatasetConfig) -> None:
+    """training.masked_loss needs masks; dataset.conditioning_data_dir is read only with it (sd-scripts
+    accepts the subset key only with --masked_loss). dataset.alpha_mask masks by itself, as there."""
+    if t.masked_loss and not (d.alpha_mask or d.conditioning_data_dir):
+        raise ConfigError("training.masked_loss multiplies the loss by a mask, and none is given: set "
+                          "dataset.alpha_mask=true (the images' alpha) or dataset.conditioning_data_dir=<folder of "
+                          "masks>, or drop training.masked_loss")  # fmt: skip
+    if d.conditioning_data_dir and not t.masked_loss:
+        raise ConfigError(f"dataset.conditioning_data_dir={d.conditioning_data_dir} holds loss masks, used only with "
+                          "training.masked_loss: set training.masked_loss=true or drop the key")  # fmt: skip
