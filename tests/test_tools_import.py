@@ -97,8 +97,12 @@ RICH = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("overrides", [[], RICH, ["model=tiny_sdxl", "optimizer.text_encoder_2_lr=2e-5"]],
-                         ids=["defaults", "rich", "sdxl"])  # fmt: skip
+# LyCORIS' network_args: DoRA (network=lora with it is LyCORIS' algo=lora, which imports as locon).
+LYCORIS = ["network=locon", "network.dora_wd=true"]
+
+
+@pytest.mark.parametrize("overrides", [[], RICH, ["model=tiny_sdxl", "optimizer.text_encoder_2_lr=2e-5"], LYCORIS],
+                         ids=["defaults", "rich", "sdxl", "lycoris"])  # fmt: skip
 def test_export_then_import_gives_back_the_same_config(tmp_path, dataset, overrides):
     original, run_dir = export_run(tmp_path, f"dataset.train_data_dir={dataset / 'train'}",
                                    f"dataset.reg_data_dir={dataset / 'reg'}", *overrides)  # fmt: skip

@@ -67,7 +67,8 @@ def test_network_args_are_checked_against_the_kinds_args() -> None:
     # ... and any other is refused with what the chosen kind takes.
     message = refused("+network.args.lr_ratio=4")
     assert "network.args.lr_ratio: not an argument network.module=lora takes" in message
-    assert "network.conv_dim, network.dropout, " in message and "network.module_dropout, network.rank_dropout" in message
+    assert all(f"network.{arg}, " in message for arg in ("conv_dim", "dora_wd", "dropout", "module_dropout"))
+    assert "network.rank_dropout" in message
     message = refused("network=lokr", "+network.network_args.foo=2")
     assert "network.network_args.foo: not an argument network.module=lokr takes" in message
     assert "network.factor" in message and "network.dropout," not in message  # LoKr: no neuron dropout

@@ -67,6 +67,12 @@ FILE_FAMILIES: tuple[FileFamily, ...] = (
     FileFamily("ia3", ("on_input",), _no_shape, lycoris=True),
     FileFamily("lora", ("lora_down.weight",), _lora_shape),
 )
+# Tensors a module holds only when trained with a network.* variant key (LyCORIS' names, any
+# family): a file holding them continues only with that key set (atelier.network.factory), and
+# the LoRA tools (resize, merge) refuse them rather than drop them.
+VARIANT_TENSORS: dict[str, tuple[str, ...]] = {
+    "dora_wd": ("dora_scale",),  # DoRA: each output channel's magnitude
+}
 # Tensors of LyCORIS algorithms Atelier does not train (full/diff, OFT, norm): recognised
 # so that a tool can say what a file is instead of "not a LoRA".
 OTHER_LYCORIS_MARKERS = (".diff", "oft_", ".w_norm", "b_norm")
@@ -136,6 +142,8 @@ class NetworkKind:
 _DROPOUTS = frozenset({"rank_dropout", "module_dropout"})
 # LoRA+ (sd-scripts' networks.lora and networks.dylora): the up matrices' own learning rate.
 _LORAPLUS = frozenset({"loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"})
+# DoRA (LyCORIS' dora_wd): lora / locon (atelier.network.dora), loha / lokr (LyCORIS' own).
+_DORA = frozenset({"dora_wd"})
 # LyCORIS' own module classes; the kind's lycoris_algo picks the algorithm.
 _LYCORIS = "atelier.network.lycoris_modules:build_module"
 
@@ -145,21 +153,22 @@ KINDS: dict[str, NetworkKind] = {
         NetworkKind(
             "lora", "sd-scripts networks.lora; with conv_dim also the 3x3 convs (LoCon-style \"C3Lier\")",
             "LoRA", "networks.lora", "lora", "atelier.network.lora:build_module",
-            frozenset({"conv_dim", "dropout", *_DROPOUTS, *_LORAPLUS}), fusable=True,
+            frozenset({"conv_dim", "dropout", *_DROPOUTS, *_LORAPLUS, *_DORA}), fusable=True,
         ),
         NetworkKind(
             "locon", "LyCORIS LoCon (lycoris.kohya algo=locon): LoRA on linear and conv layers",
-            "LoCon", "lycoris.kohya", "lora", "atelier.network.lora:build_module", frozenset({"conv_dim", "dropout", *_DROPOUTS}),
+            "LoCon", "lycoris.kohya", "lora", "atelier.network.lora:build_module",
+            frozenset({"conv_dim", "dropout", *_DROPOUTS, *_DORA}),
             lycoris_algo="locon", fusable=True,
         ),
         NetworkKind(
             "loha", "LyCORIS LoHa: a Hadamard product of two low-rank pairs (more expressive per rank)",
-            "LoHa", "lycoris.kohya", "loha", _LYCORIS, frozenset({"conv_dim", *_DROPOUTS}),
+            "LoHa", "lycoris.kohya", "loha", _LYCORIS, frozenset({"conv_dim", *_DROPOUTS, *_DORA}),
             lycoris_algo="loha",
         ),
         NetworkKind(
             "lokr", "LyCORIS LoKr: a Kronecker product (network.factor sets the split)",
-            "LoKr", "lycoris.kohya", "lokr", _LYCORIS, frozenset({"conv_dim", "factor", *_DROPOUTS}),
+            "LoKr", "lycoris.kohya", "lokr", _LYCORIS, frozenset({"conv_dim", "factor", *_DROPOUTS, *_DORA}),
             lycoris_algo="lokr", always_in_args=("factor",), rank_bounded_by_layer=False,
         ),
         NetworkKind(

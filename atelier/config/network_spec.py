@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # the schema checks its network group with NetworkSpec: a run
 
 # sd-scripts' default conv_alpha when conv_dim is given without it.
 DEFAULT_CONV_ALPHA = 1.0
+# LyCORIS' network module for sd-scripts (a lora run with DoRA is written as its algo=lora).
+LYCORIS_MODULE = "lycoris.kohya"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class NetworkSpec:
     module_dropout: float = 0.0
     factor: int = -1
     unit: int = 1
+    dora_wd: bool = False
 
     @property
     def conv(self) -> bool:
@@ -59,6 +62,7 @@ class NetworkSpec:
             "module_dropout": net.module_dropout,
             "factor": None if net.factor in (None, -1) else net.factor,
             "unit": net.unit,
+            "dora_wd": net.dora_wd,
             **{name: getattr(net, name) for name in LORAPLUS_KEYS},
         }
         for key, value in given.items():
@@ -85,14 +89,22 @@ class NetworkSpec:
             module_dropout=float(given["module_dropout"] or 0.0),
             factor=int(net.factor if net.factor is not None else -1),
             unit=int(given["unit"] or 1),
+            dora_wd=bool(net.dora_wd),
         )
+        if spec.dora_wd and spec.dropout:
+            # LyCORIS' DoRA rebuilds the weight, so there is no activation to drop (it only warns).
+            raise ConfigError(f"network.dropout={spec.dropout} does nothing with network.dora_wd=true (LyCORIS' DoRA "
+                              "has no neuron dropout); unset it (network.dropout=null) or use rank_dropout")
         entry.check(spec)
         return spec
 
 
 def kohya_module(net: NetworkConfig) -> str:
     """ss_network_module / --network_module."""
-    return kind_named(net.module).kohya_module
+    entry = kind_named(net.module)
+    if net.dora_wd and not entry.lycoris_algo:
+        return LYCORIS_MODULE  # sd-scripts' networks.lora has no DoRA: LyCORIS' algo=lora writes such files
+    return entry.kohya_module
 
 
 def kohya_network_args(net: NetworkConfig) -> dict[str, str]:
@@ -104,8 +116,8 @@ def kohya_network_args(net: NetworkConfig) -> dict[str, str]:
     spec = NetworkSpec.from_config(net)
     entry = spec.entry
     args: dict[str, str] = {}
-    if entry.lycoris_algo:
-        args["algo"] = entry.lycoris_algo
+    if entry.lycoris_algo or spec.dora_wd:
+        args["algo"] = entry.lycoris_algo or "lora"
         args["preset"] = entry.lycoris_preset or ("full" if spec.conv else "attn-mlp")
     if spec.conv:
         args["conv_dim"] = str(spec.conv_dim)
@@ -116,6 +128,8 @@ def kohya_network_args(net: NetworkConfig) -> dict[str, str]:
         args["rank_dropout"] = str(spec.rank_dropout)
     if spec.module_dropout:
         args["module_dropout"] = str(spec.module_dropout)
+    if spec.dora_wd:
+        args["dora_wd"] = "True"  # as written on sd-scripts' command line (LyCORIS reads it with str_bool)
     for key in entry.always_in_args:
         args[key] = str(getattr(spec, key))
     for key in LORAPLUS_KEYS:

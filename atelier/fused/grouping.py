@@ -47,6 +47,8 @@ def lane_problems(cfg: AtelierConfig) -> list[str]:
         problems.append(f"network.module={spec.kind} cannot be fused (only {', '.join(fusable_kinds())})")
     if spec.dropout or spec.rank_dropout or spec.module_dropout:
         problems.append("network dropouts draw from the global RNG; set them to 0 to fuse")
+    if spec.dora_wd:  # the fused slots batch up @ down; DoRA rebuilds and renormalises each lane's weight
+        problems.append("network.dora_wd (DoRA) is not fused")
     if t.mixed_precision == MixedPrecision.fp16:
         problems.append("training.mixed_precision=fp16 is not fused (use bf16 or no)")
     if t.num_processes != 1:

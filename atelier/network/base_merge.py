@@ -17,7 +17,7 @@ from torch import nn
 from atelier.config.network_kinds import KINDS
 from atelier.config.network_spec import NetworkSpec
 from atelier.errors import ConfigError
-from atelier.network.factory import create_network, file_family, module_shapes
+from atelier.network.factory import create_network, file_family, file_variants, module_shapes
 from atelier.network.lora_file import load_lora
 from atelier.network.targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, belongs_to
 
@@ -42,6 +42,10 @@ def merge_base_weights(
             raise ConfigError(f"{key}={path} {err}") from None
         if found != "lora":
             raise ConfigError(f"{key}={path} holds {found} (LyCORIS) modules; only LoRA files merge into the base here")
+        if file_variants(state):  # DoRA renormalises the merged weight: up @ down alone would be wrong
+            variants = ", ".join(f"network.{v}" for v in sorted(file_variants(state)))
+            raise ConfigError(f"{key}={path} was trained with {variants} (LyCORIS); only plain LoRA files merge into "
+                              "the base here")
         merged = _merge(unet, text_encoder, state, multiplier, f"{key}={path}")
         log.info("merged %s into the base model (multiplier %g, %d modules)", path, multiplier, merged)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from atelier.errors import ConfigError
-from atelier.config.network_kinds import FILE_FAMILIES, family, kinds_of_family
+from atelier.config.network_kinds import FILE_FAMILIES, VARIANT_TENSORS, family, kinds_of_family
 from atelier.config.network_spec import NetworkSpec
 from atelier.network.lora import LoRANetwork
 from atelier.network.lora_file import load_lora
@@ -123,6 +123,23 @@ def file_family(state: dict[str, torch.Tensor]) -> str:
     raise ValueError(f"holds no kohya network tensors ({markers})")
 
 
+def file_variants(state: dict[str, torch.Tensor]) -> set[str]:
+    """The network.* variant keys (VARIANT_TENSORS: dora_wd, ...) a file's modules were trained with."""
+    suffixes = {key.split(".", 1)[1] for key in state if "." in key}
+    return {key for key, tensors in VARIANT_TENSORS.items() if suffixes.intersection(tensors)}
+
+
+def check_variants(spec: NetworkSpec, state: dict[str, torch.Tensor], source: str) -> None:
+    """A file continues only with the variant keys it was trained with (its tensors say which)."""
+    found = file_variants(state)
+    for key, tensors in VARIANT_TENSORS.items():
+        wanted = bool(getattr(spec, key))
+        if (key in found) != wanted and (key in found or key == "dora_wd"):
+            said = "holds" if key in found else "has no"
+            raise ValueError(f"network.weights={source} {said} {' / '.join(tensors)} tensors, but network.{key}="
+                             f"{str(wanted).lower()}; continue it with network.{key}={str(not wanted).lower()}")
+
+
 def module_shapes(family_name: str, state: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """Per module: the dim / alpha (and LoKr layout) the file was trained with."""
     shape_of = family(family_name).shape_of
@@ -159,6 +176,7 @@ def network_from_state(
                 f"network.weights={source} has no {prefix}_ modules, but this run trains them; "
                 f"set network.{key}=true to train only what the file holds"
             )
+    check_variants(spec, state, source)
     shapes = module_shapes(found, state)
     network = create_network(spec, unet, text_encoder, per_module=shapes, names=set(shapes))
     network.load_kohya_state_dict(state, source)

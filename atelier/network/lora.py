@@ -103,11 +103,11 @@ class LoRAModule(PatchedLayer):
             return keep[:, :, None, None]
         return keep.view(h.shape[0], *([1] * (h.ndim - 2)), self.rank)
 
-    def weight_delta(self) -> torch.Tensor:
-        """The update as a [out, in*k*k] matrix (without the multiplier)."""
+    def weight_delta(self, scaled: bool = True) -> torch.Tensor:
+        """The update as a [out, in*k*k] matrix (without the multiplier; scaled=False: nor alpha / rank)."""
         up = self.lora_up.weight.flatten(1)
         down = self.lora_down.weight.flatten(1)
-        return up @ down * self.scale
+        return up @ down * self.scale if scaled else up @ down
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> tuple[bool, float]:
@@ -228,5 +228,9 @@ class LoRANetwork(nn.Module):
 
 
 def build_module(spec: NetworkSpec, target: TargetLayer, dim: int, alpha: float, options: dict[str, Any]) -> LoRAModule:
-    """The `lora` and `locon` kinds' builder (atelier.config.network_kinds)."""
+    """The `lora` and `locon` kinds' builder (atelier.config.network_kinds); DoRA with network.dora_wd."""
+    if spec.dora_wd:
+        from atelier.network.dora import DoRAModule  # it subclasses LoRAModule: imported when used
+
+        return DoRAModule(target.lora_name, target.module, dim, alpha, spec.rank_dropout, spec.module_dropout)
     return LoRAModule(target.lora_name, target.module, dim, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout)

@@ -73,4 +73,6 @@ def build_module(spec: NetworkSpec, target: TargetLayer, dim: int, alpha: float,
     algo = spec.entry.lycoris_algo
     if algo == "lokr":
         options = {"factor": spec.factor, **options}
+    if spec.dora_wd:  # LyCORIS' own DoRA (dora_scale), as its create_network passes dora_wd
+        options = {"weight_decompose": True, **options}
     return make_lycoris_module(algo, target, dim, alpha, spec.rank_dropout, spec.module_dropout, **options)

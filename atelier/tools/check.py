@@ -5,7 +5,7 @@ it applies ||up @ down * alpha / rank||_F (computed from rank x rank Gram
 matrices, never the full product), mean |w| of down and up. Flags:
   ZERO     the update is exactly zero (e.g. up never trained, a dead module)
   NaN/Inf  a tensor holds NaN or Inf: the file breaks every image it touches
-Modules of other kinds (LyCORIS LoHa / LoKr ...) are checked for NaN / Inf only.
+Modules of other kinds (LyCORIS LoHa / LoKr, DoRA ...) are checked for NaN / Inf only.
 Exit status 1 when any module has NaN / Inf, else 0.
 """
 
@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from atelier.tools.common import ALPHA, DOWN, UP, LoRAFactors, ToolError, existing_file, module_names, read_lora
+from atelier.tools.common import (
+    ALPHA, DOWN, UP, LoRAFactors, ToolError, existing_file, module_names, read_lora, variant_tensor,
+)  # fmt: skip
 
 
 @dataclass
@@ -49,7 +51,8 @@ def check_modules(state: dict[str, torch.Tensor]) -> list[ModuleCheck]:
         values = [t.float().abs().flatten() for t in tensors.values() if t.numel() and t.ndim > 0]
         mean_abs = float(torch.cat(values).mean()) if values else 0.0
         down, up = state.get(name + DOWN), state.get(name + UP)
-        if down is None or up is None:
+        # DoRA / Tucker modules: up @ down is not their update (checked for NaN / Inf only).
+        if down is None or up is None or variant_tensor(state, name):
             checks.append(ModuleCheck(name, "other", shapes, None, None, None, None, None, mean_abs, flags))
             continue
         alpha_tensor = state.get(name + ALPHA)

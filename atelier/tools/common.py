@@ -12,7 +12,7 @@ import torch
 
 from atelier.config.schema import SavePrecision
 from atelier.errors import UserError
-from atelier.config.network_kinds import lycoris_markers
+from atelier.config.network_kinds import VARIANT_TENSORS, lycoris_markers
 
 
 class ToolError(UserError, Exception):
@@ -133,11 +133,26 @@ def split_lora(state: dict[str, torch.Tensor], source: str) -> dict[str, LoRAFac
                 f"{source}: {name} is {kind} ({', '.join(keys[:4])}); this tool handles kohya LoRA "
                 "files (lora_down / lora_up / alpha) only"
             )
+        variant = variant_tensor(state, name)
+        if variant:  # DoRA's magnitudes / a Tucker core: up @ down alone is not the module's update
+            raise ToolError(
+                f"{source}: {name} holds {variant} (a LyCORIS LoRA trained with network.{variant_key(variant)}); "
+                "this tool handles plain kohya LoRA files (lora_down / lora_up / alpha) only"
+            )
         alpha = state.get(name + ALPHA)
         modules[name] = LoRAFactors(name, down, up, float(alpha) if alpha is not None else float(down.shape[0]))
     if not modules:
         raise ToolError(f"{source}: no LoRA modules in the file")
     return modules
+
+
+def variant_tensor(state: dict[str, torch.Tensor], name: str) -> str | None:
+    """The first tensor of module `name` that a variant key (DoRA, ...) adds to plain LoRA, or None."""
+    return next((t for tensors in VARIANT_TENSORS.values() for t in tensors if f"{name}.{t}" in state), None)
+
+
+def variant_key(tensor: str) -> str:
+    return next(key for key, tensors in VARIANT_TENSORS.items() if tensor in tensors)
 
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

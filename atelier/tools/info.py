@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from atelier.config.network_kinds import VARIANT_TENSORS
 from atelier.tools.common import ToolError, existing_file
 
 # Known JSON-valued keys; any other value that starts like JSON and parses is decoded too.
@@ -51,12 +52,16 @@ def tensor_summary(path: Path) -> dict[str, Any]:
     header.pop("__metadata__", None)
     dtypes: dict[str, int] = {}
     ranks: dict[int, int] = {}
+    variants: dict[str, set[str]] = {}  # network.dora_wd / use_tucker -> the modules trained with it
     modules = set()
     for key, entry in header.items():
         dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + 1
         modules.add(key.split(".", 1)[0])
         if key.endswith(".lora_down.weight") and entry["shape"]:
             ranks[entry["shape"][0]] = ranks.get(entry["shape"][0], 0) + 1
+        for variant, tensors in VARIANT_TENSORS.items():
+            if key.split(".", 1)[-1] in tensors:
+                variants.setdefault(variant, set()).add(key.split(".", 1)[0])
     unet = sum(1 for m in modules if m.startswith("lora_unet_"))
     text = sum(1 for m in modules if m.startswith("lora_te"))
     return {
@@ -67,6 +72,8 @@ def tensor_summary(path: Path) -> dict[str, Any]:
         "dtypes": dtypes,
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "size_bytes": path.stat().st_size,
+        # Only when there are some: a plain file's summary stays as it was.
+        **({"variants": {k: len(v) for k, v in sorted(variants.items())}} if variants else {}),
     }
 
 
@@ -90,6 +97,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"  {s['tensors']} tensors, {s['modules']} modules ({s['unet_modules']} UNet, "
         f"{s['text_encoder_modules']} text encoder), dtypes {s['dtypes']}, rank {ranks}, {s['size_bytes']:,} bytes",
     ]
+    for variant, count in s.get("variants", {}).items():  # LyCORIS' DoRA / Tucker modules
+        lines.append(f"  {count} modules trained with network.{variant} ({' / '.join(VARIANT_TENSORS[variant])})")
     metadata = dict(info["metadata"])
     if not metadata:
         lines.append("  no metadata")

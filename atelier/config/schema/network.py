@@ -69,6 +69,13 @@ class NetworkConfig:
         None, flag="scale_weight_norms", ss="ss_scale_weight_norms",
         doc="Cap the norm of every module's update after each optimizer step (1.0 is the usual value). Null: off.",
     )
+    # LyCORIS' network_args (lycoris.kohya), on our own modules for lora / locon (atelier/network/dora.py).
+    dora_wd: bool = option(
+        False, flag="network_args dora_wd", ss="ss_network_args",
+        doc="DoRA (weight-decomposed LoRA, LyCORIS' dora_wd): each layer's output-channel magnitudes are learnt "
+        "apart from its direction (files hold <module>.dora_scale). lora, locon, loha, lokr; no network.dropout.",
+        kohya="dora_wd: LyCORIS' only; network=lora with it is written as --network_module lycoris.kohya, algo=lora",
+    )
 
     def loraplus_ratio(self, text_encoder: bool) -> float | None:
         """The LoRA+ ratio of the UNet's or the text encoders' up matrices (None: no LoRA+), as
