@@ -49,6 +49,8 @@ def _loha_shape(tensor: TensorOf) -> dict[str, Any]:
 
 
 def _lokr_shape(tensor: TensorOf) -> dict[str, Any]:
+    if tensor("lokr_t2") is not None:  # use_tucker: lokr_w2_a is [rank, out] around the [rank, rank, k, k] core
+        return {"dim": tensor("lokr_t2").shape[0]}
     decomposed = tensor("lokr_w2_a") if tensor("lokr_w2_a") is not None else tensor("lokr_w1_a")
     if decomposed is None:
         return {"full_matrix": True}  # both Kronecker factors stored whole
@@ -72,6 +74,7 @@ FILE_FAMILIES: tuple[FileFamily, ...] = (
 # the LoRA tools (resize, merge) refuse them rather than drop them.
 VARIANT_TENSORS: dict[str, tuple[str, ...]] = {
     "dora_wd": ("dora_scale",),  # DoRA: each output channel's magnitude
+    "use_tucker": ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2"),  # the kxk convs' Tucker cores
 }
 # Tensors of LyCORIS algorithms Atelier does not train (full/diff, OFT, norm): recognised
 # so that a tool can say what a file is instead of "not a LoRA".
@@ -144,6 +147,8 @@ _DROPOUTS = frozenset({"rank_dropout", "module_dropout"})
 _LORAPLUS = frozenset({"loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"})
 # DoRA (LyCORIS' dora_wd): lora / locon (atelier.network.dora), loha / lokr (LyCORIS' own).
 _DORA = frozenset({"dora_wd"})
+# LyCORIS' use_tucker: the kxk convs as a Tucker core between 1x1 factors (locon, loha, lokr).
+_TUCKER = frozenset({"use_tucker"})
 # LyCORIS' own module classes; the kind's lycoris_algo picks the algorithm.
 _LYCORIS = "atelier.network.lycoris_modules:build_module"
 
@@ -158,17 +163,17 @@ KINDS: dict[str, NetworkKind] = {
         NetworkKind(
             "locon", "LyCORIS LoCon (lycoris.kohya algo=locon): LoRA on linear and conv layers",
             "LoCon", "lycoris.kohya", "lora", "atelier.network.lora:build_module",
-            frozenset({"conv_dim", "dropout", *_DROPOUTS, *_DORA}),
+            frozenset({"conv_dim", "dropout", *_DROPOUTS, *_DORA, *_TUCKER}),
             lycoris_algo="locon", fusable=True,
         ),
         NetworkKind(
             "loha", "LyCORIS LoHa: a Hadamard product of two low-rank pairs (more expressive per rank)",
-            "LoHa", "lycoris.kohya", "loha", _LYCORIS, frozenset({"conv_dim", *_DROPOUTS, *_DORA}),
+            "LoHa", "lycoris.kohya", "loha", _LYCORIS, frozenset({"conv_dim", *_DROPOUTS, *_DORA, *_TUCKER}),
             lycoris_algo="loha",
         ),
         NetworkKind(
             "lokr", "LyCORIS LoKr: a Kronecker product (network.factor sets the split)",
-            "LoKr", "lycoris.kohya", "lokr", _LYCORIS, frozenset({"conv_dim", "factor", *_DROPOUTS, *_DORA}),
+            "LoKr", "lycoris.kohya", "lokr", _LYCORIS, frozenset({"conv_dim", "factor", *_DROPOUTS, *_DORA, *_TUCKER}),
             lycoris_algo="lokr", always_in_args=("factor",), rank_bounded_by_layer=False,
         ),
         NetworkKind(

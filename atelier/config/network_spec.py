@@ -39,6 +39,7 @@ class NetworkSpec:
     factor: int = -1
     unit: int = 1
     dora_wd: bool = False
+    use_tucker: bool = False
 
     @property
     def conv(self) -> bool:
@@ -63,6 +64,7 @@ class NetworkSpec:
             "factor": None if net.factor in (None, -1) else net.factor,
             "unit": net.unit,
             "dora_wd": net.dora_wd,
+            "use_tucker": net.use_tucker,
             **{name: getattr(net, name) for name in LORAPLUS_KEYS},
         }
         for key, value in given.items():
@@ -90,7 +92,12 @@ class NetworkSpec:
             factor=int(net.factor if net.factor is not None else -1),
             unit=int(given["unit"] or 1),
             dora_wd=bool(net.dora_wd),
+            use_tucker=bool(net.use_tucker),
         )
+        if spec.use_tucker and not spec.conv:
+            # Refused, not warned: it would do nothing (LyCORIS, whose conv_dim defaults to dim, would train convs).
+            raise ConfigError("network.use_tucker=true decomposes only the 3x3 convs, which network.conv_dim trains; "
+                              "set network.conv_dim (e.g. to network.dim) or unset use_tucker")
         if spec.dora_wd and spec.dropout:
             # LyCORIS' DoRA rebuilds the weight, so there is no activation to drop (it only warns).
             raise ConfigError(f"network.dropout={spec.dropout} does nothing with network.dora_wd=true (LyCORIS' DoRA "
@@ -128,6 +135,8 @@ def kohya_network_args(net: NetworkConfig) -> dict[str, str]:
         args["rank_dropout"] = str(spec.rank_dropout)
     if spec.module_dropout:
         args["module_dropout"] = str(spec.module_dropout)
+    if spec.use_tucker:
+        args["use_tucker"] = "True"
     if spec.dora_wd:
         args["dora_wd"] = "True"  # as written on sd-scripts' command line (LyCORIS reads it with str_bool)
     for key in entry.always_in_args:

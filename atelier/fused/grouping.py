@@ -49,6 +49,8 @@ def lane_problems(cfg: AtelierConfig) -> list[str]:
         problems.append("network dropouts draw from the global RNG; set them to 0 to fuse")
     if spec.dora_wd:  # the fused slots batch up @ down; DoRA rebuilds and renormalises each lane's weight
         problems.append("network.dora_wd (DoRA) is not fused")
+    if spec.use_tucker:  # a Tucker core sits between down and up
+        problems.append("network.use_tucker is not fused")
     if t.mixed_precision == MixedPrecision.fp16:
         problems.append("training.mixed_precision=fp16 is not fused (use bf16 or no)")
     if t.num_processes != 1:

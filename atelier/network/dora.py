@@ -43,9 +43,9 @@ class DoRAModule(LoRAModule):
 
     def __init__(
         self, lora_name: str, base: nn.Module, rank: int, alpha: float, rank_dropout: float = 0.0,
-        module_dropout: float = 0.0,
+        module_dropout: float = 0.0, tucker: bool = False,
     ):  # fmt: skip
-        super().__init__(lora_name, base, rank, alpha, 0.0, rank_dropout, module_dropout)
+        super().__init__(lora_name, base, rank, alpha, 0.0, rank_dropout, module_dropout, tucker)
         self.dora_scale = nn.Parameter(output_norm(base.weight.detach().float()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -60,10 +60,17 @@ class LoRAModule(PatchedLayer):
         dropout: float = 0.0,
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
+        tucker: bool = False,
     ):
         super().__init__(lora_name, base)
         self.rank = rank
-        if isinstance(base, nn.Conv2d):
+        self.lora_mid: nn.Conv2d | None = None
+        if isinstance(base, nn.Conv2d) and tucker and base.kernel_size != (1, 1):
+            # LyCORIS' use_tucker: 1x1 down, a rank x rank kxk core with the base's stride and padding, 1x1 up.
+            self.lora_down = nn.Conv2d(base.in_channels, rank, 1, bias=False)
+            self.lora_mid = nn.Conv2d(rank, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        elif isinstance(base, nn.Conv2d):
             # A kxk base gets a kxk down with its stride and padding, so up(down(x)) has its shape.
             self.lora_down = nn.Conv2d(
                 base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False
@@ -75,19 +82,26 @@ class LoRAModule(PatchedLayer):
         # A zero `up` makes the untrained network an exact no-op.
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
+        if self.lora_mid is not None:
+            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))  # after up, as LyCORIS draws it
         self.register_alpha(alpha, rank)
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
 
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """The rank activations (through the Tucker core when there is one)."""
+        h = self.lora_down(x.to(self.lora_down.weight.dtype))
+        return h if self.lora_mid is None else self.lora_mid(h)
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
+        return self.lora_up(self.low_rank(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base_forward(x)
         if self.skip_module(self.module_dropout):
             return out
-        h = self.lora_down(x.to(self.lora_down.weight.dtype))
+        h = self.low_rank(x)
         scale = self.scale
         if self.training and self.dropout:
             h = F.dropout(h, p=self.dropout)
@@ -107,7 +121,11 @@ class LoRAModule(PatchedLayer):
         """The update as a [out, in*k*k] matrix (without the multiplier; scaled=False: nor alpha / rank)."""
         up = self.lora_up.weight.flatten(1)
         down = self.lora_down.weight.flatten(1)
-        return up @ down * self.scale if scaled else up @ down
+        if self.lora_mid is None:
+            product = up @ down
+        else:  # delta[o, i, h, w] = sum_ab up[o, a] mid[a, b, h, w] down[b, i], LyCORIS' rebuild_tucker
+            product = torch.einsum("oa,abhw,bi->oihw", up, self.lora_mid.weight, down).flatten(1)
+        return product * self.scale if scaled else product
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> tuple[bool, float]:
@@ -232,5 +250,7 @@ def build_module(spec: NetworkSpec, target: TargetLayer, dim: int, alpha: float,
     if spec.dora_wd:
         from atelier.network.dora import DoRAModule  # it subclasses LoRAModule: imported when used
 
-        return DoRAModule(target.lora_name, target.module, dim, alpha, spec.rank_dropout, spec.module_dropout)
-    return LoRAModule(target.lora_name, target.module, dim, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout)
+        return DoRAModule(target.lora_name, target.module, dim, alpha, spec.rank_dropout, spec.module_dropout,
+                          tucker=spec.use_tucker)  # fmt: skip
+    return LoRAModule(target.lora_name, target.module, dim, alpha, spec.dropout, spec.rank_dropout, spec.module_dropout,
+                      tucker=spec.use_tucker)  # fmt: skip

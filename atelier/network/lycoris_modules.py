@@ -75,4 +75,6 @@ def build_module(spec: NetworkSpec, target: TargetLayer, dim: int, alpha: float,
         options = {"factor": spec.factor, **options}
     if spec.dora_wd:  # LyCORIS' own DoRA (dora_scale), as its create_network passes dora_wd
         options = {"weight_decompose": True, **options}
+    if spec.use_tucker:  # LyCORIS decomposes only the kxk convs (hada_t1 / hada_t2, lokr_t2)
+        options = {"use_tucker": True, **options}
     return make_lycoris_module(algo, target, dim, alpha, spec.rank_dropout, spec.module_dropout, **options)

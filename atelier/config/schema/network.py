@@ -76,6 +76,13 @@ class NetworkConfig:
         "apart from its direction (files hold <module>.dora_scale). lora, locon, loha, lokr; no network.dropout.",
         kohya="dora_wd: LyCORIS' only; network=lora with it is written as --network_module lycoris.kohya, algo=lora",
     )
+    use_tucker: bool = option(
+        False, flag="network_args use_tucker", ss="ss_network_args",
+        doc="LyCORIS' Tucker decomposition of the 3x3 convs (locon: lora_mid.weight, loha: hada_t1/t2, lokr: "
+        "lokr_t2): a rank x rank 3x3 core between 1x1 factors. Only with conv_dim (refused without: it would do "
+        "nothing).",
+        kohya="use_tucker: LyCORIS' only (without conv_dim LyCORIS would train the convs at network_dim)",
+    )
 
     def loraplus_ratio(self, text_encoder: bool) -> float | None:
         """The LoRA+ ratio of the UNet's or the text encoders' up matrices (None: no LoRA+), as
