@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,12 +18,26 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+SESSION_CACHE: list[Path] = []  # set by pytest_configure
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A cache dir shared by every test and every subprocess they start, set before the test
+    modules are imported: an environment a module copies at import (`{**os.environ, ...}` for
+    its subprocesses) has it too, so no test reads or builds models in the user's own cache."""
+    cache = os.environ.get("ATELIER_TEST_CACHE")
+    if cache is None:
+        cache = tempfile.mkdtemp(prefix="atelier-test-cache-")
+        config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    SESSION_CACHE[:] = [Path(cache)]
+    os.environ["ATELIER_CACHE"] = cache
+
+
 @pytest.fixture(scope="session", autouse=True)
-def atelier_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache dir shared by every test (and every subprocess they start)."""
-    cache = Path(os.environ.get("ATELIER_TEST_CACHE") or tmp_path_factory.mktemp("atelier-cache"))
-    os.environ["ATELIER_CACHE"] = str(cache)
-    return cache
+def atelier_cache() -> Path:
+    """The session's cache dir; set again here for tests that changed the variable before."""
+    os.environ["ATELIER_CACHE"] = str(SESSION_CACHE[0])
+    return SESSION_CACHE[0]
 
 
 @pytest.fixture(scope="session")

@@ -185,3 +185,52 @@ def test_export_kohya_gives_the_logging_options(tmp_path):
     assert args["logging_dir"] == str(tmp_path / "logs")  # the run's own folder, not the export's
     assert (args["log_with"], args["log_prefix"], args["log_tracker_name"]) == ("wandb", "mine-", "chars")
     assert args["wandb_run_name"] == "demo"  # our default name, spelled out for sd-scripts
+
+
+# --- output.log_tracker_config (sd-scripts' --log_tracker_config) ------------------------
+
+
+def test_tracker_config_arguments_reach_wandb_and_tensorboard(tmp_path, wandb_offline):
+    from atelier.loop.trackers import TensorBoardTracker, open_trackers
+
+    toml = tmp_path / "trackers.toml"
+    toml.write_text('[wandb]\nnotes = "first try"\ntags = ["style", "v1"]\n\n[tensorboard]\nfilename_suffix = ".mine"\n')
+    run_dir, _ = train(tmp_path, *SHORT, "output.log_with=all", f"output.log_tracker_config={toml}")
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*.mine"))  # SummaryWriter got it
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    record = next(r.run for r in wandb_records(path) if r.WhichOneof("record_type") == "run")
+    assert record.notes == "first try" and list(record.tags) == ["style", "v1"]
+    assert_holds_the_metrics(wandb_run(run_dir), run_dir)
+    # Without the file, the writer's files keep their plain names.
+    cfg = make_cfg(*SHORT)
+    (tracker,) = open_trackers(cfg, tmp_path / "plain", None)
+    assert isinstance(tracker, TensorBoardTracker)
+    tracker.close()
+    assert not list((tmp_path / "plain" / "tensorboard").glob("*.mine"))
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        (None, [], r"output.log_tracker_config=.*missing.toml: no such file"),
+        ("[wandb\n", ["output.log_with=wandb"], r"not a readable TOML file"),
+        ("[comet]\nx = 1\n", [], r"\[comet\] is not a tracker's table"),
+        ("[wandb]\nname = 'x'\n", ["output.log_with=wandb"], r"\[wandb\] name is set by output.wandb_run_name"),
+        ("[tensorboard]\nlog_dir = 'x'\n", [], r"\[tensorboard\] log_dir is set by output.logging_dir"),
+        ("[wandb]\nnotez = 'x'\n", ["output.log_with=wandb"], r"\[wandb\] notez: not an argument of wandb.init"),
+        ("[tensorboard]\nflush = 1\n", [], r"\[tensorboard\] flush: not an argument of .*SummaryWriter .*flush_secs"),
+        ("[wandb]\nnotes = 'x'\n", [], r"its \[wandb\] table does nothing here: set output.log_with=wandb"),
+    ],
+)
+def test_a_tracker_config_that_cannot_work_fails_naming_the_file_and_key(tmp_path, text, overrides, message):
+    path = tmp_path / ("missing.toml" if text is None else "trackers.toml")
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        make_cfg(*overrides, f"output.log_tracker_config={path}")
+
+
+def test_export_kohya_gives_the_tracker_config(tmp_path):
+    toml = tmp_path / "trackers.toml"
+    toml.write_text("[tensorboard]\nflush_secs = 30\n")
+    assert exported_args(tmp_path, f"output.log_tracker_config={toml}")["log_tracker_config"] == str(toml.resolve())

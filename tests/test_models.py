@@ -123,6 +123,16 @@ def test_incomplete_folder_is_replaced(tmp_path: Path, monkeypatch: pytest.Monke
     assert [p.name for p in tmp_path.iterdir()] == [TINY_MODEL_DIRNAME]
 
 
+def test_a_cached_model_whose_component_lost_its_weights_is_rebuilt(tmp_path: Path, monkeypatch) -> None:
+    # A damaged cache (here: text_encoder/ emptied) would fail every run with "no .safetensors weights".
+    damaged = tmp_path / TINY_MODEL_DIRNAME
+    (damaged / "text_encoder").mkdir(parents=True)
+    (damaged / "model_index.json").write_text("damaged")
+    monkeypatch.setattr(tiny, "build_tiny_model", _fake_build("fresh"))
+    assert (ensure_tiny_model(tmp_path) / "model_index.json").read_text() == "fresh"
+    assert [p.name for p in tmp_path.iterdir()] == [TINY_MODEL_DIRNAME]
+
+
 def test_cache_dir_defaults_to_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ATELIER_CACHE", str(tmp_path))
     assert tiny.default_cache_dir() == tmp_path

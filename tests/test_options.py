@@ -58,6 +58,7 @@ EXPORT_RUNS = [
         "training.noise_offset_random_strength=true", "training.ip_noise_gamma_random_strength=true",
         "training.scale_v_pred_loss_like_noise_pred=true",
         "training.torch_compile=true", "training.gradient_checkpointing=true", "training.mixed_precision=bf16",
+        "training.full_bf16=true", "dataset.vae_batch_size=2",
         "sampling.prompts=[\"a cube\"]",
         "output.training_comment=c", "output.metadata_title=t", "output.metadata_author=a",
         "output.metadata_description=d", "output.metadata_license=l", "output.metadata_tags='x,y'",
@@ -73,7 +74,9 @@ EXPORT_RUNS = [
      "network.loraplus_text_encoder_lr_ratio=4", "sampling.prompt_file={prompts_txt}", "dataset.alpha_mask=true"],
     ["training.masked_loss=true", "dataset.conditioning_data_dir=/data/masks"],
     ["output.log_with=all", "output.logging_dir=/logs", "output.log_prefix=mine-", "output.log_tracker_name=chars",
-     "output.wandb_run_name=first"],
+     "output.wandb_run_name=first", "output.log_tracker_config={tracker_toml}", "training.mixed_precision=fp16",
+     "training.full_fp16=true", "training.resume_from={state_pt}", "output.save_state_on_train_end=true",
+     "output.save_last_n_epochs_state=2", "output.save_state_every_n_steps=10", "output.save_last_n_steps_state=20"],
     ["model=tiny_sdxl", "optimizer.text_encoder_2_lr=2e-5", "scheduler.class_path=StepLR", "+scheduler.args.step_size=10",
      "model.base_weights=[/loras/a.safetensors,/loras/b.safetensors]", "model.base_weights_multiplier=[0.5]"],
 ]
@@ -99,10 +102,15 @@ def exported(flag: str, export: Export) -> bool:
 def exports(tmp_path_factory) -> list[Export]:
     prompts_txt = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     prompts_txt.write_text("a sphere --s 9\n")
+    tracker_toml = prompts_txt.with_name("trackers.toml")
+    tracker_toml.write_text("[tensorboard]\nflush_secs = 30\n")
+    state_pt = prompts_txt.with_name("demo-state.pt")  # training.resume_from's file must be there
+    state_pt.write_bytes(b"")
     found = []
     for n, overrides in enumerate(EXPORT_RUNS):
         run_dir = tmp_path_factory.mktemp(f"run{n}")
-        write_resolved_config(run_dir, compose_config(*(o.format(prompts_txt=prompts_txt) for o in overrides)))
+        paths = {"prompts_txt": prompts_txt, "tracker_toml": tracker_toml, "state_pt": state_pt}
+        write_resolved_config(run_dir, compose_config(*(o.format(**paths) for o in overrides)))
         found.append(build_export(load_run_config(run_dir), run_dir))
     return found
 
@@ -145,7 +153,10 @@ def test_every_ss_key_is_written_by_the_metadata_writer() -> None:
                                                           "metadata_license", "metadata_tags",
                                                           "metadata_trigger_phrase")))  # fmt: skip
     meta = training_metadata(run_config(cfg), **kwargs)  # the typed config, as the trainer passes it
-    missing = {o.key: [k for k in o.ss if k not in meta] for o in WITH_SS if not set(o.ss) <= set(meta)}
+    # Options that need another precision than the run above (written when on, too).
+    fp16 = compose_config("training.mixed_precision=fp16", "training.full_fp16=true")
+    written = set(meta) | set(training_metadata(run_config(fp16), **kwargs))
+    missing = {o.key: [k for k in o.ss if k not in written] for o in WITH_SS if not set(o.ss) <= written}
     assert not missing, f"declared on the schema, not written by atelier/outputs/metadata.py: {missing}"
     assert meta["ss_batch_size_per_device"] == "3" and meta["ss_network_weights"] == "/loras/start.safetensors"
     assert meta["ss_loss_type"] == "l2" and meta["ss_mixed_precision"] == "no"

@@ -214,6 +214,7 @@ class TrainingData:
                 persistent_workers=d.persistent_data_loader_workers,
                 face_crop_aug_range=face_crop_range(d),
                 interpolation=resize_interpolation(d),
+                vae_batch_size=d.vae_batch_size,
             )
             log.info("latents are encoded every step (not cached)")
 
@@ -230,7 +231,8 @@ class TrainingData:
         cache_dir = Path(d.latent_cache_dir) if d.latent_cache_dir else default_cache_dir(self.index.root)
         # Jobs of an in-process sweep share what they encoded (atelier.runtime.reuse).
         return LatentCache(vae, cache_dir, d.cache_latents_to_disk, flip_aug=flip_aug, device=device,
-                           shared=reuse.latent_store(), interpolation=resize_interpolation(d))
+                           batch_size=d.vae_batch_size, shared=reuse.latent_store(),
+                           interpolation=resize_interpolation(d))  # fmt: skip
 
     @property
     def caches_latents(self) -> bool:

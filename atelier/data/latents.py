@@ -108,9 +108,11 @@ class StepEncoder:
         persistent_workers: bool = True,
         face_crop_aug_range: tuple[float, float] | None = None,
         interpolation: str | None = None,
+        vae_batch_size: int = 4,
     ):
         self.vae = vae
         self.device = device
+        self.vae_batch_size = vae_batch_size
         self.random_crop = random_crop
         self.color_aug = color_aug
         self.interpolation = interpolation
@@ -133,8 +135,14 @@ class StepEncoder:
     def encode(self, jobs: Sequence[PixelJob], indices: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
         """Latents [B, C, h, w] (CPU) per job, in order."""
         pixels = self.pixels(jobs)
+        size = self.vae_batch_size
         for job, batch_indices, batch_pixels in zip(jobs, indices, pixels):
-            yield encode_pixels(self.vae, batch_pixels, self.noise_seeds(job, batch_indices), self.device)
+            seeds = self.noise_seeds(job, batch_indices)
+            # dataset.vae_batch_size images per VAE call, as sd-scripts splits a step's batch.
+            yield torch.cat([
+                encode_pixels(self.vae, batch_pixels[start : start + size], seeds[start : start + size], self.device)
+                for start in range(0, len(seeds), size)
+            ])  # fmt: skip
 
 
 __all__ = ["PixelBatches", "PixelJob", "PixelLoader", "StepEncoder"]

@@ -53,6 +53,8 @@ def lane_problems(cfg: AtelierConfig) -> list[str]:
         problems.append("network.use_tucker is not fused")
     if t.mixed_precision == MixedPrecision.fp16:
         problems.append("training.mixed_precision=fp16 is not fused (use bf16 or no)")
+    if t.full_bf16:
+        problems.append("training.full_bf16 is not fused (lanes keep float32 weights)")
     if t.num_processes != 1:
         problems.append("training.num_processes must be 1")
     if t.torch_compile:

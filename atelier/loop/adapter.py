@@ -11,7 +11,6 @@ training state) is the adapter's own, the same in both cases.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from atelier.models.loading import BaseModel
 from atelier.network.lora import LoRANetwork
 from atelier.network.lora_file import save_lora
 from atelier.outputs.metadata import checkpoint_metadata
+from atelier.outputs.rotation import fallen_out
 from atelier.runtime import phases
 from atelier.conditioning.training_data import Batch, TrainingData
 from atelier.runtime.distributed import DataParallel
@@ -41,19 +41,13 @@ from atelier.objective.noise import (
     timestep_range,
     with_zero_terminal_snr,
 )
+from atelier.optim.loss_scaling import optimizer_step, unscale_gradients
 from atelier.optim.optimizers import effective_learning_rates, has_train_eval_modes
 from atelier.data.plan import TrainingPlan, plan_for
 from atelier.loop.samples import SampleWriter
 from atelier.optim.schedulers import ScheduleSteps
-from atelier.runtime.signals import StopFlag, StopRequested
-from atelier.loop.state import (
-    STATE_FILE,
-    config_fingerprint,
-    load_training_state,
-    rng_states,
-    save_training_state,
-    set_rng_states,
-)
+from atelier.loop.adapter_state import AdapterState
+from atelier.loop.state import STATE_FILE
 from atelier.loop.validation import Validator, make_validator
 from atelier.search.trial_link import TrialLink
 
@@ -66,7 +60,7 @@ class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or inf; the run stops before the optimizer uses it."""
 
 
-class Adapter:
+class Adapter(AdapterState):
     """One config trained into one run dir. `index`: its lane in a fused group (0 alone)."""
 
     def __init__(self, cfg: AtelierConfig, run_dir: Path, index: int = 0):
@@ -190,10 +184,12 @@ class Adapter:
     def optimizer_step(self) -> dict[str, float]:
         """One optimizer step; returns network.scale_weight_norms' scalars to log (if on)."""
         self.parallel.average_gradients(self.network.parameters())
+        scaler = self.accelerator.scaler  # fp16 only: the loss was scaled in backward
+        unscale_gradients(scaler, self.optimizer)
         max_norm = self.cfg.training.max_grad_norm
         if max_norm:
             self.accelerator.clip_grad_norm_(self.network.parameters(), max_norm)
-        self.optimizer.step()
+        optimizer_step(scaler, self.optimizer)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return self.scale_weight_norms()
@@ -292,12 +288,9 @@ class Adapter:
         """output.save_last_n_epochs / save_last_n_steps: delete the checkpoints that fell out
         (as sd-scripts: the epoch ones beyond the last n, the step ones older than the last n
         steps). The final LoRA and a pruned run's file are never among them."""
-        out, name = self.cfg.output, re.escape(self.cfg.output.output_name)
-        by_epoch = [p for p in self.result.checkpoints if re.fullmatch(rf"{name}-\d{{6}}\.safetensors", p.name)]
-        by_step = [p for p in self.result.checkpoints if re.fullmatch(rf"{name}-step\d{{8}}\.safetensors", p.name)]
-        old = by_epoch[: -out.save_last_n_epochs] if out.save_last_n_epochs else []
-        if out.save_last_n_steps:
-            old += [p for p in by_step if int(p.stem[-8:]) < self.result.steps - out.save_last_n_steps]
+        out = self.cfg.output
+        old = fallen_out(self.result.checkpoints, out.output_name, ".safetensors", out.save_last_n_epochs,
+                         out.save_last_n_steps, self.result.steps)  # fmt: skip
         for path in old:
             path.unlink(missing_ok=True)
             self.result.checkpoints.remove(path)
@@ -329,71 +322,3 @@ class Adapter:
         self._save(path, self.result.epochs)
         self.result.checkpoints.append(path)
         (self.run_dir / STATE_FILE).unlink(missing_ok=True)
-
-    # ----------------------------------------------------------------- state
-    def save_state(self) -> None:
-        if not self.cfg.output.save_state or not self.parallel.is_main:
-            return
-        with phases.phase("state_saving"):
-            tic = time.perf_counter()
-            save_training_state(self.run_dir, self._state_dict())
-            log.info("training state saved at step %d (%.2f s)", self.result.steps, time.perf_counter() - tic)
-
-    def stop_if_asked(self, epoch: int, stop: StopFlag, stop_signal: int | None) -> None:
-        """StopRequested when a process got a stop signal (its state was saved just before)."""
-        if not stop_signal:
-            return
-        stop.signal = stop_signal  # another process may have got it
-        where = f"step {self.result.steps} (epoch {epoch})"
-        if self.cfg.output.save_state:
-            message = (
-                f"stopped by {stop.name} at {where}; the training state is in {self.run_dir / STATE_FILE}: "
-                "run the same command again (same run dir) to continue"
-            )
-        else:
-            message = f"stopped by {stop.name} at {where}; output.save_state=false, so it cannot be continued"
-        raise StopRequested(stop, message)
-
-    def _state_dict(self) -> dict:
-        r = self.result
-        return {
-            "config_fingerprint": config_fingerprint(self.cfg),
-            "network": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "rng": rng_states(),
-            "position": self.position.as_dict(),
-            "epoch": r.epochs,
-            "steps": r.steps,
-            "epoch_losses": r.epoch_losses,
-            "validation_losses": r.validation_losses,
-            "train_seconds": r.train_seconds,
-            "checkpoints": [p.name for p in r.checkpoints],
-        }
-
-    def restore(self) -> bool:
-        """Load the run dir's training state if there is one; True when it did."""
-        with phases.phase("restore"):
-            state = load_training_state(self.run_dir, config_fingerprint(self.cfg))
-            if state is None:
-                return False
-            self._load_state(state)
-        return True
-
-    def _load_state(self, state: dict) -> None:
-        self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        set_rng_states(state["rng"])
-        position = state["position"]
-        self.data.load_state_dict(position["data"])
-        self.position = EpochProgress(position["data"], position["batches_done"], list(position["losses"]))
-        r = self.result
-        r.epochs, r.steps, r.epoch_losses = state["epoch"], state["steps"], list(state["epoch_losses"])
-        r.validation_losses = list(state["validation_losses"])
-        r.train_seconds = state["train_seconds"]
-        r.checkpoints = [self.run_dir / name for name in state["checkpoints"]]
-        log.info(
-            "resuming from %s: step %d, epoch %d (+%d batches of epoch %d)",
-            STATE_FILE, r.steps, r.epochs, self.position.batches_done, r.epochs + 1,
-        )

@@ -34,6 +34,7 @@ from atelier.outputs.metadata import training_metadata
 from atelier.loop import speed
 from atelier.runtime import reuse
 from atelier.conditioning.training_data import TrainingData
+from atelier.optim.loss_scaling import FullFp16GradScaler
 from atelier.optim.lr_plot import LR_SCHEDULE_PNG, plot_lr_schedule
 from atelier.optim.optimizers import build_optimizer, describe_optimizer
 from atelier.data.plan import TrainingPlan
@@ -49,7 +50,10 @@ def make_accelerator(cfg: AtelierConfig) -> Accelerator:
     t.check_precision(cuda_available=torch.cuda.is_available())
     # accelerate forms a CPU process group (gloo) only when told to use the CPU.
     cpu = t.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
-    return Accelerator(mixed_precision=MixedPrecision(t.mixed_precision).value, cpu=cpu)
+    accelerator = Accelerator(mixed_precision=MixedPrecision(t.mixed_precision).value, cpu=cpu)
+    if t.full_fp16 and accelerator.scaler is not None:
+        accelerator.scaler = FullFp16GradScaler(accelerator.device.type)
+    return accelerator
 
 
 def load_base(cfg: AtelierConfig, device: torch.device) -> BaseModel:
@@ -132,6 +136,10 @@ def create_network(cfg: AtelierConfig, base: BaseModel, device: torch.device, ap
     # Any network.module; from network.weights (shapes read from the file) when set.
     network = build_network(cfg.network, unet, text_encoder)
     network.to(device)
+    if cfg.training.full_bf16 or cfg.training.full_fp16:
+        # sd-scripts' full_bf16 / full_fp16: the trained weights (hence gradients and optimizer
+        # state) in the autocast dtype; the saved file still takes output.save_precision.
+        network.to(WEIGHT_DTYPES[MixedPrecision(cfg.training.mixed_precision)])
     if apply:
         network.apply_to()
     if cfg.training.gradient_checkpointing:

@@ -202,15 +202,19 @@ class TrainingLoop:
         if not (adapter.done or draw.ends_epoch) and adapter.validation_due(None):  # else the epoch's end does it
             if self._validate(adapter, draw.epoch):
                 return
-        if not adapter.done:  # its last step: the final LoRA follows, no state to keep
+        if adapter.done:  # its last step: the final LoRA follows; a state only if one is to be kept
+            with self._alone(adapter):
+                adapter.save_final_state()
+        else:
             # Only on the steps it saves or samples: a schedule-free optimizer's eval/train switch rounds the weights.
             if adapter.step_outputs_due:
                 with self._alone(adapter), phases.phase("epoch_outputs"), eval_weights(adapter.optimizer):
                     adapter.step_outputs(draw.epoch)
             with self._alone(adapter):
                 every = adapter.cfg.output.save_state_every_n_steps
-                if stop_signal or (every and result.steps % every == 0):
-                    adapter.save_state()
+                due = bool(every) and result.steps % every == 0
+                if stop_signal or due:
+                    adapter.save_state("step" if due else None)
                 adapter.stop_if_asked(draw.epoch, self.stop, stop_signal)
         if adapter.done or draw.ends_epoch:
             self._end_epoch(adapter, draw.epoch)
@@ -238,8 +242,9 @@ class TrainingLoop:
             adapter.position = EpochProgress(adapter.data.state_dict())
             _, stop_signal = adapter.parallel.agree(0.0, self.stop.signal)
             every = adapter.cfg.output.save_state_every_n_epochs
-            if stop_signal or (every and epoch % every == 0):
-                adapter.save_state()
+            due = bool(every) and epoch % every == 0
+            if stop_signal or due:
+                adapter.save_state("epoch" if due else None)
             adapter.stop_if_asked(epoch, self.stop, stop_signal)
 
     def _validate(self, adapter: Adapter, epoch: int, report: bool = True) -> bool:

@@ -7,6 +7,7 @@ sweep job, a requeued SLURM job. The state is tied to the config that made it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,16 @@ from omegaconf import OmegaConf
 from atelier.config.schema import AtelierConfig
 from atelier.config.typed import as_dictconfig
 from atelier.errors import UserError
+from atelier.outputs.rotation import fallen_out
 from atelier.utils.atomic import atomic_path
 from atelier.utils.rng import as_tuples
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "training_state.pt"
+# The suffix of the states kept to train on from later (training.resume_from): <output_name>-state.pt
+# (output.save_state_on_train_end), -<epoch>-state.pt and -step<step>-state.pt (save_last_n_*_state).
+KEPT_STATE = "-state.pt"
 # Bumped when the state's layout changes; an older state is refused, not misread.
 # 3: the state carries a sha256 digest of its content, checked before use.
 STATE_VERSION = 3
@@ -34,6 +41,10 @@ class StateMismatchError(UserError, ValueError):
 
 class StateIntegrityError(UserError, ValueError):
     """The run dir's state cannot be read, or does not match its digest."""
+
+
+class ResumeError(UserError, ValueError):
+    """training.resume_from's state cannot go on under this config."""
 
 
 def config_fingerprint(cfg: AtelierConfig) -> str:
@@ -84,8 +95,8 @@ def _feed(h: "hashlib._Hash", value: Any) -> None:
         h.update(repr(value).encode())
 
 
-def save_training_state(run_dir: Path, state: dict[str, Any]) -> Path:
-    path = run_dir / STATE_FILE
+def save_training_state(run_dir: Path, state: dict[str, Any], name: str = STATE_FILE) -> Path:
+    path = run_dir / name
     state = {**state, "version": STATE_VERSION}
     # Our own file object: on a full disk it is closed at once, so the space the partial
     # file took is free again for summary.json (torch's writer would hold it until collected).
@@ -95,33 +106,68 @@ def save_training_state(run_dir: Path, state: dict[str, Any]) -> Path:
 
 
 def load_training_state(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The run dir's own state (None: there is none), refused when another config made it."""
     path = run_dir / STATE_FILE
     if not path.is_file():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # empty, truncated or not a torch file: never unpickle it further
-        raise StateIntegrityError(
-            f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'empty'}); "
-            f"the file is damaged. Move {path.name} away to start this run over, or train into a new run dir."
-        ) from None
-    if not isinstance(state, dict):
-        raise StateIntegrityError(f"{path} is not a training state; move it away or train into a new run dir.")
-    digest = state.pop("digest", None)
-    if state.get("version") == STATE_VERSION and digest != content_digest(state):
-        raise StateIntegrityError(
-            f"{path} does not match the digest saved in it: its content changed after it was written "
-            f"(damaged disk or an edit). Move {path.name} away to start this run over from step 0, "
-            "or train into a new run dir."
-        )
-    if state.get("version") != STATE_VERSION:
-        raise StateMismatchError(
-            f"{path} was saved by another version of the trainer and cannot be read. "
-            f"Delete {path.name} to start this run over, or train into a new run dir."
-        )
+    state = read_state(path, f"Move {path.name} away to start this run over, or train into a new run dir.")
     if state.get("config_fingerprint") != fingerprint:
         raise StateMismatchError(
             f"{path} was saved by a run with a different config, so it cannot be continued. "
             f"Train into a new run dir, or delete {path.name} to start this one over."
         )
     return state
+
+
+def read_state(path: Path, fix: str) -> dict[str, Any]:
+    """A state file's content, checked: readable, of this trainer's version, matching its digest.
+    `fix` ends each error (what to do about the file)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # empty, truncated or not a torch file: never unpickle it further
+        raise StateIntegrityError(
+            f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'empty'}); "
+            f"the file is damaged. {fix}"
+        ) from None
+    if not isinstance(state, dict):
+        raise StateIntegrityError(f"{path} is not a training state. {fix}")
+    digest = state.pop("digest", None)
+    if state.get("version") == STATE_VERSION and digest != content_digest(state):
+        raise StateIntegrityError(
+            f"{path} does not match the digest saved in it: its content changed after it was written "
+            f"(damaged disk or an edit). {fix}"
+        )
+    if state.get("version") != STATE_VERSION:
+        raise StateMismatchError(f"{path} was saved by another version of the trainer and cannot be read. {fix}")
+    return state
+
+
+def state_to_resume_from(path: Path, total_steps: int) -> dict[str, Any]:
+    """training.resume_from's state, checked, for a run of `total_steps` steps (the config that
+    saved it may differ: more epochs, another schedule...)."""
+    state = read_state(path, "Give another state file in training.resume_from.")
+    if state["steps"] >= total_steps:
+        raise ResumeError(f"training.resume_from={path}: the state is at step {state['steps']} and this run ends at "
+                          f"step {total_steps}: raise training.max_train_epochs or training.max_train_steps")
+    return state
+
+
+def kept_state_name(output_name: str, epoch: int | None = None, step: int | None = None) -> str:
+    """<output_name>-state.pt (the last step's), -<epoch:06d>-state.pt, or -step<step:08d>-state.pt."""
+    if epoch is not None:
+        return f"{output_name}-{epoch:06d}{KEPT_STATE}"
+    if step is not None:
+        return f"{output_name}-step{step:08d}{KEPT_STATE}"
+    return f"{output_name}{KEPT_STATE}"
+
+
+def drop_old_states(run_dir: Path, output_name: str, last_n_epochs: int | None, last_n_steps: int | None,
+                    step: int) -> list[Path]:  # fmt: skip
+    """output.save_last_n_epochs_state / _steps_state: delete the kept states that fell out (the
+    epoch ones beyond the last n, the step ones older than the last n steps, as sd-scripts); the
+    deleted paths. Only names kept_state_name makes are touched."""
+    old = fallen_out(run_dir.iterdir(), output_name, KEPT_STATE, last_n_epochs, last_n_steps, step)
+    for path in old:
+        path.unlink(missing_ok=True)
+        log.info("removed %s (output.save_last_n_epochs_state / save_last_n_steps_state)", path.name)
+    return old

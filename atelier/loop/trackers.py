@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from atelier.config.schema import AtelierConfig
+from atelier.config.schema.output import tracker_start_args, uses_tracker
 from atelier.errors import UserError
 from atelier.utils.atomic import write_text
 
@@ -51,11 +52,6 @@ class LogPlace:
     wandb_id: str | None = None  # set once a wandb run was started (a resumed run continues it)
 
 
-def uses(log_with: str | None, tracker: str) -> bool:
-    """Whether output.log_with turns `tracker` ("tensorboard" or "wandb") on; null is TensorBoard."""
-    return (log_with or TENSORBOARD) in (tracker, "all")
-
-
 def log_place(cfg: AtelierConfig, run_dir: Path, resumed: bool) -> LogPlace:
     """This run's place: the one it logged to before when it continues, else a new one."""
     saved = run_dir / PLACE_FILE
@@ -76,11 +72,11 @@ def keep_place(run_dir: Path, place: LogPlace) -> None:
 
 
 class TensorBoardTracker:
-    def __init__(self, folder: str, purge_step: int):
+    def __init__(self, folder: str, purge_step: int, start_args: dict[str, Any] | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: a run continuing from a state drops what a killed run logged after it.
-        self.writer = SummaryWriter(folder, purge_step=purge_step)
+        self.writer = SummaryWriter(folder, purge_step=purge_step, **(start_args or {}))
 
     def log(self, step: int, scalars: dict[str, float], fields: dict[str, Any]) -> None:
         for name, value in scalars.items():
@@ -94,15 +90,17 @@ class WandbTracker:
     """One wandb run of its own (reinit="create_new"): a fused group's lanes log at once from
     one process. WANDB_MODE=offline (or `wandb offline`) logs without an account or network."""
 
-    def __init__(self, place: LogPlace, config: dict[str, Any], resumed: bool):
+    def __init__(self, place: LogPlace, config: dict[str, Any], resumed: bool, start_args: dict[str, Any]):
         import wandb
 
         Path(place.folder).mkdir(parents=True, exist_ok=True)
+        # output.log_tracker_config's [wandb] arguments; the schema refused those set here.
+        start_args = {"settings": wandb.Settings(console="off"), **start_args}
         try:
             self.run = wandb.init(
                 project=place.project, name=place.run_name, dir=place.folder, config=config,
                 id=place.wandb_id, resume="allow" if resumed and place.wandb_id else None,
-                reinit="create_new", settings=wandb.Settings(console="off"),
+                reinit="create_new", **start_args,
             )  # fmt: skip
         except Exception as error:  # wandb's errors (no API key, no network) have no common base
             raise TrackerError(
@@ -129,14 +127,15 @@ def open_trackers(cfg: AtelierConfig | None, run_dir: Path, resume_step: int | N
         return [TensorBoardTracker(str(run_dir / TENSORBOARD), kept + 1)]
     out, resumed = cfg.output, resume_step is not None
     place = log_place(cfg, run_dir, resumed)
+    start_args = tracker_start_args(out.log_tracker_config) if out.log_tracker_config else {}
     trackers: list[Tracker] = []
-    if uses(out.log_with, "wandb"):  # first: when it cannot start, nothing else was opened
-        wandb_tracker = WandbTracker(place, run_config(cfg), resumed)
+    if uses_tracker(out.log_with, "wandb"):  # first: when it cannot start, nothing else was opened
+        wandb_tracker = WandbTracker(place, run_config(cfg), resumed, start_args.get("wandb", {}))
         place = LogPlace(**{**asdict(place), "wandb_id": wandb_tracker.id})
         trackers.append(wandb_tracker)
-    if uses(out.log_with, TENSORBOARD):
-        trackers.append(TensorBoardTracker(place.tensorboard, kept + 1))
-    if out.logging_dir is not None or uses(out.log_with, "wandb"):
+    if uses_tracker(out.log_with, TENSORBOARD):
+        trackers.append(TensorBoardTracker(place.tensorboard, kept + 1, start_args.get(TENSORBOARD)))
+    if out.logging_dir is not None or uses_tracker(out.log_with, "wandb"):
         keep_place(run_dir, place)
     return trackers
 

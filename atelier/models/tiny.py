@@ -81,9 +81,13 @@ def _builder(name: str):
 
 
 def _is_complete(folder: Path) -> bool:
-    # Only fully written folders are ever renamed into place, so the index file
-    # is enough to tell a usable folder.
-    return (folder / "model_index.json").is_file()
+    # Only fully written folders are ever renamed into place, so the index file tells a
+    # usable folder; a model component without its weights (a cache damaged since) makes
+    # it one to rebuild, not one to fail on at every run.
+    if not (folder / "model_index.json").is_file():
+        return False
+    components = [folder / name for name in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    return all(any(part.glob("*.safetensors")) for part in components if part.is_dir())
 
 
 def _move_into_place(staging: Path, target: Path) -> None:

@@ -133,6 +133,8 @@ def build_export(cfg: dict[str, Any], out_dir: Path) -> Export:
     network_args = kohya_network_args(network_config(cfg)) if "network" in cfg else {}
     if network_args:  # one list, from several keys (sd-scripts: key=value strings)
         args["network_args"] = [f"{name}={value}" for name, value in network_args.items()]
+    if {"save_last_n_epochs_state", "save_last_n_steps_state"} & set(args):
+        args["save_state"] = True  # sd-scripts saves (and so rotates) states only with --save_state
     precision = cfg.get("training", {}).get("mixed_precision")
     if precision:
         accelerate["mixed_precision"] = precision

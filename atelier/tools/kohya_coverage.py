@@ -57,19 +57,20 @@ NOT_HERE: dict[str, str] = {
     "use_lion_optimizer": "deprecated in sd-scripts: optimizer.type=Lion",
     "tokenizer_cache_dir": "tokenizers come with the base model; nothing is downloaded",
     "highvram": "the CUDA cache is never cleared between latents here",
+    "lowram": "diffusers builds the models on the meta device and fills them from the file, so no second copy "
+              "is held in RAM; they then go to the GPU",
     "no_half_vae": "the VAE always runs in float32 here (fp16 VAEs overflow)",
     "dim_from_weights": "network.weights always takes each module's rank and alpha from the file",
-    "resume": "a run continues from <run dir>/training_state.pt: run the same command again (resume=true in a sweep)",
-    "save_state": "output.save_state (on by default) keeps one training state per run dir, for continuing it",
+    "save_state": "output.save_state (on by default) keeps one training state per run dir, for continuing it; "
+                  "states kept to train on from: output.save_state_on_train_end, output.save_last_n_epochs_state",
     "wandb_api_key": "a key does not belong in a config saved with each run: `wandb login` or WANDB_API_KEY",
     "log_config": "with output.log_with=wandb or all, every wandb run gets the run's resolved config",
     **{name: _NOT_YET for name in (
-        "fp8_base", "fp8_base_unet", "full_bf16", "full_fp16", "fused_backward_pass", "cpu_offload_checkpointing",
-        "lowram", "vae_batch_size", "max_validation_steps",
-        "weighted_captions", "save_state_on_train_end", "save_last_n_epochs_state", "save_last_n_steps_state",
+        "fp8_base", "fp8_base_unet", "fused_backward_pass", "cpu_offload_checkpointing", "max_validation_steps",
+        "weighted_captions",
         "save_n_epoch_ratio", "initial_epoch", "initial_step", "skip_until_initial_step",
         "metadata_is_negative_embedding", "metadata_merged_from", "metadata_preprocessor", "metadata_thumbnail",
-        "metadata_usage_hint", "log_tracker_config",
+        "metadata_usage_hint",
     )},
 }  # fmt: skip
 

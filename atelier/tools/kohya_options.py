@@ -209,7 +209,7 @@ HOW: dict[str, dict[str, Any]] = {
     "training.debiased_estimation_loss": {"kind": "switch"},
     **{f"training.{name}": {"kind": "switch"}
        for name in ("noise_offset_random_strength", "ip_noise_gamma_random_strength",
-                    "scale_v_pred_loss_like_noise_pred", "masked_loss")},
+                    "scale_v_pred_loss_like_noise_pred", "full_bf16", "full_fp16", "masked_loss")},
     "training.huber_scale": {"convert": lambda v, c: None if v == 1.0 else v},
     "training.attention": {"kind": "switch", "convert": _attention},
     "training.torch_compile": {"kind": "switch"},
@@ -221,6 +221,9 @@ HOW: dict[str, dict[str, Any]] = {
     "output.no_metadata": {"kind": "switch"},
     "output.logging_dir": {"convert": _path},  # unset: the export's own logs folder (build_export)
     "output.wandb_run_name": {"convert": _wandb_run_name},
+    "output.log_tracker_config": {"convert": _path},
+    "output.save_state_on_train_end": {"kind": "switch"},
+    "training.resume_from": {"convert": _path},
     "project": {"place": "covered"},
 }
 

@@ -67,6 +67,12 @@ class DatasetConfig:
     latent_cache_dir: Optional[str] = option(None, doc="The disk cache's folder (null: "
                                              "<train_data_dir>/.atelier-latent-cache).",
                                              kohya="sd-scripts writes its .npz caches beside the images")  # fmt: skip
+    vae_batch_size: int = option(
+        4, flag="vae_batch_size",
+        doc="Images per VAE call when latents are encoded (building the cache, or each step without one): more is "
+        "faster and takes more memory.",
+        kohya="sd-scripts' default is 1",
+    )
     cache_text_encoder_outputs: bool = option(
         True, doc="Text-encoder outputs encoded once per distinct caption when the text encoder is not trained "
         "(network.train_unet_only) and captions never change.",
@@ -182,7 +188,7 @@ class DatasetConfig:
             raise DatasetError(f"dataset.{problem}")
         for name, minimum in (("resolution", 1), ("min_bucket_reso", 1), ("bucket_reso_steps", 1),
                               ("max_data_loader_n_workers", 0), ("max_image_pixels", 1),
-                              ("max_samples_per_epoch", 1)):  # fmt: skip
+                              ("max_samples_per_epoch", 1), ("vae_batch_size", 1)):  # fmt: skip
             if getattr(self, name) < minimum:
                 raise DatasetError(f"dataset.{name} must be at least {minimum}, got {getattr(self, name)}")
         if self.resolution % RESOLUTION_MULTIPLE:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 from omegaconf import SI
 
@@ -68,6 +69,24 @@ class OutputConfig:
         kohya="sd-scripts saves states with each --save_every_n_steps checkpoint (with --save_state); here a "
         "state is also saved on SIGTERM/SIGUSR1/SIGUSR2",
     )
+    # States kept beside the checkpoints, to train on from later (training.resume_from); sd-scripts
+    # keeps them as <name>-<epoch>-state / <name>-step<n>-state / <name>-state folders.
+    save_state_on_train_end: bool = option(
+        False, flag="save_state_on_train_end",
+        doc="Keep the training state of the last step as <output_name>-state.pt, to train on from it later "
+        "(training.resume_from), e.g. with more epochs.",
+    )
+    save_last_n_epochs_state: Optional[int] = option(
+        None, flag="save_last_n_epochs_state",
+        doc="Also keep the states saved at epoch ends (save_state_every_n_epochs) as <output_name>-<6-digit epoch>"
+        "-state.pt, the last n of them (null: none kept; training_state.pt alone continues an unfinished run).",
+        kohya="sd-scripts keeps one state per saved checkpoint with --save_state",
+    )
+    save_last_n_steps_state: Optional[int] = option(
+        None, flag="save_last_n_steps_state",
+        doc="Also keep the states saved every save_state_every_n_steps as <output_name>-step<8-digit step>-state.pt, "
+        "those of the last n steps (null: none kept).",
+    )
     # The file's metadata (sd-scripts: train_network.py --training_comment / --no_metadata, and
     # library/sai_model_spec.py's --metadata_* options, which become modelspec.* keys).
     training_comment: Optional[str] = option(
@@ -126,20 +145,89 @@ class OutputConfig:
         kohya="sd-scripts leaves the name to wandb",
     )
 
+    log_tracker_config: Optional[str] = option(
+        None, flag="log_tracker_config",
+        doc="A TOML file of arguments for the trackers' start, one table per tracker: [wandb] for wandb.init "
+        "(entity, tags, notes, group, ...), [tensorboard] for TensorBoard's SummaryWriter (flush_secs, ...).",
+        kohya="in sd-scripts the file replaces every init argument; here its arguments join Atelier's, and the "
+        "ones Atelier sets from options (name, project, dir, ...) are refused naming the option",
+    )
+
     def __post_init__(self) -> None:
         check_name("output.output_name", self.output_name)
         if self.save_model_as != "safetensors":
             why = _NOT_SAVED_AS.get(self.save_model_as, "not a format sd-scripts saves a LoRA in")
             raise ConfigError(f"output.save_model_as={self.save_model_as}: {why}; set output.save_model_as=safetensors "
                               "(A1111, ComfyUI, sd-scripts and diffusers load it)")  # fmt: skip
-        for name in ("save_every_n_steps", "save_last_n_epochs", "save_last_n_steps"):
+        for name in ("save_every_n_steps", "save_last_n_epochs", "save_last_n_steps", "save_last_n_epochs_state",
+                     "save_last_n_steps_state"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"output.{name} must be at least 1 (or null), got {value}")
         check_logging(self)
+        for kept, every in (("save_last_n_epochs_state", "save_state_every_n_epochs"),
+                            ("save_last_n_steps_state", "save_state_every_n_steps")):  # fmt: skip
+            if getattr(self, kept) is not None and not (self.save_state and getattr(self, every)):
+                raise ConfigError(f"output.{kept} keeps the states saved every output.{every}, and none are saved: set "
+                                  f"output.{every} (and output.save_state=true), or drop output.{kept}")
 
 
 LOG_WITH = ("tensorboard", "wandb", "all")
+# Tracker start arguments Atelier sets itself (atelier/loop/trackers.py), and what sets them.
+OWN_TRACKER_ARGS = {
+    "wandb": {"project": "output.log_tracker_name", "name": "output.wandb_run_name", "dir": "output.logging_dir",
+              "config": "the run's resolved config (given to every wandb run)",
+              "id": "Atelier (a resumed run continues its wandb run)", "resume": "Atelier (run the command again)",
+              "reinit": "Atelier (each run, each fused lane, is a wandb run of its own)"},
+    "tensorboard": {"log_dir": "output.logging_dir", "purge_step": "Atelier (a resumed run drops later events)"},
+}  # fmt: skip
+
+
+def tracker_start_args(path: str) -> dict[str, dict[str, Any]]:
+    """output.log_tracker_config's tables: tracker name -> keyword arguments for its start.
+    ConfigError naming the file and the key for anything that would not reach a tracker."""
+    import tomllib
+
+    where = f"output.log_tracker_config={path}"
+    try:
+        tables = tomllib.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file; give the path of a TOML file with [wandb] / [tensorboard] "
+                          "tables") from None  # fmt: skip
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"{where}: not a readable TOML file ({error})") from None
+    for tracker, args in tables.items():
+        if tracker not in OWN_TRACKER_ARGS or not isinstance(args, dict):
+            raise ConfigError(f"{where}: [{tracker}] is not a tracker's table; the file holds [wandb] and/or "
+                              "[tensorboard] tables of start arguments")  # fmt: skip
+        for key in args:
+            if key in OWN_TRACKER_ARGS[tracker]:
+                raise ConfigError(f"{where}: [{tracker}] {key} is set by {OWN_TRACKER_ARGS[tracker][key]}; "
+                                  "drop it from the file")  # fmt: skip
+        accepted = _start_parameters(tracker)
+        unknown = sorted(set(args) - accepted)
+        if unknown:
+            raise ConfigError(f"{where}: [{tracker}] {', '.join(unknown)}: not an argument of "
+                              f"{_STARTS[tracker]} (it takes {', '.join(sorted(accepted))})")  # fmt: skip
+    return tables
+
+
+_STARTS = {"wandb": "wandb.init", "tensorboard": "torch.utils.tensorboard.SummaryWriter"}
+
+
+def _start_parameters(tracker: str) -> set[str]:
+    import inspect
+
+    if tracker == "wandb":
+        import wandb
+
+        start = wandb.init
+    else:
+        from torch.utils.tensorboard import SummaryWriter
+
+        start = SummaryWriter.__init__
+    names = set(inspect.signature(start).parameters) - {"self", "kwargs", "args"}
+    return names - set(OWN_TRACKER_ARGS[tracker])
 
 
 def check_logging(out: OutputConfig) -> None:
@@ -164,3 +252,13 @@ def check_logging(out: OutputConfig) -> None:
     for name, why in unused.items():
         if getattr(out, name) is not None and why:
             raise ConfigError(f"output.{name}={getattr(out, name)!r} does nothing here: {why}")
+    if out.log_tracker_config is not None:
+        for tracker in tracker_start_args(out.log_tracker_config):
+            if not uses_tracker(out.log_with, tracker):
+                raise ConfigError(f"output.log_tracker_config={out.log_tracker_config}: its [{tracker}] table does "
+                                  f"nothing here: set output.log_with={tracker} or all, or drop the table")
+
+
+def uses_tracker(log_with: str | None, tracker: str) -> bool:
+    """Whether output.log_with turns `tracker` ("tensorboard" or "wandb") on; null is TensorBoard."""
+    return (log_with or "tensorboard") in (tracker, "all")

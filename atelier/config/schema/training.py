@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from atelier.config.schema.enums import (
@@ -43,6 +44,26 @@ class TrainingConfig:
     mixed_precision: MixedPrecision = option(MixedPrecision.no, flag="mixed_precision", ss="ss_mixed_precision",
                                              doc="Autocast the forward pass to fp16 or bf16.",
                                              kohya="also given to accelerate launch")
+    # sd-scripts' experimental full-precision-reduced training (train_network.py: network.to(weight_dtype)).
+    full_bf16: bool = option(
+        False, flag="full_bf16",
+        doc="Keep the network's weights, gradients and optimizer state in bf16 too, not only the forward pass "
+        "(less memory, coarser updates; needs mixed_precision=bf16).",
+    )
+    full_fp16: bool = option(
+        False, flag="full_fp16", ss="ss_full_fp16",
+        doc="Keep the network's weights, gradients and optimizer state in fp16 (loss scaling unscales fp16 "
+        "gradients; needs mixed_precision=fp16, a CUDA GPU). Prone to overflow: bf16 is the safer choice.",
+        kohya="sd-scripts writes ss_full_fp16 False on every run; here the key is written when it is on",
+    )
+    resume_from: Optional[str] = option(
+        None, flag="resume",
+        doc="A training state file to train on from, in a new run dir: <output_name>-state.pt "
+        "(output.save_state_on_train_end), a kept <output_name>-<epoch>-state.pt, or a run's training_state.pt. "
+        "The network, optimizer (its learning rates included), schedule position, RNGs and step count go on from "
+        "it; the config may differ (more epochs, ...), the network's kind and shape may not.",
+        kohya="sd-scripts' --resume takes a state folder",
+    )
     cpu: bool = option(False, flag="cpu", doc="Train on the CPU even when a GPU is there.",
                        kohya="an accelerate launch option")
     num_processes: int = option(
@@ -161,6 +182,14 @@ class TrainingConfig:
         if self.ip_noise_gamma_random_strength and not self.ip_noise_gamma:
             raise ConfigError("training.ip_noise_gamma_random_strength draws gamma from 0..training.ip_noise_gamma, "
                               "which is not set: set training.ip_noise_gamma (e.g. 0.1) or drop the random strength")
+        for full, precision in (("full_bf16", MixedPrecision.bf16), ("full_fp16", MixedPrecision.fp16)):
+            if getattr(self, full) and self.mixed_precision != precision:
+                # sd-scripts asserts the same (train_network.py); the network's dtype is the autocast one.
+                raise ConfigError(f"training.{full} keeps the network in {precision.value}: it needs "
+                                  f"training.mixed_precision={precision.value} (got {self.mixed_precision.value})")
+        if self.resume_from is not None and not Path(self.resume_from).expanduser().is_file():
+            raise ConfigError(f"training.resume_from={self.resume_from}: no such file; give a training state file "
+                              "(<output_name>-state.pt, <output_name>-<epoch>-state.pt or training_state.pt)")
         if self.v_pred_like_loss is not None and self.v_pred_like_loss < 0:
             raise ConfigError(f"training.v_pred_like_loss must not be negative (a negative loss weight), got "
                               f"{self.v_pred_like_loss}; use e.g. 0.1, or null for off")
