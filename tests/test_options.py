@@ -79,6 +79,10 @@ EXPORT_RUNS = [
      "output.save_last_n_epochs_state=2", "output.save_state_every_n_steps=10", "output.save_last_n_steps_state=20"],
     ["model=tiny_sdxl", "optimizer.text_encoder_2_lr=2e-5", "scheduler.class_path=StepLR", "+scheduler.args.step_size=10",
      "model.base_weights=[/loras/a.safetensors,/loras/b.safetensors]", "model.base_weights_multiplier=[0.5]"],
+    [f"network.{key}=[{','.join(['2'] * 25)}]" for key in ("block_dims", "block_alphas", "conv_block_dims",
+                                                            "conv_block_alphas")]
+    + ["network.down_lr_weight='sine+0.5'", "network.mid_lr_weight=0.5", "network.up_lr_weight=[1.0,0.5,0.0]",
+       "network.block_lr_zero_threshold=0.1"],
 ]
 
 

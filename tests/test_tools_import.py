@@ -174,13 +174,13 @@ def test_options_with_no_atelier_key_are_listed_by_name(tmp_path, capsys):
     source = tmp_path / "config.toml"
     source.write_text('pretrained_model_name_or_path = "/models/sd15.safetensors"\ntrain_data_dir = "/data/x"\n'
                       'network_module = "networks.lora"\nnetwork_dim = 4\nskip_until_initial_step = true\nmy_own_flag = 3\n'
-                      '[more]\nnetwork_args = ["conv_dim=4", "block_dims=2,2,2", "preset=unet-only"]\n')  # fmt: skip
+                      '[more]\nnetwork_args = ["conv_dim=4", "exclude_patterns=x", "preset=unet-only"]\n')  # fmt: skip
     out = tmp_path / "conf" / "experiment" / "x.yaml"
     assert main(["import-kohya", str(source), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "skip_until_initial_step=True: not supported yet" in printed
     assert "my_own_flag=3: not an option of sd-scripts' train_network.py" in printed
-    assert "network_args=block_dims=2,2,2: not an option network.module=lora takes here" in printed
+    assert "network_args=exclude_patterns=x: not an option network.module=lora takes here" in printed
     assert "network_args=preset=unet-only" in printed
     text = out.read_text()
     assert "#   skip_until_initial_step=True" in text and "conv_dim: 4" in text

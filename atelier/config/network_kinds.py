@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from atelier.config.block_weights import BLOCK_KEYS
 from atelier.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -149,6 +150,8 @@ _LORAPLUS = frozenset({"loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_
 _DORA = frozenset({"dora_wd"})
 # LyCORIS' use_tucker: the kxk convs as a Tucker core between 1x1 factors (locon, loha, lokr).
 _TUCKER = frozenset({"use_tucker"})
+# sd-scripts networks.lora's block-wise ranks and lr weights (atelier.config.block_weights).
+_BLOCKS = frozenset(BLOCK_KEYS)
 # LyCORIS' own module classes; the kind's lycoris_algo picks the algorithm.
 _LYCORIS = "atelier.network.lycoris_modules:build_module"
 
@@ -158,7 +161,7 @@ KINDS: dict[str, NetworkKind] = {
         NetworkKind(
             "lora", "sd-scripts networks.lora; with conv_dim also the 3x3 convs (LoCon-style \"C3Lier\")",
             "LoRA", "networks.lora", "lora", "atelier.network.lora:build_module",
-            frozenset({"conv_dim", "dropout", *_DROPOUTS, *_LORAPLUS, *_DORA}), fusable=True,
+            frozenset({"conv_dim", "dropout", *_DROPOUTS, *_LORAPLUS, *_BLOCKS, *_DORA}), fusable=True,
         ),
         NetworkKind(
             "locon", "LyCORIS LoCon (lycoris.kohya algo=locon): LoRA on linear and conv layers",

@@ -15,6 +15,7 @@ from atelier.errors import ConfigError
 
 # The LoRA+ keys of the network group (NetworkConfig's rules; network_args as sd-scripts spells them).
 LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+from atelier.config.block_weights import BLOCK_KEYS, block_network_args
 from atelier.config.network_kinds import NetworkKind, kind_named
 
 if TYPE_CHECKING:  # the schema checks its network group with NetworkSpec: a runtime import would be a circle
@@ -66,6 +67,8 @@ class NetworkSpec:
             "dora_wd": net.dora_wd,
             "use_tucker": net.use_tucker,
             **{name: getattr(net, name) for name in LORAPLUS_KEYS},
+            # Any value counts here, 0 too (mid_lr_weight=0 is a setting): as text, which is never falsy.
+            **{name: None if getattr(net, name) is None else str(getattr(net, name)) for name in BLOCK_KEYS},
         }
         for key, value in given.items():
             if value and key not in entry.options:
@@ -144,4 +147,5 @@ def kohya_network_args(net: NetworkConfig) -> dict[str, str]:
     for key in LORAPLUS_KEYS:
         if getattr(net, key) is not None:
             args[key] = str(getattr(net, key))
+    args.update(block_network_args(net))
     return args

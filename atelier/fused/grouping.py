@@ -15,6 +15,7 @@ from functools import reduce
 
 from atelier.config.schema import AtelierConfig, MixedPrecision
 from atelier.errors import UserError
+from atelier.config.block_weights import is_blockwise
 from atelier.config.network_kinds import fusable_kinds
 from atelier.config.network_spec import NetworkSpec
 
@@ -45,6 +46,8 @@ def lane_problems(cfg: AtelierConfig) -> list[str]:
         problems.append("network.train_unet_only must be true (text-encoder training is not fused)")
     if not spec.entry.fusable:
         problems.append(f"network.module={spec.kind} cannot be fused (only {', '.join(fusable_kinds())})")
+    if is_blockwise(cfg.network):
+        problems.append("block-wise ranks / lr weights (network.block_dims, *_lr_weight) are not fused")
     if spec.dropout or spec.rank_dropout or spec.module_dropout:
         problems.append("network dropouts draw from the global RNG; set them to 0 to fuse")
     if spec.dora_wd:  # the fused slots batch up @ down; DoRA rebuilds and renormalises each lane's weight

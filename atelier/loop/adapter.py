@@ -120,7 +120,7 @@ class Adapter(AdapterState):
         self.base_metadata = build.base_metadata(cfg, self.base, self.optimizer, self.data, self.plan)
         if self.parallel.is_main:
             with phases.phase("lr_plot"):
-                build.plot_schedule(cfg, self.optimizer, self.schedule, self.run_dir)
+                build.plot_schedule(cfg, self.optimizer, self.schedule, self.run_dir, self.network)
 
     @property
     def train_text_encoder(self) -> bool:
@@ -205,7 +205,7 @@ class Adapter(AdapterState):
 
     def step_scalars(self, loss: float, seconds: float) -> dict[str, float]:
         scalars = {"loss/step": loss, "time/step_seconds": seconds}
-        names = build.param_group_names(self.cfg)
+        names = build.param_group_names(self.cfg, self.network)
         for name, lr in zip(names, self.lr_scheduler.get_last_lr()):
             scalars[f"lr/{name}"] = lr
         # Adaptive optimizers: the step size they really take (sd-scripts' key; experiment=lr_find reads it).

@@ -17,9 +17,11 @@ import torch
 from accelerate import Accelerator
 
 from atelier.conditioning.sdxl import prepare_text_encoder_2
+from atelier.config.block_weights import block_lr_weights
 from atelier.config.schema import (
     AtelierConfig,
     MixedPrecision,
+    ModelVersion,
     NetworkConfig,
     part_learning_rates,
 )
@@ -28,8 +30,9 @@ from atelier.models.hashes import model_hashes
 from atelier.models.loading import BaseModel, load_base_model
 from atelier.network.base_merge import merge_base_weights
 from atelier.network.factory import build_network
-from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork
-from atelier.network.targets import SDXL_TEXT_ENCODER_PREFIXES
+from atelier.network.blocks import block_index
+from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork, ParamSelect
+from atelier.network.targets import SDXL_TEXT_ENCODER_PREFIXES, belongs_to
 from atelier.outputs.metadata import training_metadata
 from atelier.loop import speed
 from atelier.runtime import reuse
@@ -109,23 +112,44 @@ def trained_parts(cfg: AtelierConfig) -> list[tuple[str, str, float]]:
     return parts
 
 
-def param_groups(cfg: AtelierConfig) -> list[tuple[str, str, bool | None, float]]:
-    """(metric name, prefix, up, learning rate) of each of the optimizer's param groups, in order:
+def param_groups(
+    cfg: AtelierConfig, network: LoRANetwork | None = None
+) -> list[tuple[str, ParamSelect, bool | None, float]]:
+    """(metric name, modules, up, learning rate) of each of the optimizer's param groups, in order:
     one per trained part, or two with LoRA+ (network.loraplus_*: the part's up matrices, up=True,
-    at its rate times the ratio, as sd-scripts' prepare_optimizer_params groups them)."""
-    groups: list[tuple[str, str, bool | None, float]] = []
+    at its rate times the ratio, as sd-scripts' prepare_optimizer_params groups them). With block
+    lr weights (network.down/mid/up_lr_weight) the UNet's part is one group per block that has
+    modules in `network`, at the UNet's rate times the block's weight (a weight of 0: no group).
+    `modules` is a kohya name prefix, or a block's module names."""
+    groups: list[tuple[str, ParamSelect, bool | None, float]] = []
     for name, prefix, lr in trained_parts(cfg):
         ratio = cfg.network.loraplus_ratio(text_encoder=name != "unet")
-        if ratio is None:
-            groups.append((name, prefix, None, lr))
-        else:
-            groups += [(name, prefix, False, lr), (f"{name}_plus", prefix, True, lr * ratio)]
+        for group, modules, group_lr in _unet_blocks(cfg, network, lr) if name == "unet" else [(name, prefix, lr)]:
+            if ratio is None:
+                groups.append((group, modules, None, group_lr))
+            else:
+                groups += [(group, modules, False, group_lr), (f"{group}_plus", modules, True, group_lr * ratio)]
     return groups
 
 
-def param_group_names(cfg: AtelierConfig) -> list[str]:
+def _unet_blocks(cfg: AtelierConfig, network: LoRANetwork | None, lr: float) -> list[tuple[str, ParamSelect, float]]:
+    """The UNet's groups: itself, or (sd-scripts' unet_block<i>) one per block with a weight above 0."""
+    weights = block_lr_weights(cfg.network, sdxl=cfg.model.version == ModelVersion.sdxl)
+    if weights is None:
+        return [("unet", UNET_PREFIX, lr)]
+    if network is None:
+        raise ValueError("block lr weights: the optimizer's param groups depend on the network's modules; pass it")
+    by_block: dict[int, list[str]] = {}
+    for name in network.loras:
+        if belongs_to(name, UNET_PREFIX):
+            by_block.setdefault(block_index(name), []).append(name)
+    return [(f"unet_block{block}", tuple(names), lr * weights[block])
+            for block, names in sorted(by_block.items()) if weights[block] > 0]  # fmt: skip
+
+
+def param_group_names(cfg: AtelierConfig, network: LoRANetwork | None = None) -> list[str]:
     """Metric names of the optimizer's param groups, in order (lr/<name>, lr/d*lr/<name>)."""
-    return [name for name, _, _, _ in param_groups(cfg)]
+    return [name for name, _, _, _ in param_groups(cfg, network)]
 
 
 def create_network(cfg: AtelierConfig, base: BaseModel, device: torch.device, apply: bool) -> LoRANetwork:
@@ -162,15 +186,19 @@ def enable_gradient_checkpointing(base: BaseModel, text_encoders: bool) -> None:
 def create_optimizer(cfg: AtelierConfig, network: LoRANetwork, schedule: ScheduleSteps, device: torch.device):
     """(optimizer, lr scheduler): the param groups of param_groups."""
     opt, sched = cfg.optimizer, cfg.scheduler
-    groups = [{"params": network.parameters_of(prefix, up), "lr": lr} for _, prefix, up, lr in param_groups(cfg)]
+    groups = [{"params": network.parameters_of(modules, up), "lr": lr}
+              for _, modules, up, lr in param_groups(cfg, network)]  # fmt: skip
     optimizer = build_optimizer(opt.type, groups, opt.learning_rate,
                                 speed.optimizer_args(opt.type, dict(opt.args), cfg.training, device))  # fmt: skip
     return optimizer, lr_scheduler_from_config(sched, optimizer, schedule)
 
 
-def plot_schedule(cfg: AtelierConfig, optimizer: torch.optim.Optimizer, schedule: ScheduleSteps, run_dir: Path) -> None:
-    """lr_schedule.png in the run dir: the lr of each trained part over the planned steps."""
-    labels = param_group_names(cfg)
+def plot_schedule(
+    cfg: AtelierConfig, optimizer: torch.optim.Optimizer, schedule: ScheduleSteps, run_dir: Path,
+    network: LoRANetwork | None = None,
+) -> None:
+    """lr_schedule.png in the run dir: the lr of each trained part (or UNet block) over the planned steps."""
+    labels = param_group_names(cfg, network)
     base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     curves = lr_curve(cfg.scheduler, base_lrs, schedule)
     opt = cfg.optimizer

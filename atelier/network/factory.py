@@ -14,8 +14,11 @@ from torch import nn
 from atelier.errors import ConfigError
 from atelier.config.network_kinds import FILE_FAMILIES, VARIANT_TENSORS, family, kinds_of_family
 from atelier.config.network_spec import NetworkSpec
+from atelier.config.block_weights import BlockShapes, block_shapes
+from atelier.network.blocks import block_index
 from atelier.network.lora import LoRANetwork
 from atelier.network.lora_file import load_lora
+from atelier.network.sdxl_names import is_sdxl_unet
 from atelier.network.targets import LAYER_SELECTIONS, TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, belongs_to, iter_targets
 
 if TYPE_CHECKING:
@@ -29,13 +32,19 @@ def build_network(net: NetworkConfig, unet: nn.Module | None, text_encoder: nn.M
     spec = NetworkSpec.from_config(net)
     weights = net.weights
     if not weights:
-        network = create_network(spec, unet, text_encoder)
+        shapes = block_shapes(net, unet is not None and is_sdxl_unet(unet), spec.conv_dim, spec.conv_alpha)
+        if shapes is None or unet is None:
+            network = create_network(spec, unet, text_encoder)
+        else:
+            network = create_network(spec, unet, text_encoder, *blockwise_modules(spec, unet, text_encoder, shapes))
     else:
         try:
             state, _ = load_lora(weights)
         except FileNotFoundError as error:
             raise FileNotFoundError(f"network.weights={weights}: no such file (train the first stage first?)") from error
         network = network_from_state(spec, unet, text_encoder, state, str(weights))
+        if net.block_dims is not None or net.conv_block_dims is not None:
+            log.warning("network.block_dims / conv_block_dims: the modules and their ranks come from network.weights")
         log.info("starting from %s (rank and alpha per module from the file)", weights)
     network.log_counts(spec.entry.display, unet is not None, text_encoder is not None)
     return network
@@ -59,6 +68,36 @@ def create_network(
     check_ranks_fit(spec, [t for t in targets if t.lora_name not in per_module])  # file shapes are as they are
     modules = {t.lora_name: make_module(spec, t, **per_module.get(t.lora_name, {})) for t in targets}
     return LoRANetwork(modules)
+
+
+def blockwise_modules(
+    spec: NetworkSpec, unet: nn.Module, text_encoder: nn.Module | None, shapes: BlockShapes
+) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """(per-module dim/alpha, module names) of a block-wise UNet (network.block_dims, lr weights):
+    sd-scripts' LoRANetwork with block_dims: linear / 1x1 layers take their block's dim, kxk convs
+    its conv dim; a block at rank 0 has no modules. The text encoders are as usual."""
+    per_module: dict[str, dict[str, Any]] = {}
+    names = {t.lora_name for t in iter_targets(None, text_encoder)}
+    skipped = 0
+    for target in iter_targets(unet, None, conv=shapes.conv_dims is not None):
+        skipped += 1
+        block = block_index(target.lora_name)
+        if block is None:
+            raise ValueError(f"{target.lora_name} is in none of sd-scripts' UNet blocks")
+        conv = target.is_conv_kxk
+        dims, alphas = (shapes.conv_dims, shapes.conv_alphas) if conv else (shapes.dims, shapes.alphas)
+        if dims[block] == 0:
+            continue
+        if layer_width(target.module) < dims[block]:
+            key = "network.conv_block_dims (or conv_dim)" if conv else "network.block_dims (or dim)"
+            raise ConfigError(f"{key}: UNet block {block} has rank {dims[block]}, more than the width of layer "
+                              f"{target.lora_name} ({layer_width(target.module)}); lower that block's rank")
+        per_module[target.lora_name] = {"dim": dims[block], "alpha": alphas[block]}
+        names.add(target.lora_name)
+        skipped -= 1
+    if skipped:  # sd-scripts lists them too
+        log.info("block-wise ranks: %d UNet layers get no module (their block's rank or lr weight is 0)", skipped)
+    return per_module, names
 
 
 def layer_width(layer: nn.Module) -> int:

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A param group's modules: a kohya name prefix (a model's), or module names (a UNet block's).
+ParamSelect = str | tuple[str, ...]
 # The parameter names of a module's up (B) matrices: LoRAModule's and DyLoRAModule's blocks.
 UP_WEIGHTS = ("lora_up", "up_blocks")
 
@@ -189,10 +191,11 @@ class LoRANetwork(nn.Module):
         for module in self.loras.values():
             module.restore()
 
-    def parameters_of(self, prefix: str, up: bool | None = None) -> list[nn.Parameter]:
-        """The parameters of the modules under `prefix`; up=True: only their up (B) matrices,
-        up=False: all but those (LoRA+ gives the up matrices a learning rate of their own)."""
-        return [p for name, m in self.loras.items() if belongs_to(name, prefix)
+    def parameters_of(self, prefix: ParamSelect, up: bool | None = None) -> list[nn.Parameter]:
+        """The parameters of the modules under `prefix` (or named in it: a UNet block's); up=True: only
+        their up (B) matrices, up=False: all but those (LoRA+ gives the up matrices a learning rate of their own)."""
+        chosen = (lambda name: belongs_to(name, prefix)) if isinstance(prefix, str) else set(prefix).__contains__
+        return [p for name, m in self.loras.items() if chosen(name)
                 for key, p in m.named_parameters() if up is None or key.startswith(UP_WEIGHTS) == up]  # fmt: skip
 
     def kohya_state_dict(self) -> dict[str, torch.Tensor]:

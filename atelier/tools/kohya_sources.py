@@ -227,8 +227,8 @@ def _gui_network(run: KohyaRun, gui: dict[str, Any]) -> None:
         args.append(f"dropout={gui['network_dropout']}")
         run.args.pop("network_dropout", None)
     for name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
-                 "mid_lr_weight", "up_lr_weight", "dora_wd", "use_tucker", "use_cp", "use_scalar", "decompose_both",
-                 "bypass_mode", "train_norm"):  # fmt: skip
+                 "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "dora_wd", "use_tucker", "use_cp",
+                 "use_scalar", "decompose_both", "bypass_mode", "train_norm"):  # fmt: skip
         if gui.get(name) not in (None, "", False, 0, "0"):
             args.append(f"{name}={gui[name]}")
     if args:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, List, Optional
 
+from atelier.config.block_weights import check_block_fields
 from atelier.config.network_spec import LORAPLUS_KEYS, NetworkSpec
 from atelier.config.schema.checks import at_least
 from atelier.config.schema.enums import NetworkModule
@@ -65,6 +66,45 @@ class NetworkConfig:
         None, flag="network_args loraplus_text_encoder_lr_ratio", ss="ss_network_args",
         doc="LoRA+ for the text encoders' modules only (null: loraplus_lr_ratio).",
     )
+    # Block-wise UNet (sd-scripts' networks.lora; atelier/config/block_weights.py): one value per block,
+    # 25 for SD1/SD2 (IN00-IN11, MID, OUT00-OUT11), 23 for SDXL.
+    block_dims: Optional[List[int]] = option(
+        None, flag="network_args block_dims", ss="ss_network_args",
+        doc="The rank of the UNet's modules per block (25 values for SD1/SD2, 23 for SDXL; 0: no modules in that "
+        "block). Null: network.dim everywhere.",
+        kohya="sd-scripts takes the block lists as strings: '2,2,4,...'",
+    )
+    block_alphas: Optional[List[float]] = option(
+        None, flag="network_args block_alphas", ss="ss_network_args",
+        doc="The alpha of the UNet's modules per block (with block_dims or a block lr weight; null: network.alpha).",
+    )
+    conv_block_dims: Optional[List[int]] = option(
+        None, flag="network_args conv_block_dims", ss="ss_network_args",
+        doc="The rank of the 3x3 convs per block, which it adds to the trained layers (with block_dims or a block lr "
+        "weight; null: network.conv_dim everywhere).",
+    )
+    conv_block_alphas: Optional[List[float]] = option(
+        None, flag="network_args conv_block_alphas", ss="ss_network_args",
+        doc="The alpha of the 3x3 convs per block (with conv_block_dims; null: network.conv_alpha).",
+    )
+    down_lr_weight: Any = option(
+        None, flag="network_args down_lr_weight", ss="ss_network_args",
+        doc="The UNet's learning rate times this, per input block (12 values for SD1/SD2, 9 for SDXL; missing ones "
+        "1.0), or a preset: sine, cosine, linear, reverse_linear, zeros, with an optional +number (sine+0.5). A "
+        "block whose weight is 0 (or not above block_lr_zero_threshold) gets no modules, as in sd-scripts.",
+    )
+    mid_lr_weight: Any = option(
+        None, flag="network_args mid_lr_weight", ss="ss_network_args",
+        doc="The learning-rate weight of the middle block (SDXL: 3 values); 0 leaves it untrained.",
+    )
+    up_lr_weight: Any = option(
+        None, flag="network_args up_lr_weight", ss="ss_network_args",
+        doc="As down_lr_weight, for the output blocks (deepest first).",
+    )
+    block_lr_zero_threshold: Optional[float] = option(
+        None, flag="network_args block_lr_zero_threshold", ss="ss_network_args",
+        doc="Block lr weights not above this become 0 (their blocks get no modules). Null: 0.",
+    )
     scale_weight_norms: Optional[float] = option(
         None, flag="scale_weight_norms", ss="ss_scale_weight_norms",
         doc="Cap the norm of every module's update after each optimizer step (1.0 is the usual value). Null: off.",
@@ -102,5 +142,6 @@ class NetworkConfig:
             # A warning: alpha 0 or negative is legal in sd-scripts (0 means alpha = dim there).
             log.warning("network.alpha=%s: the LoRA's scale alpha/dim is %s; usual values are 1 to network.dim",
                         self.alpha, "0 (it learns nothing)" if float(self.alpha) == 0 else "negative")
+        check_block_fields(self)
         # The options the kind takes and its own rules (dylora's unit, ...): the kinds registry's.
         NetworkSpec.from_config(self)

@@ -8,6 +8,7 @@ from typing import Optional
 
 from omegaconf import MISSING, SI
 
+from atelier.config.block_weights import check_block_counts
 from atelier.config.schema.checks import check_name
 from atelier.errors import ConfigError
 from atelier.config.schema.dataset import DatasetConfig
@@ -59,6 +60,7 @@ class AtelierConfig:
         """The rules that span groups; each group's own rules ran as it was built."""
         check_name("project", self.project)
         check_noise_options(self.training, self.model.v_parameterization)
+        check_block_counts(self.network, sdxl=self.model.version == ModelVersion.sdxl)
         check_masked_loss(self.training, self.dataset)
         opt, sched = self.optimizer, self.scheduler
         check_schedule_fits(opt.type, sched.class_path or sched.type.value, sched.warmup_steps or sched.warmup_ratio or 0)
