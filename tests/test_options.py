@@ -65,7 +65,7 @@ EXPORT_RUNS = [
         "output.metadata_trigger_phrase=p", "output.no_metadata=true",
     ],
     ["network=lokr", "network.train_text_encoder_only=true", "scheduler.warmup_ratio=0.1", "network.dora_wd=true",
-     "network.conv_dim=4", "network.use_tucker=true",
+     "network.conv_dim=4", "network.use_tucker=true", "network.preset=full",
      "sampling.sample_every_n_epochs=null", "sampling.sample_every_n_steps=50", "sampling.sample_at_first=true",
      "training.v_pred_like_loss=0.1", "dataset.secondary_separator=';;;'", "dataset.enable_wildcard=true",
      "dataset.token_warmup_min=2", "dataset.token_warmup_step=0.5", "dataset.face_crop_aug_range=[2.0,4.0]",

@@ -98,7 +98,8 @@ RICH = [
 
 
 # LyCORIS' network_args: DoRA (network=lora with it is LyCORIS' algo=lora, which imports as locon).
-LYCORIS = ["network=locon", "network.dora_wd=true", "network.conv_dim=4", "network.use_tucker=true"]
+LYCORIS = ["network=locon", "network.dora_wd=true", "network.conv_dim=4", "network.use_tucker=true",
+           "network.preset=unet-convblock-only", "network.train_unet_only=true"]
 
 
 @pytest.mark.parametrize("overrides", [[], RICH, ["model=tiny_sdxl", "optimizer.text_encoder_2_lr=2e-5"], LYCORIS],

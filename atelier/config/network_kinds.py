@@ -77,6 +77,28 @@ VARIANT_TENSORS: dict[str, tuple[str, ...]] = {
     "dora_wd": ("dora_scale",),  # DoRA: each output channel's magnitude
     "use_tucker": ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2"),  # the kxk convs' Tucker cores
 }
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One of LyCORIS' presets (lycoris/config.py) as network.preset takes it."""
+
+    conv: bool  # it trains the 3x3 convs (LyCORIS' enable_conv): network.conv_dim is needed, else refused
+    blocks: bool  # its layers include ResnetBlock2D's (Down/Upsample2D's with conv)
+    text_encoder: bool  # it adapts text-encoder layers (without: network.train_unet_only is needed)
+
+
+# Which layers each one selects: atelier.network.targets.PRESET_SELECTIONS.
+PRESETS: dict[str, Preset] = {
+    "full": Preset(conv=True, blocks=True, text_encoder=True),
+    "full-lin": Preset(conv=False, blocks=True, text_encoder=True),
+    "attn-mlp": Preset(conv=False, blocks=False, text_encoder=True),
+    "attn-only": Preset(conv=False, blocks=False, text_encoder=True),
+    "unet-only": Preset(conv=True, blocks=True, text_encoder=False),
+    "unet-transformer-only": Preset(conv=False, blocks=False, text_encoder=False),
+    "unet-convblock-only": Preset(conv=True, blocks=True, text_encoder=False),
+}
+
 # Tensors of LyCORIS algorithms Atelier does not train (full/diff, OFT, norm): recognised
 # so that a tool can say what a file is instead of "not a LoRA".
 OTHER_LYCORIS_MARKERS = (".diff", "oft_", ".w_norm", "b_norm")
@@ -150,6 +172,8 @@ _LORAPLUS = frozenset({"loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_
 _DORA = frozenset({"dora_wd"})
 # LyCORIS' use_tucker: the kxk convs as a Tucker core between 1x1 factors (locon, loha, lokr).
 _TUCKER = frozenset({"use_tucker"})
+# LyCORIS' layer presets (PRESETS); sd-scripts' own networks take no preset.
+_PRESET = frozenset({"preset"})
 # sd-scripts networks.lora's block-wise ranks and lr weights (atelier.config.block_weights).
 _BLOCKS = frozenset(BLOCK_KEYS)
 # LyCORIS' own module classes; the kind's lycoris_algo picks the algorithm.
@@ -166,17 +190,17 @@ KINDS: dict[str, NetworkKind] = {
         NetworkKind(
             "locon", "LyCORIS LoCon (lycoris.kohya algo=locon): LoRA on linear and conv layers",
             "LoCon", "lycoris.kohya", "lora", "atelier.network.lora:build_module",
-            frozenset({"conv_dim", "dropout", *_DROPOUTS, *_DORA, *_TUCKER}),
+            frozenset({"conv_dim", "dropout", *_DROPOUTS, *_DORA, *_TUCKER, *_PRESET}),
             lycoris_algo="locon", fusable=True,
         ),
         NetworkKind(
             "loha", "LyCORIS LoHa: a Hadamard product of two low-rank pairs (more expressive per rank)",
-            "LoHa", "lycoris.kohya", "loha", _LYCORIS, frozenset({"conv_dim", *_DROPOUTS, *_DORA, *_TUCKER}),
+            "LoHa", "lycoris.kohya", "loha", _LYCORIS, frozenset({"conv_dim", *_DROPOUTS, *_DORA, *_TUCKER, *_PRESET}),
             lycoris_algo="loha",
         ),
         NetworkKind(
             "lokr", "LyCORIS LoKr: a Kronecker product (network.factor sets the split)",
-            "LoKr", "lycoris.kohya", "lokr", _LYCORIS, frozenset({"conv_dim", "factor", *_DROPOUTS, *_DORA, *_TUCKER}),
+            "LoKr", "lycoris.kohya", "lokr", _LYCORIS, frozenset({"conv_dim", "factor", *_DROPOUTS, *_DORA, *_TUCKER, *_PRESET}),
             lycoris_algo="lokr", always_in_args=("factor",), rank_bounded_by_layer=False,
         ),
         NetworkKind(

@@ -16,7 +16,7 @@ from atelier.errors import ConfigError
 # The LoRA+ keys of the network group (NetworkConfig's rules; network_args as sd-scripts spells them).
 LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 from atelier.config.block_weights import BLOCK_KEYS, block_network_args
-from atelier.config.network_kinds import NetworkKind, kind_named
+from atelier.config.network_kinds import PRESETS, NetworkKind, kind_named
 
 if TYPE_CHECKING:  # the schema checks its network group with NetworkSpec: a runtime import would be a circle
     from atelier.config.schema import NetworkConfig
@@ -41,6 +41,7 @@ class NetworkSpec:
     unit: int = 1
     dora_wd: bool = False
     use_tucker: bool = False
+    preset: str | None = None
 
     @property
     def conv(self) -> bool:
@@ -66,6 +67,7 @@ class NetworkSpec:
             "unit": net.unit,
             "dora_wd": net.dora_wd,
             "use_tucker": net.use_tucker,
+            "preset": net.preset,
             **{name: getattr(net, name) for name in LORAPLUS_KEYS},
             # Any value counts here, 0 too (mid_lr_weight=0 is a setting): as text, which is never falsy.
             **{name: None if getattr(net, name) is None else str(getattr(net, name)) for name in BLOCK_KEYS},
@@ -96,7 +98,10 @@ class NetworkSpec:
             unit=int(given["unit"] or 1),
             dora_wd=bool(net.dora_wd),
             use_tucker=bool(net.use_tucker),
+            preset=str(net.preset) if net.preset else None,
         )
+        if spec.preset:
+            _check_preset(spec, bool(net.train_unet_only))
         if spec.use_tucker and not spec.conv:
             # Refused, not warned: it would do nothing (LyCORIS, whose conv_dim defaults to dim, would train convs).
             raise ConfigError("network.use_tucker=true decomposes only the 3x3 convs, which network.conv_dim trains; "
@@ -107,6 +112,23 @@ class NetworkSpec:
                               "has no neuron dropout); unset it (network.dropout=null) or use rank_dropout")
         entry.check(spec)
         return spec
+
+
+def _check_preset(spec: NetworkSpec, train_unet_only: bool) -> None:
+    """network.preset's rules: a known name, conv_dim exactly when it trains 3x3 convs, no text encoder to train
+    when it has none of its layers."""
+    key = f"network.preset={spec.preset}"
+    if spec.preset not in PRESETS:
+        raise ConfigError(f"{key} is not one of LyCORIS' presets: {', '.join(PRESETS)}")
+    preset = PRESETS[spec.preset]
+    if preset.conv and not spec.conv:
+        raise ConfigError(f"{key} trains the 3x3 convs: set network.conv_dim (LyCORIS gives them network.dim when "
+                          "it is unset), or choose a preset without them (attn-mlp, full-lin, ...)")
+    if spec.conv and not preset.conv:
+        raise ConfigError(f"network.conv_dim={spec.conv_dim} does nothing with {key} (LyCORIS trains no 3x3 conv "
+                          "with it); unset conv_dim or choose full / unet-only / unet-convblock-only")
+    if not preset.text_encoder and not train_unet_only:
+        raise ConfigError(f"{key} adapts no text-encoder layer: set network.train_unet_only=true")
 
 
 def kohya_module(net: NetworkConfig) -> str:
@@ -128,7 +150,7 @@ def kohya_network_args(net: NetworkConfig) -> dict[str, str]:
     args: dict[str, str] = {}
     if entry.lycoris_algo or spec.dora_wd:
         args["algo"] = entry.lycoris_algo or "lora"
-        args["preset"] = entry.lycoris_preset or ("full" if spec.conv else "attn-mlp")
+        args["preset"] = spec.preset or entry.lycoris_preset or ("full" if spec.conv else "attn-mlp")
     if spec.conv:
         args["conv_dim"] = str(spec.conv_dim)
         args["conv_alpha"] = str(spec.conv_alpha)

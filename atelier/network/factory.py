@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from atelier.errors import ConfigError
-from atelier.config.network_kinds import FILE_FAMILIES, VARIANT_TENSORS, family, kinds_of_family
+from atelier.config.network_kinds import FILE_FAMILIES, PRESETS, VARIANT_TENSORS, family, kinds_of_family
 from atelier.config.network_spec import NetworkSpec
 from atelier.config.block_weights import BlockShapes, block_shapes
 from atelier.network.blocks import block_index
 from atelier.network.lora import LoRANetwork
 from atelier.network.lora_file import load_lora
 from atelier.network.sdxl_names import is_sdxl_unet
-from atelier.network.targets import LAYER_SELECTIONS, TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, belongs_to, iter_targets
+from atelier.network.targets import LAYER_SELECTIONS, PRESET_SELECTIONS, TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, belongs_to, iter_targets
 
 if TYPE_CHECKING:
     from atelier.config.schema import NetworkConfig
@@ -59,11 +59,16 @@ def create_network(
 ) -> LoRANetwork:
     """Fresh modules on every target (or only `names`), `per_module` overriding dim/alpha/options."""
     per_module = per_module or {}
-    conv = spec.conv or (names is not None and any(_is_conv_block(n) for n in names))
+    preset = PRESETS[spec.preset] if spec.preset else None
+    # network.preset=full-lin: ResnetBlock2D's linear and 1x1 layers without its 3x3 convs.
+    from_file = names is not None and any(_is_conv_block(n) for n in names)
+    conv = spec.conv or (preset is not None and preset.blocks) or from_file
+    selected = PRESET_SELECTIONS[spec.preset] if spec.preset else None
     targets = [
         target
         for target in iter_targets(unet, text_encoder, conv=conv)
         if (names is None or target.lora_name in names) and LAYER_SELECTIONS[spec.entry.layers](target)
+        and (selected is None or (selected(target) and (spec.conv or names is not None or not target.is_conv_kxk)))
     ]
     check_ranks_fit(spec, [t for t in targets if t.lora_name not in per_module])  # file shapes are as they are
     modules = {t.lora_name: make_module(spec, t, **per_module.get(t.lora_name, {})) for t in targets}

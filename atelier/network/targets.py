@@ -36,6 +36,7 @@ IA3_INPUT_LAYERS = ("ff_net_2", "mlp_fc2")
 class TargetLayer:
     lora_name: str
     module: nn.Module
+    block: str = ""  # the class name of the target block it was found in (Transformer2DModel, CLIPMLP, ...)
 
     @property
     def is_conv_kxk(self) -> bool:
@@ -45,6 +46,36 @@ class TargetLayer:
 
 def is_ia3_target(target: TargetLayer) -> bool:
     return isinstance(target.module, nn.Linear) and target.lora_name.endswith(IA3_OUTPUT_LAYERS + IA3_INPUT_LAYERS)
+
+
+def _in_unet(target: TargetLayer) -> bool:
+    return target.lora_name.startswith(UNET_PREFIX + "_")
+
+
+def _in_conv_block(target: TargetLayer) -> bool:
+    return target.block in UNET_CONV_TARGETS
+
+
+def _is_attention(target: TargetLayer) -> bool:
+    """Attention projections: a CLIP attention block's, a transformer block's attn1 / attn2 (SDXL's LDM
+    names keep them)."""
+    if not _in_unet(target):
+        return target.block in ("CLIPAttention", "CLIPSdpaAttention")
+    return "_attn1_" in target.lora_name or "_attn2_" in target.lora_name
+
+
+# network.preset (LyCORIS' presets, lycoris/config.py; atelier.config.network_kinds.PRESETS says
+# which train 3x3 convs and text encoders) -> which of the targets get a module. LyCORIS'
+# single layers (conv_in, conv_out, time_embedding) are not among our targets.
+PRESET_SELECTIONS: dict[str, Callable[[TargetLayer], bool]] = {
+    "full": lambda target: True,
+    "full-lin": lambda target: True,  # ResnetBlock2D's linear / 1x1 layers too: no 3x3 conv (no conv_dim)
+    "attn-mlp": lambda target: not _in_conv_block(target),
+    "attn-only": _is_attention,
+    "unet-only": _in_unet,
+    "unet-transformer-only": lambda target: _in_unet(target) and not _in_conv_block(target),
+    "unet-convblock-only": _in_conv_block,
+}
 
 
 # NetworkKind.layers (atelier.config.network_kinds) -> which target layers get a module.
@@ -100,7 +131,7 @@ def find_targets(
             lora_name = f"{prefix}_{path.replace('.', '_')}"
             if lora_name not in seen:  # nested target blocks would repeat layers
                 seen.add(lora_name)
-                yield TargetLayer(lora_name, child)
+                yield TargetLayer(lora_name, child, type(block).__name__)
 
 
 def text_encoder_name_root(text_encoder: nn.Module) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from atelier.config.network_kinds import KINDS
+from atelier.config.network_kinds import KINDS, PRESETS
 from atelier.config.options import ConfigOption
 from atelier.tools.common import ToolError, check_output
 from atelier.tools.kohya_coverage import NOT_HERE, ours_by_flag, sd_scripts_options
@@ -145,13 +145,29 @@ def _network(args: dict[str, Any], out: Imported, ours: dict[str, list[ConfigOpt
     preset = extra.pop("preset", None)
     entry = KINDS[kind]
     if preset is not None and preset != (entry.lycoris_preset or ("full" if extra.get("conv_dim") else "attn-mlp")):
-        out.skip("network_args", f"preset={preset}", "Atelier's targets are LyCORIS' attn-mlp (full with conv_dim)")
+        if "preset" in entry.args and preset in PRESETS:
+            _preset(preset, args, extra, out)
+        else:
+            out.skip("network_args", f"preset={preset}", "Atelier's targets are LyCORIS' attn-mlp (full with conv_dim)")
     by_arg = {o.flag.split()[1]: o for o in ours.get("network_args", []) if len(o.flag.split()) == 2}
     for name, value in extra.items():
         if name in by_arg and by_arg[name].key.split(".")[1] in entry.args:
             out.set(by_arg[name].key, value)
         else:
             out.skip("network_args", f"{name}={_text(value)}", f"not an option network.module={kind} takes here")
+
+
+def _preset(preset: str, args: dict[str, Any], extra: dict[str, Any], out: Imported) -> None:
+    """network.preset, with what LyCORIS does around it made explicit (network.preset's rules)."""
+    out.set("network.preset", preset)
+    if PRESETS[preset].conv and not extra.get("conv_dim"):  # LyCORIS: conv_dim / conv_alpha default to dim / alpha
+        extra.update(conv_dim=args.get("network_dim") or 4,
+                     conv_alpha=extra.get("conv_alpha", args.get("network_alpha", 1.0)))
+    elif not PRESETS[preset].conv and extra.get("conv_dim"):
+        out.skip("network_args", f"conv_dim={extra.pop('conv_dim')}", f"LyCORIS' preset={preset} trains no 3x3 conv")
+        extra.pop("conv_alpha", None)
+    if not PRESETS[preset].text_encoder:
+        out.set("network.train_unet_only", True)  # the preset has no text-encoder layer
 
 
 def _text(value: Any) -> str:

@@ -160,7 +160,7 @@ HOW: dict[str, dict[str, Any]] = {
     **{f"network.{name}": {"place": "covered"}
        for name in ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "factor", "unit", "loraplus_lr_ratio",
                     "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "dora_wd",
-                    "use_tucker")},
+                    "use_tucker", "preset")},
     "network.dropout": {"convert": _neuron_dropout},
     "network.train_unet_only": {"kind": "switch"},
     "network.train_text_encoder_only": {"kind": "switch"},

@@ -123,6 +123,14 @@ class NetworkConfig:
         "nothing).",
         kohya="use_tucker: LyCORIS' only (without conv_dim LyCORIS would train the convs at network_dim)",
     )
+    preset: Optional[str] = option(
+        None, flag="network_args preset", ss="ss_network_args",
+        doc="LyCORIS' layer preset (locon, loha, lokr): full, full-lin, attn-mlp, attn-only, unet-only, "
+        "unet-transformer-only, unet-convblock-only. Those with 3x3 convs (full, unet-*only but the transformer "
+        "one) need conv_dim, the others refuse it; the unet-* ones need train_unet_only. Null: attn-mlp, or full "
+        "with conv_dim.",
+        kohya="preset: LyCORIS' conv_in, conv_out and time_embedding layers (full, unet-only) are not trained here",
+    )
 
     def loraplus_ratio(self, text_encoder: bool) -> float | None:
         """The LoRA+ ratio of the UNet's or the text encoders' up matrices (None: no LoRA+), as
