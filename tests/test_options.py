@@ -69,7 +69,7 @@ EXPORT_RUNS = [
      "sampling.sample_every_n_epochs=null", "sampling.sample_every_n_steps=50", "sampling.sample_at_first=true",
      "training.v_pred_like_loss=0.1", "dataset.secondary_separator=';;;'", "dataset.enable_wildcard=true",
      "dataset.token_warmup_min=2", "dataset.token_warmup_step=0.5", "dataset.face_crop_aug_range=[2.0,4.0]",
-     "dataset.resize_interpolation=bicubic"],
+     "dataset.resize_interpolation=bicubic", "dataset.weighted_captions=true"],
     ["network=dylora", "network.unit=2", "network.loraplus_lr_ratio=16", "network.loraplus_unet_lr_ratio=8",
      "network.loraplus_text_encoder_lr_ratio=4", "sampling.prompt_file={prompts_txt}", "dataset.alpha_mask=true"],
     ["training.masked_loss=true", "dataset.conditioning_data_dir=/data/masks"],

@@ -94,6 +94,7 @@ RICH = [
     "training.train_batch_size=3", "training.clip_skip=2", "dataset.enable_bucket=true", "dataset.shuffle_caption=true",
     "dataset.keep_tokens=1", "dataset.caption_dropout_rate=0.1", "dataset.flip_aug=true", "output.save_every_n_epochs=2",
     "output.save_precision=fp16", "output.training_comment=hello", "sampling.sample_every_n_epochs=3",
+    "dataset.weighted_captions=true",
 ]  # fmt: skip
 
 

@@ -4,6 +4,11 @@ Captions are encoded in 75-token chunks up to dataset.max_token_length
 (atelier.conditioning.text_chunks). When the text encoder is not trained and captions never
 change, the hidden states of each distinct caption are computed once and reused
 every step (the text-encoder output cache).
+
+With `weighted` (dataset.weighted_captions) "(word:1.3)"-style weights in a caption scale
+its tokens' hidden states (text_chunks.apply_token_weights). The cache lives in the encoder
+and holds what this encoder computed, weights applied, so a weighted run never reads
+unweighted states (nor the other way round).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from atelier.conditioning.text_chunks import encode_chunks, tokenize_long
+from atelier.conditioning.text_chunks import encode_long
 from atelier.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,7 @@ class CaptionEncoder:
         cache: bool = False,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
         batch_size: int = 16,
+        weighted: bool = False,
     ):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -45,6 +51,7 @@ class CaptionEncoder:
         self.clip_skip = clip_skip
         self.autocast = autocast
         self.batch_size = batch_size
+        self.weighted = weighted
         self._cache: dict[str, torch.Tensor] | None = {} if cache else None
 
     @property
@@ -81,9 +88,9 @@ class CaptionEncoder:
         return torch.stack(rows).to(device)
 
     def _encode(self, captions: list[str], grad: bool) -> torch.Tensor:
-        ids = tokenize_long(self.tokenizer, captions, self.max_token_length)
         with torch.set_grad_enabled(grad):
-            return encode_chunks(self.text_encoder, ids, self.clip_skip)
+            return encode_long(self.tokenizer, self.text_encoder, captions, self.max_token_length, self.clip_skip,
+                               weighted=self.weighted)  # fmt: skip
 
 
 __all__ = ["CaptionEncoder"]

@@ -5,6 +5,9 @@
   (768 + 1280 = 2048 in SDXL), and the projected pooled output of encoder 2.
   Long captions (max_token_length 150/225) are encoded in 75-token chunks like
   SD1's (atelier.conditioning.text_chunks); the pooled output is the first chunk's.
+  Weighted captions (dataset.weighted_captions) scale each encoder's hidden states by the
+  token weights before they are concatenated; the pooled output is not weighted
+  (sd-scripts' SdxlTextEncodingStrategy.encode_tokens_with_weights).
 - Size/crop ("micro-conditioning"): per sample the 6 numbers
   (original h, w, crop top, left, target h, w), from the image's size, its bucket
   and whether it is flipped. sd-scripts does not take the crop offset of the
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from atelier.conditioning.caption_encoder import CaptionEncoder
-from atelier.conditioning.text_chunks import stitch_chunks, tokenize_long
+from atelier.conditioning.text_chunks import apply_token_weights, stitch_chunks, tokenize_long, tokenize_weighted
 
 if TYPE_CHECKING:
     from atelier.models.loading import BaseModel
@@ -53,8 +56,10 @@ class SDXLCaptionEncoder(CaptionEncoder):
 
     def _encode(self, captions: list[str], grad: bool) -> SDXLText:
         with torch.set_grad_enabled(grad):
-            hidden_1, _ = _penultimate(self.tokenizer, self.text_encoder, captions, self.max_token_length)
-            hidden_2, pooled = _penultimate(self.tokenizer_2, self.text_encoder_2, captions, self.max_token_length)
+            hidden_1, _ = _penultimate(self.tokenizer, self.text_encoder, captions, self.max_token_length,
+                                       self.weighted)  # fmt: skip
+            hidden_2, pooled = _penultimate(self.tokenizer_2, self.text_encoder_2, captions, self.max_token_length,
+                                            self.weighted)  # fmt: skip
         return SDXLText(torch.cat([hidden_1, hidden_2.to(hidden_1.dtype)], dim=-1), pooled)
 
     def _rows(self, encoded: SDXLText) -> list[SDXLText]:
@@ -66,13 +71,21 @@ class SDXLCaptionEncoder(CaptionEncoder):
         )
 
 
-def _penultimate(tokenizer, text_encoder: torch.nn.Module, captions: list[str], max_token_length: int):
-    """(penultimate hidden states [B, max_token_length + 2, dim], pooled output of chunk 0 or None)."""
-    chunk_ids = tokenize_long(tokenizer, captions, max_token_length)
+def _penultimate(tokenizer, text_encoder: torch.nn.Module, captions: list[str], max_token_length: int,
+                 weighted: bool = False):  # fmt: skip
+    """(penultimate hidden states [B, max_token_length + 2, dim], pooled output of chunk 0 or None);
+    `weighted`: the hidden states scaled by the captions' token weights."""
+    weights = None
+    if weighted:
+        chunk_ids, weights = tokenize_weighted(tokenizer, captions, max_token_length)
+    else:
+        chunk_ids = tokenize_long(tokenizer, captions, max_token_length)
     batch, num_chunks, chunk_length = chunk_ids.shape
     out = text_encoder(chunk_ids.reshape(batch * num_chunks, chunk_length).to(text_encoder.device),
                        output_hidden_states=True)  # fmt: skip
     hidden = stitch_chunks(out.hidden_states[-2], batch, num_chunks)
+    if weights is not None:
+        hidden = apply_token_weights(hidden, weights)
     pooled = getattr(out, "text_embeds", None)  # CLIPTextModelWithProjection only
     if pooled is not None:
         pooled = pooled.reshape(batch, num_chunks, -1)[:, 0]

@@ -7,6 +7,10 @@ cuts them into 75-token chunks, wraps each chunk in its own BOS ... EOS so CLIP 
     [BOS of chunk 0] [75 states of chunk 0] ... [75 states of chunk n-1] [last state of chunk n-1]
 
 so the UNet gets max_token_length + 2 states. With 75 this is plain CLIP encoding.
+
+Weighted captions (dataset.weighted_captions) go through the same chunks: tokenize_weighted
+gives the ids and, position for position, each token's weight; apply_token_weights scales
+the stitched hidden states by them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from atelier.conditioning.text_encoding import encode_tokens
 from atelier.config.schema.dataset import max_token_length_problem
+from atelier.data.caption_weights import parse_prompt_attention
 
 
 def tokenize_long(tokenizer: CLIPTokenizer, captions: list[str], max_token_length: int | None = 75) -> torch.Tensor:
@@ -32,6 +37,61 @@ def tokenize_long(tokenizer: CLIPTokenizer, captions: list[str], max_token_lengt
         return_tensors="pt",
     ).input_ids
     return split_into_chunks(ids, tokenizer.model_max_length, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def tokenize_weighted(
+    tokenizer: CLIPTokenizer, captions: list[str], max_token_length: int | None = 75
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids [batch, chunks, 77] as tokenize_long's, weights [batch, max_token_length + 2]).
+
+    Each (text, weight) run of the caption (atelier.data.caption_weights) is tokenized on its
+    own and every token gets the run's weight; BOS, EOS and padding weigh 1. The weights are
+    laid out like the stitched hidden states (stitch_chunks): position i weighs state i.
+    sd-scripts: TokenizeStrategy._get_weighted_input_ids (library/strategy_base.py). A caption
+    without brackets gets exactly tokenize_long's ids.
+    """
+    problem = max_token_length_problem(max_token_length)
+    if problem:
+        raise ValueError(problem)
+    length = (max_token_length or 75) + 2
+    all_ids, all_weights = [], []
+    for caption in captions:
+        ids: list[int] = []
+        weights: list[float] = []
+        for text, weight in parse_prompt_attention(caption):
+            # Without its BOS and EOS; verbose=False: a long run is cut below, not an error.
+            tokens = tokenizer(text, verbose=False).input_ids[1:-1]
+            ids += tokens
+            weights += [weight] * len(tokens)
+            if len(ids) > length - 2:
+                break
+        ids, weights = ids[: length - 2], weights[: length - 2]  # truncated as tokenize_long truncates
+        padding = length - 2 - len(ids)
+        all_ids.append([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding)
+        all_weights.append([1.0, *weights] + [1.0] * (padding + 1))
+    ids_tensor = torch.tensor(all_ids, dtype=torch.long)
+    chunks = split_into_chunks(ids_tensor, tokenizer.model_max_length, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return chunks, torch.tensor(all_weights)
+
+
+def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Hidden states [batch, tokens, dim] x each token's weight [batch, tokens], rescaled so each
+    caption's mean over tokens and features stays what it was.
+
+    sd-scripts' get_weighted_text_embeddings (library/custom_train_functions.py): the means in
+    float32, cast to the states' dtype. A caption whose weights are all 1 comes back unchanged
+    bit for bit (x * 1 * (m / m)). Where a mean is 0 (sd-scripts would give NaN or all-zero
+    states) the weighted states are left unrescaled.
+    """
+    weights = weights.to(device=hidden.device, dtype=hidden.dtype)
+    if bool((weights == 1).all()):
+        return hidden
+    previous_mean = hidden.float().mean(dim=(-2, -1)).to(hidden.dtype)
+    weighted = hidden * weights.unsqueeze(-1)
+    current_mean = weighted.float().mean(dim=(-2, -1)).to(hidden.dtype)
+    ratio = previous_mean / current_mean
+    ratio = torch.where(torch.isfinite(ratio) & (ratio != 0), ratio, torch.ones_like(ratio))
+    return weighted * ratio[:, None, None]
 
 
 def split_into_chunks(ids: torch.Tensor, chunk_length: int, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -88,15 +148,22 @@ def encode_long(
     captions: list[str],
     max_token_length: int | None = 75,
     clip_skip: int = 1,
+    weighted: bool = False,
 ) -> torch.Tensor:
-    """Hidden states [batch, max_token_length + 2, dim] of the captions."""
-    return encode_chunks(text_encoder, tokenize_long(tokenizer, captions, max_token_length), clip_skip)
+    """Hidden states [batch, max_token_length + 2, dim] of the captions; `weighted`: with the
+    attention weights written in them (tokenize_weighted, apply_token_weights)."""
+    if not weighted:
+        return encode_chunks(text_encoder, tokenize_long(tokenizer, captions, max_token_length), clip_skip)
+    chunk_ids, weights = tokenize_weighted(tokenizer, captions, max_token_length)
+    return apply_token_weights(encode_chunks(text_encoder, chunk_ids, clip_skip), weights)
 
 
 __all__ = [
+    "apply_token_weights",
     "encode_chunks",
     "encode_long",
     "split_into_chunks",
     "stitch_chunks",
     "tokenize_long",
+    "tokenize_weighted",
 ]

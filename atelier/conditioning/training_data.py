@@ -37,6 +37,7 @@ from atelier.data.buckets import (
     single_bucket_warning,
 )
 from atelier.data.caption_ops import captions_are_static, process_caption
+from atelier.data.caption_weights import brackets_cut_apart
 from atelier.data.dataset import DatasetIndex, ImageItem, scan_dataset
 from atelier.data.latent_cache import LatentCache, can_cache_latents, default_cache_dir
 from atelier.runtime import phases, reuse
@@ -257,13 +258,27 @@ class TrainingData:
             clip_skip=clip_skip,
             cache=wanted and self.static_captions,
             autocast=autocast,
+            weighted=self.options.weighted_captions,
         )
+        if self.options.weighted_captions:
+            self._warn_brackets_cut_apart()
         if encoder.caching:
             count = encoder.fill(self.distinct_captions())
             log.info("text-encoder outputs cached for %d distinct caption(s)", count)
         elif wanted:
             log.info("text-encoder outputs are not cached: captions change every step (shuffle or dropout)")
         return encoder
+
+    def _warn_brackets_cut_apart(self) -> None:
+        # sd-scripts only says so in --weighted_captions' help ("No commas inside parens").
+        cut = brackets_cut_apart((item.caption for item in self.items), self.captions)
+        if cut:
+            log.warning(
+                "dataset.weighted_captions: %d caption(s) hold a caption_separator inside brackets, e.g. %r; "
+                "shuffle_caption / caption_tag_dropout_rate / keep_tokens_separator / token_warmup_step split "
+                "captions at it and break those brackets apart: write one bracket per tag, e.g. '(a:1.2), (b:1.2)'",
+                len(cut), cut[0],
+            )
 
     # -------------------------------------------------------------- batches
     def epoch(self, epoch: int, place: StepPlace | None = None) -> list[Batch]:

@@ -192,6 +192,7 @@ HOW: dict[str, dict[str, Any]] = {
     "dataset.alpha_mask": {"place": "dataset", "kind": "switch"},
     # also each train subset's key in the dataset TOML (build_export)
     "dataset.conditioning_data_dir": {"place": "subsets", "convert": _path},
+    "dataset.weighted_captions": {"kind": "switch"},  # a training argument in sd-scripts, not a dataset key
     "dataset.cache_latents": {"kind": "switch"},
     "dataset.cache_latents_to_disk": {"kind": "switch"},
     "dataset.persistent_data_loader_workers": {"kind": "switch"},

@@ -127,6 +127,14 @@ class DatasetConfig:
         None, flag="max_token_length", ss="ss_max_token_length",
         doc="75, 150 or 225 tokens (null = 75); longer captions are encoded in 75-token chunks.",
     )
+    weighted_captions: bool = option(
+        False, flag="weighted_captions",
+        doc="Captions may weight words A1111-style: (word) x1.1, [word] /1.1, (word:1.3), \\( for a literal "
+        "bracket; each token's text-encoder output is scaled by its weight and the caption's mean kept. One "
+        "bracket per tag: shuffle and tag dropout split captions at caption_separator, breaking '(a, b:1.2)'.",
+        kohya="the mean is kept as sd-scripts' get_weighted_text_embeddings (fine_tune.py) does; train_network.py's "
+        "strategy path scales without keeping it. sd-scripts writes no ss_* key for it",
+    )
     flip_aug: bool = option(False, flag="flip_aug", ss="ss_flip_aug", doc="Flip images horizontally at random.")
     random_crop: bool = option(False, flag="random_crop", ss="ss_random_crop",
                                doc="Crop at a random place instead of the centre.")
@@ -212,6 +220,7 @@ class DatasetConfig:
             raise DatasetError(f"dataset.validate_every_n_steps must be at least 1, got {self.validate_every_n_steps}")
         caption_options(self)  # CaptionOptions' own rules (its messages start with the key)
         check_face_crop_aug_range(self)
+        check_weighted_captions(self)
         if self.alpha_mask and self.conditioning_data_dir:
             raise DatasetError("dataset.alpha_mask and dataset.conditioning_data_dir both give loss masks (sd-scripts "
                                "uses one per subset): keep one of them")  # fmt: skip
@@ -228,6 +237,18 @@ def check_face_crop_aug_range(d: DatasetConfig) -> None:
     if d.enable_bucket:
         raise DatasetError("dataset.face_crop_aug_range crops at the resolution, without buckets (sd-scripts "
                            "ignores it with buckets): set dataset.enable_bucket=false or drop face_crop_aug_range")
+
+
+def check_weighted_captions(d: DatasetConfig) -> None:
+    """A separator made of weight syntax would be read as brackets, not split at."""
+    if not d.weighted_captions:
+        return
+    for name in ("caption_separator", "keep_tokens_separator", "secondary_separator"):
+        value = getattr(d, name) or ""
+        if any(char in value for char in "()[]\\"):
+            raise DatasetError(f"dataset.{name}={value!r} holds a bracket or backslash, which "
+                               "dataset.weighted_captions reads as weight syntax: pick another "
+                               f"{name} or set dataset.weighted_captions=false")
 
 
 def max_token_length_problem(value: int | None) -> str | None:
