@@ -75,8 +75,8 @@ EXPORT_RUNS = [
     ["training.masked_loss=true", "dataset.conditioning_data_dir=/data/masks"],
     ["output.log_with=all", "output.logging_dir=/logs", "output.log_prefix=mine-", "output.log_tracker_name=chars",
      "output.wandb_run_name=first", "output.log_tracker_config={tracker_toml}", "training.mixed_precision=fp16",
-     "training.full_fp16=true", "training.resume_from={state_pt}", "output.save_state_on_train_end=true",
-     "output.save_last_n_epochs_state=2", "output.save_state_every_n_steps=10", "output.save_last_n_steps_state=20"],
+     "training.full_fp16=true", "training.fp8_base=true", "training.fp8_base_unet=true",
+     "training.resume_from={state_pt}", "output.save_state_on_train_end=true", "output.save_last_n_epochs_state=2", "output.save_state_every_n_steps=10", "output.save_last_n_steps_state=20"],
     ["model=tiny_sdxl", "optimizer.text_encoder_2_lr=2e-5", "scheduler.class_path=StepLR", "+scheduler.args.step_size=10",
      "model.base_weights=[/loras/a.safetensors,/loras/b.safetensors]", "model.base_weights_multiplier=[0.5]"],
     [f"network.{key}=[{','.join(['2'] * 25)}]" for key in ("block_dims", "block_alphas", "conv_block_dims",
@@ -158,7 +158,8 @@ def test_every_ss_key_is_written_by_the_metadata_writer() -> None:
                                                           "metadata_trigger_phrase")))  # fmt: skip
     meta = training_metadata(run_config(cfg), **kwargs)  # the typed config, as the trainer passes it
     # Options that need another precision than the run above (written when on, too).
-    fp16 = compose_config("training.mixed_precision=fp16", "training.full_fp16=true")
+    fp16 = compose_config("training.mixed_precision=fp16", "training.full_fp16=true", "training.fp8_base=true",
+                          "training.fp8_base_unet=true")
     written = set(meta) | set(training_metadata(run_config(fp16), **kwargs))
     missing = {o.key: [k for k in o.ss if k not in written] for o in WITH_SS if not set(o.ss) <= written}
     assert not missing, f"declared on the schema, not written by atelier/outputs/metadata.py: {missing}"

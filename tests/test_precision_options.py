@@ -145,3 +145,48 @@ def test_vae_batch_size_sets_the_images_per_vae_call(tmp_path, monkeypatch):
 def test_vae_batch_size_below_one_is_refused():
     with pytest.raises(UserError, match="dataset.vae_batch_size must be at least 1, got 0"):
         make_cfg("dataset.vae_batch_size=0")
+
+
+# --- fp8_base / fp8_base_unet ----------------------------------------------------------
+
+
+def test_fp8_base_stores_the_frozen_weights_in_fp8_and_trains(tmp_path):
+    from torch import nn
+
+    from atelier.models.fp8_storage import FP8, stored_bytes
+
+    plain = Adapter(make_cfg(*SHORT, "training.mixed_precision=bf16"), tmp_path / "plain")
+    plain.setup()
+    cfg = make_cfg(*SHORT, "training.mixed_precision=bf16", "training.fp8_base=true")
+    adapter = Adapter(cfg, tmp_path / "probe")
+    adapter.setup()
+    unet, encoder = adapter.base.unet, adapter.base.text_encoder
+    for model in (unet, encoder):  # fp8_base: the UNet and the text encoder
+        layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        assert layers and all(m.parametrizations.weight.original0.dtype == FP8 for m in layers)
+        assert all(m.weight.dtype == torch.bfloat16 for m in layers)  # used in the autocast dtype
+    # The LoRA wraps fp8-stored layers and trains in float32 as usual.
+    assert {p.dtype for p in adapter.network.parameters()} == {torch.float32}
+    assert stored_bytes(unet) < 0.6 * stored_bytes(plain.base.unet)  # most of a UNet is Linear/Conv weights
+
+    run_dir, summary = train(tmp_path, *SHORT, "training.mixed_precision=bf16", "training.fp8_base=true", name="fp8")
+    with safe_open(str(run_dir / "demo.safetensors"), "pt") as f:
+        up = torch.cat([f.get_tensor(k).flatten() for k in f.keys() if k.endswith("lora_up.weight")])
+        assert f.metadata()["ss_fp8_base"] == "True" and "ss_fp8_base_unet" not in f.metadata()
+    assert up.abs().sum() > 0 and torch.isfinite(up).all()
+
+
+def test_fp8_base_unet_leaves_the_text_encoder_alone(tmp_path):
+    from torch import nn
+
+    cfg = make_cfg(*SHORT, "training.mixed_precision=bf16", "training.fp8_base=true", "training.fp8_base_unet=true")
+    adapter = Adapter(cfg, tmp_path / "probe")
+    adapter.setup()
+    assert any(isinstance(m, nn.Linear) and hasattr(m, "parametrizations") for m in adapter.base.unet.modules())
+    assert not any(hasattr(m, "parametrizations") for m in adapter.base.text_encoder.modules())
+
+
+def test_fp8_base_without_mixed_precision_is_refused():
+    with pytest.raises(UserError, match=r"training.fp8_base stores the base weights in fp8 .* set "
+                                        r"training.mixed_precision=bf16"):  # fmt: skip
+        make_cfg("training.fp8_base=true")

@@ -75,23 +75,17 @@ def tokenize_weighted(
 
 
 def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Hidden states [batch, tokens, dim] x each token's weight [batch, tokens], rescaled so each
-    caption's mean over tokens and features stays what it was.
+    """Hidden states [batch, tokens, dim] x each token's weight [batch, tokens].
 
-    sd-scripts' get_weighted_text_embeddings (library/custom_train_functions.py): the means in
-    float32, cast to the states' dtype. A caption whose weights are all 1 comes back unchanged
-    bit for bit (x * 1 * (m / m)). Where a mean is 0 (sd-scripts would give NaN or all-zero
-    states) the weighted states are left unrescaled.
+    sd-scripts' train_network.py / sdxl_train_network.py (library/strategy_sd.py,
+    encode_tokens_with_weights): the states are multiplied, not rescaled afterwards (the older
+    get_weighted_text_embeddings of fine_tune.py kept each caption's mean; train_network.py no
+    longer does). A caption whose weights are all 1 comes back unchanged, bit for bit.
     """
     weights = weights.to(device=hidden.device, dtype=hidden.dtype)
     if bool((weights == 1).all()):
         return hidden
-    previous_mean = hidden.float().mean(dim=(-2, -1)).to(hidden.dtype)
-    weighted = hidden * weights.unsqueeze(-1)
-    current_mean = weighted.float().mean(dim=(-2, -1)).to(hidden.dtype)
-    ratio = previous_mean / current_mean
-    ratio = torch.where(torch.isfinite(ratio) & (ratio != 0), ratio, torch.ones_like(ratio))
-    return weighted * ratio[:, None, None]
+    return hidden * weights.unsqueeze(-1)
 
 
 def split_into_chunks(ids: torch.Tensor, chunk_length: int, eos_id: int, pad_id: int) -> torch.Tensor:

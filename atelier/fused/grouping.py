@@ -25,6 +25,8 @@ SHARED_KEYS = (
     "dataset",
     "training.train_batch_size",
     "training.mixed_precision",
+    "training.fp8_base",
+    "training.fp8_base_unet",
     "training.cpu",
     "training.gradient_checkpointing",
     "training.attention",

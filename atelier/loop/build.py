@@ -26,6 +26,7 @@ from atelier.config.schema import (
     part_learning_rates,
 )
 from atelier.config.schema.optimizer import is_adaptive
+from atelier.models.fp8_storage import store_weights_in_fp8
 from atelier.models.hashes import model_hashes
 from atelier.models.loading import BaseModel, load_base_model
 from atelier.network.base_merge import merge_base_weights
@@ -86,6 +87,12 @@ def load_base(cfg: AtelierConfig, device: torch.device) -> BaseModel:
         base.unet.to(weight_dtype)
         base.text_encoder.to(weight_dtype)
     prepare_text_encoder_2(base, device, weight_dtype)
+    t = cfg.training
+    if t.fp8_base or t.fp8_base_unet:
+        encoders = list(base.text_encoders) if t.fp8_base and not t.fp8_base_unet else []
+        saved = sum(store_weights_in_fp8(part, weight_dtype) for part in (base.unet, *encoders))
+        log.info("fp8 storage of the frozen %s weights: %.1f MB less", "UNet and text encoder" if encoders else "UNet",
+                 saved / 1e6)
     return base
 
 

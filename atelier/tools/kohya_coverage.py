@@ -66,7 +66,7 @@ NOT_HERE: dict[str, str] = {
     "wandb_api_key": "a key does not belong in a config saved with each run: `wandb login` or WANDB_API_KEY",
     "log_config": "with output.log_with=wandb or all, every wandb run gets the run's resolved config",
     **{name: _NOT_YET for name in (
-        "fp8_base", "fp8_base_unet", "fused_backward_pass", "cpu_offload_checkpointing", "max_validation_steps",
+        "fused_backward_pass", "cpu_offload_checkpointing", "max_validation_steps",
         "save_n_epoch_ratio", "initial_epoch", "initial_step", "skip_until_initial_step",
         "metadata_is_negative_embedding", "metadata_merged_from", "metadata_preprocessor", "metadata_thumbnail",
         "metadata_usage_hint",

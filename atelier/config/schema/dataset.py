@@ -130,10 +130,10 @@ class DatasetConfig:
     weighted_captions: bool = option(
         False, flag="weighted_captions",
         doc="Captions may weight words A1111-style: (word) x1.1, [word] /1.1, (word:1.3), \\( for a literal "
-        "bracket; each token's text-encoder output is scaled by its weight and the caption's mean kept. One "
+        "bracket; each token's text-encoder output is multiplied by its weight. One "
         "bracket per tag: shuffle and tag dropout split captions at caption_separator, breaking '(a, b:1.2)'.",
-        kohya="the mean is kept as sd-scripts' get_weighted_text_embeddings (fine_tune.py) does; train_network.py's "
-        "strategy path scales without keeping it. sd-scripts writes no ss_* key for it",
+        kohya="as train_network.py's strategy path: the states are scaled, the caption's mean is not restored "
+        "(fine_tune.py's older get_weighted_text_embeddings restored it). sd-scripts writes no ss_* key for it",
     )
     flip_aug: bool = option(False, flag="flip_aug", ss="ss_flip_aug", doc="Flip images horizontally at random.")
     random_crop: bool = option(False, flag="random_crop", ss="ss_random_crop",

@@ -56,6 +56,16 @@ class TrainingConfig:
         "gradients; needs mixed_precision=fp16, a CUDA GPU). Prone to overflow: bf16 is the safer choice.",
         kohya="sd-scripts writes ss_full_fp16 False on every run; here the key is written when it is on",
     )
+    # sd-scripts' fp8 storage of the frozen base weights (train_network.py: unet.to(float8_e4m3fn)).
+    fp8_base: bool = option(
+        False, flag="fp8_base", ss="ss_fp8_base",
+        doc="Keep the frozen UNet's and text encoders' Linear/Conv weights in fp8 (half the memory of bf16), "
+        "cast up to the mixed_precision dtype where they are used; needs mixed_precision=bf16 or fp16.",
+    )
+    fp8_base_unet: bool = option(
+        False, flag="fp8_base_unet", ss="ss_fp8_base_unet",
+        doc="fp8 storage for the UNet only (the text encoders keep the mixed_precision dtype), even with fp8_base.",
+    )
     resume_from: Optional[str] = option(
         None, flag="resume",
         doc="A training state file to train on from, in a new run dir: <output_name>-state.pt "
@@ -187,6 +197,11 @@ class TrainingConfig:
                 # sd-scripts asserts the same (train_network.py); the network's dtype is the autocast one.
                 raise ConfigError(f"training.{full} keeps the network in {precision.value}: it needs "
                                   f"training.mixed_precision={precision.value} (got {self.mixed_precision.value})")
+        for name in ("fp8_base", "fp8_base_unet"):
+            if getattr(self, name) and self.mixed_precision == MixedPrecision.no:
+                # sd-scripts asserts the same: the weights are used in the autocast dtype.
+                raise ConfigError(f"training.{name} stores the base weights in fp8 and computes in the "
+                                  "mixed_precision dtype: set training.mixed_precision=bf16 (or fp16 on a GPU)")
         if self.resume_from is not None and not Path(self.resume_from).expanduser().is_file():
             raise ConfigError(f"training.resume_from={self.resume_from}: no such file; give a training state file "
                               "(<output_name>-state.pt, <output_name>-<epoch>-state.pt or training_state.pt)")
