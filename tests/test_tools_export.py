@@ -93,13 +93,15 @@ def test_export_kohya_names_the_same_hyperparameters(tmp_path: Path, demo_datase
     subsets = {Path(s["image_dir"]).name: s for s in dataset["datasets"][0]["subsets"]}
     assert subsets["4_atelier orb"] == {"image_dir": str(demo_dataset_dir.resolve() / "4_atelier orb"), "num_repeats": 4, "class_tokens": "atelier orb"}
     assert subsets["6_atelier cube"]["num_repeats"] == 6
-    # only keys sd-scripts' dataset config schema accepts in [general]
+    # only keys sd-scripts' dataset config schema accepts in [general] (library/config_util.py's
+    # *_ASCENDABLE_SCHEMA; alpha_mask is in DB_SUBSET_ASCENDABLE_SCHEMA)
     allowed = {"batch_size", "bucket_no_upscale", "bucket_reso_steps", "enable_bucket", "max_bucket_reso", "min_bucket_reso",
                "resolution", "network_multiplier", "color_aug", "face_crop_aug_range", "flip_aug", "num_repeats",
                "random_crop", "shuffle_caption", "keep_tokens", "keep_tokens_separator", "secondary_separator",
                "enable_wildcard", "token_warmup_min", "token_warmup_step", "caption_prefix", "caption_suffix",
                "caption_extension", "class_tokens", "cache_info", "caption_dropout_every_n_epochs",
-               "caption_dropout_rate", "caption_tag_dropout_rate"}  # fmt: skip
+               "caption_dropout_rate", "caption_tag_dropout_rate",
+               "alpha_mask"}  # fmt: skip
     assert set(general) <= allowed
 
     prompts = (run_dir / "kohya_prompts.txt").read_text().splitlines()
