@@ -150,10 +150,15 @@ def test_vae_batch_size_below_one_is_refused():
 # --- fp8_base / fp8_base_unet ----------------------------------------------------------
 
 
+def stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes of `model`'s parameters and buffers as stored (fp8 originals counted as such)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def test_fp8_base_stores_the_frozen_weights_in_fp8_and_trains(tmp_path):
     from torch import nn
 
-    from atelier.models.fp8_storage import FP8, stored_bytes
+    from atelier.models.fp8_storage import FP8
 
     plain = Adapter(make_cfg(*SHORT, "training.mixed_precision=bf16"), tmp_path / "plain")
     plain.setup()

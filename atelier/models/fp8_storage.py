@@ -46,9 +46,3 @@ def store_weights_in_fp8(model: nn.Module, compute_dtype: torch.dtype) -> int:
         stored.requires_grad_(False)
         saved += before - stored.numel() * stored.element_size()
     return saved
-
-
-def stored_bytes(model: nn.Module) -> int:
-    """Bytes of `model`'s parameters and buffers as stored (fp8 originals counted as such)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
