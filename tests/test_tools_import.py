@@ -222,11 +222,3 @@ def test_it_never_overwrites_and_wants_an_experiment_folder(tmp_path, capsys):
     assert out.read_text() == "mine\n" and "--force" in capsys.readouterr().err
     assert main(["import-kohya", str(source), "--out", str(tmp_path / "x.yaml")]) != 0
     assert "<folder>/experiment/<name>.yaml" in capsys.readouterr().err
-
-
-def test_a_subset_folder_without_its_repeats_in_the_name_is_listed(tmp_path, capsys):
-    source = tmp_path / "dataset.toml"
-    source.write_text("[general]\nresolution = 512\n[[datasets]]\n[[datasets.subsets]]\n"
-                      f"image_dir = '{tmp_path / 'cats'}'\nnum_repeats = 10\nclass_tokens = 'cat'\n")  # fmt: skip
-    import_to(tmp_path, source)
-    assert "put it in one parent folder as 10_cat" in capsys.readouterr().out

@@ -38,7 +38,8 @@ from atelier.data.buckets import (
 )
 from atelier.data.caption_ops import captions_are_static, process_caption
 from atelier.data.caption_weights import brackets_cut_apart
-from atelier.data.dataset import DatasetIndex, ImageItem, scan_dataset
+from atelier.config.schema.captions import CaptionOptions
+from atelier.data.dataset import DatasetIndex, ImageItem
 from atelier.data.latent_cache import LatentCache, can_cache_latents, default_cache_dir
 from atelier.runtime import phases, reuse
 from atelier.config.schema.dataset import cache_latents_wanted, caption_options, max_token_length
@@ -47,13 +48,11 @@ from atelier.data.latents import PixelJob, StepEncoder
 from atelier.data.masks import MaskOptions, MaskSource, find_mask_files
 from atelier.data.holdout import split_validation
 from atelier.data.regularization import balance_reg_repeats
+from atelier.data.subsets import scan_sources
 from atelier.utils.rng import as_tuples
 from atelier.runtime.signals import raise_if_stop_asked
 
 log = logging.getLogger(__name__)
-
-REG_DATA_DIR_KEY = "dataset.reg_data_dir"
-
 
 @dataclass
 class Batch:
@@ -94,19 +93,14 @@ class TrainingData:
         self.seed = seed
         self.batch_size = batch_size
         self.captions = caption_options(d)
+        # dataset.subsets' own caption options (an item's `subset` indexes them).
+        self.subset_captions = [subset.captions(self.captions) for subset in d.subsets]
         self.rng = random.Random(seed)
         self.validation_seed = d.validation_seed if d.validation_seed is not None else seed
         limits = image_limits(d)
-        full = scan_dataset(d.train_data_dir, d.caption_extension, limits=limits, max_samples_per_epoch=d.max_samples_per_epoch,
-                            all_caption_lines=d.enable_wildcard)  # fmt: skip
+        full, self.reg_index = scan_sources(d, limits)
         train_items, self.validation_items = split_validation(full.items, d.validation_split, self.validation_seed)
         self.index = _subset(full, train_items)
-        self.reg_index = (
-            scan_dataset(d.reg_data_dir, d.caption_extension, REG_DATA_DIR_KEY, limits, d.max_samples_per_epoch,
-                         d.enable_wildcard)  # fmt: skip
-            if d.reg_data_dir
-            else None
-        )
         reg_items = balance_reg_repeats(self.reg_index.items, self.index.num_train_samples) if self.reg_index else []
         self.items: list[ImageItem] = train_items + reg_items
         self.num_train_items = len(train_items)
@@ -167,25 +161,33 @@ class TrainingData:
         reg = self.reg_index.tag_frequency() if self.reg_index else {}
         return {**self.index.tag_frequency(), **reg}
 
+    def captions_of(self, item: ImageItem) -> CaptionOptions:
+        """The caption options an item is drawn with: its subset's, else the dataset's."""
+        return self.captions if item.subset is None else self.subset_captions[item.subset]
+
+    def _caption_option_sets(self) -> list[CaptionOptions]:
+        """The distinct caption options the trained items use."""
+        return list(dict.fromkeys(self.captions_of(item) for item in self.items))
+
     @property
     def static_captions(self) -> bool:
-        return captions_are_static(self.captions)
+        return all(captions_are_static(options) for options in self._caption_option_sets())
 
     def distinct_captions(self) -> list[str]:
         """Every caption a step can see when captions are static (prefix/suffix applied)."""
-        return list(dict.fromkeys(self.fixed_caption(item.caption) for item in self.items))
+        return list(dict.fromkeys(self.fixed_caption(item) for item in self.items))
 
-    def fixed_caption(self, caption: str) -> str:
-        """The caption without random processing (validation, the text-encoder cache)."""
+    def fixed_caption(self, item: ImageItem) -> str:
+        """The item's caption without random processing (validation, the text-encoder cache)."""
         static = replace(
-            self.captions,
+            self.captions_of(item),
             shuffle_caption=False,
             caption_dropout_rate=0.0,
             caption_tag_dropout_rate=0.0,
             caption_dropout_every_n_epochs=0,
             token_warmup_step=0.0,
         )
-        return process_caption(caption, static, random.Random(0), 1)
+        return process_caption(item.caption, static, random.Random(0), 1)
 
     # -------------------------------------------------------------- latents
     def prepare(self, vae: torch.nn.Module, device: torch.device) -> None:
@@ -271,7 +273,8 @@ class TrainingData:
 
     def _warn_brackets_cut_apart(self) -> None:
         # sd-scripts only says so in --weighted_captions' help ("No commas inside parens").
-        cut = brackets_cut_apart((item.caption for item in self.items), self.captions)
+        cut = [caption for options in self._caption_option_sets() for caption in brackets_cut_apart(
+            (item.caption for item in self.items if self.captions_of(item) == options), options)]  # fmt: skip
         if cut:
             log.warning(
                 "dataset.weighted_captions: %d caption(s) hold a caption_separator inside brackets, e.g. %r; "
@@ -288,15 +291,15 @@ class TrainingData:
         """
         d = self.options
         augmented = d.random_crop or d.color_aug or d.face_crop_aug_range is not None
-        if place is None and self.captions.token_warmup_step > 0:
+        if place is None and any(options.token_warmup_step > 0 for options in self._caption_option_sets()):
             raise ValueError("dataset.token_warmup_step needs the batches' steps: pass TrainingData.epoch a StepPlace")
         batches = []
         for j, indices in enumerate(bucket_batches(self.assignments, self.batch_size, self.seed, epoch)):
             flips = [self.rng.random() < 0.5 for _ in indices] if d.flip_aug else [False] * len(indices)
             seeds = [self.rng.getrandbits(63) for _ in indices] if augmented else [0] * len(indices)
             step, total = (place.step_of(j), place.total_steps) if place is not None else (0, 0)
-            captions = [process_caption(self.items[i].caption, self.captions, self.rng, epoch, step, total)
-                        for i in indices]  # fmt: skip
+            captions = [process_caption(self.items[i].caption, self.captions_of(self.items[i]), self.rng, epoch, step,
+                                        total) for i in indices]  # fmt: skip
             batches.append(Batch(indices, flips, seeds, captions, noise_seed=self.rng.getrandbits(63)))
         return batches
 

@@ -26,6 +26,8 @@ from atelier.errors import ConfigError  # raised by the checks (and imported fro
 MISSING_HINTS = {
     "model.path": "a diffusers folder or a single-file .safetensors checkpoint, e.g. model.path=/models/sd15",
     "dataset.train_data_dir": "the folder holding N_concept subfolders, e.g. dataset.train_data_dir=/data/mychar",
+    "dataset.subsets": "the image folders, e.g. 'dataset.subsets=[{image_dir: /data/char, num_repeats: 10}]'",
+    "dataset.name": "the dataset's name (the project folder), e.g. dataset.name=mychar",
 }
 
 

@@ -33,6 +33,7 @@ from atelier.data.inspection import (
     DatasetInspection,
     Problem,
     inspect_dataset,
+    inspect_subsets,
 )
 from atelier.data.plan import plan_for
 
@@ -276,6 +277,11 @@ def check_dataset(train_data_dir: str | Path, caption_extension: str, options: C
     return analyse(inspection, options)
 
 
+def check_subsets(subsets: list[tuple[str | Path, int, str, str]], options: CheckOptions) -> CheckReport:
+    """The report of dataset.subsets' training folders: (image_dir, num_repeats, class_tokens, caption_extension)."""
+    return analyse(inspect_subsets(subsets, options.image_limits), options)
+
+
 __all__ = [
     "CheckOptions",
     "CheckReport",
@@ -285,6 +291,7 @@ __all__ = [
     "Problem",
     "analyse",
     "check_dataset",
+    "check_subsets",
     "format_duration",
     "inspect_dataset",
     "render",

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from atelier.config.load import training_config
 from atelier.config.typed import run_config
 from atelier.data.buckets import BucketSettings
-from atelier.data.check import CheckOptions, check_dataset, render, seconds_per_step_from_run
+from atelier.data.check import CheckOptions, check_dataset, check_subsets, render, seconds_per_step_from_run
 from atelier.data.options import image_limits
 
 CHECK_EPILOG = """\
@@ -81,13 +81,17 @@ def run_check(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"atelier dataset check: error: {exc}", file=sys.stderr)
         return 2
-    report = check_dataset(data_dir, caption_extension, options)
+    if isinstance(data_dir, list):
+        report = check_subsets(data_dir, options)
+    else:
+        report = check_dataset(data_dir, caption_extension, options)
     print(render(report))
     return report.exit_code
 
 
-def _check_options(args: argparse.Namespace) -> tuple[str, str, CheckOptions]:
-    """(dataset folder, caption extension, options) from the training config and the flags."""
+def _check_options(args: argparse.Namespace) -> tuple[str | list[tuple[str, int, str, str]], str, CheckOptions]:
+    """(dataset folder, or dataset.subsets' training folders; caption extension; options) from the
+    training config and the flags."""
     from omegaconf.errors import MissingMandatoryValue
 
     overrides = list(args.overrides)
@@ -97,11 +101,15 @@ def _check_options(args: argparse.Namespace) -> tuple[str, str, CheckOptions]:
         data_dir = None
     cfg = training_config(overrides, args.config)
     try:
-        data_dir = data_dir or str(cfg.dataset.train_data_dir)
-    except MissingMandatoryValue:
-        raise ValueError("no dataset folder: give it first (atelier dataset check data/train) "
-                         "or as dataset.train_data_dir=...") from None  # fmt: skip
-    cfg.dataset.train_data_dir = data_dir
+        if data_dir is not None:  # a folder given replaces the config's subsets too
+            cfg.dataset.subsets = []
+        elif not cfg.dataset.subsets:
+            data_dir = str(cfg.dataset.train_data_dir)
+    except MissingMandatoryValue as err:
+        raise ValueError(f"no dataset folder ({err.full_key} is not set): give it first (atelier dataset check "
+                         "data/train) or as dataset.train_data_dir=...") from None  # fmt: skip
+    if data_dir is not None:
+        cfg.dataset.train_data_dir = data_dir
     typed = run_config(cfg)  # the run's checks, and its values as the trainer reads them
     d, t = typed.dataset, typed.training
 
@@ -132,7 +140,12 @@ def _check_options(args: argparse.Namespace) -> tuple[str, str, CheckOptions]:
         max_samples_per_epoch=d.max_samples_per_epoch,
         conditioning_data_dir=d.conditioning_data_dir,
     )
-    return data_dir, flag("caption_extension", d.caption_extension), options
+    source: str | list[tuple[str, int, str, str]] = data_dir or [
+        (s.image_dir, s.num_repeats, s.class_tokens or "", flag("caption_extension", s.caption_extension
+                                                                 or d.caption_extension))
+        for s in d.subsets if not s.is_reg
+    ]  # fmt: skip
+    return source, flag("caption_extension", d.caption_extension), options
 
 
 def _print_help(parser: argparse.ArgumentParser) -> int:

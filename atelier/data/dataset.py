@@ -42,6 +42,7 @@ __all__ = [
     "load_image",
     "parse_concept_folder_name",
     "scan_dataset",
+    "scan_image_folder",
     "steps_per_epoch",
     "total_steps",
 ]
@@ -67,6 +68,7 @@ class ImageItem:
     caption: str
     folder_name: str
     repeats: int
+    subset: int | None = None  # its place in dataset.subsets (its caption options); None: train_data_dir's
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,39 @@ def scan_dataset(
         )
         items.extend(_caption_items(concept, caption_extension, warnings, root, all_caption_lines))
     return DatasetIndex(root=root, folders=folders, items=items, warnings=warnings)
+
+
+def scan_image_folder(
+    folder: str | os.PathLike,
+    repeats: int,
+    class_tokens: str,
+    caption_extension: str,
+    config_key: str,
+    limits: ImageLimits | None = None,
+    all_caption_lines: bool = False,
+) -> tuple[ConceptFolder, list[ImageItem], list[str]]:
+    """One folder of images (a dataset.subsets entry): its folder, its items and the warnings.
+
+    Unlike train_data_dir, the folder holds the images themselves; a folder of N_name
+    concept folders given here is refused with the key that reads that layout.
+    """
+    root = _resolve_root(folder, config_key)
+    warnings: list[str] = []
+    images = _concept_images(root, warnings)
+    if not images:
+        concepts = [p.name for p in _list_dir(root) if p.is_dir() and parse_concept_folder_name(p.name)]
+        if concepts:
+            raise DatasetError(
+                f"{config_key}={root} holds concept folders ({_name_list(concepts)}), not images: a subset's "
+                f"image_dir is the folder of the images themselves; give one subset per folder "
+                f"(e.g. {root / concepts[0]}), or give {root} as dataset.train_data_dir instead of subsets"
+            )
+        raise DatasetError(f"{config_key}={root} contains no {_EXTENSIONS_TEXT} images; fix the path")
+    _check_links(images, root)
+    _check_images_readable(images, limits)
+    concept = _Concept(root, repeats, class_tokens, images)
+    items = _caption_items(concept, normalize_caption_extension(caption_extension), warnings, root, all_caption_lines)
+    return ConceptFolder(root, root.name, class_tokens, repeats, len(images)), items, warnings
 
 
 def _resolve_root(train_data_dir: str | os.PathLike, config_key: str = CONFIG_KEY) -> Path:

@@ -8,6 +8,7 @@ atelier.data.check turns an inspection into the report (buckets, steps, tags).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +117,32 @@ def inspect_dataset(
         if folder.is_dir() and not folder.name.startswith("."):
             _inspect_candidate_folder(folder, inspection)
     _check_root_images([path for path in entries if is_image_file(path)], inspection)
+    return inspection
+
+
+def inspect_subsets(
+    subsets: list[tuple[str | Path, int, str, str]], limits: ImageLimits | None = None
+) -> DatasetInspection:
+    """dataset.subsets' image folders, each (image_dir, num_repeats, class_tokens, caption_extension),
+    with every problem found; paths are shown relative to the folders' common parent."""
+    folders = [Path(folder).expanduser().resolve() for folder, *_ in subsets]
+    inspection = DatasetInspection(Path(os.path.commonpath(folders)), ".txt", limits or ImageLimits())
+    for i, (folder, (_, repeats, class_tokens, caption_extension)) in enumerate(zip(folders, subsets)):
+        key = f"dataset.subsets[{i}]"
+        try:
+            inspection.caption_extension = normalize_caption_extension(caption_extension)
+        except DatasetError as exc:
+            inspection.add(ERROR, folder, f"{key}: {exc}")
+            continue
+        if not folder.is_dir():
+            inspection.add(ERROR, folder, f"{key}.image_dir {'does not exist' if not folder.exists() else 'is a file'}")
+            continue
+        checked = _inspect_concept(folder, repeats, class_tokens, inspection)
+        if checked.images:
+            inspection.folders.append(checked)
+        else:
+            inspection.add(ERROR, folder, f"{key}.image_dir holds no png/jpg/jpeg/webp/bmp images (a subset's "
+                           "image_dir is the folder of the images themselves)")  # fmt: skip
     return inspection
 
 

@@ -116,7 +116,7 @@ def make_validator(data: TrainingData, vae: torch.nn.Module, noise_scheduler, de
     latents = data.validation_latents(vae, device)
     if not latents:
         return None
-    captions = [data.fixed_caption(item.caption) for item in data.validation_items]
+    captions = [data.fixed_caption(item) for item in data.validation_items]
     # SDXL's size/crop conditioning of each (centre-cropped, unflipped) validation image.
     sizes = [time_ids(a.bucket, a.image_size) for a in data.validation_assignments]
     return Validator(latents, captions, noise_scheduler, data.validation_seed, data.batch_size, sizes)

@@ -154,6 +154,7 @@ def build_export(cfg: dict[str, Any], out_dir: Path) -> Export:
     for subset in subsets:
         if not subset["class_tokens"]:
             del subset["class_tokens"]
+    subsets += [own_subset(subset) for subset in dataset.get("subsets") or []]
     if dataset.get("conditioning_data_dir"):
         _add_mask_folders(subsets, Path(dataset["conditioning_data_dir"]).expanduser().resolve())
     prompts = sample_prompt_lines(cfg, [s.get("class_tokens", "") for s in subsets if not s.get("is_reg")])
@@ -162,6 +163,16 @@ def build_export(cfg: dict[str, Any], out_dir: Path) -> Export:
     version = cfg.get("model", {}).get("version")
     script = "sdxl_train_network.py" if version == "sdxl" else "train_network.py"
     return Export(script, accelerate, args, general, subsets, prompts, unmapped)
+
+
+def own_subset(subset: dict[str, Any]) -> dict[str, Any]:
+    """A dataset.subsets entry as a [[datasets.subsets]] table: the keys are sd-scripts' own; a null
+    (the dataset's value) is left out, so the subset inherits the [general] one there too."""
+    table = {key: value for key, value in subset.items() if value is not None}
+    table["image_dir"] = str(Path(str(subset["image_dir"])).expanduser().resolve())
+    if not table.get("is_reg"):
+        table.pop("is_reg", None)
+    return table
 
 
 def _add_mask_folders(subsets: list[dict[str, Any]], conditioning_dir: Path) -> None:
@@ -304,13 +315,16 @@ def run(args: argparse.Namespace) -> int:
         write_text(outputs[PROMPTS_TXT], "\n".join(export.prompts) + "\n")
     write_text(outputs[CONFIG_TOML], config_toml(export, run_dir, dataset_path))
 
-    print("# sd-scripts command line for this run (from the sd-scripts folder):")
-    print(command_line(export))
+    if cfg.get("dataset", {}).get("subsets"):  # per-subset options have no command-line flags
+        print(f"# dataset.subsets are in {DATASET_TOML}: train with the --config_file command below")
+    else:
+        print("# sd-scripts command line for this run (from the sd-scripts folder):")
+        print(command_line(export))
     print("\n# or, with the files written here:")
     print(f"accelerate launch {export.script} --config_file {shlex.quote(str(outputs[CONFIG_TOML]))}")
     print("\nwrote " + ", ".join(str(p) for p in outputs.values()))
     if not export.subsets:
-        print(f"note: no N_name folders found under dataset.train_data_dir; {DATASET_TOML} not written")
+        print(f"note: no N_name folders under dataset.train_data_dir and no dataset.subsets; {DATASET_TOML} not written")
     if export.unmapped:
         print("\nno sd-scripts equivalent (left out):")
         for key, value, why in export.unmapped:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime as dt
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,9 @@ from omegaconf import OmegaConf
 from atelier.config.network_kinds import KINDS, PRESETS
 from atelier.config.options import ConfigOption
 from atelier.tools.common import ToolError, check_output
-from atelier.tools.kohya_coverage import NOT_HERE, ours_by_flag, sd_scripts_options
+from atelier.tools.import_dataset import import_dataset
+from atelier.tools.imported import Imported, source_path
+from atelier.tools.kohya_coverage import ours_by_flag, sd_scripts_options
 from atelier.tools.kohya_sources import SDXL_SCRIPT, KohyaRun, read_source
 
 REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -40,19 +41,6 @@ HANDLED = {
 RESOLUTIONS = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 
 
-@dataclass
-class Imported:
-    values: dict[str, Any] = field(default_factory=dict)  # dotted key -> value
-    unmapped: list[tuple[str, Any, str]] = field(default_factory=list)  # sd-scripts name, value, why
-    notes: list[str] = field(default_factory=list)
-
-    def set(self, key: str, value: Any) -> None:
-        self.values[key] = value
-
-    def skip(self, name: str, value: Any, why: str | None = None) -> None:
-        self.unmapped.append((name, value, why or NOT_HERE.get(name) or "no Atelier key"))
-
-
 def import_run(run: KohyaRun) -> Imported:
     out = Imported()
     args = {**run.args, **_dataset_general(run)}
@@ -62,10 +50,10 @@ def import_run(run: KohyaRun) -> Imported:
     _optimizer(args, out)
     _scheduler(args, out, ours)
     _length(args, out)
-    _dataset(run, args, out)
+    import_dataset(run, args, out)
     _attention(args, out)
     if args.get("sample_prompts"):
-        out.set("sampling.prompt_file", str(_path(args["sample_prompts"], run.source)))
+        out.set("sampling.prompt_file", str(source_path(args["sample_prompts"], run.source)))
     if "output_dir" in args:
         out.notes.append(f"--output_dir {args['output_dir']}: the run goes to Hydra's run dir (outputs/<project>/...)")
     for name, value in args.items():
@@ -87,11 +75,6 @@ def _value_for(option: ConfigOption, value: Any) -> Any:
     if option.key == "model.version":
         return "sd2" if value else "sd1"
     return value
-
-
-def _path(value: str, source: Path) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else (source.parent / path).resolve()
 
 
 def _dataset_general(run: KohyaRun) -> dict[str, Any]:
@@ -231,77 +214,6 @@ def _attention(args: dict[str, Any], out: Imported) -> None:
         out.set("training.attention", "sdpa")
     else:
         out.set("training.attention", "math")  # sd-scripts' plain attention when neither is given
-
-
-def _dataset(run: KohyaRun, args: dict[str, Any], out: Imported) -> None:
-    resolution = args.get("resolution")
-    if resolution is not None:
-        text = ",".join(map(str, resolution)) if isinstance(resolution, (list, tuple)) else str(resolution)
-        sides = [int(float(s)) for s in text.replace("x", ",").split(",") if s.strip()]
-        if len(sides) == 2 and sides[0] != sides[1]:
-            out.skip("resolution", resolution, "Atelier trains square resolutions (buckets give other shapes)")
-        out.set("dataset.resolution", sides[0])
-    else:
-        out.set("dataset.resolution", out.values["model.resolution"])
-    train = [s for s in run.subsets if not s.get("is_reg")]
-    reg = [s for s in run.subsets if s.get("is_reg")]
-    for key, name, subsets in (("dataset.train_data_dir", "train_data_dir", train), ("dataset.reg_data_dir", "reg_data_dir", reg)):
-        if subsets:
-            parent = _parent_of(subsets, run, out)
-            if parent:
-                out.set(key, parent)
-        elif args.get(name):
-            out.set(key, str(_path(args[name], run.source)))
-    if any("conditioning_data_dir" in s for s in train):
-        _conditioning_dir(train, run, out)
-    if "dataset.train_data_dir" not in out.values:
-        out.set("dataset.train_data_dir", "???")
-        out.notes.append("no train_data_dir or dataset subsets: set dataset.train_data_dir before training")
-    train_dir = out.values["dataset.train_data_dir"]
-    out.set("dataset.name", Path(train_dir).name if train_dir != "???" else "imported")
-
-
-def _conditioning_dir(subsets: list[dict[str, Any]], run: KohyaRun, out: Imported) -> None:
-    """The subsets' conditioning_data_dir (masks) as dataset.conditioning_data_dir: one folder for all,
-    or per subset <dir>/<its image folder's name> (the layout atelier.data.masks.mask_folder reads)."""
-    folders = [(_path(str(s.get("image_dir", "")), run.source).name,
-                _path(str(s["conditioning_data_dir"]), run.source) if s.get("conditioning_data_dir") else None)
-               for s in subsets]  # fmt: skip
-    candidates = {str(mask.parent if mask.name == name else mask) for name, mask in folders if mask is not None}
-    if len(candidates) == 1 and all(mask is not None for _, mask in folders):
-        out.set("dataset.conditioning_data_dir", candidates.pop())
-        return
-    out.skip("datasets.subsets", [str(mask) for _, mask in folders],
-             "Atelier reads masks from one conditioning_data_dir (per concept folder: <dir>/<folder name>)")
-
-
-# Subset keys _dataset reads (conditioning_data_dir: _conditioning_dir).
-_SUBSET_KEYS_READ = {"image_dir", "num_repeats", "class_tokens", "is_reg", "conditioning_data_dir"}
-
-
-def _parent_of(subsets: list[dict[str, Any]], run: KohyaRun, out: Imported) -> str | None:
-    """The folder Atelier reads: the subsets' common parent, when each subset's folder is named
-    <num_repeats>_<class_tokens> (how sd-scripts' DreamBooth folders carry them)."""
-    from atelier.data.dataset import parse_concept_folder_name
-
-    parents = set()
-    for subset in subsets:
-        folder = _path(str(subset.get("image_dir", "")), run.source)
-        parsed = parse_concept_folder_name(folder.name)
-        repeats, tokens = int(subset.get("num_repeats", 1)), subset.get("class_tokens")
-        if parsed is None or parsed[0] != repeats or (tokens is not None and parsed[1] != tokens):
-            out.skip("datasets.subsets", str(folder),
-                     f"Atelier reads repeats and class tokens from folder names: put it in one parent folder as "
-                     f"{repeats}_{tokens or folder.name}")  # fmt: skip
-            return None
-        for key in sorted(set(subset) - _SUBSET_KEYS_READ):
-            out.skip("datasets.subsets", f"{folder.name}: {key}={subset[key]}",
-                     "per-subset options are not supported yet ([13]); set them for the whole dataset")  # fmt: skip
-        parents.add(str(folder.parent))
-    if len(parents) > 1:
-        out.skip("datasets.subsets", sorted(parents), "Atelier reads one folder of N_name subfolders: move them together")
-        return None
-    return parents.pop()
 
 
 def _accelerate(run: KohyaRun, out: Imported) -> None:

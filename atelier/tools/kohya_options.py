@@ -176,6 +176,7 @@ HOW: dict[str, dict[str, Any]] = {
     "dataset.name": {"place": "covered"},
     "dataset.train_data_dir": {"place": "subsets", "convert": _path},
     "dataset.reg_data_dir": {"place": "subsets", "convert": _path},
+    "dataset.subsets": {"place": "covered"},  # [[datasets.subsets]] of the dataset TOML (export_kohya.own_subset)
     **{f"dataset.{name}": {"place": "dataset"}
        for name in ("caption_extension", "resolution", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
                     "keep_tokens", "caption_prefix", "caption_suffix", "caption_dropout_rate",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 from omegaconf import MISSING
@@ -12,6 +13,7 @@ from atelier.config.schema.captions import CaptionOptions
 from atelier.config.schema.checks import unresolved
 from atelier.config.schema.enums import ResizeInterpolation
 from atelier.config.schema.fields import option
+from atelier.config.schema.subset import CAPTION_KEYS, SubsetConfig
 from atelier.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,22 @@ class DatasetConfig:
     """
 
     name: str = option(MISSING, doc="The dataset's name; the default project name.", kohya="names the project folder")
-    train_data_dir: str = option(MISSING, flag="train_data_dir", ss=("ss_dataset_dirs", "ss_tag_frequency"),
-                                 doc="The folder that holds the N_name concept folders (N: repeats).")
+    train_data_dir: Optional[str] = option(
+        MISSING, flag="train_data_dir", ss=("ss_dataset_dirs", "ss_tag_frequency"),
+        doc="The folder that holds the N_name concept folders (N: repeats); null with dataset.subsets.",
+    )
+    subsets: List[SubsetConfig] = option(
+        default_factory=list,
+        doc="Image folders with their own options, instead of train_data_dir's N_name folders: each "
+        "{image_dir: <the images' folder>, num_repeats: 1, class_tokens: null (the caption of an image without a "
+        "caption file), is_reg: false (regularization images, balanced as reg_data_dir's), caption_extension} and "
+        f"any caption option ({', '.join(CAPTION_KEYS)}); a caption option left out is the dataset's. "
+        "Augmentations, masks and buckets stay dataset-wide. Set dataset.train_data_dir=null with it "
+        "(conf/dataset/subsets.yaml).",
+        kohya="sd-scripts' dataset config [[datasets.subsets]] (--dataset_config), same keys; its per-subset "
+        "flip_aug / color_aug / random_crop / face_crop_aug_range / alpha_mask / resize_interpolation are "
+        "dataset-wide here",
+    )
     caption_extension: str = option(".txt", flag="caption_extension", ss="ss_caption_extension",
                                     doc="A caption is <image stem><caption_extension>.",
                                     kohya="sd-scripts' default is .caption")
@@ -65,7 +81,7 @@ class DatasetConfig:
     cache_latents_to_disk: bool = option(False, flag="cache_latents_to_disk",
                                          doc="Keep the latent cache on disk, for the next runs.")
     latent_cache_dir: Optional[str] = option(None, doc="The disk cache's folder (null: "
-                                             "<train_data_dir>/.atelier-latent-cache).",
+                                             "<train_data_dir or the first subset's image_dir>/.atelier-latent-cache).",
                                              kohya="sd-scripts writes its .npz caches beside the images")  # fmt: skip
     vae_batch_size: int = option(
         4, flag="vae_batch_size",
@@ -219,11 +235,50 @@ class DatasetConfig:
         if self.validate_every_n_steps is not None and self.validate_every_n_steps < 1:
             raise DatasetError(f"dataset.validate_every_n_steps must be at least 1, got {self.validate_every_n_steps}")
         caption_options(self)  # CaptionOptions' own rules (its messages start with the key)
+        check_subsets(self)
         check_face_crop_aug_range(self)
         check_weighted_captions(self)
         if self.alpha_mask and self.conditioning_data_dir:
             raise DatasetError("dataset.alpha_mask and dataset.conditioning_data_dir both give loss masks (sd-scripts "
                                "uses one per subset): keep one of them")  # fmt: skip
+
+
+def check_subsets(d: DatasetConfig) -> None:
+    """One source of training images; subsets' own values checked, naming `dataset.subsets[i]`."""
+    if unresolved(d.train_data_dir):
+        return  # ??? : the missing-value error names it when it is read
+    train = [s for s in d.subsets if not s.is_reg]
+    if d.subsets and not train:
+        raise DatasetError("dataset.subsets holds only regularization subsets (is_reg: true): add a subset of "
+                           "training images (is_reg: false)")
+    if train and d.train_data_dir is not None:
+        raise DatasetError(
+            f"dataset.train_data_dir={d.train_data_dir} and dataset.subsets both give training images: set "
+            "dataset.train_data_dir=null to train on the subsets (dataset=subsets does), or drop dataset.subsets"
+        )
+    if not d.subsets and d.train_data_dir is None:
+        raise DatasetError("dataset.train_data_dir is null and dataset.subsets is empty: give the folder of "
+                           "N_name concept folders as dataset.train_data_dir, or the image folders as dataset.subsets")
+    base = caption_options(d)
+    names: dict[str, int] = {}
+    for i, subset in enumerate(d.subsets):
+        problem = subset.problem()
+        if problem:
+            raise DatasetError(f"dataset.subsets[{i}].{problem}")
+        try:
+            captions = subset.captions(base)
+        except ValueError as err:  # its messages start with the key
+            raise DatasetError(f"dataset.subsets[{i}].{err}") from None
+        check_weighted_captions(d, captions, f"dataset.subsets[{i}]")
+        # ss_dataset_dirs, ss_tag_frequency and the validation split key folders by name.
+        name = Path(str(subset.image_dir)).expanduser().name
+        if name in names:
+            raise DatasetError(
+                f"dataset.subsets[{names[name]}].image_dir and dataset.subsets[{i}].image_dir are both folders "
+                f"named '{name}': the metadata (ss_dataset_dirs) and the validation split tell folders apart by "
+                "name; rename one of them"
+            )
+        names[name] = i
 
 
 def check_face_crop_aug_range(d: DatasetConfig) -> None:
@@ -239,14 +294,15 @@ def check_face_crop_aug_range(d: DatasetConfig) -> None:
                            "ignores it with buckets): set dataset.enable_bucket=false or drop face_crop_aug_range")
 
 
-def check_weighted_captions(d: DatasetConfig) -> None:
+def check_weighted_captions(d: DatasetConfig, captions: CaptionOptions | None = None, where: str = "dataset") -> None:
     """A separator made of weight syntax would be read as brackets, not split at."""
     if not d.weighted_captions:
         return
+    captions = captions or caption_options(d)
     for name in ("caption_separator", "keep_tokens_separator", "secondary_separator"):
-        value = getattr(d, name) or ""
+        value = getattr(captions, name) or ""
         if any(char in value for char in "()[]\\"):
-            raise DatasetError(f"dataset.{name}={value!r} holds a bracket or backslash, which "
+            raise DatasetError(f"{where}.{name}={value!r} holds a bracket or backslash, which "
                                "dataset.weighted_captions reads as weight syntax: pick another "
                                f"{name} or set dataset.weighted_captions=false")
 
