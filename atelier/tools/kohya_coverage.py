@@ -65,8 +65,16 @@ NOT_HERE: dict[str, str] = {
                   "states kept to train on from: output.save_state_on_train_end, output.save_last_n_epochs_state",
     "wandb_api_key": "a key does not belong in a config saved with each run: `wandb login` or WANDB_API_KEY",
     "log_config": "with output.log_with=wandb or all, every wandb run gets the run's resolved config",
+    # train_network.py reads it only in get_optimizer's checks (Adafactor, no accumulation) and trains as without it.
+    "fused_backward_pass": "the optimizer step inside the backward of sd-scripts' full fine-tuning scripts (sdxl_train.py, "
+                           "flux_train.py, sd3_train.py, ...); train_network.py only checks it (Adafactor, no gradient "
+                           "accumulation) and trains as without it",
+    # train_network.py: unet.enable_gradient_checkpointing(cpu_offload=True), which only the DiTs take.
+    "cpu_offload_checkpointing": "for the FLUX / SD3 / Lumina / Anima DiTs (their enable_gradient_checkpointing(cpu_offload=)); "
+                                 "sd-scripts' SD1/SD2/SDXL UNets take no such argument (train_network.py stops with a "
+                                 "TypeError), and those are the models Atelier trains",
     **{name: _NOT_YET for name in (
-        "fused_backward_pass", "cpu_offload_checkpointing", "max_validation_steps",
+        "max_validation_steps",
         "save_n_epoch_ratio", "initial_epoch", "initial_step", "skip_until_initial_step",
         "metadata_is_negative_embedding", "metadata_merged_from", "metadata_preprocessor", "metadata_thumbnail",
         "metadata_usage_hint",
