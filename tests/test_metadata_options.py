@@ -1,14 +1,25 @@
 """[13] point 2, metadata: training_comment, the modelspec.* texts (metadata_title / author /
-description / license / tags / trigger_phrase) and no_metadata, where sd-scripts writes them:
+description / license / tags / trigger_phrase / usage_hint / thumbnail / merged_from / preprocessor /
+is_negative_embedding) and no_metadata, where sd-scripts writes them:
 train_network.py's metadata dict (ss_training_comment) and library/train_util.get_sai_model_spec
 (the modelspec.* keys, also written with --no_metadata, beside SS_METADATA_MINIMUM_KEYS)."""
 
 from __future__ import annotations
 
+import base64
 import json
 
+import pytest
+
+from atelier.errors import ConfigError
 from atelier.network.lora_file import load_lora
-from atelier.outputs.metadata import MINIMUM_KEYS, WRITTEN_WHEN_GIVEN, checkpoint_metadata, training_metadata
+from atelier.outputs.metadata import (
+    MINIMUM_KEYS,
+    WRITTEN_WHEN_GIVEN,
+    checkpoint_metadata,
+    thumbnail_data_url,
+    training_metadata,
+)
 from atelier.outputs.run_dir import write_resolved_config
 from atelier.tools.export_kohya import build_export, load_run_config
 from tests.test_options import compose_config
@@ -25,6 +36,11 @@ GIVEN = {
     "metadata_license": ("modelspec.license", "CC-BY-4.0"),
     "metadata_tags": ("modelspec.tags", "cube,style"),
     "metadata_trigger_phrase": ("modelspec.trigger_phrase", "cubestyle"),
+    "metadata_usage_hint": ("modelspec.usage_hint", "Use the word cubestyle"),
+    "metadata_thumbnail": ("modelspec.thumbnail", "data:image/png;base64,iVBORw0KGgo="),
+    "metadata_merged_from": ("modelspec.merged_from", "cube-a, cube-b"),
+    "metadata_preprocessor": ("modelspec.preprocessor", "canny"),
+    "metadata_is_negative_embedding": ("modelspec.is_negative_embedding", "no"),
 }
 OVERRIDES = [f"output.{name}='{value}'" for name, (_, value) in GIVEN.items()]
 
@@ -93,3 +109,24 @@ def test_export_kohya_gives_the_options(tmp_path):
     assert args["no_metadata"] is True
     args = exported_args(tmp_path / "defaults")
     assert not set(GIVEN) & set(args) and not args.get("no_metadata")
+
+
+def test_a_thumbnail_file_is_written_as_a_data_url(tmp_path):
+    # sd-scripts' file_to_data_url: data:<MIME type from the name>;base64,<the file's bytes>.
+    png = tmp_path / "thumb.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    assert thumbnail_data_url(str(png)) == "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+    odd = tmp_path / "thumb.unknownext"
+    odd.write_bytes(b"x")
+    assert thumbnail_data_url(str(odd)) == "data:application/octet-stream;base64,eA=="
+    assert thumbnail_data_url("data:,as given") == "data:,as given" and thumbnail_data_url(None) is None
+    run_dir, _ = train(tmp_path, "training.max_train_steps=1", f"output.metadata_thumbnail={png}")
+    assert load_lora(run_dir / "demo.safetensors")[1]["modelspec.thumbnail"] == thumbnail_data_url(str(png))
+    # export-kohya gives sd-scripts the file (it converts it itself).
+    assert exported_args(tmp_path / "export", f"output.metadata_thumbnail={png}")["metadata_thumbnail"] == str(png)
+
+
+def test_a_missing_thumbnail_file_is_refused(tmp_path):
+    # sd-scripts warns and writes no thumbnail; here the run does not start.
+    with pytest.raises(ConfigError, match="output.metadata_thumbnail=.*no such file"):
+        make_cfg(f"output.metadata_thumbnail={tmp_path / 'nothere.png'}")

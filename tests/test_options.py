@@ -62,7 +62,9 @@ EXPORT_RUNS = [
         "sampling.prompts=[\"a cube\"]",
         "output.training_comment=c", "output.metadata_title=t", "output.metadata_author=a",
         "output.metadata_description=d", "output.metadata_license=l", "output.metadata_tags='x,y'",
-        "output.metadata_trigger_phrase=p", "output.no_metadata=true",
+        "output.metadata_trigger_phrase=p", "output.no_metadata=true", "output.metadata_usage_hint=h",
+        "output.metadata_thumbnail='data:,x'", "output.metadata_merged_from='a, b'", "output.metadata_preprocessor=pp",
+        "output.metadata_is_negative_embedding=false",
     ],
     ["network=lokr", "network.train_text_encoder_only=true", "scheduler.warmup_ratio=0.1", "network.dora_wd=true",
      "network.conv_dim=4", "network.use_tucker=true", "network.preset=full",
@@ -155,7 +157,10 @@ def test_every_ss_key_is_written_by_the_metadata_writer() -> None:
                          "dataset.face_crop_aug_range=[2.0,4.0]", "dataset.resize_interpolation=area",
                          *(f"output.{name}=x" for name in ("training_comment", "metadata_author", "metadata_description",
                                                           "metadata_license", "metadata_tags",
-                                                          "metadata_trigger_phrase")))  # fmt: skip
+                                                          "metadata_trigger_phrase", "metadata_usage_hint",
+                                                          "metadata_merged_from", "metadata_preprocessor",
+                                                          "metadata_is_negative_embedding")),
+                         "output.metadata_thumbnail='data:,x'")  # fmt: skip
     meta = training_metadata(run_config(cfg), **kwargs)  # the typed config, as the trainer passes it
     # Options that need another precision than the run above (written when on, too).
     fp16 = compose_config("training.mixed_precision=fp16", "training.full_fp16=true", "training.fp8_base=true",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import mimetypes
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from enum import Enum
 from operator import attrgetter
+from pathlib import Path
 from typing import Any
 
 from atelier.config.optimizer_types import call_string, scheduler_class_path
@@ -37,7 +40,8 @@ MODELSPEC_ARCHITECTURES = {
 # that is None out (library/sai_model_spec.py); ss_training_comment, which sd-scripts writes
 # as "None", is left out too, so that a run without a comment keeps the metadata it had.
 WRITTEN_WHEN_GIVEN = ("ss_training_comment", "modelspec.author", "modelspec.description", "modelspec.license",
-                      "modelspec.tags", "modelspec.trigger_phrase")  # fmt: skip
+                      "modelspec.tags", "modelspec.trigger_phrase", "modelspec.usage_hint", "modelspec.thumbnail",
+                      "modelspec.merged_from", "modelspec.preprocessor", "modelspec.is_negative_embedding")  # fmt: skip
 # Options added after tests/data/unchanged_outputs.json was recorded: written only when on, so a
 # default run's metadata stays as it was (sd-scripts writes them always, False / None when off).
 WRITTEN_WHEN_ON = ("ss_noise_offset_random_strength", "ss_ip_noise_gamma_random_strength", "ss_face_crop_aug_range",
@@ -113,6 +117,7 @@ def training_metadata(
         "modelspec.title": out.output_name if out.metadata_title is None else out.metadata_title,
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.prediction_type": "v" if cfg.model.v_parameterization else "epsilon",
+        "modelspec.thumbnail": thumbnail_data_url(out.metadata_thumbnail),
     }
     meta = {**copied_metadata(cfg, skip=computed.keys()), **computed}
     if not net.weights:
@@ -129,6 +134,16 @@ def training_metadata(
         high = 1000 if t.max_timestep is None else t.max_timestep
         meta["modelspec.timestep_range"] = f"{low},{high}"
     return {k: _str(v) for k, v in meta.items()}
+
+
+def thumbnail_data_url(thumbnail: str | None) -> str | None:
+    """output.metadata_thumbnail as sd-scripts writes it (sai_model_spec.file_to_data_url): a data URL
+    as given, a file as data:<its MIME type>;base64,<its bytes>."""
+    if thumbnail is None or thumbnail.startswith("data:"):
+        return thumbnail
+    path = Path(thumbnail).expanduser()
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
 def text_encoder_rates(rates: PartLearningRates) -> float | list[float]:

@@ -76,8 +76,6 @@ NOT_HERE: dict[str, str] = {
     **{name: _NOT_YET for name in (
         "max_validation_steps",
         "save_n_epoch_ratio", "initial_epoch", "initial_step", "skip_until_initial_step",
-        "metadata_is_negative_embedding", "metadata_merged_from", "metadata_preprocessor", "metadata_thumbnail",
-        "metadata_usage_hint",
     )},
 }  # fmt: skip
 

@@ -138,6 +138,11 @@ def _path(value: str | None, cfg: dict[str, Any]) -> str | None:
     return str(Path(value).resolve()) if value else None
 
 
+def _thumbnail(value: str | None, cfg: dict[str, Any]) -> str | None:
+    """output.metadata_thumbnail: a data URL as it is, an image file as an absolute path."""
+    return value if value is None or value.startswith("data:") else _path(value, cfg)
+
+
 def _wandb_run_name(value: str | None, cfg: dict[str, Any]) -> str | None:
     """Our wandb run is named output.output_name by default; sd-scripts leaves the name to wandb."""
     out = cfg["output"]
@@ -224,6 +229,7 @@ HOW: dict[str, dict[str, Any]] = {
     "output.no_metadata": {"kind": "switch"},
     "output.logging_dir": {"convert": _path},  # unset: the export's own logs folder (build_export)
     "output.wandb_run_name": {"convert": _wandb_run_name},
+    "output.metadata_thumbnail": {"convert": _thumbnail},
     "output.log_tracker_config": {"convert": _path},
     "output.save_state_on_train_end": {"kind": "switch"},
     "training.resume_from": {"convert": _path},

@@ -111,6 +111,28 @@ class OutputConfig:
         doc="The words that call up what the LoRA learned, in its metadata (null: none; ss_tag_frequency "
         "lists the captions' tags either way).",
     )
+    # sd-scripts' other --metadata_* texts: get_sai_model_spec writes each given one as modelspec.<name>.
+    metadata_usage_hint: Optional[str] = option(None, flag="metadata_usage_hint", ss="modelspec.usage_hint",
+                                                doc="A short hint on how to use the model, in its metadata (null: none).")
+    metadata_thumbnail: Optional[str] = option(
+        None, flag="metadata_thumbnail", ss="modelspec.thumbnail",
+        doc="The model's thumbnail in its metadata: a data URL (data:image/png;base64,...) or an image file, "
+        "written as a data URL (null: none).",
+        kohya="sd-scripts warns and leaves the key out when the file is missing; here the run is refused",
+    )
+    metadata_merged_from: Optional[str] = option(
+        None, flag="metadata_merged_from", ss="modelspec.merged_from",
+        doc="The models this one was merged from, in its metadata (null: none).",
+    )
+    metadata_preprocessor: Optional[str] = option(
+        None, flag="metadata_preprocessor", ss="modelspec.preprocessor",
+        doc="The preprocessor the model was trained for, in its metadata (null: none).",
+    )
+    metadata_is_negative_embedding: Optional[str] = option(
+        None, flag="metadata_is_negative_embedding", ss="modelspec.is_negative_embedding",
+        doc="Whether the model is a negative embedding, in its metadata, as the text given (null: none; YAML reads a "
+        "bare true as True: quote it, 'true').",
+    )
     no_metadata: bool = option(
         False, flag="no_metadata",
         doc="Keep the training metadata out of the LoRA files: only the keys a loader needs to apply the "
@@ -165,11 +187,21 @@ class OutputConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"output.{name} must be at least 1 (or null), got {value}")
         check_logging(self)
+        check_thumbnail(self.metadata_thumbnail)
         for kept, every in (("save_last_n_epochs_state", "save_state_every_n_epochs"),
                             ("save_last_n_steps_state", "save_state_every_n_steps")):  # fmt: skip
             if getattr(self, kept) is not None and not (self.save_state and getattr(self, every)):
                 raise ConfigError(f"output.{kept} keeps the states saved every output.{every}, and none are saved: set "
                                   f"output.{every} (and output.save_state=true), or drop output.{kept}")
+
+
+def check_thumbnail(thumbnail: str | None) -> None:
+    """output.metadata_thumbnail is a data URL or an image file that is there (it is read when training starts)."""
+    if thumbnail is None or thumbnail.startswith("data:"):
+        return
+    if not Path(thumbnail).expanduser().is_file():
+        raise ConfigError(f"output.metadata_thumbnail={thumbnail}: no such file; give an image file or a data URL "
+                          "(data:image/png;base64,...), or null for no thumbnail")
 
 
 LOG_WITH = ("tensorboard", "wandb", "all")
