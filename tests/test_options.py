@@ -45,7 +45,7 @@ EXPORT_RUNS = [
         "scheduler=warmup_stable_decay", "scheduler.warmup_steps=10", "scheduler.min_lr_ratio=0.1",
         "scheduler.decay_steps=5", "scheduler.timescale=100", "scheduler.step_rules='1:10,0.5'",
         "dataset.reg_data_dir=/data/reg", "dataset.validation_split=0.1", "dataset.validation_seed=3",
-        "dataset.validate_every_n_steps=50", "output.save_every_n_steps=50", "output.save_last_n_epochs=2",
+        "dataset.validate_every_n_steps=50", "dataset.max_validation_steps=2", "output.save_every_n_steps=50", "output.save_last_n_epochs=2",
         "output.save_last_n_steps=100",
         "dataset.caption_prefix=a", "dataset.caption_suffix=b", "dataset.keep_tokens_separator='|||'",
         "dataset.max_token_length=150", "dataset.enable_bucket=true", "dataset.bucket_no_upscale=true",
@@ -160,7 +160,8 @@ def test_every_ss_key_is_written_by_the_metadata_writer() -> None:
                                                           "metadata_trigger_phrase", "metadata_usage_hint",
                                                           "metadata_merged_from", "metadata_preprocessor",
                                                           "metadata_is_negative_embedding")),
-                         "output.metadata_thumbnail='data:,x'")  # fmt: skip
+                         "output.metadata_thumbnail='data:,x'", "dataset.validation_split=0.1",
+                         "dataset.max_validation_steps=2")  # fmt: skip
     meta = training_metadata(run_config(cfg), **kwargs)  # the typed config, as the trainer passes it
     # Options that need another precision than the run above (written when on, too).
     fp16 = compose_config("training.mixed_precision=fp16", "training.full_fp16=true", "training.fp8_base=true",

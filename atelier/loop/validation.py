@@ -55,23 +55,28 @@ class Validator:
         seed: int,
         batch_size: int,
         time_ids: Sequence[Sequence[int]] | None = None,
+        max_batches: int | None = None,
     ):
-        """time_ids: SDXL's 6 size/crop numbers per image (see atelier.conditioning.sdxl)."""
+        """time_ids: SDXL's 6 size/crop numbers per image (see atelier.conditioning.sdxl).
+        max_batches: dataset.max_validation_steps, the image batches measured (None: all)."""
         if len(latents) != len(captions):
             raise ValueError(f"got {len(latents)} latents for {len(captions)} captions")
         self.scheduler = noise_scheduler
         self.timesteps = validation_timesteps(noise_scheduler.config.num_train_timesteps)
-        self.num_images = len(latents)
+        kept = first_batches([tuple(latent.shape) for latent in latents], batch_size, max_batches)
+        self.num_images = len(kept)
         time_ids = time_ids if time_ids is not None else [[0] * 6] * len(latents)
-        self.chunks = self._make_chunks(latents, captions, time_ids, seed, batch_size)
+        self.chunks = self._make_chunks(latents, captions, time_ids, seed, batch_size, kept)
 
-    def _make_chunks(self, latents, captions, time_ids, seed: int, batch_size: int) -> list[_Chunk]:
+    def _make_chunks(self, latents, captions, time_ids, seed: int, batch_size: int, kept: set[int]) -> list[_Chunk]:
         generator = torch.Generator().manual_seed(seed)
         rows: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor, int, str, Sequence[int]]]] = {}
-        for latent, caption, ids in zip(latents, captions, time_ids):
+        for i, (latent, caption, ids) in enumerate(zip(latents, captions, time_ids)):
             for t in self.timesteps:
+                # Drawn for every image, so a kept image has the same noise as without max_batches.
                 noise = torch.randn(latent.shape, generator=generator)
-                rows.setdefault(tuple(latent.shape), []).append((latent, noise, t, caption, ids))
+                if i in kept:
+                    rows.setdefault(tuple(latent.shape), []).append((latent, noise, t, caption, ids))
         chunks = []
         for shape in sorted(rows):
             group = rows[shape]
@@ -111,6 +116,20 @@ class Validator:
         return total / count
 
 
+def first_batches(shapes: Sequence[tuple[int, ...]], batch_size: int, max_batches: int | None) -> set[int]:
+    """The images (indices) of the first `max_batches` validation batches (None: every image), as
+    sd-scripts' --max_validation_steps takes the first batches of its validation loader: batches of
+    up to batch_size images of one size (bucket), the sizes in order."""
+    if max_batches is None:
+        return set(range(len(shapes)))
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        by_shape.setdefault(shape, []).append(i)
+    batches = [group[start : start + batch_size] for shape in sorted(by_shape)
+               for group in [by_shape[shape]] for start in range(0, len(group), batch_size)]  # fmt: skip
+    return {i for batch in batches[:max_batches] for i in batch}
+
+
 def make_validator(data: TrainingData, vae: torch.nn.Module, noise_scheduler, device: torch.device) -> Validator | None:
     """The validation loss of `data`'s held-out images, or None without validation_split."""
     latents = data.validation_latents(vae, device)
@@ -119,7 +138,8 @@ def make_validator(data: TrainingData, vae: torch.nn.Module, noise_scheduler, de
     captions = [data.fixed_caption(item) for item in data.validation_items]
     # SDXL's size/crop conditioning of each (centre-cropped, unflipped) validation image.
     sizes = [time_ids(a.bucket, a.image_size) for a in data.validation_assignments]
-    return Validator(latents, captions, noise_scheduler, data.validation_seed, data.batch_size, sizes)
+    return Validator(latents, captions, noise_scheduler, data.validation_seed, data.batch_size, sizes,
+                     data.options.max_validation_steps)
 
 
 __all__ = ["NUM_TIMESTEPS", "Validator", "make_validator", "split_validation", "validation_timesteps"]

@@ -45,7 +45,8 @@ WRITTEN_WHEN_GIVEN = ("ss_training_comment", "modelspec.author", "modelspec.desc
 # Options added after tests/data/unchanged_outputs.json was recorded: written only when on, so a
 # default run's metadata stays as it was (sd-scripts writes them always, False / None when off).
 WRITTEN_WHEN_ON = ("ss_noise_offset_random_strength", "ss_ip_noise_gamma_random_strength", "ss_face_crop_aug_range",
-                   "ss_resize_interpolation", "ss_full_fp16", "ss_fp8_base", "ss_fp8_base_unet")  # fmt: skip
+                   "ss_resize_interpolation", "ss_full_fp16", "ss_fp8_base", "ss_fp8_base_unet",
+                   "ss_max_validation_steps")  # fmt: skip
 # What output.no_metadata keeps besides the modelspec.* keys (and the sshs_* hashes save_lora
 # adds): sd-scripts' train_util.SS_METADATA_MINIMUM_KEYS, what a loader needs to apply the network.
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",

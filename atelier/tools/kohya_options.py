@@ -205,6 +205,7 @@ HOW: dict[str, dict[str, Any]] = {
     "dataset.validation_split": {"convert": _unless_zero},
     "dataset.validation_seed": {"convert": _with_validation},
     "dataset.validate_every_n_epochs": {"convert": _with_validation},
+    "dataset.max_validation_steps": {"convert": _with_validation},
     "dataset.validate_every_n_steps": {"convert": _with_validation},
     "training.max_train_epochs": {"convert": _epochs_unless_steps},
     "training.train_batch_size": {"dataset_key": "batch_size"},

@@ -202,6 +202,11 @@ class DatasetConfig:
         None, flag="validate_every_n_steps",
         doc="Also measure the validation loss every this many steps (a search's pruner hears it sooner).",
     )
+    max_validation_steps: Optional[int] = option(
+        None, flag="max_validation_steps", ss="ss_max_validation_steps",
+        doc="Measure the validation loss on the first n batches of held-out images only (batches of "
+        "train_batch_size images of one size, each at every validation timestep); null: all of them.",
+    )
 
     def __post_init__(self) -> None:
         """Raise DatasetError naming the first bad `dataset.*` value."""
@@ -234,6 +239,14 @@ class DatasetConfig:
             raise DatasetError(f"dataset.validate_every_n_epochs must be at least 1, got {self.validate_every_n_epochs}")
         if self.validate_every_n_steps is not None and self.validate_every_n_steps < 1:
             raise DatasetError(f"dataset.validate_every_n_steps must be at least 1, got {self.validate_every_n_steps}")
+        if self.max_validation_steps is not None and self.max_validation_steps < 1:
+            # sd-scripts would measure nothing (min(0, batches) = 0 batches) and log no validation loss.
+            raise DatasetError(f"dataset.max_validation_steps must be at least 1 (null: every validation batch), "
+                               f"got {self.max_validation_steps}")
+        if self.max_validation_steps is not None and not self.validation_split:
+            raise DatasetError(f"dataset.max_validation_steps={self.max_validation_steps} caps the validation batches, "
+                               "and dataset.validation_split is 0 (nothing is held out): set it (e.g. 0.2) or drop "
+                               "dataset.max_validation_steps")
         caption_options(self)  # CaptionOptions' own rules (its messages start with the key)
         check_subsets(self)
         check_face_crop_aug_range(self)
