@@ -62,3 +62,24 @@ def test_save_model_as_takes_safetensors_and_says_why_not_the_others(value, why)
         make_cfg(f"output.save_model_as={value}")
     assert make_cfg("output.save_model_as=safetensors").output.save_model_as == "safetensors"
 
+
+
+@pytest.mark.parametrize(("epochs", "ratio", "every"), [(10, 3, 3), (10, 4, 2), (5, 2, 2), (5, 5, 1), (5, 9, 1)])
+def test_save_n_epoch_ratio_is_sd_scripts_arithmetic(epochs, ratio, every):
+    # train_network.py: save_every_n_epochs = floor(num_train_epochs / save_n_epoch_ratio) or 1.
+    out = make_cfg(f"output.save_n_epoch_ratio={ratio}").output
+    assert out.epochs_between_checkpoints(epochs) == every
+    assert make_cfg("output.save_every_n_epochs=4").output.epochs_between_checkpoints(epochs) == 4  # ratio null
+
+
+def test_save_n_epoch_ratio_replaces_save_every_n_epochs(tmp_path):
+    # 9 steps of 2 a epoch: 5 epochs (sd-scripts counts them from max_train_steps too); ratio 2: every 2 epochs.
+    run_dir, summary = train(tmp_path, "training.max_train_steps=9", "training.train_batch_size=28",
+                             "output.save_every_n_epochs=1", "output.save_n_epoch_ratio=2")  # fmt: skip
+    assert saved(run_dir) == ["demo-000002.safetensors", "demo-000004.safetensors", "demo.safetensors"]
+    assert load_lora(run_dir / "demo-000004.safetensors")[1]["ss_epoch"] == "4"
+
+
+def test_save_n_epoch_ratio_below_one_is_refused():
+    with pytest.raises(ConfigError, match=r"output.save_n_epoch_ratio must be at least 1 \(or null\), got 0"):
+        make_cfg("output.save_n_epoch_ratio=0")

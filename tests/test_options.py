@@ -45,7 +45,7 @@ EXPORT_RUNS = [
         "scheduler=warmup_stable_decay", "scheduler.warmup_steps=10", "scheduler.min_lr_ratio=0.1",
         "scheduler.decay_steps=5", "scheduler.timescale=100", "scheduler.step_rules='1:10,0.5'",
         "dataset.reg_data_dir=/data/reg", "dataset.validation_split=0.1", "dataset.validation_seed=3",
-        "dataset.validate_every_n_steps=50", "dataset.max_validation_steps=2", "output.save_every_n_steps=50", "output.save_last_n_epochs=2",
+        "dataset.validate_every_n_steps=50", "dataset.max_validation_steps=2", "output.save_every_n_steps=50", "output.save_last_n_epochs=2", "output.save_n_epoch_ratio=3",
         "output.save_last_n_steps=100",
         "dataset.caption_prefix=a", "dataset.caption_suffix=b", "dataset.keep_tokens_separator='|||'",
         "dataset.max_token_length=150", "dataset.enable_bucket=true", "dataset.bucket_no_upscale=true",

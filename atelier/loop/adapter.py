@@ -247,7 +247,8 @@ class Adapter(AdapterState):
         """The epoch's checkpoint and samples, when the output and sampling options ask for them."""
         out = self.cfg.output
         is_last = epoch == self.plan.num_epochs
-        if out.save_every_n_epochs and epoch % out.save_every_n_epochs == 0 and not is_last:
+        every_n_epochs = out.epochs_between_checkpoints(self.plan.num_epochs)
+        if every_n_epochs and epoch % every_n_epochs == 0 and not is_last:
             path = self.run_dir / f"{out.output_name}-{epoch:06d}.safetensors"
             self._save(path, epoch)
             self.result.checkpoints.append(path)

@@ -74,7 +74,7 @@ NOT_HERE: dict[str, str] = {
                                  "sd-scripts' SD1/SD2/SDXL UNets take no such argument (train_network.py stops with a "
                                  "TypeError), and those are the models Atelier trains",
     **{name: _NOT_YET for name in (
-        "save_n_epoch_ratio", "initial_epoch", "initial_step", "skip_until_initial_step",
+        "initial_epoch", "initial_step", "skip_until_initial_step",
     )},
 }  # fmt: skip
 

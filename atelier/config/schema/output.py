@@ -32,6 +32,11 @@ class OutputConfig:
     )
     save_every_n_epochs: Optional[int] = option(5, flag="save_every_n_epochs",
                                                 doc="An intermediate LoRA every n epochs (null: only the final one).")
+    save_n_epoch_ratio: Optional[int] = option(
+        None, flag="save_n_epoch_ratio",
+        doc="Save about n epoch checkpoints over the run: one every floor(epochs / n) epochs (at least every "
+        "epoch), in place of save_every_n_epochs (null: save_every_n_epochs decides).",
+    )
     save_every_n_steps: Optional[int] = option(
         None, flag="save_every_n_steps",
         doc="Also an intermediate LoRA every n steps, <output_name>-step<8 digits> (null: not by step).",
@@ -181,8 +186,9 @@ class OutputConfig:
             why = _NOT_SAVED_AS.get(self.save_model_as, "not a format sd-scripts saves a LoRA in")
             raise ConfigError(f"output.save_model_as={self.save_model_as}: {why}; set output.save_model_as=safetensors "
                               "(A1111, ComfyUI, sd-scripts and diffusers load it)")  # fmt: skip
-        for name in ("save_every_n_steps", "save_last_n_epochs", "save_last_n_steps", "save_last_n_epochs_state",
-                     "save_last_n_steps_state"):
+        # sd-scripts reads a save_n_epoch_ratio of 0 as off: here that is null.
+        for name in ("save_n_epoch_ratio", "save_every_n_steps", "save_last_n_epochs", "save_last_n_steps",
+                     "save_last_n_epochs_state", "save_last_n_steps_state"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"output.{name} must be at least 1 (or null), got {value}")
@@ -193,6 +199,13 @@ class OutputConfig:
             if getattr(self, kept) is not None and not (self.save_state and getattr(self, every)):
                 raise ConfigError(f"output.{kept} keeps the states saved every output.{every}, and none are saved: set "
                                   f"output.{every} (and output.save_state=true), or drop output.{kept}")
+
+    def epochs_between_checkpoints(self, num_epochs: int) -> int | None:
+        """The epochs between two epoch checkpoints of a run of `num_epochs` epochs (None: none saved):
+        save_n_epoch_ratio as train_network.py turns it into save_every_n_epochs, floor(epochs / n) or 1."""
+        if self.save_n_epoch_ratio is not None:
+            return num_epochs // self.save_n_epoch_ratio or 1
+        return self.save_every_n_epochs
 
 
 def check_thumbnail(thumbnail: str | None) -> None:
