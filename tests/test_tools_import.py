@@ -175,17 +175,17 @@ def test_a_kohya_ss_gui_json_imports_as_the_gui_would_launch_it(tmp_path, datase
 def test_options_with_no_atelier_key_are_listed_by_name(tmp_path, capsys):
     source = tmp_path / "config.toml"
     source.write_text('pretrained_model_name_or_path = "/models/sd15.safetensors"\ntrain_data_dir = "/data/x"\n'
-                      'network_module = "networks.lora"\nnetwork_dim = 4\nskip_until_initial_step = true\nmy_own_flag = 3\n'
+                      'network_module = "networks.lora"\nnetwork_dim = 4\nfused_backward_pass = true\nmy_own_flag = 3\n'
                       '[more]\nnetwork_args = ["conv_dim=4", "exclude_patterns=x", "preset=unet-only"]\n')  # fmt: skip
     out = tmp_path / "conf" / "experiment" / "x.yaml"
     assert main(["import-kohya", str(source), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "skip_until_initial_step=True: not supported yet" in printed
+    assert "fused_backward_pass=True: the optimizer step inside the backward" in printed
     assert "my_own_flag=3: not an option of sd-scripts' train_network.py" in printed
     assert "network_args=exclude_patterns=x: not an option network.module=lora takes here" in printed
     assert "network_args=preset=unet-only" in printed
     text = out.read_text()
-    assert "#   skip_until_initial_step=True" in text and "conv_dim: 4" in text
+    assert "#   fused_backward_pass=True" in text and "conv_dim: 4" in text
     assert "warning" not in printed  # what was imported makes a valid config (paths are checked when it trains)
 
 

@@ -346,6 +346,10 @@ class TrainingData:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.setstate(as_tuples(state["rng"]))
 
+    def restart_draws(self) -> None:
+        """Draw again as from the run's first epoch (training.initial_epoch / initial_step)."""
+        self.rng.seed(self.seed)
+
 
 def _subset(index: DatasetIndex, items: list[ImageItem]) -> DatasetIndex:
     """The index of the images trained on (validation images taken out)."""

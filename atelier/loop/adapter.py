@@ -47,6 +47,7 @@ from atelier.data.plan import TrainingPlan, plan_for
 from atelier.loop.samples import SampleWriter
 from atelier.optim.schedulers import ScheduleSteps
 from atelier.loop.adapter_state import AdapterState
+from atelier.loop.run_start import RunStart, run_start
 from atelier.loop.state import STATE_FILE
 from atelier.loop.validation import Validator, make_validator
 from atelier.search.trial_link import TrialLink
@@ -90,6 +91,7 @@ class Adapter(AdapterState):
         self.plan: TrainingPlan = plan_for(t, self.data.num_samples, self.data.batches_per_epoch,
                                            self.parallel.world_size)  # fmt: skip
         self.plan.log_summary(self.parallel.world_size)
+        self.start: RunStart = run_start(t, self.plan)  # training.initial_epoch / initial_step
         self.schedule = ScheduleSteps.of(cfg.scheduler, self.plan.total_steps)
         with phases.phase("model_load"):
             self.base: BaseModel = load_base(cfg, self.device)
@@ -127,8 +129,12 @@ class Adapter(AdapterState):
         return build.trains_text_encoder(self.cfg.network)
 
     @property
+    def last_step(self) -> int:
+        return self.start.last_step(self.plan)
+
+    @property
     def done(self) -> bool:
-        return self.result.steps >= self.plan.total_steps
+        return self.result.steps >= self.last_step
 
     def open_metrics(self, resumed: bool) -> None:
         """metrics.jsonl and the trackers (the main process only: one wandb run per run, not per
@@ -261,7 +267,8 @@ class Adapter(AdapterState):
     def first_samples_due(self) -> bool:
         """sampling.sample_at_first: samples before the first step (the LoRA still adds nothing),
         named for epoch 0 as sd-scripts names them; not again when a run continues (main process)."""
-        return self.cfg.sampling.sample_at_first and self.result.steps == 0 and self.parallel.is_main
+        started = self.result.steps == self.start.steps_before  # training.initial_step with skipping: not 0
+        return self.cfg.sampling.sample_at_first and started and self.parallel.is_main
 
     def _every_n_steps(self, every: int | None) -> bool:
         return bool(every) and self.result.steps % every == 0 and self.parallel.is_main

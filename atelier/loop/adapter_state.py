@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from atelier.loop.epochs import step_place
 from atelier.loop.result import EpochProgress, TrainResult
 from atelier.loop.state import (
     STATE_FILE,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from atelier.conditioning.training_data import TrainingData
     from atelier.config.schema import AtelierConfig
     from atelier.data.plan import TrainingPlan
+    from atelier.loop.run_start import RunStart
     from atelier.network.lora import LoRANetwork
     from atelier.runtime.distributed import DataParallel
 
@@ -48,6 +50,7 @@ class AdapterState:
     position: EpochProgress | None
     parallel: DataParallel
     plan: TrainingPlan
+    start: RunStart
     data: TrainingData
     network: LoRANetwork
     optimizer: torch.optim.Optimizer
@@ -125,11 +128,34 @@ class AdapterState:
                 return True
             if self.cfg.training.resume_from is not None:
                 self._start_from(Path(self.cfg.training.resume_from).expanduser())
+            if self.start.given:
+                self._begin_at_start()
         return False
+
+    def _begin_at_start(self) -> None:
+        """training.initial_epoch / initial_step (atelier.loop.run_start): the run's count starts
+        there. With skip_until_initial_step the data of the epochs before are drawn and dropped
+        (no image is loaded), and the first epoch skips its batches before the step, so the run
+        trains what an unbroken run would from that step on."""
+        start, r = self.start, self.result
+        if self.cfg.training.resume_from is not None:
+            log.warning("training.initial_epoch / initial_step: the step count and data position of training.resume_from's "
+                        "state are not used (its network, optimizer and schedule position are), as sd-scripts ignores "
+                        "the state's steps then")  # fmt: skip
+        r.epochs, r.steps, r.epoch_losses, r.validation_losses = start.epochs_before, start.steps_before, [], []
+        self.data.restart_draws()
+        self.position = None  # the first epoch's draws start from the data's state (epochs.draws)
+        if start.steps_before:
+            for epoch in range(1, start.epochs_before + 1):
+                self.data.epoch(epoch, step_place(self, epoch))
+            self.position = EpochProgress(self.data.state_dict(), start.batches_done)
+        log.info("starting at epoch %d, step %d%s", r.epochs + 1, r.steps,
+                 f" ({start.batches_done} batches of it skipped)" if start.batches_done else "")  # fmt: skip
 
     def _start_from(self, path: Path) -> None:
         """training.resume_from (sd-scripts' --resume): another run's state, under this config."""
-        state = state_to_resume_from(path, self.plan.total_steps)
+        # With training.initial_epoch / initial_step the state's step count is not used.
+        state = state_to_resume_from(path, None if self.start.given else self.plan.total_steps)
         try:
             self._load_state({**state, "checkpoints": []}, source=path.name)  # its checkpoints are the other run's
         except (RuntimeError, ValueError, KeyError) as err:  # torch's load_state_dict mismatches

@@ -31,6 +31,13 @@ class Draw:
     ends_epoch: bool
 
 
+def step_place(adapter: Adapter, epoch: int) -> StepPlace:
+    """Where `epoch`'s batches fall among the run's optimizer steps (token warmup reads it)."""
+    plan = adapter.plan
+    return StepPlace(adapter.start.first_step(epoch, plan), plan.gradient_accumulation_steps,
+                     adapter.parallel.world_size, plan.total_steps)  # fmt: skip
+
+
 def draws(adapter: Adapter) -> Iterator[Draw]:
     """The adapter's remaining batches, epoch after epoch (its data-parallel share of each)."""
     data, plan, parallel = adapter.data, adapter.plan, adapter.parallel
@@ -38,8 +45,7 @@ def draws(adapter: Adapter) -> Iterator[Draw]:
     for epoch in range(adapter.result.epochs + 1, plan.num_epochs + 1):
         if adapter.position is None:  # a fresh run's first epoch (the loop sets it at an epoch's end)
             adapter.position = EpochProgress(data.state_dict())
-        place = StepPlace((epoch - 1) * plan.updates_per_epoch, accum, parallel.world_size, plan.total_steps)
-        batches = shard(data.epoch(epoch, place), parallel.rank, parallel.world_size)
+        batches = shard(data.epoch(epoch, step_place(adapter, epoch)), parallel.rank, parallel.world_size)
         skip = adapter.position.batches_done  # a run resumed mid-epoch skips what it trained before
         if skip >= len(batches):
             yield Draw(None, epoch, skip - 1, 1, True, True)

@@ -305,7 +305,7 @@ class TrainingLoop:
         active = self.active()
         single = len(self.adapters) == 1
         return tqdm(
-            total=max((a.plan.total_steps for a in active), default=0),
+            total=max((a.last_step for a in active), default=0),
             initial=max((a.result.steps for a in active), default=0),
             desc="training" if single else f"training {len(self.adapters)} lanes",
             unit="step",

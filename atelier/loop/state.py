@@ -142,11 +142,11 @@ def read_state(path: Path, fix: str) -> dict[str, Any]:
     return state
 
 
-def state_to_resume_from(path: Path, total_steps: int) -> dict[str, Any]:
+def state_to_resume_from(path: Path, total_steps: int | None) -> dict[str, Any]:
     """training.resume_from's state, checked, for a run of `total_steps` steps (the config that
-    saved it may differ: more epochs, another schedule...)."""
+    saved it may differ: more epochs, another schedule...); None: its step count is not used."""
     state = read_state(path, "Give another state file in training.resume_from.")
-    if state["steps"] >= total_steps:
+    if total_steps is not None and state["steps"] >= total_steps:
         raise ResumeError(f"training.resume_from={path}: the state is at step {state['steps']} and this run ends at "
                           f"step {total_steps}: raise training.max_train_epochs or training.max_train_steps")
     return state

@@ -25,7 +25,6 @@ REGENERATE = ".venv/bin/atelier kohya-options --write docs/kohya-options.md"
 _HUB = "Hugging Face upload: Atelier writes local files (upload them with huggingface-cli)"
 _DEEPSPEED = ("DeepSpeed: a LoRA's optimizer state is small, so data parallelism is accelerate's DDP "
               "(training.num_processes), without ZeRO or offloading")  # fmt: skip
-_NOT_YET = "not supported yet ([13])"
 # sd-scripts options that no schema field carries, and why.
 NOT_HERE: dict[str, str] = {
     **{name: _HUB for name in ("huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
@@ -73,9 +72,6 @@ NOT_HERE: dict[str, str] = {
     "cpu_offload_checkpointing": "for the FLUX / SD3 / Lumina / Anima DiTs (their enable_gradient_checkpointing(cpu_offload=)); "
                                  "sd-scripts' SD1/SD2/SDXL UNets take no such argument (train_network.py stops with a "
                                  "TypeError), and those are the models Atelier trains",
-    **{name: _NOT_YET for name in (
-        "initial_epoch", "initial_step", "skip_until_initial_step",
-    )},
 }  # fmt: skip
 
 # sd-scripts' argument groups (the add_*_arguments function an option comes from) -> a section title.

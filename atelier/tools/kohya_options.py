@@ -218,7 +218,7 @@ HOW: dict[str, dict[str, Any]] = {
     **{f"training.{name}": {"kind": "switch"}
        for name in ("noise_offset_random_strength", "ip_noise_gamma_random_strength",
                     "scale_v_pred_loss_like_noise_pred", "full_bf16", "full_fp16", "masked_loss", "fp8_base",
-                    "fp8_base_unet")},
+                    "fp8_base_unet", "skip_until_initial_step")},
     "training.huber_scale": {"convert": lambda v, c: None if v == 1.0 else v},
     "training.attention": {"kind": "switch", "convert": _attention},
     "training.torch_compile": {"kind": "switch"},

@@ -74,6 +74,26 @@ class TrainingConfig:
         "it; the config may differ (more epochs, ...), the network's kind and shape may not.",
         kohya="sd-scripts' --resume takes a state folder",
     )
+    # Where the run starts counting (atelier/loop/run_start.py), as train_network.py reads them.
+    initial_epoch: Optional[int] = option(
+        None, flag="initial_epoch",
+        doc="Number the run's epochs from this one (1: as without it): it trains the epochs from this one to the "
+        "last, each whole, its steps counted from 0, so it is shorter. With skip_until_initial_step it starts at this "
+        "epoch's first step instead. The learning-rate schedule starts at 0 (unless resume_from gives its position).",
+    )
+    initial_step: Optional[int] = option(
+        None, flag="initial_step",
+        doc="As initial_epoch, from the epoch this step (counted over all epochs, 0: the first) falls in; with "
+        "skip_until_initial_step the run starts at this very step.",
+        kohya="sd-scripts lets initial_step win when both are given; here both is an error",
+    )
+    skip_until_initial_step: bool = option(
+        False, flag="skip_until_initial_step",
+        doc="Start at initial_step (or initial_epoch's first step) and count on from it to the run's end, on the "
+        "data an unbroken run would train from there (the epochs before are drawn, not loaded or trained).",
+        kohya="sd-scripts skips the epochs before without drawing them, and counts steps as batches with "
+        "gradient_accumulation_steps > 1",
+    )
     cpu: bool = option(False, flag="cpu", doc="Train on the CPU even when a GPU is there.",
                        kohya="an accelerate launch option")
     num_processes: int = option(
@@ -205,6 +225,7 @@ class TrainingConfig:
         if self.resume_from is not None and not Path(self.resume_from).expanduser().is_file():
             raise ConfigError(f"training.resume_from={self.resume_from}: no such file; give a training state file "
                               "(<output_name>-state.pt, <output_name>-<epoch>-state.pt or training_state.pt)")
+        check_run_start(self)
         if self.v_pred_like_loss is not None and self.v_pred_like_loss < 0:
             raise ConfigError(f"training.v_pred_like_loss must not be negative (a negative loss weight), got "
                               f"{self.v_pred_like_loss}; use e.g. 0.1, or null for off")
@@ -213,6 +234,21 @@ class TrainingConfig:
         """fp16 needs a CUDA GPU (the trainer asks, with what it found)."""
         if not self.cpu and self.mixed_precision == MixedPrecision.fp16 and not cuda_available:
             raise ConfigError("training.mixed_precision=fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+
+
+def check_run_start(t: TrainingConfig) -> None:
+    """initial_epoch / initial_step / skip_until_initial_step (where the run is past them is checked
+    against its plan: atelier.loop.run_start)."""
+    if t.initial_epoch is not None:
+        at_least("training.initial_epoch", t.initial_epoch, 1)
+    if t.initial_step is not None:
+        at_least("training.initial_step", t.initial_step, 0)
+    if t.initial_epoch is not None and t.initial_step is not None:
+        raise ConfigError(f"training.initial_epoch={t.initial_epoch} and training.initial_step={t.initial_step} both "
+                          "say where the run starts (sd-scripts lets the step win): drop one")
+    if t.skip_until_initial_step and t.initial_epoch is None and t.initial_step is None:
+        raise ConfigError("training.skip_until_initial_step skips to training.initial_step or initial_epoch, and "
+                          "neither is set: set one (training.resume_from continues at its state's step by itself)")
 
 
 def check_noise_options(t: TrainingConfig, v_parameterization: bool) -> None:
