@@ -7,12 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from atelier.conditioning.training_data import TrainingData
 from atelier.errors import ConfigError
+from atelier.loop.run import run_training
 from atelier.network.lora_file import load_lora
 from tests.test_dataset_pipeline import make_images
-from tests.test_trainer import fresh_accelerate_state, make_cfg, steps_logged, train  # noqa: F401  (fixture)
+from tests.test_trainer import (  # noqa: F401  (fixture)
+    fresh_accelerate_state,
+    interrupt_after_epoch,
+    make_cfg,
+    steps_logged,
+    train,
+)
 
 # No epoch checkpoints unless asked; a constant schedule.
 SHORT = ["network.train_unet_only=true", "scheduler=constant", "output.save_every_n_epochs=null", "sampling.limit=0"]
@@ -31,6 +39,11 @@ def eight_images(tmp_path: Path) -> list[str]:
 def batches(monkeypatch) -> list[tuple]:
     """Each batch a run trains (its images, flips, captions, noise seed), in order."""
     seen: list[tuple] = []
+    monkeypatch.setattr(TrainingData, "load", recording_load(seen))
+    return seen
+
+
+def recording_load(seen: list[tuple]):
     load = TrainingData.load
 
     def recording(self, epoch_batches):
@@ -38,8 +51,7 @@ def batches(monkeypatch) -> list[tuple]:
             seen.append((tuple(batch.indices), tuple(batch.flips), tuple(batch.captions), batch.noise_seed))
             yield batch
 
-    monkeypatch.setattr(TrainingData, "load", recording)
-    return seen
+    return recording
 
 
 def saved(run_dir: Path) -> dict[str, tuple[str, str]]:
@@ -141,3 +153,24 @@ def test_with_resume_from_the_states_step_count_is_not_used(tmp_path, eight_imag
     # Without it the run goes on from the state's step.
     resumed, _ = train(tmp_path, *SHORT, *eight_images, "training.max_train_epochs=1", state, name="resumed")
     assert [r["step"] for r in steps_logged(resumed)] == [3, 4]
+
+
+@pytest.mark.parametrize("start", [["training.initial_step=6", "training.skip_until_initial_step=true"],
+                                   ["training.initial_epoch=2"]])  # fmt: skip
+def test_a_started_run_stopped_and_started_again_ends_as_one_not_stopped(tmp_path, monkeypatch, eight_images, start,
+                                                                         batches):
+    args = [*SHORT, *eight_images, "training.max_train_epochs=3", *start]
+    straight, _ = train(tmp_path, *args, name="straight")
+    run_dir = tmp_path / "stopped"
+    run_dir.mkdir()
+    interrupt_after_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(make_cfg(*args), run_dir)
+    monkeypatch.undo()
+    monkeypatch.setattr(TrainingData, "load", recording_load(batches))  # undo() took the recording away
+    batches.clear()
+    run_training(make_cfg(*args), run_dir)  # continues from its training_state.pt, not from the start options
+    assert len(batches) == 4  # epoch 3's batches only
+    a, b = load_lora(straight / "demo.safetensors"), load_lora(run_dir / "demo.safetensors")
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    assert (a[1]["ss_epoch"], a[1]["ss_steps"]) == (b[1]["ss_epoch"], b[1]["ss_steps"])
