@@ -74,18 +74,35 @@ def tokenize_weighted(
     return chunks, torch.tensor(all_weights)
 
 
-def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor, keep_mean: bool = False) -> torch.Tensor:
     """Hidden states [batch, tokens, dim] x each token's weight [batch, tokens].
 
     sd-scripts' train_network.py / sdxl_train_network.py (library/strategy_sd.py,
     encode_tokens_with_weights): the states are multiplied, not rescaled afterwards (the older
     get_weighted_text_embeddings of fine_tune.py kept each caption's mean; train_network.py no
     longer does). A caption whose weights are all 1 comes back unchanged, bit for bit.
+
+    `keep_mean`: then rescaled so each caption's mean over tokens and features stays what it
+    was, as sd-scripts' SD1/2 sampler does (library/lpw_stable_diffusion.py,
+    get_weighted_text_embeddings: the means in float32, cast to the states' dtype). Where that
+    ratio is not finite or 0 (states averaging exactly 0) the states are left unrescaled
+    instead of becoming NaN or zero.
     """
     weights = weights.to(device=hidden.device, dtype=hidden.dtype)
     if bool((weights == 1).all()):
         return hidden
-    return hidden * weights.unsqueeze(-1)
+    weighted = hidden * weights.unsqueeze(-1)
+    if not keep_mean:
+        return weighted
+    ratio = _mean(hidden) / _mean(weighted)
+    ratio = torch.where(torch.isfinite(ratio) & (ratio != 0), ratio, torch.ones_like(ratio))
+    return weighted * ratio[:, None, None]
+
+
+def _mean(hidden: torch.Tensor) -> torch.Tensor:
+    """Each caption's mean over tokens and features, summed in float32 (half precision would
+    lose it), in the states' dtype as sd-scripts keeps it."""
+    return hidden.float().mean(dim=(-2, -1)).to(hidden.dtype)
 
 
 def split_into_chunks(ids: torch.Tensor, chunk_length: int, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -143,13 +160,14 @@ def encode_long(
     max_token_length: int | None = 75,
     clip_skip: int = 1,
     weighted: bool = False,
+    keep_mean: bool = False,
 ) -> torch.Tensor:
     """Hidden states [batch, max_token_length + 2, dim] of the captions; `weighted`: with the
-    attention weights written in them (tokenize_weighted, apply_token_weights)."""
+    attention weights written in them (tokenize_weighted, apply_token_weights; `keep_mean`: see there)."""
     if not weighted:
         return encode_chunks(text_encoder, tokenize_long(tokenizer, captions, max_token_length), clip_skip)
     chunk_ids, weights = tokenize_weighted(tokenizer, captions, max_token_length)
-    return apply_token_weights(encode_chunks(text_encoder, chunk_ids, clip_skip), weights)
+    return apply_token_weights(encode_chunks(text_encoder, chunk_ids, clip_skip), weights, keep_mean)
 
 
 __all__ = [

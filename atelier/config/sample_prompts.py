@@ -9,6 +9,11 @@ Options may come in any order and are case-insensitive: ``--n`` negative prompt,
 this prompt only, ``--g`` FLUX's distilled guidance. Lines starting with ``#`` are comments;
 blank lines are skipped.
 
+The prompt and the negative prompt may weight words A1111-style, as sd-scripts' sampler reads
+them (always, with or without weighted captions): ``(word)`` x1.1, ``[word]`` /1.1,
+``(word:1.3)``, nesting multiplies, ``\(`` for a literal bracket. They are kept here as
+written; the sampler reads them (atelier.sampling.prompt_text).
+
 A prompt file is read as sd-scripts' load_prompts reads it: a .txt of such lines; a .toml
 whose ``[prompt]`` table holds the defaults and each ``[[prompt.subset]]`` one prompt; or a
 .json list whose items are such lines or tables. A table's keys are sd-scripts' (prompt,

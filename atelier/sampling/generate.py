@@ -20,6 +20,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from atelier.sampling.manifest import append_manifest, manifest_record
+from atelier.sampling.prompt_text import text_arguments
 from atelier.config.sample_prompts import SamplePrompt
 from atelier.sampling.samplers import make_scheduler, sampler_name
 from atelier.utils.atomic import atomic_path
@@ -121,9 +122,10 @@ def generate_samples(
 
 
 def render_prompt(pipeline: StableDiffusionPipeline, prompt: SamplePrompt, clip_skip: int | None = None) -> Image.Image:
-    """One image for one prompt; its noise depends only on the prompt's seed, not on the device."""
+    """One image for one prompt; its noise depends only on the prompt's seed, not on the device.
+    A1111 weights in the prompt and the negative prompt are read (atelier.sampling.prompt_text)."""
     generator = torch.Generator(device="cpu").manual_seed(prompt.seed)
-    text_args = _text_arguments(pipeline, prompt, clip_skip)
+    text_args = text_arguments(pipeline, prompt.prompt, prompt.negative_prompt, clip_skip)
     with _scheduler_for(pipeline, prompt.sampler):
         result = pipeline(
             **text_args,
@@ -150,28 +152,6 @@ def save_sample(image: Image.Image, path: Path, prompt: SamplePrompt, sampler: s
     info.add_text("parameters", _a1111_parameters(prompt, sampler))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-
-
-def _text_arguments(pipeline: StableDiffusionPipeline, prompt: SamplePrompt, clip_skip: int | None) -> dict[str, Any]:
-    if not clip_skip or clip_skip <= 1:
-        return {"prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt or None}
-    # diffusers' own clip_skip reaches for `text_encoder.text_model`, which transformers >= 5.6
-    # removed; encoding here also keeps sd-scripts' meaning of the number.
-    return {
-        "prompt_embeds": _encode_text(pipeline, prompt.prompt, clip_skip),
-        "negative_prompt_embeds": _encode_text(pipeline, prompt.negative_prompt, clip_skip),
-    }
-
-
-def _encode_text(pipeline: StableDiffusionPipeline, text: str, clip_skip: int) -> torch.Tensor:
-    """CLIP hidden state `clip_skip` layers from the end, through the final layer norm."""
-    tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder
-    ids = tokenizer(
-        text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    hidden_states = text_encoder(ids.to(text_encoder.device), output_hidden_states=True).hidden_states
-    final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
-    return final_layer_norm(hidden_states[-clip_skip])
 
 
 @contextlib.contextmanager

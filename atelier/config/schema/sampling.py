@@ -18,7 +18,9 @@ from atelier.errors import ConfigError, MissingFileError
 class SamplingConfig:
     prompts: List[str] = option(
         default_factory=list, flag="sample_prompts",
-        doc='Lines in sd-scripts syntax: "prompt --n negative --w 512 --h 512 --s 20 --l 7 --d 1".',
+        doc='Lines in sd-scripts syntax: "prompt --n negative --w 512 --h 512 --s 20 --l 7 --d 1". Prompt and '
+            'negative are read with A1111 weights as sd-scripts\' sampler reads them: (word) x1.1, [word] /1.1, '
+            '(word:1.3), \\( for a literal bracket.',
         kohya="written to kohya_prompts.txt",
     )
     prompt_file: Optional[str] = option(None, flag="sample_prompts", doc="A file of such lines.",
