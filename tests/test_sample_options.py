@@ -130,11 +130,13 @@ def test_samples_at_first_and_every_n_steps_on_a_real_run(tmp_path, caplog):
 def test_a_continued_run_does_not_sample_at_first_again():
     """sample_at_first is about the base model: a run that starts past step 0 has no first step."""
     from atelier.loop.adapter import Adapter
+    from atelier.loop.run_start import RunStart
 
     adapter = Adapter.__new__(Adapter)  # only the fields first_samples_due reads
     adapter.cfg = make_cfg("training.max_train_steps=2", "sampling.sample_at_first=true")
     adapter.result = type("Result", (), {"steps": 3})()
     adapter.parallel = type("Parallel", (), {"is_main": True})()
+    adapter.start = RunStart()  # no training.initial_step: a fresh run starts at step 0
     assert not adapter.first_samples_due
     adapter.result.steps = 0
     assert adapter.first_samples_due
