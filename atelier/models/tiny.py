@@ -1,9 +1,10 @@
 """The built-in tiny models (random weights) for tests, demos and CI.
 
 tiny-sd15 (SD1.5-shaped), tiny-sd2-v (SD2 768-v-shaped) and tiny-sdxl (SDXL-shaped;
-the last two are built by atelier.models.tiny_variants). Each is built once per cache
-directory, deterministically, and saved as an ordinary diffusers pipeline folder, so
-it goes through exactly the same loading code as a user's model.
+these two are built by atelier.models.tiny_variants), and tiny-flux (FLUX.1-dev-shaped,
+built by atelier.models.tiny_flux). Each is built once per cache directory,
+deterministically, and saved as an ordinary diffusers pipeline folder, so it goes
+through exactly the same loading code as a user's model.
 """
 
 from __future__ import annotations
@@ -25,16 +26,19 @@ TINY_MODEL_NAME = "tiny-sd15"
 TINY_MODEL_DIRNAME = "tiny-sd15-v1"
 TINY_SD2_V_NAME = "tiny-sd2-v"
 TINY_SDXL_NAME = "tiny-sdxl"
+TINY_FLUX_NAME = "tiny-flux"
 # Built-in name -> cache folder name (same versioning rule as TINY_MODEL_DIRNAME).
 TINY_MODEL_DIRNAMES = {
     TINY_MODEL_NAME: TINY_MODEL_DIRNAME,
     TINY_SD2_V_NAME: "tiny-sd2-v-v1",
     TINY_SDXL_NAME: "tiny-sdxl-v1",
+    TINY_FLUX_NAME: "tiny-flux-v1",
 }
 CACHE_ENV_VAR = "ATELIER_CACHE"
 
 # One seed per component, so changing one component leaves the others' weights alone.
-_SEEDS = {"unet": 1234, "vae": 2345, "text_encoder": 3456, "text_encoder_2": 4567}
+# FLUX's denoiser is a "transformer"; its text_encoder_2 (T5) shares SDXL's seed, by name.
+_SEEDS = {"unet": 1234, "vae": 2345, "text_encoder": 3456, "text_encoder_2": 4567, "transformer": 5678}
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -75,9 +79,13 @@ def ensure_tiny_model(cache_dir: Path | str | None = None, name: str = TINY_MODE
 def _builder(name: str):
     if name == TINY_MODEL_NAME:
         return build_tiny_model
-    from . import tiny_variants
+    from . import tiny_flux, tiny_variants
 
-    return {TINY_SD2_V_NAME: tiny_variants.build_tiny_sd2_v, TINY_SDXL_NAME: tiny_variants.build_tiny_sdxl}[name]
+    return {
+        TINY_SD2_V_NAME: tiny_variants.build_tiny_sd2_v,
+        TINY_SDXL_NAME: tiny_variants.build_tiny_sdxl,
+        TINY_FLUX_NAME: tiny_flux.build_tiny_flux,
+    }[name]
 
 
 def _is_complete(folder: Path) -> bool:
@@ -86,7 +94,7 @@ def _is_complete(folder: Path) -> bool:
     # it one to rebuild, not one to fail on at every run.
     if not (folder / "model_index.json").is_file():
         return False
-    components = [folder / name for name in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    components = [folder / name for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")]
     return all(any(part.glob("*.safetensors")) for part in components if part.is_dir())
 
 
