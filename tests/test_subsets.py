@@ -10,6 +10,7 @@ refusals, `atelier dataset check`, and the export/import round trip.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,10 +18,11 @@ import pytest
 from safetensors import safe_open
 
 from atelier.cli import main
-from atelier.errors import DatasetError
+from atelier.errors import DatasetError, UserError
 from tests.helpers import error_lines, final_lora, run_train
 from tests.test_dataset_pipeline import data_for, make_images
 from tests.test_tools_import import export_run, import_to
+from tests.test_trainer import make_cfg
 
 DEMO = Path(__file__).resolve().parents[1] / "atelier" / "assets" / "demo_dataset"
 ORB, CUBE = DEMO / "4_atelier orb", DEMO / "6_atelier cube"
@@ -108,11 +110,18 @@ def test_reg_subsets_are_balanced_and_weighted_like_reg_data_dir(tmp_path):
     (["dataset.subsets=[{image_dir: /a/x, num_repeats: 0}]"], "num_repeats must be at least 1"),
     (["dataset.subsets=[]"], "dataset.train_data_dir is null and dataset.subsets is empty"),
 ])  # fmt: skip
-def test_bad_subsets_are_refused_before_training_naming_the_key(tmp_path, overrides, message):
-    base = ["dataset=subsets", "dataset.name=x", "dataset.subsets=[{image_dir: /a/x}]"]
-    result = run_train(*base, *overrides, f"hydra.run.dir={tmp_path}")
+def test_bad_subsets_are_refused_at_the_config_boundary_naming_the_key(overrides, message):
+    # In process: the config boundary train.py's job crosses first (the subprocess test below shows the CLI path).
+    with pytest.raises(UserError, match=re.escape(message)):
+        make_cfg("dataset=subsets", "dataset.name=x", "dataset.subsets=[{image_dir: /a/x}]", *overrides)
+
+
+def test_a_bad_subset_stops_train_py_before_training(tmp_path):
+    result = run_train("dataset=subsets", "dataset.name=x", "dataset.subsets=[{image_dir: /a/x, keep_tokens: -1}]",
+                       f"hydra.run.dir={tmp_path}")  # fmt: skip
     assert result.returncode != 0
-    assert any(message in line for line in error_lines(result)), result.stderr[-2000:]
+    assert any("dataset.subsets[0].keep_tokens must not be negative" in line for line in error_lines(result)), \
+        result.stderr[-2000:]
 
 
 def test_a_subset_key_that_is_dataset_wide_here_is_refused_naming_it(tmp_path):
