@@ -12,7 +12,8 @@ import re
 import pytest
 import torch
 
-from atelier.config.block_weights import block_count, block_lr_weights
+from atelier.config.block_weights import block_lr_weights
+from atelier.families.sd import SD_BLOCKS, SDXL_BLOCKS
 from atelier.errors import ConfigError
 from atelier.loop.build import param_groups
 from atelier.models.architectures import build_text_encoder, build_unet
@@ -71,12 +72,12 @@ def test_sdxl_blocks_follow_sd_scripts_23():
     assert attention_blocks == {5, 6, 8, 9, 11, 13, 14, 15, 16, 17, 18}
     assert block_index("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") == 5
     assert block_index("lora_unet_output_blocks_2_2_conv") == 15
-    assert block_count(False) == 25 and block_count(True) == 23
+    assert SD_BLOCKS.count == 25 and SDXL_BLOCKS.count == 23
 
 
 def _weights(*overrides: str, sdxl: bool = False) -> list[float]:
     cfg = make_cfg(*(["model=tiny_sdxl"] if sdxl else []), *overrides)
-    return block_lr_weights(cfg.network, sdxl)
+    return block_lr_weights(cfg.network, SDXL_BLOCKS if sdxl else SD_BLOCKS)
 
 
 def test_lr_weights_parse_as_sd_scripts():

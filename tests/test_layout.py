@@ -22,9 +22,10 @@ MAX_LINES = 420
 # are made of (the network kinds, the sampler names, the sample-prompt syntax); runtime is
 # the process around a run (signals, phase timing, the data-parallel rank, what jobs of one
 # process share); launchers, sweeps and tools sit beside the run and drive it. assets holds
-# the files shipped with the package.
+# the files shipped with the package. families holds what differs between model families
+# (atelier.families.family), which every layer above asks instead of branching on the version.
 LAYERS = (
-    "assets", "errors", "utils",
+    "assets", "errors", "utils", "families",
     "config", "runtime",
     "data", "conditioning", "models", "network", "objective", "optim", "sampling",
     "outputs", "search", "loop", "fused",

@@ -202,6 +202,9 @@ def test_a_value_atelier_refuses_is_said_before_training(tmp_path, capsys):
     ("python train.py --network_dim 4", "cmd.sh", "no train_network.py"),
     ("accelerate launch train_network.py --network_dim 4 8", "cmd.sh", "--network_dim takes one value, got 2"),
     ("accelerate launch train_network.py --learning_rate fast", "cmd.sh", "--learning_rate needs a number"),
+    ("accelerate launch flux_train_network.py --network_dim 4", "cmd.sh",
+     "flux_train_network.py trains no model family Atelier knows; Atelier reads runs of train_network.py, "
+     "sdxl_train_network.py"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir='a'\n[[datasets]]\n", "d.toml", "2 [[datasets]]"),
     ('dataset_config = "missing.toml"\n', "c.toml", "dataset_config=missing.toml: no such file"),
 ])  # fmt: skip

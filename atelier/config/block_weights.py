@@ -25,14 +25,12 @@ from atelier.errors import ConfigError
 
 if TYPE_CHECKING:
     from atelier.config.schema import NetworkConfig
+    from atelier.families import BlockLayout
 
 # network.* keys that are per-block lists of the UNet's blocks.
 BLOCK_LIST_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
 LR_WEIGHT_KEYS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
 BLOCK_KEYS = (*BLOCK_LIST_KEYS, *LR_WEIGHT_KEYS, "block_lr_zero_threshold")
-# sd-scripts' LoRANetwork.NUM_OF_BLOCKS / NUM_OF_MID_BLOCKS and their SDXL counterparts.
-DOWN_BLOCKS = {False: 12, True: 9}
-MID_BLOCKS = {False: 1, True: 3}
 # The presets of down_lr_weight / up_lr_weight ("name" or "name+number"), over n blocks.
 PRESETS: dict[str, Callable[[int], list[float]]] = {
     "cosine": lambda n: [math.sin(math.pi * (i / (n - 1)) / 2) for i in reversed(range(n))],
@@ -41,11 +39,6 @@ PRESETS: dict[str, Callable[[int], list[float]]] = {
     "reverse_linear": lambda n: [i / (n - 1) for i in reversed(range(n))],
     "zeros": lambda n: [0.0] * n,
 }
-
-
-def block_count(sdxl: bool) -> int:
-    """How many values each block list takes: 25 (SD1/SD2), 23 (SDXL)."""
-    return DOWN_BLOCKS[sdxl] * 2 + MID_BLOCKS[sdxl] + (2 if sdxl else 0)
 
 
 def uses_lr_weights(net: NetworkConfig) -> bool:
@@ -108,7 +101,7 @@ def check_block_fields(net: NetworkConfig) -> None:
         if value is not None:
             given = _weight_list(key, value)
             if isinstance(given, str):
-                _preset(key, given, DOWN_BLOCKS[False])
+                _preset(key, given, 2)  # the name checked here; the model's count applies later
     # Options sd-scripts reads only together with others: alone they would do nothing.
     if net.block_lr_zero_threshold is not None and not uses_lr_weights(net):
         raise ConfigError(f"network.block_lr_zero_threshold={net.block_lr_zero_threshold} applies to the block "
@@ -122,7 +115,7 @@ def check_block_fields(net: NetworkConfig) -> None:
                           "set network.conv_block_dims or unset network.conv_block_alphas")
 
 
-def block_lr_weights(net: NetworkConfig, sdxl: bool) -> list[float] | None:
+def block_lr_weights(net: NetworkConfig, layout: BlockLayout) -> list[float] | None:
     """One learning-rate factor per block (None: not block-wise), as sd-scripts' get_block_lr_weight:
     down/up presets over the model's blocks, short lists filled with 1.0, an unset part all 1.0,
     weights not above block_lr_zero_threshold (default 0) made 0; SDXL's first and last block 1.0."""
@@ -130,17 +123,16 @@ def block_lr_weights(net: NetworkConfig, sdxl: bool) -> list[float] | None:
         return None
     threshold = float(net.block_lr_zero_threshold or 0.0)
     parts = []
-    for key, n in (("down_lr_weight", DOWN_BLOCKS[sdxl]), ("mid_lr_weight", MID_BLOCKS[sdxl]),
-                   ("up_lr_weight", DOWN_BLOCKS[sdxl])):  # fmt: skip
+    for key, n in (("down_lr_weight", layout.down), ("mid_lr_weight", layout.mid), ("up_lr_weight", layout.down)):
         value = getattr(net, key)
         given = [1.0] * n if value is None else _weight_list(key, value)
         weights = _preset(key, given, n) if isinstance(given, str) else given
         if len(weights) > n:
             raise ConfigError(f"network.{key} has {len(weights)} values; this model has {n} such blocks "
-                              f"({'SDXL' if sdxl else 'SD1/SD2'}): give at most {n} (sd-scripts drops the rest)")
+                              f"({layout.name}): give at most {n} (sd-scripts drops the rest)")
         weights = weights + [1.0] * (n - len(weights))
         parts += [w if w > threshold else 0.0 for w in weights] if value is not None else weights
-    return [1.0, *parts, 1.0] if sdxl else parts
+    return [1.0, *parts, 1.0] if layout.edges else parts
 
 
 @dataclass(frozen=True)
@@ -153,13 +145,13 @@ class BlockShapes:
     conv_alphas: list[float] | None
 
 
-def block_shapes(net: NetworkConfig, sdxl: bool, conv_dim: int | None, conv_alpha: float) -> BlockShapes | None:
+def block_shapes(net: NetworkConfig, layout: BlockLayout, conv_dim: int | None, conv_alpha: float) -> BlockShapes | None:
     """sd-scripts' get_block_dims_and_alphas then remove_block_dims_and_alphas: unset lists take
     network.dim / alpha (conv_dim / conv_alpha), and a block whose lr weight is 0 gets rank 0."""
     if not is_blockwise(net):
         return None
-    n = block_count(sdxl)
-    check_block_counts(net, sdxl)
+    n = layout.count
+    check_block_counts(net, layout)
 
     def given(key: str, default: float | None) -> list[float] | None:
         value = getattr(net, key)
@@ -172,7 +164,7 @@ def block_shapes(net: NetworkConfig, sdxl: bool, conv_dim: int | None, conv_alph
     if conv_dims is not None:
         conv_dims = [int(d) for d in conv_dims]
         conv_alphas = given("conv_block_alphas", conv_alpha)
-    for i, weight in enumerate(block_lr_weights(net, sdxl) or []):
+    for i, weight in enumerate(block_lr_weights(net, layout) or []):
         if weight == 0:
             dims[i] = 0
             if conv_dims is not None:
@@ -180,17 +172,15 @@ def block_shapes(net: NetworkConfig, sdxl: bool, conv_dim: int | None, conv_alph
     return BlockShapes(dims, alphas, conv_dims, conv_alphas)
 
 
-def check_block_counts(net: NetworkConfig, sdxl: bool) -> None:
+def check_block_counts(net: NetworkConfig, layout: BlockLayout) -> None:
     """Each block list has one value per block of the model (sd-scripts asserts the same)."""
-    n = block_count(sdxl)
+    n = layout.count
     for key in BLOCK_LIST_KEYS:
         values = getattr(net, key)
         if values is not None and len(values) != n:
-            layout = ("the embedding, IN01-IN09, MID00-MID02, OUT00-OUT08, the output conv" if sdxl
-                      else "IN00-IN11, MID, OUT00-OUT11")  # fmt: skip
-            raise ConfigError(f"network.{key} has {len(values)} values; {'SDXL' if sdxl else 'SD1/SD2'} has {n} "
-                              f"blocks ({layout}): give {n}")
-    block_lr_weights(net, sdxl)  # raises on a list longer than the model's blocks
+            raise ConfigError(f"network.{key} has {len(values)} values; {layout.name} has {n} "
+                              f"blocks ({layout.blocks}): give {n}")
+    block_lr_weights(net, layout)  # raises on a list longer than the model's blocks
 
 
 def _text(values: Sequence[float], whole: bool = False) -> str:

@@ -21,11 +21,11 @@ from atelier.config.block_weights import block_lr_weights
 from atelier.config.schema import (
     AtelierConfig,
     MixedPrecision,
-    ModelVersion,
     NetworkConfig,
     part_learning_rates,
 )
 from atelier.config.schema.optimizer import is_adaptive
+from atelier.families import family_of
 from atelier.models.fp8_storage import store_weights_in_fp8
 from atelier.models.hashes import model_hashes
 from atelier.models.loading import BaseModel, load_base_model
@@ -141,7 +141,7 @@ def param_groups(
 
 def _unet_blocks(cfg: AtelierConfig, network: LoRANetwork | None, lr: float) -> list[tuple[str, ParamSelect, float]]:
     """The UNet's groups: itself, or (sd-scripts' unet_block<i>) one per block with a weight above 0."""
-    weights = block_lr_weights(cfg.network, sdxl=cfg.model.version == ModelVersion.sdxl)
+    weights = block_lr_weights(cfg.network, family_of(cfg.model.version).blocks)
     if weights is None:
         return [("unet", UNET_PREFIX, lr)]
     if network is None:

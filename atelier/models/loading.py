@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from atelier.families import FAMILIES, family_of, unet_family
 from atelier.models.load_errors import ModelLoadError, read_json, reraise_as_load_error
 from atelier.models.random_builtins import RANDOM_BUILTINS, build_random_base
 from atelier.models.pickles import PICKLE_SUFFIXES, inert_pickle_globals
@@ -47,11 +48,6 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
-
-# The text encoder's width identifies the real architectures (the tiny test
-# model matches none of them and is accepted as any version).
-_VERSION_BY_CONTEXT_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-
 
 @dataclass
 class BaseModel:
@@ -123,7 +119,7 @@ def load_base_model(
         check_single_file(
             source, "model.path", version, allow_pickle=allow_pickle, v_parameterization=v_parameterization
         )
-        if version == "sdxl":
+        if not family_of(version).loads_single_files:
             raise ModelLoadError(f"model.path: '{source}': {SDXL_SINGLE_FILE_MESSAGE}")
         config_folder = single_file_config_folder(source, config, version)
 
@@ -294,16 +290,21 @@ def _check_fully_loaded(module: torch.nn.Module, part: str, file: Path, config_h
 
 
 def _check_matches_version(unet: UNet2DConditionModel, version: str, source: Path) -> None:
-    is_sdxl = unet.config.get("addition_embed_type") == "text_time"
-    if is_sdxl != (version == "sdxl"):
-        actual = "an SDXL model" if is_sdxl else "not an SDXL model (its UNet has no text_time embedding)"
-        fix = "model.version=sdxl (e.g. model=sdxl)" if is_sdxl else "model.version to sd1 or sd2"
+    """Raise unless the loaded UNet has the marks of model.version's family and, where its text
+    width names one family, is of that family (the tiny models' widths name none)."""
+    family, config = family_of(version), unet.config
+    if not family.is_unet_of(config):
+        fits = [other.version for other in FAMILIES.values() if other.is_unet_of(config)]
+        shown = ", ".join(f"{key}={value}" for key, value in family.unet_marks.items())
+        actual = (f"an {FAMILIES[fits[0]].label} model" if len(fits) == 1
+                  else f"not an {family.label} model (its UNet config has no {shown})")  # fmt: skip
+        fix = f"model.version={fits[0]}" if len(fits) == 1 else f"model.version to {' or '.join(fits)}"
         raise ModelLoadError(f"model.version={version}, but model.path '{source}' is {actual}; set {fix}")
-    detected = _VERSION_BY_CONTEXT_DIM.get(unet.config.cross_attention_dim)
-    if detected is not None and detected != version:
+    found = unet_family(config)
+    if found is not None and found is not family:
         raise ModelLoadError(
-            f"model.version={version}, but model.path '{source}' is an {detected} model "
-            f"(cross_attention_dim {unet.config.cross_attention_dim}); set model.version={detected}"
+            f"model.version={version}, but model.path '{source}' is an {found.version} model "
+            f"(cross_attention_dim {config.cross_attention_dim}); set model.version={found.version}"
         )
 
 

@@ -3,7 +3,7 @@
 SD1/SD2 names are diffusers' (lora_unet_down_blocks_1_attentions_0_...): down block i's
 resnet / attention j is IN(1 + 3i + j) and its downsampler IN(3 + 3i); mid_block is block 12;
 up block i's j is OUT(3i + j) (index 13 + 3i + j), its upsampler OUT(3i + 2). SDXL names are
-LDM's (atelier.network.sdxl_names): time_embed / label_emb 0, input_blocks_k 1 + k,
+LDM's (atelier.families.sd): time_embed / label_emb 0, input_blocks_k 1 + k,
 middle_block_k 10 + k, output_blocks_k 13 + k, out_ 22. The per-block values themselves:
 atelier.config.block_weights.
 """

@@ -14,11 +14,11 @@ from torch import nn
 from atelier.errors import ConfigError
 from atelier.config.network_kinds import FILE_FAMILIES, PRESETS, VARIANT_TENSORS, family, kinds_of_family
 from atelier.config.network_spec import NetworkSpec
-from atelier.config.block_weights import BlockShapes, block_shapes
+from atelier.config.block_weights import BlockShapes, block_shapes, is_blockwise
 from atelier.network.blocks import block_index
 from atelier.network.lora import LoRANetwork
 from atelier.network.lora_file import load_lora
-from atelier.network.sdxl_names import is_sdxl_unet
+from atelier.families import unet_blocks
 from atelier.network.targets import LAYER_SELECTIONS, PRESET_SELECTIONS, TEXT_ENCODER_PREFIX, UNET_PREFIX, TargetLayer, belongs_to, iter_targets
 
 if TYPE_CHECKING:
@@ -32,7 +32,8 @@ def build_network(net: NetworkConfig, unet: nn.Module | None, text_encoder: nn.M
     spec = NetworkSpec.from_config(net)
     weights = net.weights
     if not weights:
-        shapes = block_shapes(net, unet is not None and is_sdxl_unet(unet), spec.conv_dim, spec.conv_alpha)
+        blockwise = unet is not None and is_blockwise(net)
+        shapes = block_shapes(net, unet_blocks(unet), spec.conv_dim, spec.conv_alpha) if blockwise else None
         if shapes is None or unet is None:
             network = create_network(spec, unet, text_encoder)
         else:

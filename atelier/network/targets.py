@@ -4,7 +4,7 @@ A name is `<prefix>_<module path with . -> _>`: `lora_unet_...` for the UNet,
 `lora_te_text_model_...` for the SD1/2 text encoder (transformers >= 5.6 dropped
 the `text_model` level; the name keeps it, as every loader expects it). SDXL: the
 two text encoders are `lora_te1_...` / `lora_te2_...`, and the UNet is named in
-the LDM layout (`lora_unet_input_blocks_...`, see atelier.network.sdxl_names).
+the LDM layout (`lora_unet_input_blocks_...`, see atelier.families.sd).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from atelier.network.sdxl_names import unet_path_mapper
+from atelier.families import unet_family
 
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
@@ -153,6 +153,18 @@ def text_encoder_prefixes(text_encoder: nn.Module | Sequence[nn.Module] | None) 
     return list(zip(SDXL_TEXT_ENCODER_PREFIXES, encoders))
 
 
+def unet_name_mapper(unet: nn.Module) -> Callable[[str], str] | None:
+    """diffusers module path -> the path its kohya LoRA name is made of, for a UNet whose family
+    names it after the original layout (SDXL); None: the diffusers path is the name."""
+    config = getattr(unet, "config", None)
+    family = None if config is None else unet_family(config)
+    if family is None or family.unet_naming == "diffusers":
+        return None
+    from atelier.models.ldm_convert import unet_module_path_mapper
+
+    return unet_module_path_mapper(unet)
+
+
 def iter_targets(
     unet: nn.Module | None, text_encoder: nn.Module | Sequence[nn.Module] | None, conv: bool = False
 ) -> Iterator[TargetLayer]:
@@ -164,4 +176,4 @@ def iter_targets(
         yield from find_targets(encoder, prefix, TEXT_ENCODER_TARGETS, text_encoder_name_root(encoder))
     if unet is not None:
         classes = UNET_TARGETS + (UNET_CONV_TARGETS if conv else ())
-        yield from find_targets(unet, UNET_PREFIX, classes, conv=conv, rename=unet_path_mapper(unet))
+        yield from find_targets(unet, UNET_PREFIX, classes, conv=conv, rename=unet_name_mapper(unet))

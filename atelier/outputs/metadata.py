@@ -17,25 +17,13 @@ from atelier.config.options import schema_fields
 from atelier.config.schema import (
     AtelierConfig,
     DatasetConfig,
-    ModelVersion,
     PartLearningRates,
     SchedulerConfig,
     part_learning_rates,
 )
 from atelier.config.network_spec import kohya_module, kohya_network_args
+from atelier.families import family_of
 
-BASE_MODEL_VERSIONS = {
-    (ModelVersion.sd1, False): "sd_v1",
-    (ModelVersion.sd2, False): "sd_v2",
-    (ModelVersion.sd2, True): "sd_v2_v",
-    (ModelVersion.sdxl, False): "sdxl_base_v1-0",
-}
-MODELSPEC_ARCHITECTURES = {
-    "sd_v1": "stable-diffusion-v1",
-    "sd_v2": "stable-diffusion-v2-512",
-    "sd_v2_v": "stable-diffusion-v2-768-v",
-    "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
-}
 # Keys of options written only when the option is given: sd-scripts leaves a modelspec.* field
 # that is None out (library/sai_model_spec.py); ss_training_comment, which sd-scripts writes
 # as "None", is left out too, so that a run without a comment keeps the metadata it had.
@@ -55,11 +43,6 @@ MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_netwo
 
 def _str(value: Any) -> str:
     return "None" if value is None else str(value)
-
-
-def base_model_version(version: ModelVersion | str, v_parameterization: bool) -> str:
-    version = ModelVersion(version)
-    return BASE_MODEL_VERSIONS.get((version, v_parameterization), f"{version.value}{'_v' if v_parameterization else ''}")
 
 
 def training_metadata(
@@ -86,14 +69,15 @@ def training_metadata(
     atelier.data.buckets.bucket_info; cache_latents: whether latents were cached.
     """
     t, net, out = cfg.training, cfg.network, cfg.output
-    base_version = base_model_version(cfg.model.version, cfg.model.v_parameterization)
+    family = family_of(cfg.model.version)
+    base = family.base(cfg.model.v_parameterization)
     res = cfg.dataset.resolution
     rates = part_learning_rates(cfg.optimizer)
     computed = {
         "ss_network_module": kohya_module(net),
         "ss_network_args": json.dumps(kohya_network_args(net)),
-        "ss_base_model_version": base_version,
-        "ss_v2": cfg.model.version == ModelVersion.sd2,
+        "ss_base_model_version": base.ss_name,
+        "ss_v2": family.kohya_v2,
         "ss_sd_model_name": base_model_name,
         "ss_unet_lr": None if net.train_text_encoder_only else rates.unet,
         "ss_text_encoder_lr": None if net.train_unet_only else text_encoder_rates(rates),
@@ -111,10 +95,8 @@ def training_metadata(
         "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_training_started_at": started_at,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURES.get(base_version, base_version)}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if cfg.model.version == ModelVersion.sdxl
-        else "diffusers",
+        "modelspec.architecture": f"{base.architecture}/lora",
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": out.output_name if out.metadata_title is None else out.metadata_title,
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.prediction_type": "v" if cfg.model.v_parameterization else "epsilon",

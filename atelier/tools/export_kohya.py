@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from atelier.config.network_spec import kohya_network_args
+from atelier.families import family_of
 from atelier.tools.common import ToolError, check_output
 from atelier.tools.kohya_options import (  # noqa: F401 (OPTIONS: read from here too)
     OPTIONS,
@@ -160,8 +161,7 @@ def build_export(cfg: dict[str, Any], out_dir: Path) -> Export:
     prompts = sample_prompt_lines(cfg, [s.get("class_tokens", "") for s in subsets if not s.get("is_reg")])
     if prompts:
         args["sample_prompts"] = str(out_dir / PROMPTS_TXT)
-    version = cfg.get("model", {}).get("version")
-    script = "sdxl_train_network.py" if version == "sdxl" else "train_network.py"
+    script = family_of(cfg.get("model", {}).get("version", "sd1")).kohya_script
     return Export(script, accelerate, args, general, subsets, prompts, unmapped)
 
 

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from atelier.config.network_kinds import KINDS, PRESETS
 from atelier.config.options import ConfigOption
+from atelier.families import family_of_script, known_scripts
 from atelier.tools.common import ToolError, check_output
 from atelier.tools.import_dataset import import_dataset
 from atelier.tools.imported import Imported, source_path
@@ -38,7 +39,6 @@ HANDLED = {
     "max_train_steps", "output_dir",
 }  # fmt: skip
 # Atelier's model resolution (the bucket and sample default) per family.
-RESOLUTIONS = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 
 
 def import_run(run: KohyaRun) -> Imported:
@@ -85,14 +85,16 @@ def _dataset_general(run: KohyaRun) -> dict[str, Any]:
 
 
 def _model(run: KohyaRun, args: dict[str, Any], out: Imported) -> None:
-    version = "sdxl" if run.script == SDXL_SCRIPT else ("sd2" if args.get("v2") else "sd1")
+    try:
+        family = family_of_script(run.script, v2=bool(args.get("v2")))
+    except ValueError as error:
+        raise ToolError(f"{run.source}: {error}; Atelier reads runs of {', '.join(known_scripts())}") from None
     path = args.get("pretrained_model_name_or_path")
     out.set("model.name", Path(str(path)).stem if path else "imported")
     out.set("model.path", str(path) if path else "???")
     out.set("model.builtin", None)
-    out.set("model.version", version)
-    out.set("model.resolution", RESOLUTIONS[version] if not (version == "sd2" and not args.get("v_parameterization"))
-            else 512)  # fmt: skip
+    out.set("model.version", family.version)
+    out.set("model.resolution", family.base(bool(args.get("v_parameterization"))).resolution)
     if not path:
         out.notes.append("no --pretrained_model_name_or_path: set model.path before training")
 

@@ -232,6 +232,7 @@ def merge_into_checkpoint(
     """The merged state dict and metadata of `base`; plus one report line per LoRA."""
     from safetensors import safe_open
 
+    from atelier.families import FAMILIES, family_of
     from atelier.models.sources import inspect_single_file
 
     existing_file(base, "base checkpoint")
@@ -240,8 +241,9 @@ def merge_into_checkpoint(
             f"the base checkpoint must be a .safetensors single file (convert a .ckpt with `atelier convert-ckpt`): {base}"
         )
     info = inspect_single_file(base, key="base checkpoint")
-    if info.version != "sd1":
-        raise ToolError(f"'{base}' is {info.description}; merging into a checkpoint supports SD 1.x single files")
+    if not family_of(info.version).merges_into_single_files:
+        can = " and ".join(family.label for family in FAMILIES.values() if family.merges_into_single_files)
+        raise ToolError(f"'{base}' is {info.description}; merging into a checkpoint supports {can} single files")
     with safe_open(str(base), framework="pt") as handle:
         metadata = handle.metadata() or {}
         state = {key: handle.get_tensor(key) for key in handle.keys()}

@@ -11,8 +11,8 @@ from omegaconf import MISSING, SI
 from atelier.config.block_weights import check_block_counts
 from atelier.config.schema.checks import check_name
 from atelier.errors import ConfigError
+from atelier.families import family_of, second_text_encoders
 from atelier.config.schema.dataset import DatasetConfig
-from atelier.config.schema.enums import ModelVersion
 from atelier.config.schema.fields import option
 from atelier.config.schema.model import ModelConfig
 from atelier.config.schema.network import NetworkConfig
@@ -60,13 +60,14 @@ class AtelierConfig:
         """The rules that span groups; each group's own rules ran as it was built."""
         check_name("project", self.project)
         check_noise_options(self.training, self.model.v_parameterization)
-        check_block_counts(self.network, sdxl=self.model.version == ModelVersion.sdxl)
+        family = family_of(self.model.version)
+        check_block_counts(self.network, family.blocks)
         check_masked_loss(self.training, self.dataset)
         opt, sched = self.optimizer, self.scheduler
         check_schedule_fits(opt.type, sched.class_path or sched.type.value, sched.warmup_steps or sched.warmup_ratio or 0)
-        if opt.text_encoder_2_lr is not None and self.model.version != ModelVersion.sdxl:
-            raise ConfigError(f"optimizer.text_encoder_2_lr={opt.text_encoder_2_lr}: only SDXL has a second text "
-                              f"encoder (model.version={self.model.version.value}); set optimizer.text_encoder_lr")
+        if opt.text_encoder_2_lr is not None and family.text_encoders < 2:
+            raise ConfigError(f"optimizer.text_encoder_2_lr={opt.text_encoder_2_lr}: only {second_text_encoders()} has a "
+                              f"second text encoder (model.version={family.version}); set optimizer.text_encoder_lr")
         if self.training.suggest_lr:
             check_can_suggest(opt.type, opt.args)
         if self.trial is not None and self.dataset.validation_split == 0:
@@ -74,9 +75,9 @@ class AtelierConfig:
                 f"trial={self.trial}: a run of a search or a pruned sweep reports its validation loss, and "
                 "dataset.validation_split is 0: hold out images, e.g. dataset.validation_split=0.2"
             )
-        if self.model.version == ModelVersion.sdxl and self.dataset.resolution % 64:
-            log.warning("dataset.resolution=%s: SDXL buckets step by 64; a multiple of 64 suits it best",
-                        self.dataset.resolution)
+        if self.dataset.resolution % family.bucket_step:
+            log.warning("dataset.resolution=%s: %s buckets step by %s; a multiple of %s suits it best",
+                        self.dataset.resolution, family.label, family.bucket_step, family.bucket_step)
 
 
 # ConfigStore name -> schema. A YAML option extends its group's schema with
