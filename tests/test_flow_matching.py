@@ -282,16 +282,16 @@ SDSCRIPTS = Path(os.environ.get("ATELIER_SDSCRIPTS", "/tmp/sdscripts")) / "libra
 def sd_scripts(module: str, *names: str) -> SimpleNamespace:
     """sd-scripts' functions and classes named, compiled from its source file alone (its modules
     import what this environment lacks, e.g. torchvision)."""
+    path = SDSCRIPTS / f"{module}.py"
+    if not path.is_file():
+        pytest.skip(f"sd-scripts' library is not extracted at {SDSCRIPTS.parent}")
     import typing
 
-    import einops
+    einops = pytest.importorskip("einops")  # sd-scripts' flux_utils needs it
     import numpy as np
     from diffusers.configuration_utils import ConfigMixin, register_to_config
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-    path = SDSCRIPTS / f"{module}.py"
-    if not path.is_file():
-        pytest.skip(f"sd-scripts' library is not extracted at {SDSCRIPTS.parent}")
     tree = ast.parse(path.read_text(encoding="utf-8"))
     body = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names]
     assert {n.name for n in body} == set(names)
