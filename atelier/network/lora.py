@@ -101,8 +101,17 @@ class LoRAModule(PatchedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base_forward(x)
-        if self.skip_module(self.module_dropout):
+        dropped = self.dropped_low_rank(x)
+        if dropped is None:
             return out
+        h, scale = dropped
+        return out + (self.lora_up(h) * (self.multiplier * scale)).to(out.dtype)
+
+    def dropped_low_rank(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """The rank activations after this step's dropouts, and the scale they take (None: module
+        dropout leaves the whole update out). Drawn after the base forward, in kohya's order."""
+        if self.skip_module(self.module_dropout):
+            return None
         h = self.low_rank(x)
         scale = self.scale
         if self.training and self.dropout:
@@ -110,7 +119,7 @@ class LoRAModule(PatchedLayer):
         if self.training and self.rank_dropout:
             h = h * self._rank_mask(h)
             scale = scale / (1.0 - self.rank_dropout)  # keeps the expected update
-        return out + (self.lora_up(h) * (self.multiplier * scale)).to(out.dtype)
+        return h, scale
 
     def _rank_mask(self, h: torch.Tensor) -> torch.Tensor:
         """One keep/drop draw per sample and rank; broadcast over tokens / pixels."""
