@@ -290,3 +290,50 @@ def test_diffusers_loads_our_file_into_the_same_transformer_and_text_encoder(tin
     path = save_lora(tmp_path / "all.safetensors", everything.kohya_state_dict(), {})
     with pytest.raises(AssertionError):  # sum(dims) == up_weight.shape[0]: FLUX.1's 21504 rows, not 224
         pipeline.load_lora_weights(str(path))
+
+
+def lora_grads(transformer, network, checkpointing: bool) -> dict[str, torch.Tensor]:
+    """The gradients of the network's weights for one training-like step (dropouts drawn from seed 5)."""
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    network.zero_grad(set_to_none=True)
+    network.apply_to()
+    try:
+        torch.manual_seed(5)
+        out = transformer(**transformer_inputs(transformer))[0]
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    finally:
+        network.restore()
+        transformer.disable_gradient_checkpointing()
+    return {name: p.grad.clone() for name, p in network.named_parameters()}
+
+
+def test_training_gradients_are_the_fused_layers_with_and_without_checkpointing(pipeline):
+    """A fused module's down gets the gradient of BFL's one Linear (its parts' contributions summed),
+    and gradient checkpointing (which runs each block's forward again) changes no gradient: the
+    parts of the recomputed forward share that forward's own dropout draws."""
+    transformer = pipeline.transformer
+    network = build_flux_network(transformer, RANK, ALPHA, dropout=0.1, rank_dropout=0.25)
+    perturb(network)
+    module = network.loras["lora_unet_single_blocks_0_linear1"]
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
+    weights = torch.randn(2, 5, sum(b - a for a, b in module.rows), generator=torch.Generator().manual_seed(6))
+    network.apply_to()
+    try:
+        torch.manual_seed(9)
+        (torch.cat([part(x) for part in module.parts], dim=-1) * weights).sum().backward()
+    finally:
+        network.restore()
+    got = module.lora_down.weight.grad.clone(), module.lora_up.weight.grad.clone()
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(9)  # the fused layer by hand, with the draws in kohya's order
+    h = F.dropout(F.linear(x, module.lora_down.weight), p=0.1)
+    h = h * (torch.rand(2, RANK) > 0.25).float()[:, None, :]
+    ((h @ module.lora_up.weight.T * (ALPHA / RANK / 0.75)) * weights).sum().backward()
+    # down's gradient sums the parts' contributions, ours part by part, by hand in one matmul: equal to rounding.
+    torch.testing.assert_close(got, (module.lora_down.weight.grad, module.lora_up.weight.grad), rtol=1e-4, atol=1e-5)
+
+    plain = lora_grads(transformer, network, checkpointing=False)
+    assert all(grad.abs().max() > 0 for grad in plain.values())
+    checkpointed = lora_grads(transformer, network, checkpointing=True)
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6)
