@@ -17,6 +17,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist (README's `-n 2`) each worker, and every run it starts, computes on one
+# thread: torch processes that each spin a thread per core slow each other down many times
+# over. Set before any test module imports torch, which reads them once.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
 
 SESSION_CACHE: list[Path] = []  # set by pytest_configure
 
