@@ -206,7 +206,7 @@ def test_a_killed_launcher_takes_its_training_children_with_it(tmp_path):
     sweep_dir = tmp_path / "sweep"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, str(TRAIN), "-m", "hydra/launcher=local_gpus", "hydra.launcher.cpu_slots=1",
-               "hydra.launcher.gpus=null", "network.dim=4,8", "training.max_train_epochs=20", "output.save_every_n_epochs=null",
+               "hydra.launcher.gpus=null", "network.dim=4,8", "training.max_train_epochs=6", "output.save_every_n_epochs=null",
                "sampling.sample_every_n_epochs=null", "sampling.limit=1", "sampling.steps=1", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
     launcher = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     job = sweep_dir / "network.dim=4"
