@@ -90,3 +90,18 @@ def test_nothing_outside_the_families_branches_on_the_version():
         found += [f"{relative}:{n}: {line.strip()}" for n, line in enumerate(path.read_text().splitlines(), 1)
                   if BRANCH.search(line)]  # fmt: skip
     assert not found, "ask atelier.families instead of branching on the version:\n" + "\n".join(found)
+
+
+def test_a_unet_of_no_family_is_refused_naming_the_families(tmp_path):
+    from types import SimpleNamespace
+
+    from atelier.models.load_errors import ModelLoadError
+    from atelier.models.loading import _check_matches_version
+
+    class Config(dict):  # diffusers' configs read both ways
+        __getattr__ = dict.__getitem__
+
+    unet = SimpleNamespace(config=Config(addition_embed_type="image", cross_attention_dim=64))
+    with pytest.raises(ModelLoadError, match="is not an SD1 model .*set model.path to a base model of one of: "
+                                             "sd1, sd2, sdxl"):  # fmt: skip
+        _check_matches_version(unet, "sd1", tmp_path)

@@ -1,5 +1,5 @@
-"""Model families as plug-ins (atelier.families.family): every version-dependent fact or call
-is asked of `family_of(model.version)`. Registered here, in model.version's order."""
+"""Model families as plug-ins (atelier.families.family): every version-dependent fact is asked
+of `family_of(model.version)`. Registered here, in model.version's order."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from atelier.families.sd import SD1, SD2, SDXL  # noqa: F401  (SD1 / SD2 / SDXL:
 
 FAMILIES: dict[str, ModelFamily] = {family.version: family for family in (SD1, SD2, SDXL)}
 
-__all__ = ["FAMILIES", "BaseVersion", "BlockLayout", "ModelFamily", "family_of", "family_of_script", "known_scripts", "second_text_encoders",
-           "unet_blocks", "unet_family"]
+__all__ = ["FAMILIES", "BaseVersion", "BlockLayout", "ModelFamily", "family_of", "family_of_script", "known_scripts",
+           "second_text_encoders", "unet_blocks", "unet_family"]
 
 
 def family_of(version: Any) -> ModelFamily:

@@ -1,10 +1,11 @@
 """What Atelier must know of one model family, in one place.
 
 A model family (SD1.x, SD2.x, SDXL; FLUX.1 next) is a `ModelFamily`: the facts that differ
-between families and the calls whose form differs. Code that used to branch on
-`model.version` asks the family of the config instead (atelier.families.family_of), so a
-family is added by writing one module (atelier/families/sd.py is the SD one) and registering
-it, not by threading a new branch through the trainer, metadata, naming and tools.
+between families. Code that used to branch on `model.version` asks the family of the config
+instead (atelier.families.family_of), so a family is added by writing one module
+(atelier/families/sd.py is the SD one) and registering it. The behaviour that differs (loading,
+conditioning, the objective, sampling) is not on the family yet: it is still chosen by the data
+it is given (SDXL's text, the number of text encoders, the pipeline class).
 """
 
 from __future__ import annotations

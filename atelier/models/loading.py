@@ -298,7 +298,8 @@ def _check_matches_version(unet: UNet2DConditionModel, version: str, source: Pat
         shown = ", ".join(f"{key}={value}" for key, value in family.unet_marks.items())
         actual = (f"an {FAMILIES[fits[0]].label} model" if len(fits) == 1
                   else f"not an {family.label} model (its UNet config has no {shown})")  # fmt: skip
-        fix = f"model.version={fits[0]}" if len(fits) == 1 else f"model.version to {' or '.join(fits)}"
+        fix = (f"model.version={fits[0]}" if len(fits) == 1 else f"model.version to {' or '.join(fits)}" if fits
+               else f"model.path to a base model of one of: {', '.join(FAMILIES)}")  # fmt: skip
         raise ModelLoadError(f"model.version={version}, but model.path '{source}' is {actual}; set {fix}")
     found = unet_family(config)
     if found is not None and found is not family:
