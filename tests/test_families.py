@@ -12,7 +12,7 @@ import re
 import pytest
 
 from atelier.config.schema import ModelVersion
-from atelier.families import FAMILIES, family_of, family_of_script, known_scripts, unet_blocks, unet_family
+from atelier.families import FAMILIES, FLUX1, family_of, family_of_script, known_scripts, unet_blocks, unet_family
 from atelier.families.sd import SD1, SD2, SD_BLOCKS, SDXL, SDXL_BLOCKS
 from tests.helpers import REPO_ROOT
 
@@ -52,12 +52,13 @@ def test_scripts_and_flags_are_sd_scripts():
     assert family_of_script("train_network.py") is SD1
     assert family_of_script("train_network.py", v2=True) is SD2
     assert family_of_script("sdxl_train_network.py") is SDXL
-    assert known_scripts() == ["train_network.py", "sdxl_train_network.py"]
+    assert family_of_script("flux_train_network.py") is FLUX1
+    assert known_scripts() == ["train_network.py", "sdxl_train_network.py", "flux_train_network.py"]
     assert [f.kohya_v2 for f in (SD1, SD2, SDXL)] == [False, True, False]
     assert [(f.loads_single_files, f.merges_into_single_files) for f in (SD1, SD2, SDXL)] == [
         (True, True), (True, False), (False, False)]  # fmt: skip
-    with pytest.raises(ValueError, match="flux_train_network.py trains no model family"):
-        family_of_script("flux_train_network.py")
+    with pytest.raises(ValueError, match="sd3_train_network.py trains no model family"):
+        family_of_script("sd3_train_network.py")
 
 
 def test_block_layouts_count_as_sd_scripts():

@@ -134,10 +134,10 @@ def test_the_kohya_flux_lora_modules_are_found_on_its_transformer(pipeline):
     assert fused_out_features(pipeline.transformer, linear1) == [32, 32, 32, 128]  # q, k, v, MLP (4 x 32)
 
 
-def test_training_on_tiny_flux_is_refused_until_flux_training_exists(tmp_path):
+def test_tiny_flux_given_as_an_sd_model_is_refused_naming_model_flux1(tmp_path):
     from tests.helpers import error_lines, run_train
 
     result = run_train("model.builtin=tiny-flux", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0
-    assert any("model.builtin=tiny-flux: tiny-flux is the tiny FLUX.1 model" in line for line in error_lines(result)), \
-        result.stderr[-2000:]
+    assert any("is a FLUX.1 pipeline (FluxPipeline); train it with model=flux1" in line
+               for line in error_lines(result)), result.stderr[-2000:]

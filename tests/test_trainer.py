@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 import atelier.config
 from atelier.config.schema import AtelierConfig
 from atelier.config.typed import run_config
-from atelier.loop import adapter as trainer_module
+from atelier.objective import steps as steps_module
 from atelier.loop.adapter import Adapter
 from atelier.loop.build import load_base
 from atelier.loop.trainer import NonFiniteLossError, Trainer
@@ -193,7 +193,7 @@ def test_v_parameterization_sets_the_target(tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
-    real_loss = trainer_module.diffusion_loss
+    real_loss = steps_module.diffusion_loss
     calls = {"n": 0}
 
     def loss_that_breaks(*args, **kwargs):
@@ -201,7 +201,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoints(tmp_path, monkeypatch):
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 10 else loss
 
-    monkeypatch.setattr(trainer_module, "diffusion_loss", loss_that_breaks)
+    monkeypatch.setattr(steps_module, "diffusion_loss", loss_that_breaks)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     cfg = make_cfg("training.max_train_epochs=3", "training.train_batch_size=8", "output.save_every_n_epochs=1")

@@ -11,6 +11,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from atelier.config.schema import TrainingConfig
+from atelier.objective.steps import DiffusionObjective
+
 from atelier.errors import DatasetError
 from atelier.loop.trainer import Trainer
 from atelier.loop.validation import Validator, first_batches
@@ -38,7 +41,8 @@ class ZeroUNet(torch.nn.Module):
 def validator(max_batches: int | None) -> Validator:
     latents = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(SHAPES)]
     captions = [f"image {i}" for i in range(len(SHAPES))]
-    return Validator(latents, captions, DDPMScheduler(num_train_timesteps=1000), seed=5, batch_size=2,
+    objective = DiffusionObjective(TrainingConfig(), DDPMScheduler(num_train_timesteps=1000))
+    return Validator(latents, captions, objective, seed=5, batch_size=2,
                      max_batches=max_batches)  # fmt: skip
 
 

@@ -28,6 +28,7 @@ import torch
 
 from atelier.config.schema import DatasetConfig
 from atelier.conditioning.caption_encoder import CaptionEncoder
+from atelier.conditioning.flux_text import FluxCaptionEncoder, FluxTextOptions
 from atelier.conditioning.sdxl import SDXLCaptionEncoder, time_ids
 from atelier.data.buckets import (
     BucketManager,
@@ -243,16 +244,21 @@ class TrainingData:
 
     # ------------------------------------------------- captions, validation
     def caption_encoder(
-        self, tokenizer, text_encoder, *, frozen: bool, clip_skip: int, autocast: Callable[[], AbstractContextManager]
+        self, tokenizer, text_encoder, *, frozen: bool, clip_skip: int, autocast: Callable[[], AbstractContextManager],
+        flux_text: FluxTextOptions | None = None,
     ) -> CaptionEncoder:
         """The run's caption encoder; it caches per caption when `frozen` and captions are static.
 
-        tokenizer / text_encoder: one each, or lists (SDXL's two: an SDXLCaptionEncoder).
+        tokenizer / text_encoder: one each, or lists (SDXL's two: an SDXLCaptionEncoder; FLUX's
+        CLIP-L and T5 with `flux_text`: a FluxCaptionEncoder).
         """
         wanted = bool(self.options.cache_text_encoder_outputs) and frozen
         tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
         text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
         encoder_class = SDXLCaptionEncoder if len(text_encoders) > 1 else CaptionEncoder
+        extra = {}
+        if flux_text is not None:
+            encoder_class, extra = FluxCaptionEncoder, {"options": flux_text}
         encoder = encoder_class(
             tokenizers if len(tokenizers) > 1 else tokenizers[0],
             text_encoders if len(text_encoders) > 1 else text_encoders[0],
@@ -261,6 +267,7 @@ class TrainingData:
             cache=wanted and self.static_captions,
             autocast=autocast,
             weighted=self.options.weighted_captions,
+            **extra,
         )
         if self.options.weighted_captions:
             self._warn_brackets_cut_apart()

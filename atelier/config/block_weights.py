@@ -172,8 +172,15 @@ def block_shapes(net: NetworkConfig, layout: BlockLayout, conv_dim: int | None, 
     return BlockShapes(dims, alphas, conv_dims, conv_alphas)
 
 
-def check_block_counts(net: NetworkConfig, layout: BlockLayout) -> None:
-    """Each block list has one value per block of the model (sd-scripts asserts the same)."""
+def check_block_counts(net: NetworkConfig, layout: BlockLayout | None, label: str = "this model") -> None:
+    """Each block list has one value per block of the model (sd-scripts asserts the same); a
+    family without a block layout (None: FLUX.1) takes none of the block options."""
+    if layout is None:
+        given = [key for key in BLOCK_KEYS if getattr(net, key) is not None]
+        if given:
+            raise ConfigError(f"network.{given[0]}: block-wise ranks and learning rates are the SD UNet's (IN/MID/OUT "
+                              f"blocks); {label} has none of them: unset {', '.join('network.' + k for k in given)}")
+        return
     n = layout.count
     for key in BLOCK_LIST_KEYS:
         values = getattr(net, key)

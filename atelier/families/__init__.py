@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from atelier.families.family import BaseVersion, BlockLayout, ModelFamily
-from atelier.families.sd import SD1, SD2, SDXL  # noqa: F401  (SD1 / SD2 / SDXL: importable from here)
+from atelier.families.flux import FLUX1
+from atelier.families.sd import SD1, SD2, SDXL
 
-FAMILIES: dict[str, ModelFamily] = {family.version: family for family in (SD1, SD2, SDXL)}
+FAMILIES: dict[str, ModelFamily] = {family.version: family for family in (SD1, SD2, SDXL, FLUX1)}
 
-__all__ = ["FAMILIES", "BaseVersion", "BlockLayout", "ModelFamily", "family_of", "family_of_script", "known_scripts",
+__all__ = ["FAMILIES", "FLUX1", "SD1", "SD2", "SDXL", "BaseVersion", "BlockLayout", "ModelFamily", "family_of", "family_of_script", "known_scripts",
            "second_text_encoders", "unet_blocks", "unet_family"]
 
 
@@ -49,13 +50,14 @@ def unet_family(config: Mapping[str, Any]) -> ModelFamily | None:
 
 
 def second_text_encoders() -> str:
-    """The families with a second text encoder, as messages list them: "SDXL"."""
-    return " and ".join(family.label for family in FAMILIES.values() if family.text_encoders > 1)
+    """The families with a second trainable text encoder, as messages list them: "SDXL"."""
+    return " and ".join(family.label for family in FAMILIES.values() if family.lora_text_encoders > 1)
 
 
 def unet_blocks(unet: Any) -> BlockLayout:
     """The block layout of a UNet, from its marks: the families they fit share one (SD1 and SD2)."""
-    layouts = {family.blocks for family in FAMILIES.values() if family.is_unet_of(getattr(unet, "config", {}))}
+    layouts = {family.blocks for family in FAMILIES.values()
+               if family.blocks is not None and family.is_unet_of(getattr(unet, "config", {}))}
     if len(layouts) != 1:
         raise ValueError(f"{type(unet).__name__}: not a UNet of one family's block layout ({len(layouts)} fit)")
     return layouts.pop()

@@ -1,11 +1,11 @@
 """What Atelier must know of one model family, in one place.
 
-A model family (SD1.x, SD2.x, SDXL; FLUX.1 next) is a `ModelFamily`: the facts that differ
-between families. Code that used to branch on `model.version` asks the family of the config
-instead (atelier.families.family_of), so a family is added by writing one module
-(atelier/families/sd.py is the SD one) and registering it. The behaviour that differs (loading,
-conditioning, the objective, sampling) is not on the family yet: it is still chosen by the data
-it is given (SDXL's text, the number of text encoders, the pipeline class).
+A model family (SD1.x, SD2.x, SDXL, FLUX.1) is a `ModelFamily`: the facts that differ between
+families. Code that used to branch on `model.version` asks the family of the config instead
+(atelier.families.family_of), so a family is added by writing one module (atelier/families/sd.py,
+atelier/families/flux.py) and registering it. Behaviour is named by facts here and lives in the
+layer it belongs to: `objective` picks the training step (atelier.objective.steps), `denoiser`
+the loader and the sampling pipeline.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class ModelFamily:
     bases: Mapping[bool, BaseVersion]
     modelspec_implementation: str  # the modelspec.implementation its LoRA files carry
     text_encoders: int  # how many (SDXL: 2, whose learning rates may differ)
-    blocks: BlockLayout  # its UNet's blocks for block_dims / down_lr_weight ...
+    blocks: BlockLayout | None  # its UNet's blocks for block_dims / down_lr_weight ... (None: no such options)
     bucket_step: int  # the size step its latents need (a resolution off it is warned of)
     loads_single_files: bool  # model.path may be an original-layout single file (else a diffusers folder)
     merges_into_single_files: bool  # `atelier merge` writes LoRAs into its single-file checkpoints
@@ -66,6 +66,22 @@ class ModelFamily:
     # What tells a loaded UNet of this family apart (config key -> value), checked on load.
     unet_marks: Mapping[str, Any] = field(default_factory=dict)
     cross_attention_dim: int | None = None  # its full-size text width (the tiny models have others)
+    # What it is trained to predict and how noise is drawn: "diffusion" (DDPM noise / v, the SD
+    # families) or "flow_matching" (a velocity along a straight path, FLUX.1).
+    objective: str = "diffusion"
+    denoiser: str = "UNet2DConditionModel"  # the diffusers class of its denoiser
+    # modelspec.architecture of its named variants (FLUX.1 dev / schnell), read from the model.
+    variants: Mapping[str, str] = field(default_factory=dict)
+    trainable_text_encoders: int | None = None  # how many of text_encoders a LoRA may train (None: all)
+    # model.* file options of its own besides model.path (FLUX.1's ae, clip_l, t5xxl single files).
+    extra_files: tuple[str, ...] = ()
+    merges_base_weights: bool = True  # model.base_weights can be merged into it before training
+    lora_module: str | None = None  # sd-scripts' --network_module of its LoRA (None: the network kind's)
+
+    @property
+    def lora_text_encoders(self) -> int:
+        """How many text encoders a LoRA can train (SDXL: 2, each its own lr; FLUX.1: CLIP-L only)."""
+        return self.text_encoders if self.trainable_text_encoders is None else self.trainable_text_encoders
 
     def base(self, v_parameterization: bool) -> BaseVersion:
         if v_parameterization in self.bases:

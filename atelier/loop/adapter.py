@@ -19,8 +19,10 @@ import torch
 from accelerate.utils import set_seed
 
 from atelier.conditioning.caption_encoder import CaptionEncoder
+from atelier.conditioning.flux_text import FluxTextOptions
 from atelier.config.schema import AtelierConfig
 from atelier.errors import UserError
+from atelier.families import family_of
 from atelier.loop import build
 from atelier.loop.inputs import StepInputs
 from atelier.loop.result import EpochProgress, TrainResult
@@ -32,15 +34,9 @@ from atelier.outputs.rotation import fallen_out
 from atelier.runtime import phases
 from atelier.conditioning.training_data import Batch, TrainingData
 from atelier.runtime.distributed import DataParallel
-from atelier.objective.losses import diffusion_loss, training_target
+from atelier.objective.steps import Objective, objective_for
 from atelier.loop.metrics import MetricsLog, NullMetrics
-from atelier.objective.noise import (
-    noisy_latents,
-    sample_noise,
-    sample_timesteps,
-    timestep_range,
-    with_zero_terminal_snr,
-)
+from atelier.objective.noise import timestep_range, with_zero_terminal_snr
 from atelier.optim.loss_scaling import optimizer_step, unscale_gradients
 from atelier.optim.optimizers import effective_learning_rates, has_train_eval_modes
 from atelier.data.plan import TrainingPlan, plan_for
@@ -98,6 +94,8 @@ class Adapter(AdapterState):
         timestep_range(self.base.noise_scheduler, t.min_timestep, t.max_timestep)
         if t.zero_terminal_snr:
             self.base.noise_scheduler = with_zero_terminal_snr(self.base.noise_scheduler)
+        self.family = family_of(cfg.model.version)
+        self.objective: Objective = objective_for(self.family, t, self.base.noise_scheduler, self.base.unet)
         self.data.prepare(self.base.vae, self.device)
         with phases.phase("network"):
             self.network: LoRANetwork = build.create_network(cfg, self.base, self.device, apply)
@@ -107,8 +105,9 @@ class Adapter(AdapterState):
             frozen=not self.train_text_encoder,
             clip_skip=t.clip_skip,
             autocast=self.accelerator.autocast,
+            flux_text=self._flux_text(),
         )
-        self.validator: Validator | None = make_validator(self.data, self.base.vae, self.base.noise_scheduler, self.device)
+        self.validator: Validator | None = make_validator(self.data, self.base.vae, self.objective, self.device)
         # A search's run reports its validation losses to its trial (the main process only).
         self.trial_link = TrialLink.open(self.run_dir, cfg.trial) if cfg.trial is not None and self.parallel.is_main else None
         with phases.phase("optimizer"):
@@ -123,6 +122,13 @@ class Adapter(AdapterState):
         if self.parallel.is_main:
             with phases.phase("lr_plot"):
                 build.plot_schedule(cfg, self.optimizer, self.schedule, self.run_dir, self.network)
+
+    def _flux_text(self) -> FluxTextOptions | None:
+        """FLUX's T5 options (None: a family that reads captions with CLIP alone)."""
+        if self.family.objective != "flow_matching":
+            return None
+        t = self.cfg.training
+        return FluxTextOptions(t.t5_tokens(self.base.variant), t.apply_t5_attn_mask)
 
     @property
     def train_text_encoder(self) -> bool:
@@ -148,32 +154,16 @@ class Adapter(AdapterState):
 
     # ------------------------------------------------------------------ step
     def step_inputs(self, batch: Batch) -> StepInputs:
-        """The UNet inputs of `batch`: its noise, timesteps and captions' embeddings."""
-        base, t = self.base, self.cfg.training
+        """The denoiser inputs of `batch`: its noise, timesteps and captions' embeddings."""
         latents = batch.latents.to(self.device)
         generator = batch.noise_generator()  # the batch's own stream: any process draws the same
-        noise = sample_noise(latents, generator, t.noise_offset, t.adaptive_noise_scale,
-                             t.multires_noise_iterations, t.multires_noise_discount,
-                             t.noise_offset_random_strength)  # fmt: skip
-        timesteps = sample_timesteps(len(batch), base.noise_scheduler, generator, t.min_timestep,
-                                     t.max_timestep).to(self.device)  # fmt: skip
-        noisy = noisy_latents(base.noise_scheduler, latents, noise, timesteps, generator, t.ip_noise_gamma,
-                              t.ip_noise_gamma_random_strength)  # fmt: skip
+        inputs = self.objective.draw(latents, generator)
         with self.accelerator.autocast():
-            hidden = self.captions(batch.captions, grad=self.train_text_encoder)
-        return StepInputs(latents, noise, timesteps, noisy, hidden)
+            inputs.hidden = self.captions(batch.captions, grad=self.train_text_encoder)
+        return inputs
 
     def step_loss(self, batch: Batch, inputs: StepInputs, pred: torch.Tensor) -> torch.Tensor:
-        t, scheduler = self.cfg.training, self.base.noise_scheduler
-        target = training_target(scheduler, inputs.latents, inputs.noise, inputs.timesteps)
-        weights = self.data.loss_weights(batch)
-        return diffusion_loss(
-            pred, target, scheduler, inputs.timesteps, t.min_snr_gamma, weights,
-            loss_type=t.loss_type, huber_schedule=t.huber_schedule, huber_c=t.huber_c,
-            huber_scale=t.huber_scale, debiased_estimation=t.debiased_estimation_loss,
-            scale_v_pred_loss_like_noise_pred=t.scale_v_pred_loss_like_noise_pred, v_pred_like_loss=t.v_pred_like_loss,
-            masks=batch.masks,
-        )  # fmt: skip
+        return self.objective.loss(inputs, pred, self.data.loss_weights(batch), batch.masks)
 
     def check_finite(self, loss: torch.Tensor, epoch: int) -> None:
         if torch.isfinite(loss).all():

@@ -30,7 +30,7 @@ from atelier.models.fp8_storage import store_weights_in_fp8
 from atelier.models.hashes import model_hashes
 from atelier.models.loading import BaseModel, load_base_model
 from atelier.network.base_merge import merge_base_weights
-from atelier.network.factory import build_network
+from atelier.network.factory import build_flux, build_network
 from atelier.network.blocks import block_index
 from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork, ParamSelect
 from atelier.network.targets import SDXL_TEXT_ENCODER_PREFIXES, belongs_to
@@ -164,8 +164,11 @@ def create_network(cfg: AtelierConfig, base: BaseModel, device: torch.device, ap
     run); apply=False leaves that to atelier.fused.slots (a lane of a fused group)."""
     unet = base.unet if trains_unet(cfg.network) else None
     text_encoder = base.text_encoders if trains_text_encoder(cfg.network) else None
-    # Any network.module; from network.weights (shapes read from the file) when set.
-    network = build_network(cfg.network, unet, text_encoder)
+    if family_of(cfg.model.version).unet_naming == "flux":
+        network = build_flux(cfg.network, base.unet, base.text_encoder, trains_unet(cfg.network),
+                             trains_text_encoder(cfg.network))  # fmt: skip
+    else:  # Any network.module; from network.weights (shapes read from the file) when set.
+        network = build_network(cfg.network, unet, text_encoder)
     network.to(device)
     if cfg.training.full_bf16 or cfg.training.full_fp16:
         # sd-scripts' full_bf16 / full_fp16: the trained weights (hence gradients and optimizer
@@ -235,6 +238,7 @@ def base_metadata(
         num_reg_images=data.num_reg_images,
         bucket_info=data.bucket_info,
         cache_latents=data.caches_latents,
+        variant=base.variant,
     )
     # The hashes A1111 shows for the base model (cached per file, so a sweep hashes once).
     return {**meta, **model_hashes(base.path)}

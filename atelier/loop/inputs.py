@@ -9,25 +9,12 @@ One adapter's inputs are passed on as they are: a plain run's UNet call is uncha
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from typing import Any, TypeVar
 
 import torch
 
-
-@dataclass
-class StepInputs:
-    """What one batch's UNet call takes (noisy, timesteps, hidden) and its loss needs."""
-
-    latents: torch.Tensor
-    noise: torch.Tensor
-    timesteps: torch.Tensor
-    noisy: torch.Tensor
-    hidden: Any  # text embeddings; SDXLText for SDXL
-
-    def shape_key(self) -> tuple:
-        """Inputs with equal keys can be concatenated into one UNet call."""
-        return tuple(self.noisy.shape[1:]), _text_shape(self.hidden), self.noisy.dtype
+from atelier.objective.steps import StepInputs
 
 
 T = TypeVar("T")
@@ -42,7 +29,7 @@ def same_shapes(items: Sequence[T], inputs_of: Callable[[T], StepInputs]) -> lis
 
 
 def joined(parts: list[Any]) -> Any:
-    """Tensors (or SDXLText dataclasses of tensors) concatenated along the batch; one part as it is."""
+    """Tensors (or SDXLText / FluxText dataclasses of tensors) concatenated along the batch; one part as it is."""
     if len(parts) == 1:
         return parts[0]
     if isinstance(parts[0], torch.Tensor):
@@ -52,7 +39,4 @@ def joined(parts: list[Any]) -> Any:
     raise TypeError(f"cannot concatenate text conditioning of type {type(parts[0]).__name__}")
 
 
-def _text_shape(hidden: Any) -> tuple:
-    if isinstance(hidden, torch.Tensor):
-        return tuple(hidden.shape[1:])
-    return tuple(tuple(getattr(hidden, f.name).shape[1:]) for f in fields(hidden))
+__all__ = ["StepInputs", "joined", "same_shapes"]

@@ -33,7 +33,6 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from atelier.conditioning.unet_call import unet_prediction
 from atelier.loop.adapter import Adapter
 from atelier.loop.epochs import Draw, draws
 from atelier.loop.inputs import StepInputs, joined, same_shapes
@@ -169,7 +168,7 @@ class TrainingLoop:
 
         with self._rows(group):
             with lead.accelerator.autocast():
-                pred = unet_prediction(lead.base.unet, noisy, timesteps, hidden, time_ids)
+                pred = lead.objective.predict(lead.base.unet, noisy, timesteps, hidden, time_ids)
             preds = pred.split([len(s.draw.batch) for s in group]) if len(group) > 1 else [pred]
             finite = []
             for step, adapter_pred in zip(group, preds):

@@ -74,8 +74,16 @@ def attention_processor(kind: str):
     raise ValueError(f"training.attention={kind!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
 
 
+# training.attention on a denoiser whose attention goes through diffusers' dispatcher (FLUX's
+# transformer): its backend names; the UNet takes attention processors instead.
+DISPATCH_BACKENDS = {"sdpa": "native", "math": "_native_math", "xformers": "xformers"}
+
+
 def set_attention(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], kind: str) -> None:
-    unet.set_attn_processor(attention_processor(kind))
+    if _dispatched(unet):
+        unet.set_attention_backend(DISPATCH_BACKENDS[kind])
+    else:
+        unet.set_attn_processor(attention_processor(kind))
     for text_encoder in text_encoders:
         if not hasattr(text_encoder, "set_attn_implementation"):
             continue
@@ -84,6 +92,12 @@ def set_attention(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], k
             text_encoder.set_attn_implementation("eager" if kind == "math" else "sdpa")
         except (ValueError, ImportError) as err:  # an encoder without SDPA support keeps its own
             log.info("text encoder keeps its attention implementation: %s", err)
+
+
+def _dispatched(unet: torch.nn.Module) -> bool:
+    """Whether the denoiser's attention runs through diffusers' dispatcher (its processors say)."""
+    processors = getattr(unet, "attn_processors", {})
+    return bool(processors) and all(hasattr(p, "_attention_backend") for p in processors.values())
 
 
 def apply_model_settings(base: BaseModel, t: TrainingConfig, device: torch.device) -> None:

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from atelier.conditioning.sdxl import time_ids
-from atelier.conditioning.unet_call import unet_prediction
 from atelier.data.holdout import split_validation
 from atelier.conditioning.training_data import TrainingData
-from atelier.objective.losses import training_target
+from atelier.objective.steps import Objective
 
 NUM_TIMESTEPS = 5  # t = 100, 300, 500, 700, 900 for a 1000-step schedule
 
@@ -51,7 +50,7 @@ class Validator:
         self,
         latents: Sequence[torch.Tensor],
         captions: Sequence[str],
-        noise_scheduler,
+        objective: Objective,
         seed: int,
         batch_size: int,
         time_ids: Sequence[Sequence[int]] | None = None,
@@ -61,8 +60,8 @@ class Validator:
         max_batches: dataset.max_validation_steps, the image batches measured (None: all)."""
         if len(latents) != len(captions):
             raise ValueError(f"got {len(latents)} latents for {len(captions)} captions")
-        self.scheduler = noise_scheduler
-        self.timesteps = validation_timesteps(noise_scheduler.config.num_train_timesteps)
+        self.objective = objective
+        self.timesteps = validation_timesteps(objective.scheduler.config.num_train_timesteps)
         kept = first_batches([tuple(latent.shape) for latent in latents], batch_size, max_batches)
         self.num_images = len(kept)
         time_ids = time_ids if time_ids is not None else [[0] * 6] * len(latents)
@@ -105,11 +104,11 @@ class Validator:
         for chunk in self.chunks:
             latents, noise = chunk.latents.to(device), chunk.noise.to(device)
             timesteps = chunk.timesteps.to(device)
-            noisy = self.scheduler.add_noise(latents, noise, timesteps)
+            inputs = self.objective.at_timesteps(latents, noise, timesteps)
             with autocast():
                 hidden = encode_captions(chunk.captions)
-                pred = unet_prediction(unet, noisy, timesteps, hidden, chunk.time_ids)
-            target = training_target(self.scheduler, latents, noise, timesteps)
+                pred = self.objective.predict(unet, inputs.noisy, inputs.timesteps, hidden, chunk.time_ids)
+            target = self.objective.plain_target(inputs)
             per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             total += per_sample.sum().item()
             count += per_sample.numel()
@@ -130,7 +129,7 @@ def first_batches(shapes: Sequence[tuple[int, ...]], batch_size: int, max_batche
     return {i for batch in batches[:max_batches] for i in batch}
 
 
-def make_validator(data: TrainingData, vae: torch.nn.Module, noise_scheduler, device: torch.device) -> Validator | None:
+def make_validator(data: TrainingData, vae: torch.nn.Module, objective: Objective, device: torch.device) -> Validator | None:
     """The validation loss of `data`'s held-out images, or None without validation_split."""
     latents = data.validation_latents(vae, device)
     if not latents:
@@ -138,7 +137,7 @@ def make_validator(data: TrainingData, vae: torch.nn.Module, noise_scheduler, de
     captions = [data.fixed_caption(item) for item in data.validation_items]
     # SDXL's size/crop conditioning of each (centre-cropped, unflipped) validation image.
     sizes = [time_ids(a.bucket, a.image_size) for a in data.validation_assignments]
-    return Validator(latents, captions, noise_scheduler, data.validation_seed, data.batch_size, sizes,
+    return Validator(latents, captions, objective, data.validation_seed, data.batch_size, sizes,
                      data.options.max_validation_steps)
 
 

@@ -8,7 +8,7 @@
 Files are read in chunks (never whole into memory), and the result is cached per
 (absolute path, size, mtime) in `$ATELIER_CACHE/model_hashes.json`, so a sweep
 hashes a multi-GB checkpoint once. For a diffusers folder the UNet weights are
-hashed (`unet/*.safetensors`, the shards of a sharded UNet in name order as one
+hashed (`unet/*.safetensors`, FLUX's `transformer/*.safetensors`, the shards of a sharded UNet in name order as one
 stream), since there is no single file.
 """
 
@@ -65,7 +65,9 @@ def weights_files(path: str | os.PathLike) -> list[Path]:
         return [source]
     if not source.is_dir():
         raise FileNotFoundError(f"cannot hash '{source}': no such file or folder")
-    unet = source / "unet" if (source / "model_index.json").is_file() else source
+    unet = source
+    if (source / "model_index.json").is_file():  # the denoiser's weights: SD's unet/, FLUX's transformer/
+        unet = source / "transformer" if (source / "transformer").is_dir() else source / "unet"
     weights = sorted(unet.glob("*.safetensors"))
     # "diffusion_pytorch_model.safetensors" or its shards "...-00001-of-00002.safetensors";
     # else a variant ("diffusion_pytorch_model.fp16.safetensors"), fp16 first, as the loader.

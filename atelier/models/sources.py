@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from atelier.families import FAMILIES
 from atelier.models.load_errors import ModelLoadError, read_json
 from atelier.models.pickles import PICKLE_SUFFIXES, is_pickle_file, pickle_refusal_message
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_VERSIONS = ("sd1", "sd2", "sdxl")
+SUPPORTED_VERSIONS = tuple(FAMILIES)
 # Versions the config accepts but this release cannot train yet.
 PLANNED_VERSIONS: dict[str, str] = {}
 # SDXL is trained from diffusers folders; its single files need a converter we lack.
@@ -46,8 +47,7 @@ def check_version(version: str) -> None:
 
 
 # Built-in models that exist for the tests of a family the trainer does not load yet.
-NOT_TRAINABLE_YET = {"tiny-flux": "tiny-flux is the tiny FLUX.1 model for [10]'s tests; FLUX.1 training is not "
-                                  "built yet: train the tiny SD models (model=tiny, tiny_sd2_v, tiny_sdxl)"}
+NOT_TRAINABLE_YET: dict[str, str] = {}
 
 
 def _builtin_models() -> dict[str, Any]:
@@ -100,6 +100,9 @@ def check_pipeline_folder(folder: Path, key: str) -> None:
         raise ModelLoadError(_not_a_pipeline_message(folder, key))
 
     class_name = read_json(folder / "model_index.json", key).get("_class_name", "")
+    if class_name.startswith("Flux"):
+        raise ModelLoadError(f"{key}: '{folder}' is a FLUX.1 pipeline ({class_name}); train it with model=flux1 "
+                             "(model.version=flux1), or model=tiny_flux for the built-in tiny one")
     if "Img2Img" in class_name and "XL" in class_name:
         raise ModelLoadError(
             f"{key}: '{folder}' is an SDXL refiner / img2img pipeline ({class_name}); "

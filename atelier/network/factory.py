@@ -16,6 +16,7 @@ from atelier.config.network_kinds import FILE_FAMILIES, PRESETS, VARIANT_TENSORS
 from atelier.config.network_spec import NetworkSpec
 from atelier.config.block_weights import BlockShapes, block_shapes, is_blockwise
 from atelier.network.blocks import block_index
+from atelier.network.flux_lora import build_flux_network, flux_network_from_state
 from atelier.network.lora import LoRANetwork
 from atelier.network.lora_file import load_lora
 from atelier.families import unet_blocks
@@ -48,6 +49,31 @@ def build_network(net: NetworkConfig, unet: nn.Module | None, text_encoder: nn.M
             log.warning("network.block_dims / conv_block_dims: the modules and their ranks come from network.weights")
         log.info("starting from %s (rank and alpha per module from the file)", weights)
     network.log_counts(spec.entry.display, unet is not None, text_encoder is not None)
+    return network
+
+
+def build_flux(
+    net: NetworkConfig, transformer: nn.Module, text_encoder: nn.Module, unet: bool, clip: bool
+) -> LoRANetwork:
+    """sd-scripts' lora_flux network (atelier.network.flux_lora) the `network` group describes: on
+    the transformer's network.train_blocks unless train_text_encoder_only, on CLIP-L unless
+    train_unet_only; from network.weights (ranks and alphas from the file) when set."""
+    options = {"dropout": net.dropout, "rank_dropout": net.rank_dropout, "module_dropout": net.module_dropout}
+    if net.weights:
+        try:
+            state, _ = load_lora(net.weights)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"network.weights={net.weights}: no such file (train the first stage first?)") \
+                from error
+        kept = {key: value for key, value in state.items()
+                if (belongs_to(key, TEXT_ENCODER_PREFIX) and clip) or (belongs_to(key, UNET_PREFIX) and unet)}  # fmt: skip
+        log.info("starting from %s (rank and alpha per module from the file)", net.weights)
+        return flux_network_from_state(transformer, kept, text_encoder if clip else None, str(net.weights), **options)
+    blocks = net.train_blocks.value if net.train_blocks is not None else "all"
+    network = build_flux_network(transformer, net.dim, net.alpha, blocks, text_encoder=text_encoder if clip else None,
+                                 **options)  # fmt: skip
+    if not unet:  # network.train_text_encoder_only: CLIP-L's modules alone
+        network = LoRANetwork({name: m for name, m in network.loras.items() if belongs_to(name, TEXT_ENCODER_PREFIX)})
     return network
 
 

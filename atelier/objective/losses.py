@@ -150,9 +150,13 @@ def diffusion_loss(
     scale_v_pred_loss_like_noise_pred: bool = False,
     v_pred_like_loss: float | None = None,
     masks: torch.Tensor | None = None,
+    weighting: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample loss (loss_type), optionally min-SNR, v-prediction-like and debiased weighted
     (sd-scripts' post_process_loss order), averaged over the batch.
+
+    `weighting` (FLUX's sigma_scaled loss weight, [B, 1, 1, 1]) multiplies the elementwise loss
+    before the masks, where sd-scripts' train_network.py applies it.
 
     `weights` [B] scales each sample's loss before the mean (sd-scripts' loss_weights:
     1 for train images, prior_loss_weight for regularization images). `masks` [B, H, W]
@@ -163,6 +167,8 @@ def diffusion_loss(
     if LossType(loss_type) in (LossType.huber, LossType.smooth_l1):
         threshold = huber_threshold(scheduler, timesteps, huber_schedule, huber_c, huber_scale)
     loss = elementwise_loss(pred.float(), target.float(), loss_type, threshold)
+    if weighting is not None:
+        loss = loss * weighting.to(loss.device)
     if masks is not None:
         loss = apply_masked_loss(loss, masks)
     loss = loss.mean(dim=(1, 2, 3))

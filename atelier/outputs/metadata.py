@@ -35,6 +35,10 @@ WRITTEN_WHEN_GIVEN = ("ss_training_comment", "modelspec.author", "modelspec.desc
 WRITTEN_WHEN_ON = ("ss_noise_offset_random_strength", "ss_ip_noise_gamma_random_strength", "ss_face_crop_aug_range",
                    "ss_resize_interpolation", "ss_full_fp16", "ss_fp8_base", "ss_fp8_base_unet",
                    "ss_max_validation_steps")  # fmt: skip
+# FLUX.1's keys (sd-scripts' flux_train_network.update_metadata): written for flow-matching families only.
+FLOW_MATCHING_KEYS = ("ss_model_type", "ss_apply_t5_attn_mask", "ss_weighting_scheme", "ss_logit_mean",
+                      "ss_logit_std", "ss_mode_scale", "ss_guidance_scale", "ss_timestep_sampling", "ss_sigmoid_scale",
+                      "ss_model_prediction_type", "ss_discrete_flow_shift")  # fmt: skip
 # What output.no_metadata keeps besides the modelspec.* keys (and the sshs_* hashes save_lora
 # adds): sd-scripts' train_util.SS_METADATA_MINIMUM_KEYS, what a loader needs to apply the network.
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
@@ -60,13 +64,15 @@ def training_metadata(
     num_reg_images: int = 0,
     bucket_info: dict[str, Any] | None = None,
     cache_latents: bool = True,
+    variant: str | None = None,
 ) -> dict[str, str]:
     """Metadata known when training starts; `checkpoint_metadata` adds the rest.
 
     The ss_* key of an option copied as it is comes from its schema field (option(ss=...));
     the keys below are computed (from several options, or from the run).
     num_reg_images: reg images x repeats (sd-scripts' count); bucket_info: as
-    atelier.data.buckets.bucket_info; cache_latents: whether latents were cached.
+    atelier.data.buckets.bucket_info; cache_latents: whether latents were cached; variant: the
+    loaded model's (FLUX.1 dev / schnell), which names its modelspec.architecture.
     """
     t, net, out = cfg.training, cfg.network, cfg.output
     family = family_of(cfg.model.version)
@@ -74,7 +80,7 @@ def training_metadata(
     res = cfg.dataset.resolution
     rates = part_learning_rates(cfg.optimizer)
     computed = {
-        "ss_network_module": kohya_module(net),
+        "ss_network_module": family.lora_module or kohya_module(net),
         "ss_network_args": json.dumps(kohya_network_args(net)),
         "ss_base_model_version": base.ss_name,
         "ss_v2": family.kohya_v2,
@@ -95,7 +101,7 @@ def training_metadata(
         "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_training_started_at": started_at,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{base.architecture}/lora",
+        "modelspec.architecture": f"{family.variants.get(variant, base.architecture)}/lora",
         "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": out.output_name if out.metadata_title is None else out.metadata_title,
         "modelspec.resolution": f"{res}x{res}",
@@ -103,6 +109,12 @@ def training_metadata(
         "modelspec.thumbnail": thumbnail_data_url(out.metadata_thumbnail),
     }
     meta = {**copied_metadata(cfg, skip=computed.keys()), **computed}
+    if family.objective == "flow_matching":
+        meta["ss_model_type"] = "flux"  # sd-scripts' --model_type (flux or chroma)
+        del meta["modelspec.prediction_type"]  # sd-scripts: FLUX models have none
+    else:
+        for key in FLOW_MATCHING_KEYS:
+            meta.pop(key, None)
     if not net.weights:
         del meta["ss_network_weights"]
     for key in WRITTEN_WHEN_GIVEN:

@@ -12,6 +12,7 @@ class ModelVersion(str, Enum):
     sd1 = "sd1"
     sd2 = "sd2"
     sdxl = "sdxl"
+    flux1 = "flux1"
 
 
 # network.module: one member per entry of atelier.config.network_kinds.KINDS (documented there).
@@ -91,3 +92,35 @@ class SavePrecision(str, Enum):
     float = "float"
     fp16 = "fp16"
     bf16 = "bf16"
+
+
+# FLUX.1's flow-matching options (sd-scripts' add_flux_train_arguments, atelier.objective.flow_matching).
+class TimestepSampling(str, Enum):
+    sigma = "sigma"
+    uniform = "uniform"
+    sigmoid = "sigmoid"
+    shift = "shift"
+    flux_shift = "flux_shift"
+
+
+class ModelPredictionType(str, Enum):
+    raw = "raw"
+    additive = "additive"
+    sigma_scaled = "sigma_scaled"
+
+
+class WeightingScheme(str, Enum):
+    sigma_sqrt = "sigma_sqrt"
+    logit_normal = "logit_normal"
+    mode = "mode"
+    cosmap = "cosmap"
+    none = "none"
+    uniform = "uniform"
+
+
+class TrainBlocks(str, Enum):
+    """FLUX: which transformer blocks a LoRA trains (sd-scripts' lora_flux network_args train_blocks)."""
+
+    all = "all"
+    single = "single"
+    double = "double"

@@ -11,6 +11,7 @@ from omegaconf import MISSING
 from atelier.config.schema.enums import ModelVersion
 from atelier.config.schema.fields import option
 from atelier.errors import ConfigError, MissingFileError
+from atelier.families import family_of
 
 
 @dataclass
@@ -30,14 +31,21 @@ class ModelConfig:
         kohya="sd-scripts finds (or downloads) a single file's configs itself",
     )
     vae: Optional[str] = option(None, flag="vae", doc="A VAE to use instead of the checkpoint's.")
+    # FLUX.1's other single files, as sd-scripts' flux_train_network.py and ComfyUI take them
+    # (model.path is then the BFL transformer file, model.config a local diffusers FLUX folder).
+    ae: Optional[str] = option(None, flag="ae", doc="FLUX: the autoencoder file (ae.safetensors) beside a single-file "
+                               "transformer in model.path.")
+    clip_l: Optional[str] = option(None, flag="clip_l", doc="FLUX: the CLIP-L text encoder file (clip_l.safetensors).")
+    t5xxl: Optional[str] = option(None, flag="t5xxl",
+                                  doc="FLUX: the T5-XXL text encoder file (t5xxl_fp16.safetensors, or an fp8 one).")
     allow_pickle: bool = option(
         False, doc="Pickled checkpoints (.ckpt/.pt/.bin) can run code when loaded; they are refused unless this "
         "is true (and even then read with torch's weights-only loader).",
         kohya="sd-scripts loads pickled .ckpt files without asking",
     )
     version: ModelVersion = option(ModelVersion.sd1, flag="v2", ss=("ss_base_model_version", "ss_v2"),
-                                   doc="The model family: sd1, sd2 or sdxl.",
-                                   kohya="--v2 for sd2; sdxl: sdxl_train_network.py")
+                                   doc="The model family: sd1, sd2, sdxl or flux1.",
+                                   kohya="--v2 for sd2; sdxl: sdxl_train_network.py; flux1: flux_train_network.py")
     v_parameterization: bool = option(False, flag="v_parameterization",
                                       ss=("ss_v_parameterization", "ss_base_model_version"),
                                       doc="The model predicts v (SD2 768-v), not the noise.")
@@ -69,3 +77,14 @@ class ModelConfig:
         for index, path in enumerate(self.base_weights):
             if not Path(str(path)).expanduser().is_file():
                 raise MissingFileError(f"model.base_weights[{index}]={path}: no such file (a LoRA .safetensors)")
+        family = family_of(self.version)
+        foreign = [key for key in FAMILY_FILES if getattr(self, key) and key not in family.extra_files]
+        if foreign:
+            raise ConfigError(f"model.{foreign[0]} is a FLUX.1 file and model.version={family.version}: drop "
+                              f"{', '.join('model.' + k for k in foreign)}, or use model=flux1")
+        if self.base_weights and not family.merges_base_weights:
+            raise ConfigError(f"model.base_weights: merging LoRAs into a {family.label} model before training is not "
+                              "supported yet; merge them first (atelier merge) and train on the merged file")
+
+
+FAMILY_FILES = ("ae", "clip_l", "t5xxl")  # the families' extra_files

@@ -9,7 +9,7 @@ from typing import Any, List, Optional
 from atelier.config.block_weights import check_block_fields
 from atelier.config.network_spec import LORAPLUS_KEYS, NetworkSpec
 from atelier.config.schema.checks import at_least
-from atelier.config.schema.enums import NetworkModule
+from atelier.config.schema.enums import NetworkModule, TrainBlocks
 from atelier.config.schema.fields import option
 from atelier.errors import ConfigError
 
@@ -122,6 +122,10 @@ class NetworkConfig:
         "lokr_t2): a rank x rank 3x3 core between 1x1 factors. Only with conv_dim (refused without: it would do "
         "nothing).",
         kohya="use_tucker: LyCORIS' only (without conv_dim LyCORIS would train the convs at network_dim)",
+    )
+    train_blocks: Optional[TrainBlocks] = option(
+        None, flag="network_args train_blocks", ss="ss_network_args",
+        doc="FLUX: the transformer blocks a LoRA trains: all, double (the double-stream ones) or single. Null: all.",
     )
     preset: Optional[str] = option(
         None, flag="network_args preset", ss="ss_network_args",

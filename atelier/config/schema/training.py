@@ -14,6 +14,7 @@ from atelier.config.schema.enums import (
     MixedPrecision,
 )
 from atelier.config.schema.checks import at_least
+from atelier.config.schema.flow_matching import FlowMatchingOptions
 from atelier.config.schema.fields import option
 from atelier.errors import ConfigError
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(FlowMatchingOptions):  # FLUX's options: atelier/config/schema/flow_matching.py
     seed: int = option(42, flag="seed", ss="ss_seed", doc="Seeds the weights' init, the noise and the data order.")
     max_train_epochs: Optional[int] = option(10, flag="max_train_epochs", ss="ss_num_epochs",
                                              doc="The run's length in epochs, unless max_train_steps is set.")
@@ -196,6 +197,7 @@ class TrainingConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for key in ("train_batch_size", "gradient_accumulation_steps", "clip_skip", "num_processes"):
             at_least(f"training.{key}", getattr(self, key), 1)
         # The run's length (atelier.data.plan): steps win when both are set.
@@ -273,6 +275,26 @@ def check_noise_options(t: TrainingConfig, v_parameterization: bool) -> None:
             "training.zero_terminal_snr without model.v_parameterization: the last timestep is pure "
             "noise, which an eps-prediction model predicts trivially (sd-scripts warns the same)"
         )
+
+
+# sd-scripts' SD noise and loss options that FLUX's flow matching has no use for (its FLUX script
+# draws plain noise and leaves the loss unweighted by SNR: flux_train_network.py).
+DDPM_ONLY = ("noise_offset", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
+             "min_snr_gamma", "zero_terminal_snr", "min_timestep", "max_timestep", "debiased_estimation_loss",
+             "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "clip_skip")  # fmt: skip
+
+
+def check_flow_matching_run(t: TrainingConfig, label: str) -> None:
+    """A flow-matching family (FLUX.1) refuses the DDPM-only options above when set."""
+    defaults = TrainingConfig()
+    for key in DDPM_ONLY:
+        if getattr(t, key) != getattr(defaults, key):
+            raise ConfigError(f"training.{key}={getattr(t, key)}: an SD (DDPM) noise/loss option; {label} trains "
+                              "with flow matching, which has no use for it (sd-scripts' FLUX script ignores it): drop "
+                              "it; FLUX's own options are training.timestep_sampling, discrete_flow_shift, ...")
+    if t.loss_type in (LossType.huber, LossType.smooth_l1) and t.huber_schedule == HuberSchedule.snr:
+        raise ConfigError(f"training.huber_schedule=snr reads a DDPM schedule's SNR, which {label}'s flow matching "
+                          "does not have: set training.huber_schedule=constant or exponential")
 
 
 def check_v_pred_loss_options(t: TrainingConfig, v_parameterization: bool) -> None:
