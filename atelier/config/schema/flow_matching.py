@@ -89,6 +89,7 @@ def check_flow_matching_options(options: FlowMatchingOptions, objective: str, la
         return
     defaults = FlowMatchingOptions()
     for key in FLOW_MATCHING_KEYS:
-        if getattr(options, key) != getattr(defaults, key):
-            raise ConfigError(f"training.{key}={getattr(options, key)}: a FLUX.1 flow-matching option; {label} "
+        value = getattr(options, key)
+        if value != getattr(defaults, key):
+            raise ConfigError(f"training.{key}={getattr(value, 'value', value)}: a FLUX.1 flow-matching option; {label} "
                               f"trains with DDPM noise and has no use for it: drop it (or use model=flux1)")

@@ -1,0 +1,230 @@
+"""[10] point 2: FLUX.1 LoRA training on tiny-flux (model=tiny_flux), the kohya way.
+
+The run goes through the same adapter, loop and outputs as SD's; the family's objective
+(atelier.objective.steps.FlowMatchingObjective) draws sd-scripts' flow-matching timesteps, calls
+the transformer on packed latents and scores its velocity. The saved file is checked against
+diffusers' own kohya FLUX reader on the model that was trained.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from atelier.errors import ConfigError
+from atelier.loop.trainer import Trainer
+from atelier.network.lora_file import load_lora
+from atelier.objective import flow_matching as fm
+from atelier.objective.steps import FlowMatchingObjective, flux_prediction
+from atelier.conditioning.flux_text import FluxText
+from tests.helpers import final_lora, run_train
+from tests.test_trainer import fresh_accelerate_state, make_cfg, steps_logged  # noqa: F401  (autouse fixture)
+
+FLUX = ("model=tiny_flux", "sampling.limit=0")
+
+
+def train_flux(tmp_path, *overrides: str, name: str = "run") -> Trainer:
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    trainer = Trainer(make_cfg(*FLUX, *overrides), run_dir)
+    trainer.train()
+    return trainer
+
+
+def test_tiny_flux_trains_from_the_command_line_into_a_kohya_flux_lora(tmp_path):
+    result = run_train("model=tiny_flux", "training.max_train_steps=3", "sampling.limit=0", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    state, meta = load_lora(final_lora(tmp_path))
+    names = {key.split(".")[0] for key in state}
+    # sd-scripts' lora_flux: 10 Linear layers per double block (2 here), 3 per single block (3), CLIP-L's 4 x 2 layers x 6.
+    assert sum(n.startswith("lora_unet_double_blocks_") for n in names) == 2 * 10
+    assert sum(n.startswith("lora_unet_single_blocks_") for n in names) == 3 * 3
+    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_2_linear1",
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"} <= names  # fmt: skip
+    assert all(f"{name}.alpha" in state for name in names)
+    expected = {
+        "ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux", "ss_model_type": "flux",
+        "modelspec.architecture": "flux-1-dev/lora", "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        "ss_timestep_sampling": "sigma", "ss_discrete_flow_shift": "3.0", "ss_model_prediction_type": "sigma_scaled",
+        "ss_guidance_scale": "3.5", "ss_sigmoid_scale": "1.0", "ss_weighting_scheme": "uniform",
+        "ss_apply_t5_attn_mask": "False", "ss_v2": "False",
+    }  # fmt: skip
+    assert {key: meta.get(key) for key in expected} == expected
+    assert "modelspec.prediction_type" not in meta  # sd-scripts writes none for FLUX
+    losses = [row["loss/step"] for row in steps_logged(tmp_path)]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_sd_runs_carry_no_flux_keys(tmp_path):
+    trainer = Trainer(make_cfg("training.max_train_steps=1", "sampling.limit=0"), tmp_path)
+    trainer.train()
+    _, meta = load_lora(tmp_path / "demo.safetensors")
+    assert not {"ss_timestep_sampling", "ss_guidance_scale", "ss_model_type"} & set(meta)
+    assert meta["ss_network_module"] == "networks.lora"
+
+
+@torch.no_grad()
+def transformer_output(transformer, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    config = transformer.config
+    latents = torch.randn(2, 16, 8, 8, generator=generator)
+    text = FluxText(torch.randn(2, 7, config.joint_attention_dim, generator=generator),
+                    torch.randn(2, config.pooled_projection_dim, generator=generator), torch.ones(2, 7))  # fmt: skip
+    return flux_prediction(transformer, latents, torch.tensor([300.0, 800.0]), text, guidance=3.5)
+
+
+def test_the_trained_file_loads_in_diffusers_and_gives_the_trained_models_output(tmp_path, atelier_cache):
+    """diffusers' FluxPipeline.load_lora_weights on the run's file, into a fresh tiny-flux, equals
+    the in-memory model the run trained (transformer and CLIP-L).
+
+    train_blocks=double: diffusers' kohya FLUX reader hard-codes FLUX.1's single-block linear1
+    split, which the tiny model's cannot match (tests/test_flux_lora.py asserts that refusal).
+    """
+    from diffusers import FluxPipeline
+
+    from atelier.models.tiny import TINY_FLUX_NAME, ensure_tiny_model
+
+    trainer = train_flux(tmp_path, "network.train_blocks=double", "training.max_train_steps=4",
+                         "optimizer.learning_rate=0.02", "output.save_precision=float")  # fmt: skip
+    ids = torch.tensor([[0, 5, 9, 1, 2]])
+    ours = transformer_output(trainer.base.unet)
+    with torch.no_grad():
+        ours_te = trainer.base.text_encoder(ids).pooler_output
+
+    pipeline = FluxPipeline.from_pretrained(ensure_tiny_model(atelier_cache, TINY_FLUX_NAME))
+    base = transformer_output(pipeline.transformer)
+    with torch.no_grad():
+        base_te = pipeline.text_encoder(ids).pooler_output
+    pipeline.load_lora_weights(str(tmp_path / "run" / "demo.safetensors"))
+    theirs = transformer_output(pipeline.transformer)
+    with torch.no_grad():
+        theirs_te = pipeline.text_encoder(ids).pooler_output
+    assert (ours - base).abs().max() > 1e-2 and (ours_te - base_te).abs().max() > 1e-3  # training moved both
+    # Same products in float32, diffusers folding alpha / rank into its down matrix where we scale
+    # the output: equal to rounding (test_flux_lora measured 4.8e-7 / 9.0e-7 on these models).
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(theirs_te, ours_te, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("blocks, double, single", [("double", 20, 0), ("single", 0, 9)])
+def test_train_blocks_picks_sd_scripts_blocks(tmp_path, blocks, double, single):
+    trainer = train_flux(tmp_path, f"network.train_blocks={blocks}", "training.max_train_steps=1",
+                         "network.train_unet_only=true")  # fmt: skip
+    names = list(trainer.network.loras)
+    assert sum(n.startswith("lora_unet_double_blocks_") for n in names) == double
+    assert sum(n.startswith("lora_unet_single_blocks_") for n in names) == single
+    assert not any(n.startswith("lora_te") for n in names)
+
+
+@pytest.mark.parametrize("options", [
+    ("training.timestep_sampling=uniform", "training.model_prediction_type=raw"),
+    ("training.timestep_sampling=sigmoid", "training.sigmoid_scale=2.0", "training.model_prediction_type=additive"),
+    ("training.timestep_sampling=shift", "training.discrete_flow_shift=1.5"),
+    ("training.timestep_sampling=flux_shift", "training.apply_t5_attn_mask=true", "training.t5xxl_max_token_length=32"),
+    ("training.weighting_scheme=logit_normal", "training.logit_mean=0.5", "training.guidance_scale=1.0"),
+    ("training.weighting_scheme=cosmap", "training.loss_type=huber", "training.huber_schedule=exponential"),
+    ("dataset.validation_split=0.2",),
+])  # fmt: skip
+def test_every_flow_matching_option_trains(tmp_path, options):
+    trainer = train_flux(tmp_path, "training.max_train_steps=2", *options)
+    losses = [row["loss/step"] for row in steps_logged(tmp_path / "run")]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    _, meta = load_lora(tmp_path / "run" / "demo.safetensors")
+    for option in options:
+        key, value = option.split("=")
+        section, name = key.split(".")
+        if section == "training" and f"ss_{name}" in meta:
+            assert meta[f"ss_{name}"].lower() == value.lower(), name  # Python's True for YAML's true
+    if "dataset.validation_split=0.2" in options:
+        assert trainer.result.validation_losses and all(math.isfinite(v) for v in trainer.result.validation_losses)
+
+
+def test_the_objective_draws_and_scores_as_sd_scripts():
+    """FlowMatchingObjective: noise first, then sd-scripts' timesteps and noisy input from the same
+    generator; the loss compares noisy - sigma * pred with noise - latents (sigma_scaled)."""
+    cfg = make_cfg(*FLUX)
+    objective = FlowMatchingObjective(cfg.training, None, guidance_embeds=True)
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    inputs = objective.draw(latents, torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    noise = torch.randn(latents.shape, generator=generator)
+    noisy, timesteps, sigmas = fm.noisy_input_and_timesteps(latents, noise, generator)  # sd-scripts' defaults
+    assert torch.equal(inputs.noise, noise) and torch.equal(inputs.noisy, noisy)
+    assert torch.equal(inputs.timesteps, timesteps) and torch.equal(inputs.sigmas, sigmas)
+    pred = torch.randn(latents.shape, generator=generator)
+    by_hand = ((noisy - sigmas * pred) - (noise - latents)).pow(2).mean()
+    torch.testing.assert_close(objective.loss(inputs, pred), by_hand)
+
+
+def test_the_t5_mask_hides_the_padding_from_the_transformer(atelier_cache):
+    """apply_t5_attn_mask: changing the states of masked (padding) tokens changes nothing; without
+    the mask they are attended to, as sd-scripts' txt_attention_mask does."""
+    from diffusers import FluxTransformer2DModel
+
+    from atelier.models.tiny import TINY_FLUX_NAME, ensure_tiny_model
+
+    transformer = FluxTransformer2DModel.from_pretrained(ensure_tiny_model(atelier_cache, TINY_FLUX_NAME),
+                                                         subfolder="transformer")  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 16, 8, 8, generator=generator)
+    states = torch.randn(1, 6, 32, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0]])
+    other = states.clone()
+    other[:, 3:] = torch.randn(1, 3, 32, generator=generator)
+    pooled = torch.randn(1, 32, generator=generator)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        masked = [flux_prediction(transformer, latents, t, FluxText(s, pooled, mask), 3.5, True) for s in (states, other)]
+        plain = [flux_prediction(transformer, latents, t, FluxText(s, pooled, mask), 3.5, False) for s in (states, other)]
+    torch.testing.assert_close(masked[0], masked[1], rtol=0, atol=1e-6)
+    assert (plain[0] - plain[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("model=tiny_flux", "training.noise_offset=0.1"), "training.noise_offset=0.1: an SD (DDPM) noise/loss option"),
+    (("model=tiny_flux", "training.min_snr_gamma=5"), "training.min_snr_gamma=5.0: an SD (DDPM)"),
+    (("model=tiny_flux", "model.v_parameterization=true"), "model.v_parameterization: FLUX.1 predicts a flow velocity"),
+    (("model=tiny_flux", "network=loha"), "network.module=loha: FLUX.1 trains kohya LoRA"),
+    (("model=tiny_flux", "network.conv_dim=4"), "network.conv_dim=4: not an option of a FLUX.1 LoRA"),
+    (("model=tiny_flux", "network.down_lr_weight=sine"), "network.down_lr_weight: block-wise ranks"),
+    (("model=tiny_flux", "optimizer.text_encoder_2_lr=1e-5"), "optimizer.text_encoder_2_lr=1e-05: only SDXL"),
+    (("model=tiny_flux", "training.loss_type=huber"), "training.huber_schedule=snr reads a DDPM schedule's SNR"),
+    (("model=tiny_flux", "dataset.weighted_captions=true"), "dataset.weighted_captions: FLUX.1's CLIP-L and T5"),
+    (("training.timestep_sampling=shift",), "training.timestep_sampling=shift: a FLUX.1 flow-matching option; SD1"),
+    (("training.guidance_scale=1.0",), "training.guidance_scale=1.0: a FLUX.1 flow-matching option"),
+    (("network.train_blocks=single",), "network.train_blocks=single picks FLUX.1's transformer blocks; SD1"),
+    (("model.ae=ae.safetensors",), "model.ae is a FLUX.1 file and model.version=sd1"),
+    (("model=tiny_flux", "training.sigmoid_scale=0"), "training.sigmoid_scale must be above 0"),
+])  # fmt: skip
+def test_options_of_the_other_family_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=_escaped(message)):
+        make_cfg(*overrides)
+
+
+def _escaped(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_a_typo_in_a_flux_choice_fails_at_compose_time(tmp_path):
+    result = run_train("model=tiny_flux", "training.timestep_sampling=sigmoidd", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert "Invalid value 'sigmoidd', expected one of [sigma, uniform, sigmoid, shift, flux_shift]" in result.stderr
+    assert "full_key: training.timestep_sampling" in result.stderr
+
+
+def test_schnell_has_no_guidance_input_and_t5_reads_256_tokens(tmp_path):
+    """A transformer without guidance_embeds (schnell) is given no guidance; T5's default length
+    follows the variant (sd-scripts: 256 for schnell, 512 for dev)."""
+    from atelier.config.schema.flow_matching import FlowMatchingOptions
+
+    assert FlowMatchingOptions().t5_tokens("schnell") == 256 and FlowMatchingOptions().t5_tokens("dev") == 512
+    assert FlowMatchingOptions(t5xxl_max_token_length=77).t5_tokens("dev") == 77
+    cfg = make_cfg(*FLUX)
+    assert FlowMatchingObjective(cfg.training, None, guidance_embeds=False).guidance is None
+    assert FlowMatchingObjective(cfg.training, None, guidance_embeds=True).guidance == 3.5
+    trainer = train_flux(tmp_path, "training.max_train_steps=1")
+    assert trainer.base.variant == "dev" and trainer.captions.t5_tokens == 512 and trainer.result.steps == 1
