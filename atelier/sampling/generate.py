@@ -3,6 +3,8 @@
 Each image is saved as ``{output_name}_{e000001|000500}_{NN}_{YYYYmmddHHMMSS}_{seed}.png`` in
 the samples folder, and one record per image is appended to ``samples.json`` there (see
 `atelier.sampling.manifest`); `atelier.sampling.grid` builds comparison grids from it.
+SD1/2 and SDXL render through diffusers' pipelines and the scheduler of each sampler name; FLUX.1
+through atelier.sampling.flux_samples (FluxSamplePipeline, sd-scripts' FLUX sampler).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from atelier.sampling.manifest import append_manifest, manifest_record
+from atelier.sampling.flux_samples import FluxSamplePipeline
 from atelier.sampling.prompt_text import text_arguments
 from atelier.config.sample_prompts import SamplePrompt
 from atelier.sampling.samplers import make_scheduler, sampler_name
@@ -100,9 +103,10 @@ def generate_samples(
     out_dir = Path(out_dir)
     device = torch.device(device)
     _check_device(pipeline, device)
-    modules = [pipeline.unet, pipeline.vae, pipeline.text_encoder, *eval_modules]
-    if getattr(pipeline, "text_encoder_2", None) is not None:  # SDXL
+    modules = [_denoiser(pipeline), pipeline.vae, pipeline.text_encoder, *eval_modules]
+    if getattr(pipeline, "text_encoder_2", None) is not None:  # SDXL's, FLUX's T5
         modules.append(pipeline.text_encoder_2)
+    flux = isinstance(pipeline, FluxSamplePipeline)
     paths: list[Path] = []
     # no_grad rather than inference_mode: inference tensors cached by a module (e.g. a LoRA
     # implementation) would break the backward pass of the training that resumes after.
@@ -111,12 +115,18 @@ def generate_samples(
             if should_stop():
                 logger.warning("sampling stopped after %d of %d image(s): a stop was asked", len(paths), len(prompts))
                 break
-            image = render_prompt(pipeline, prompt, clip_skip=clip_skip)
+            if flux:  # FLUX: its size grid, its guidance, its one sampler (atelier.sampling.flux_samples)
+                prompt = pipeline.resolve(prompt)
+                image = pipeline.render(prompt)
+            else:
+                image = render_prompt(pipeline, prompt, clip_skip=clip_skip)
             path = out_dir / sample_file_name(output_name, epoch, step, prompt.index, prompt.seed)
             sampler = _sampler_label(pipeline, prompt)
-            save_sample(image, path, prompt, sampler)
+            # SD models ignore --g: only FLUX's guidance is written down.
+            guidance = prompt.guidance if flux else None
+            save_sample(image, path, prompt, sampler, guidance)
             # One record at a time: samples already written stay listed if training dies.
-            append_manifest(out_dir, [manifest_record(path, prompt, epoch, step, sampler)])
+            append_manifest(out_dir, [manifest_record(path, prompt, epoch, step, sampler, guidance)])
             paths.append(path)
     return paths
 
@@ -146,10 +156,11 @@ def sample_file_name(output_name: str, epoch: int | None, step: int, index: int,
     return f"{prefix}{number}_{index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{seed}.png"
 
 
-def save_sample(image: Image.Image, path: Path, prompt: SamplePrompt, sampler: str) -> None:
-    """Write the PNG atomically, with A1111-style generation parameters that image viewers show."""
+def save_sample(image: Image.Image, path: Path, prompt: SamplePrompt, sampler: str, guidance: float | None = None) -> None:
+    """Write the PNG atomically, with A1111-style generation parameters that image viewers show
+    (`guidance`: FLUX's distilled guidance, written when given)."""
     info = PngInfo()
-    info.add_text("parameters", _a1111_parameters(prompt, sampler))
+    info.add_text("parameters", _a1111_parameters(prompt, sampler, guidance))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
 
@@ -191,8 +202,8 @@ def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _check_device(pipeline: StableDiffusionPipeline, device: torch.device) -> None:
-    for name in ("unet", "text_encoder", "vae"):
-        param = next(getattr(pipeline, name).parameters(), None)
+    for name, module in (("unet", _denoiser(pipeline)), ("text_encoder", pipeline.text_encoder), ("vae", pipeline.vae)):
+        param = next(module.parameters(), None)
         if param is not None and not _same_device(param.device, device):
             raise ValueError(
                 f"sampling on {device}, but the {name} is on {param.device}: "
@@ -210,12 +221,18 @@ def _sampler_label(pipeline: StableDiffusionPipeline, prompt: SamplePrompt) -> s
     return prompt.sampler or sampler_name(pipeline.scheduler)
 
 
-def _a1111_parameters(prompt: SamplePrompt, sampler: str) -> str:
+def _denoiser(pipeline: Any) -> torch.nn.Module:
+    """The UNet, or FLUX's transformer."""
+    return pipeline.transformer if isinstance(pipeline, FluxSamplePipeline) else pipeline.unet
+
+
+def _a1111_parameters(prompt: SamplePrompt, sampler: str, guidance: float | None = None) -> str:
     lines = [prompt.prompt]
     if prompt.negative_prompt:
         lines.append(f"Negative prompt: {prompt.negative_prompt}")
     lines.append(
         f"Steps: {prompt.steps}, Sampler: {sampler}, CFG scale: {prompt.cfg_scale:g}, "
         f"Seed: {prompt.seed}, Size: {prompt.width}x{prompt.height}"
+        + (f", Distilled CFG Scale: {guidance:g}" if guidance is not None else "")  # Forge's name for FLUX's guidance
     )
     return "\n".join(lines)

@@ -8,6 +8,9 @@ One record per sample image, oldest first::
      "step": 120, "width": 512, "height": 512, "steps": 20, "cfg_scale": 7.0,
      "sampler": "euler_a", "created": "2025-01-01T12:00:00"}
 
+FLUX samples also hold "guidance" (the distilled guidance, --g); their "sampler" is "euler"
+(flow-match Euler, FLUX's one sampler) and "cfg_scale" 1.0 means no CFG (sd-scripts' FLUX default).
+
 Kept free of torch and diffusers so that reports can read it cheaply.
 """
 
@@ -31,8 +34,11 @@ MANIFEST_NAME = "samples.json"
 SAMPLES_DIR = "samples"
 
 
-def manifest_record(path: Path, prompt: SamplePrompt, epoch: int | None, step: int, sampler: str) -> dict[str, Any]:
-    return {
+def manifest_record(
+    path: Path, prompt: SamplePrompt, epoch: int | None, step: int, sampler: str, guidance: float | None = None
+) -> dict[str, Any]:
+    """One sample's record; `guidance` (FLUX's) is recorded when given, so SD records stay as they were."""
+    record = {
         "file": path.name,
         "index": prompt.index,
         "prompt": prompt.prompt,
@@ -47,6 +53,9 @@ def manifest_record(path: Path, prompt: SamplePrompt, epoch: int | None, step: i
         "sampler": sampler,
         "created": dt.datetime.now().isoformat(timespec="seconds"),
     }
+    if guidance is not None:
+        record["guidance"] = guidance
+    return record
 
 
 def read_manifest(samples_dir: str | Path) -> list[dict[str, Any]]:
