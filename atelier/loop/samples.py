@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -10,9 +11,18 @@ from pathlib import Path
 import torch
 
 from atelier.config.schema import AtelierConfig
+from atelier.config.schema.sampling import SamplingConfig
 from atelier.data.dataset import DatasetIndex
 from atelier.models.architectures import SD1_PIPELINE_SCHEDULER
+from atelier.models.flux_architectures import FLUX1_PIPELINE_SCHEDULER
 from atelier.models.loading import BaseModel
+from atelier.sampling.flux_samples import (
+    DEFAULT_CFG_SCALE as FLUX_DEFAULT_CFG_SCALE,
+    DEFAULT_T5_MAX_LENGTH,
+    build_flux_pipeline,
+    flux_prompt_warnings,
+    is_flux,
+)
 from atelier.sampling.generate import build_pipeline, build_sdxl_pipeline, generate_samples
 from atelier.sampling.grid import make_grid
 from atelier.sampling.manifest import SAMPLES_DIR
@@ -24,10 +34,18 @@ log = logging.getLogger(__name__)
 GRID = "sample_grid.png"
 
 
-def sample_prompts(cfg: AtelierConfig, dataset: DatasetIndex) -> list[SamplePrompt]:
-    """sampling.prompts, else sampling.prompt_file, else one prompt per concept folder."""
+def sample_prompts(cfg: AtelierConfig, dataset: DatasetIndex, flux: bool = False) -> list[SamplePrompt]:
+    """sampling.prompts, else sampling.prompt_file, else one prompt per concept folder.
+
+    `flux`: the prompts of a FLUX.1 model: a prompt without --l takes sd-scripts' FLUX default
+    scale 1.0 (no CFG) unless sampling.cfg_scale was changed from its SD default; --g is FLUX's
+    guidance; what FLUX reads otherwise is warned of once (flux_prompt_warnings).
+    """
     s = cfg.sampling
-    defaults = SampleDefaults(width=s.width, height=s.height, steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed)
+    cfg_scale = s.cfg_scale
+    if flux and cfg_scale == _SCHEMA_DEFAULTS["cfg_scale"]:
+        cfg_scale = FLUX_DEFAULT_CFG_SCALE
+    defaults = SampleDefaults(width=s.width, height=s.height, steps=s.steps, cfg_scale=cfg_scale, seed=s.seed)
     if s.prompts:
         prompts = parse_prompts(list(s.prompts), defaults)
     elif s.prompt_file:
@@ -36,11 +54,35 @@ def sample_prompts(cfg: AtelierConfig, dataset: DatasetIndex) -> list[SampleProm
         tokens = [folder.class_tokens for folder in dataset.folders if folder.class_tokens]
         prompts = parse_prompts(tokens, defaults)
     prompts = prompts[: s.limit] if s.limit is not None else prompts
+    if flux:
+        # sampling.sampler's default (ddim) is no choice the user made: warned of only when set.
+        sampler = None if s.sampler == _SCHEMA_DEFAULTS["sampler"] else str(s.sampler)
+        flux_prompt_warnings(prompts, sampler)
+        return prompts
     guided = [p.index for p in prompts if p.guidance is not None]
     if guided:
         log.warning("sample prompt(s) %s give --g, the distilled guidance of FLUX models; SD models have none (their "
                     "guidance is the CFG scale, --l), so --g is not used", ", ".join(str(i + 1) for i in guided))
     return prompts
+
+
+_SCHEMA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingConfig)}
+
+
+def flux_text_options(cfg: AtelierConfig, base: BaseModel) -> tuple[int, bool]:
+    """(T5 max length, apply_t5_attn_mask) of a FLUX run: the run's options where the config has
+    them (t5xxl_max_token_length, apply_t5_attn_mask under model or training, sd-scripts' names),
+    else sd-scripts' defaults: 512 for a guidance-distilled model (dev), 256 for schnell; no mask."""
+    found: dict[str, object] = {}
+    for group in (getattr(cfg, "model", None), getattr(cfg, "training", None)):
+        for key in ("t5xxl_max_token_length", "apply_t5_attn_mask"):
+            value = getattr(group, key, None) if group is not None else None
+            if value is not None and key not in found:
+                found[key] = value
+    length = found.get("t5xxl_max_token_length")
+    if length is None:
+        length = DEFAULT_T5_MAX_LENGTH if base.unet.config.guidance_embeds else 256
+    return int(length), bool(found.get("apply_t5_attn_mask", False))
 
 
 class SampleWriter:
@@ -59,12 +101,20 @@ class SampleWriter:
         self.device = device
         self.dir = run_dir / SAMPLES_DIR
         self.grid_path = run_dir / GRID
-        self.prompts = sample_prompts(cfg, dataset)
+        # FLUX.1 is told by its transformer until atelier.families has a FLUX family to ask.
+        self.flux = is_flux(base)
+        self.prompts = sample_prompts(cfg, dataset, flux=self.flux)
         self._pipeline = None
 
     def _get_pipeline(self):
         if self._pipeline is None:
             b = self.base
+            if self.flux:
+                # FLUX.1's inference scheduler (flow-match Euler, shifted by size), not the training one.
+                t5_max_length, apply_mask = flux_text_options(self.cfg, b)
+                self._pipeline = build_flux_pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers, FLUX1_PIPELINE_SCHEDULER,
+                                                     t5_max_length=t5_max_length, apply_t5_attn_mask=apply_mask)  # fmt: skip
+                return self._pipeline
             # Inference schedulers want SD's pipeline settings, not the training DDPM's.
             config = {**SD1_PIPELINE_SCHEDULER, "prediction_type": b.noise_scheduler.config.prediction_type}
             sampler = self.cfg.sampling.sampler
@@ -90,6 +140,7 @@ class SampleWriter:
                 step,
                 self.device,
                 # SDXL's pipeline always takes the penultimate layers (clip_skip does not apply).
+                # FLUX reads CLIP-L's pooled output: clip_skip does not apply either.
                 clip_skip=None if self.base.text_encoder_2 is not None else self.cfg.training.clip_skip,
                 should_stop=lambda: stop_asked() is not None,
             )
