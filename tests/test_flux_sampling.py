@@ -229,3 +229,23 @@ def test_sd_prompts_still_warn_that_g_is_unused(caplog):
         [prompt] = sample_prompts(run_config(["a cat --g 4"]), SimpleNamespace(folders=[]))
     assert prompt.cfg_scale == 7.0
     assert any("SD models have none" in r.getMessage() for r in caplog.records)
+
+
+def test_a_schnell_like_transformer_takes_no_guidance_and_t5_256(base, tmp_path):
+    import dataclasses
+
+    from diffusers import FluxTransformer2DModel
+
+    from atelier.loop.samples import flux_text_options
+    from atelier.models.flux_architectures import tiny_flux_config
+
+    torch.manual_seed(0)
+    schnell = FluxTransformer2DModel(**{**tiny_flux_config("transformer"), "guidance_embeds": False}).eval()
+    schnell_base = dataclasses.replace(base, unet=schnell)
+    assert flux_text_options(run_config([]), schnell_base) == (256, False)  # sd-scripts' schnell default
+    config = run_config([])
+    config.model = SimpleNamespace(t5xxl_max_token_length=128, apply_t5_attn_mask=True)
+    assert flux_text_options(config, schnell_base) == (128, True)  # the run's own options win
+    pipeline = make_pipeline(schnell_base)
+    image = render(pipeline, "a cat --d 5", tmp_path, "a")
+    assert torch.equal(image, render(pipeline, "a cat --d 5 --g 9", tmp_path, "b"))  # no guidance embedder

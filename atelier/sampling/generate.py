@@ -202,7 +202,8 @@ def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _check_device(pipeline: StableDiffusionPipeline, device: torch.device) -> None:
-    for name, module in (("unet", _denoiser(pipeline)), ("text_encoder", pipeline.text_encoder), ("vae", pipeline.vae)):
+    denoiser = "transformer" if isinstance(pipeline, FluxSamplePipeline) else "unet"
+    for name, module in ((denoiser, _denoiser(pipeline)), ("text_encoder", pipeline.text_encoder), ("vae", pipeline.vae)):
         param = next(module.parameters(), None)
         if param is not None and not _same_device(param.device, device):
             raise ValueError(
