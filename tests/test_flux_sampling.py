@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from atelier.config.sample_prompts import SampleDefaults, SamplePrompt, parse_prompts
+from atelier.config.schema import TrainingConfig
 from atelier.models.loading import BaseModel
 from atelier.models.tiny import TINY_FLUX_NAME, ensure_tiny_model
 
@@ -79,7 +80,7 @@ def run_config(lines: list[str], **sampling) -> SimpleNamespace:
     values = {"prompts": lines, "prompt_file": None, "limit": None, "width": 64, "height": 64, "steps": 2,
               "cfg_scale": 7.0, "seed": 1234, "sampler": "ddim", **sampling}  # fmt: skip
     return SimpleNamespace(sampling=SimpleNamespace(**values), output=SimpleNamespace(output_name="run"),
-                           training=SimpleNamespace(clip_skip=None), model=SimpleNamespace())  # fmt: skip
+                           training=TrainingConfig(), model=SimpleNamespace())  # fmt: skip
 
 
 def sd_scripts_schedule(steps: int, image_seq_len: int) -> list[float]:
@@ -236,16 +237,11 @@ def test_a_schnell_like_transformer_takes_no_guidance_and_t5_256(base, tmp_path)
 
     from diffusers import FluxTransformer2DModel
 
-    from atelier.loop.samples import flux_text_options
     from atelier.models.flux_architectures import tiny_flux_config
 
     torch.manual_seed(0)
     schnell = FluxTransformer2DModel(**{**tiny_flux_config("transformer"), "guidance_embeds": False}).eval()
     schnell_base = dataclasses.replace(base, unet=schnell)
-    assert flux_text_options(run_config([]), schnell_base) == (256, False)  # sd-scripts' schnell default
-    config = run_config([])
-    config.model = SimpleNamespace(t5xxl_max_token_length=128, apply_t5_attn_mask=True)
-    assert flux_text_options(config, schnell_base) == (128, True)  # the run's own options win
     pipeline = make_pipeline(schnell_base)
     image = render(pipeline, "a cat --d 5", tmp_path, "a")
     assert torch.equal(image, render(pipeline, "a cat --d 5 --g 9", tmp_path, "b"))  # no guidance embedder

@@ -8,6 +8,7 @@ diffusers' own kohya FLUX reader on the model that was trained.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -34,7 +35,8 @@ def train_flux(tmp_path, *overrides: str, name: str = "run") -> Trainer:
 
 
 def test_tiny_flux_trains_from_the_command_line_into_a_kohya_flux_lora(tmp_path):
-    result = run_train("model=tiny_flux", "training.max_train_steps=3", "sampling.limit=0", f"hydra.run.dir={tmp_path}")
+    result = run_train("model=tiny_flux", "training.max_train_steps=3", "sampling.steps=2",
+                       "sampling.prompts=[atelier cube --g 2.5,atelier cube --l 2 --n blurry]", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     state, meta = load_lora(final_lora(tmp_path))
     names = {key.split(".")[0] for key in state}
@@ -55,6 +57,10 @@ def test_tiny_flux_trains_from_the_command_line_into_a_kohya_flux_lora(tmp_path)
     assert "modelspec.prediction_type" not in meta  # sd-scripts writes none for FLUX
     losses = [row["loss/step"] for row in steps_logged(tmp_path)]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    # Sampled with the family's flow-match Euler at the end, --g as FLUX's guidance.
+    records = json.loads((tmp_path / "samples" / "samples.json").read_text())
+    assert [(r["guidance"], r["sampler"]) for r in records] == [(2.5, "euler"), (3.5, "euler")]
+    assert all((tmp_path / "samples" / r["file"]).is_file() for r in records) and (tmp_path / "sample_grid.png").is_file()
 
 
 def test_sd_runs_carry_no_flux_keys(tmp_path):

@@ -16,13 +16,9 @@ from atelier.data.dataset import DatasetIndex
 from atelier.models.architectures import SD1_PIPELINE_SCHEDULER
 from atelier.models.flux_architectures import FLUX1_PIPELINE_SCHEDULER
 from atelier.models.loading import BaseModel
-from atelier.sampling.flux_samples import (
-    DEFAULT_CFG_SCALE as FLUX_DEFAULT_CFG_SCALE,
-    DEFAULT_T5_MAX_LENGTH,
-    build_flux_pipeline,
-    flux_prompt_warnings,
-    is_flux,
-)
+from atelier.families import family_of
+from atelier.sampling.flux_samples import DEFAULT_CFG_SCALE as FLUX_DEFAULT_CFG_SCALE
+from atelier.sampling.flux_samples import build_flux_pipeline, flux_prompt_warnings
 from atelier.sampling.generate import build_pipeline, build_sdxl_pipeline, generate_samples
 from atelier.sampling.grid import make_grid
 from atelier.sampling.manifest import SAMPLES_DIR
@@ -69,22 +65,6 @@ def sample_prompts(cfg: AtelierConfig, dataset: DatasetIndex, flux: bool = False
 _SCHEMA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingConfig)}
 
 
-def flux_text_options(cfg: AtelierConfig, base: BaseModel) -> tuple[int, bool]:
-    """(T5 max length, apply_t5_attn_mask) of a FLUX run: the run's options where the config has
-    them (t5xxl_max_token_length, apply_t5_attn_mask under model or training, sd-scripts' names),
-    else sd-scripts' defaults: 512 for a guidance-distilled model (dev), 256 for schnell; no mask."""
-    found: dict[str, object] = {}
-    for group in (getattr(cfg, "model", None), getattr(cfg, "training", None)):
-        for key in ("t5xxl_max_token_length", "apply_t5_attn_mask"):
-            value = getattr(group, key, None) if group is not None else None
-            if value is not None and key not in found:
-                found[key] = value
-    length = found.get("t5xxl_max_token_length")
-    if length is None:
-        length = DEFAULT_T5_MAX_LENGTH if base.unet.config.guidance_embeds else 256
-    return int(length), bool(found.get("apply_t5_attn_mask", False))
-
-
 class SampleWriter:
     def __init__(
         self,
@@ -101,8 +81,7 @@ class SampleWriter:
         self.device = device
         self.dir = run_dir / SAMPLES_DIR
         self.grid_path = run_dir / GRID
-        # FLUX.1 is told by its transformer until atelier.families has a FLUX family to ask.
-        self.flux = is_flux(base)
+        self.flux = family_of(base.version).denoiser == "FluxTransformer2DModel"
         self.prompts = sample_prompts(cfg, dataset, flux=self.flux)
         self._pipeline = None
 
@@ -111,9 +90,10 @@ class SampleWriter:
             b = self.base
             if self.flux:
                 # FLUX.1's inference scheduler (flow-match Euler, shifted by size), not the training one.
-                t5_max_length, apply_mask = flux_text_options(self.cfg, b)
+                t = self.cfg.training
                 self._pipeline = build_flux_pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers, FLUX1_PIPELINE_SCHEDULER,
-                                                     t5_max_length=t5_max_length, apply_t5_attn_mask=apply_mask)  # fmt: skip
+                                                     t5_max_length=t.t5_tokens(b.variant),
+                                                     apply_t5_attn_mask=t.apply_t5_attn_mask)  # fmt: skip
                 return self._pipeline
             # Inference schedulers want SD's pipeline settings, not the training DDPM's.
             config = {**SD1_PIPELINE_SCHEDULER, "prediction_type": b.noise_scheduler.config.prediction_type}

@@ -160,32 +160,46 @@ def flux_prediction(
     guidance: float | None,
     apply_t5_attn_mask: bool = False,
 ) -> torch.Tensor:
-    """The FLUX transformer's velocity for unpacked noisy latents [B, C, H, W]: packed into 2x2
-    patches with their position ids, timesteps / 1000, the guidance vector for a guidance-distilled
-    model, unpacked again (sd-scripts' get_noise_pred_and_target). With apply_t5_attn_mask the
-    text's padding tokens are masked out of the joint attention (sd-scripts' txt_attention_mask)."""
-    b, _, h, w = noisy.shape
-    packed = fm.pack_latents(noisy)
-    device = noisy.device
+    """The FLUX transformer's velocity for unpacked noisy latents [B, C, H, W] at timesteps in
+    [0, 1000]: flux_call on their 2x2 patches, unpacked again (sd-scripts' get_noise_pred_and_target)."""
+    _, _, h, w = noisy.shape
+    out = flux_call(transformer, fm.pack_latents(noisy), h // 2, w // 2, text,
+                    timesteps.to(noisy.device) / fm.NUM_TRAIN_TIMESTEPS, guidance, apply_t5_attn_mask)  # fmt: skip
+    return fm.unpack_latents(out, h // 2, w // 2)
+
+
+def flux_call(
+    transformer: torch.nn.Module,
+    packed: torch.Tensor,
+    rows: int,
+    cols: int,
+    text: FluxText,
+    sigmas: torch.Tensor,
+    guidance: float | None,
+    apply_t5_attn_mask: bool = False,
+) -> torch.Tensor:
+    """The transformer on packed latent tokens [B, rows * cols, C * 4] at noise levels `sigmas` [B]
+    (timestep / 1000), with their position ids, the guidance vector for a guidance-distilled model
+    (None: schnell, no guidance input), and with apply_t5_attn_mask the text's padding masked out of
+    the joint attention (sd-scripts' txt_attention_mask; the sequence is text first, then image)."""
+    b, device = packed.shape[0], packed.device
     kwargs: dict[str, Any] = {}
     if guidance is not None:
         kwargs["guidance"] = fm.guidance_vector(b, guidance, device)
     if apply_t5_attn_mask:
-        # One key mask over the joint sequence (text first, then the image tokens, as FLUX orders them).
         keys = torch.cat([text.t5_mask.to(device).bool(), torch.ones(b, packed.shape[1], dtype=torch.bool,
                                                                      device=device)], dim=1)  # fmt: skip
         kwargs["joint_attention_kwargs"] = {"attention_mask": keys[:, None, None, :]}
-    out = transformer(
+    return transformer(
         hidden_states=packed,
         encoder_hidden_states=text.t5,
         pooled_projections=text.pooled,
-        timestep=timesteps.to(device) / fm.NUM_TRAIN_TIMESTEPS,
-        img_ids=fm.img_ids(1, h // 2, w // 2)[0].to(device),
+        timestep=sigmas,
+        img_ids=fm.img_ids(1, rows, cols)[0].to(device),  # 2-D ids: diffusers' form
         txt_ids=fm.txt_ids(1, text.t5.shape[1])[0].to(device),
         return_dict=False,
         **kwargs,
     )[0]
-    return fm.unpack_latents(out, h // 2, w // 2)
 
 
 def objective_for(family: ModelFamily, t: TrainingConfig, scheduler: Any, denoiser: torch.nn.Module) -> Objective:
@@ -197,5 +211,5 @@ def objective_for(family: ModelFamily, t: TrainingConfig, scheduler: Any, denois
     raise ValueError(f"{family.label}: no objective named {family.objective!r}")
 
 
-__all__ = ["DiffusionObjective", "FlowMatchingObjective", "Objective", "StepInputs", "flux_prediction",
+__all__ = ["DiffusionObjective", "FlowMatchingObjective", "Objective", "StepInputs", "flux_call", "flux_prediction",
            "objective_for", "text_shape"]

@@ -56,17 +56,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from PIL import Image
 
 from atelier.config.sample_prompts import SamplePrompt
 from atelier.data.caption_weights import has_weight_syntax
 from atelier.models.flux_architectures import FLUX1_PIPELINE_SCHEDULER
-from atelier.objective.flow_matching import img_ids, txt_ids, unpack_latents
+from atelier.conditioning.flux_text import FluxCaptionEncoder, FluxText, FluxTextOptions
+from atelier.objective.flow_matching import unpack_latents
+from atelier.objective.steps import flux_call
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +80,6 @@ DEFAULT_T5_MAX_LENGTH = 512  # FLUX.1-dev's; schnell is trained with 256
 CLIP_MAX_LENGTH = 77  # sd-scripts' FluxTokenizeStrategy: clip_l(text, max_length=77)
 FLUX_SAMPLER = "euler"  # the one sampler: Euler on the flow ODE (FlowMatchEulerDiscreteScheduler)
 EULER_NAMES = ("euler", "k_euler")  # per-prompt --ss names that mean it
-
-
-def is_flux(base: Any) -> bool:
-    """Whether a base model (atelier.models.loading.BaseModel) is a FLUX.1 model: its denoiser is
-    diffusers' FluxTransformer2DModel. Decided by the module type until atelier.families has a
-    FLUX family to ask (then: family_of(base.version))."""
-    return isinstance(getattr(base, "unet", None), FluxTransformer2DModel)
 
 
 class FluxSamplePipeline(FluxPipeline):
@@ -201,27 +196,13 @@ def set_flux_schedule(scheduler: FlowMatchEulerDiscreteScheduler, steps: int, im
     return scheduler.sigmas
 
 
-class FluxText(NamedTuple):
-    """One text encoded as sd-scripts' FluxTextEncodingStrategy encodes it."""
-
-    pooled: torch.Tensor  # [1, clip_dim]: CLIP-L's pooler output
-    hidden: torch.Tensor  # [1, t5_max_length, t5_dim]: T5's last hidden states
-    mask: torch.Tensor  # [1, t5_max_length] T5's attention mask (1 = a token, 0 = padding)
-
-
 def encode_flux_text(pipeline: FluxPipeline, text: str, t5_max_length: int = DEFAULT_T5_MAX_LENGTH,
                      apply_t5_attn_mask: bool = False) -> FluxText:  # fmt: skip
-    """CLIP-L's pooled output (77 tokens) and T5's states (padded to t5_max_length; with
-    apply_t5_attn_mask T5 itself is given the mask, as sd-scripts does)."""
-    device = next(pipeline.text_encoder_2.parameters()).device
-    clip = pipeline.tokenizer(text, max_length=CLIP_MAX_LENGTH, padding="max_length", truncation=True,
-                              return_tensors="pt")  # fmt: skip
-    pooled = pipeline.text_encoder(clip.input_ids.to(next(pipeline.text_encoder.parameters()).device)).pooler_output
-    t5 = pipeline.tokenizer_2(text, max_length=t5_max_length, padding="max_length", truncation=True,
-                              return_tensors="pt")  # fmt: skip
-    mask = t5.attention_mask.to(device)
-    hidden = pipeline.text_encoder_2(t5.input_ids.to(device), attention_mask=mask if apply_t5_attn_mask else None)[0]
-    return FluxText(pooled, hidden, mask)
+    """One text as training encodes captions (atelier.conditioning.flux_text): CLIP-L's pooled
+    output (77 tokens) and T5's states padded to t5_max_length, T5 given the mask with apply_t5_attn_mask."""
+    encoder = FluxCaptionEncoder([pipeline.tokenizer, pipeline.tokenizer_2], [pipeline.text_encoder,
+                                 pipeline.text_encoder_2], options=FluxTextOptions(t5_max_length, apply_t5_attn_mask))
+    return encoder([text])
 
 
 def render_flux_prompt(pipeline: FluxSamplePipeline, prompt: SamplePrompt) -> Image.Image:
@@ -236,8 +217,8 @@ def render_flux_prompt(pipeline: FluxSamplePipeline, prompt: SamplePrompt) -> Im
         texts.insert(0, encode_flux_text(pipeline, prompt.negative_prompt, pipeline.t5_max_length,
                                          pipeline.apply_t5_attn_mask))  # fmt: skip
     batch = len(texts)
-    hidden = torch.cat([t.hidden for t in texts]).to(dtype)
-    pooled = torch.cat([t.pooled for t in texts]).to(dtype)
+    text = FluxText(torch.cat([t.t5 for t in texts]).to(dtype), torch.cat([t.pooled for t in texts]).to(dtype),
+                    torch.cat([t.t5_mask for t in texts]))  # fmt: skip
 
     # Packed latent tokens: one per 2x2 patch of the AE's latent (h / (2 * vae_scale_factor) rows).
     patch = 2 * pipeline.vae_scale_factor
@@ -245,34 +226,16 @@ def render_flux_prompt(pipeline: FluxSamplePipeline, prompt: SamplePrompt) -> Im
     generator = torch.Generator(device="cpu").manual_seed(prompt.seed)
     # sd-scripts: randn(1, h//16 * w//16, 16 * 2 * 2), drawn packed.
     x = torch.randn(1, rows * cols, transformer.config.in_channels, generator=generator).to(device, dtype)
-
-    attention = None
-    if pipeline.apply_t5_attn_mask:
-        # [B, 1, 1, txt + img]: padding tokens hidden from every query (sd-scripts' flux_models).
-        text_mask = torch.cat([t.mask for t in texts]).to(device=device, dtype=torch.bool)
-        image_mask = torch.ones(batch, rows * cols, device=device, dtype=torch.bool)
-        attention = {"attention_mask": torch.cat([text_mask, image_mask], dim=1)[:, None, None, :]}
     guidance = None
     if transformer.config.guidance_embeds:  # schnell has no guidance embedder
-        guidance = torch.full((batch,), float(prompt.guidance if prompt.guidance is not None else DEFAULT_GUIDANCE),
-                              device=device, dtype=dtype)  # fmt: skip
-    text_positions = txt_ids(1, hidden.shape[1])[0].to(device, dtype)  # 2-D ids: diffusers' form
-    image_positions = img_ids(1, rows, cols)[0].to(device, dtype)
+        guidance = float(prompt.guidance if prompt.guidance is not None else DEFAULT_GUIDANCE)
 
     scheduler = pipeline.scheduler
     sigmas = set_flux_schedule(scheduler, prompt.steps, rows * cols, device)
     for i, t in enumerate(scheduler.timesteps):
-        pred = transformer(
-            hidden_states=x.expand(batch, -1, -1),
-            encoder_hidden_states=hidden,
-            pooled_projections=pooled,
-            timestep=sigmas[i].expand(batch).to(dtype),  # sd-scripts passes t_curr = sigma
-            guidance=guidance,
-            txt_ids=text_positions,
-            img_ids=image_positions,
-            joint_attention_kwargs=attention,
-            return_dict=False,
-        )[0]
+        # sd-scripts passes t_curr = sigma as the timestep.
+        pred = flux_call(transformer, x.expand(batch, -1, -1), rows, cols, text, sigmas[i].expand(batch).to(dtype),
+                         guidance, pipeline.apply_t5_attn_mask)  # fmt: skip
         if batch == 2:
             negative, positive = pred.chunk(2)
             pred = negative + (positive - negative) * scale
@@ -291,6 +254,6 @@ def _decode(vae: torch.nn.Module, tokens: torch.Tensor, rows: int, cols: int) ->
 
 __all__ = [
     "DEFAULT_CFG_SCALE", "DEFAULT_GUIDANCE", "DEFAULT_T5_MAX_LENGTH", "FLUX_SAMPLER", "FluxSamplePipeline",
-    "FluxText", "build_flux_pipeline", "encode_flux_text", "flux_prompt_warnings", "flux_size", "is_flux",
+    "build_flux_pipeline", "encode_flux_text", "flux_prompt_warnings", "flux_size",
     "render_flux_prompt", "resolve_flux_prompt", "set_flux_schedule", "shift_mu",
 ]  # fmt: skip
