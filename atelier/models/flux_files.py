@@ -277,7 +277,9 @@ def _expect_shapes(part: str, file: Path, found: dict, expected: dict, folder: P
     """Raise unless the file's tensors are exactly the ones `config` (in model.config) describes."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    differ = sorted(key for key in set(found) & set(expected) if tuple(found[key]) != tuple(expected[key]))
+    # img_in first (its rows are the width), then the keys outside blocks.
+    differ = sorted((key for key in set(found) & set(expected) if tuple(found[key]) != tuple(expected[key])),
+                    key=lambda key: (key != "img_in.weight", "blocks." in key, key))  # fmt: skip
     if not (missing or unexpected or differ):
         return
     details = [f"{key}: {list(found[key])} in the file, {list(expected[key])} by the config" for key in differ[:3]]
