@@ -9,30 +9,30 @@
 - `t5xxl_fp16.safetensors` / `t5xxl_fp8_e4m3fn.safetensors`: HF T5EncoderModel keys.
 
 Loading follows sd-scripts' library/flux_utils.py (load_flow_model, load_ae, load_clip_l,
-load_t5xxl), with diffusers' modules and configs (from a local diffusers FLUX folder) instead of
-sd-scripts' own: each file's keys and shapes are read from its header (safetensors safe_open)
-and checked against the configs before any weight is read, so a wrong file is named with its
-option (model.path, model.ae, model.clip_l, model.t5xxl, model.config) and the fix.
-
-diffusers' convert_flux_transformer_checkpoint_to_diffusers hard-codes FLUX.1's width (3072,
-mlp 12288) to split `linear1`, so it cannot convert another width (the tiny test model); the
-transformer is converted here both ways from one key table (FLUX_DIFFUSERS_PARTS), which the
-tests check against diffusers' converter at FLUX.1's sizes. The AE is read with diffusers'
-convert_ldm_vae_checkpoint and written with atelier.models.ldm_convert.vae_to_ldm.
+load_t5xxl) into diffusers / transformers modules built from a local diffusers FLUX folder's
+configs; each file's keys and shapes are read from its header (safe_open) and checked first, so
+a wrong file is named with its option (model.path, .ae, .clip_l, .t5xxl, .config) and the fix.
+diffusers' convert_flux_transformer_checkpoint_to_diffusers hard-codes FLUX.1's width (3072) to
+split `linear1`, so no other width (the tiny model) converts; the transformer is converted both
+ways from one key table (flux_key_table), tested equal to diffusers' converter at FLUX.1's sizes.
+The AE is read by diffusers' convert_ldm_vae_checkpoint, written by ldm_convert.vae_to_ldm.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from atelier.models.ldm_convert import text_encoder_to_ldm, vae_to_ldm
 from atelier.models.load_errors import ModelLoadError, read_json, reraise_as_load_error
+from atelier.utils.atomic import atomic_path
 
+PathLike = str | os.PathLike
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 COMFY_PREFIX = "model.diffusion_model."
@@ -116,8 +116,7 @@ def flux_key_table(num_double: int, num_single: int) -> dict[str, tuple[str, ...
 
 
 def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
-    first, second = tensor.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
+    return torch.cat(tensor.chunk(2, dim=0)[::-1], dim=0)
 
 
 def flux_transformer_to_bfl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -191,18 +190,11 @@ class FluxFiles:
     text_encoder_2: Any  # transformers T5EncoderModel (T5-XXL)
     tokenizer: Any  # CLIPTokenizer
     tokenizer_2: Any  # T5TokenizerFast
-    scheduler_config: dict[str, Any] = field(default_factory=dict)
+    scheduler_config: dict[str, Any]  # FlowMatchEulerDiscreteScheduler's, from scheduler/
 
 
-def load_flux_single_files(
-    transformer: str | os.PathLike,
-    ae: str | os.PathLike,
-    clip_l: str | os.PathLike,
-    t5xxl: str | os.PathLike,
-    config_folder: str | os.PathLike,
-    *,
-    dtype: torch.dtype = torch.float32,
-) -> FluxFiles:
+def load_flux_single_files(transformer: PathLike, ae: PathLike, clip_l: PathLike, t5xxl: PathLike,
+                           config_folder: PathLike, *, dtype: torch.dtype = torch.float32) -> FluxFiles:  # fmt: skip
     """Load FLUX.1 from its four single files (sd-scripts' --pretrained_model_name_or_path, --ae,
     --clip_l, --t5xxl), offline: the configs and tokenizers come from `config_folder`, a local
     diffusers FLUX.1 folder (no weights needed). Every weight (bf16, fp16 or fp8) is cast to `dtype`.
@@ -227,7 +219,7 @@ def load_flux_single_files(
     )
 
 
-def _config_folder(path: str | os.PathLike) -> Path:
+def _config_folder(path: PathLike) -> Path:
     folder = Path(path).expanduser().resolve()
     missing = [name for name in CONFIG_FILES if not (folder / name).exists()]
     if missing:
@@ -239,7 +231,7 @@ def _config_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
-def _header_shapes(part: str, path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+def _header_shapes(part: str, path: PathLike) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the file's tensors, read from its header; checks it holds `part`."""
     from safetensors import safe_open
 
@@ -323,9 +315,9 @@ def _load_transformer(file: Path, shapes: dict, folder: Path, dtype: torch.dtype
             f"guidance_embeds={str(wants_guidance).lower()}). Set model.config to a FLUX.1-{variant} diffusers "
             f"folder (black-forest-labs/FLUX.1-{variant}), or model.path to a FLUX.1-{other} file"
         )
-    with reraise_as_load_error(f"model.config: '{folder}/transformer/config.json' is no FluxTransformer2DModel config"):
-        with init_empty_weights():
-            model = FluxTransformer2DModel.from_config(config)
+    what = f"model.config: '{folder}/transformer/config.json' is no FluxTransformer2DModel config"
+    with reraise_as_load_error(what), init_empty_weights():
+        model = FluxTransformer2DModel.from_config(config)
     expected = {key: tuple(value.shape) for key, value in flux_transformer_to_bfl(model.state_dict()).items()}
     blocks = f"{config.get('num_layers')} double / {config.get('num_single_layers')} single blocks"
     ours = f"{_block_count(found, 'double_blocks.')} double / {_block_count(found, 'single_blocks.')} single"
@@ -339,12 +331,9 @@ def _load_ae(file: Path, shapes: dict, folder: Path, dtype: torch.dtype) -> torc
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    from atelier.models.ldm_convert import vae_to_ldm
-
     config = read_json(folder / "vae" / "config.json", "model.config")
-    with reraise_as_load_error(f"model.config: '{folder}/vae/config.json' is no AutoencoderKL config"):
-        with init_empty_weights():
-            model = AutoencoderKL.from_config(config)
+    with reraise_as_load_error(f"model.config: '{folder}/vae/config.json' is no AE config"), init_empty_weights():
+        model = AutoencoderKL.from_config(config)
     expected = {key: tuple(value.shape) for key, value in vae_to_ldm(model).items()}
     _expect_shapes("ae", file, shapes, expected, folder, "vae/config.json")
     state_dict = convert_ldm_vae_checkpoint(_read_tensors(file, shapes, dtype), config)
@@ -362,9 +351,8 @@ def _load_text_encoder(part: str, file: Path, shapes: dict, folder: Path, dtype:
 
     subfolder, config_class, model_class = (("text_encoder", CLIPTextConfig, CLIPTextModel) if part == "clip_l"
                                             else ("text_encoder_2", T5Config, T5EncoderModel))  # fmt: skip
-    with reraise_as_load_error(f"model.config: cannot read '{folder / subfolder}/config.json'"):
-        with init_empty_weights():
-            model = model_class(config_class.from_pretrained(folder / subfolder))
+    with reraise_as_load_error(f"model.config: cannot read '{folder / subfolder}/config.json'"), init_empty_weights():
+        model = model_class(config_class.from_pretrained(folder / subfolder))
     # transformers >= 5.6 dropped CLIPTextModel's `text_model.` level; clip_l files keep it.
     names = {key: key.removeprefix("text_model.") for key in shapes}
     found = {name: shapes[key] for key, name in names.items() if name not in _UNUSED_TEXT_KEYS}
@@ -382,23 +370,20 @@ def _load_text_encoder(part: str, file: Path, shapes: dict, folder: Path, dtype:
 
 
 def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Cast for saving. fp8: matrices (ndim >= 2) clamped to +-448 (e4m3fn has no infinity: a larger
-    value would become NaN) then cast; biases and norm scales bf16, as they are few and fp8's
-    3-bit mantissa would move norm scales near 1 by up to 6%."""
+    """Cast for saving. fp8: matrices (ndim >= 2) clamped to e4m3fn's +-448 (torch 2.13 saturates on CPU;
+    out-of-range casts are not documented) then cast; vectors bf16: few, and fp8's 3-bit mantissa
+    would move norm scales near 1 by up to 6%."""
     if dtype != FP8:
         return {key: value.detach().to(dtype).contiguous() for key, value in state_dict.items()}
     return {key: (value.detach().float().clamp(-FP8_MAX, FP8_MAX).to(FP8) if value.ndim >= 2
                   else value.detach().to(torch.bfloat16)).contiguous() for key, value in state_dict.items()}  # fmt: skip
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", FP8: "fp8_e4m3fn"}[dtype]
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", FP8: "fp8_e4m3fn"}
 
 
 def _save(state_dict: dict[str, torch.Tensor], target: Path) -> Path:
     from safetensors.torch import save_file
-
-    from atelier.utils.atomic import atomic_path
 
     with atomic_path(target) as tmp:
         save_file(state_dict, str(tmp), metadata={"format": "pt"})
@@ -406,22 +391,15 @@ def _save(state_dict: dict[str, torch.Tensor], target: Path) -> Path:
 
 
 def write_flux_single_files(
-    pipeline_or_folder: Any,
-    out_dir: str | os.PathLike,
-    *,
-    transformer_dtype: torch.dtype = torch.bfloat16,
-    t5_dtype: torch.dtype = torch.float16,
-    clip_dtype: torch.dtype = torch.float16,
-    ae_dtype: torch.dtype = torch.float32,
-    key_prefix: str = "",
+    pipeline_or_folder: Any, out_dir: PathLike, *, transformer_dtype: torch.dtype = torch.bfloat16,
+    t5_dtype: torch.dtype = torch.float16, clip_dtype: torch.dtype = torch.float16,
+    ae_dtype: torch.dtype = torch.float32, key_prefix: str = "",
 ) -> dict[str, Path]:
     """Write a diffusers FLUX.1 (a FluxPipeline or its folder) as the single files users have:
     flux1-<dev|schnell>.safetensors (BFL keys, `key_prefix` before each, e.g. COMFY_PREFIX),
     ae.safetensors (LDM keys), clip_l.safetensors (text_model.*), t5xxl_<dtype>.safetensors.
     Each is written atomically (atelier.utils.atomic). Returns part ("transformer", "ae",
     "clip_l", "t5xxl") -> path; the dtypes default to those of the files BFL and ComfyUI publish."""
-    from atelier.models.ldm_convert import text_encoder_to_ldm, vae_to_ldm
-
     pipeline = pipeline_or_folder
     if isinstance(pipeline_or_folder, (str, os.PathLike)):
         from diffusers import FluxPipeline
@@ -437,6 +415,6 @@ def write_flux_single_files(
                              out / f"flux1-{variant}.safetensors"),  # fmt: skip
         "ae": _save(_cast(vae_to_ldm(pipeline.vae), ae_dtype), out / "ae.safetensors"),
         "clip_l": _save(_cast(text_encoder_to_ldm(pipeline.text_encoder), clip_dtype), out / "clip_l.safetensors"),
-        "t5xxl": _save(_cast(t5, t5_dtype), out / f"t5xxl_{_dtype_name(t5_dtype)}.safetensors"),
+        "t5xxl": _save(_cast(t5, t5_dtype), out / f"t5xxl_{_DTYPE_NAMES[t5_dtype]}.safetensors"),
     }
 
