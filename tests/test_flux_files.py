@@ -114,7 +114,8 @@ def test_fp8_and_bf16_files_load_within_their_rounding(pipeline, tiny_flux_path,
 
 
 def test_a_comfyui_prefixed_transformer_loads(pipeline, files, tiny_flux_path, tmp_path):
-    prefixed = write_flux_single_files(pipeline, tmp_path, transformer_dtype=torch.float32, key_prefix=COMFY_PREFIX)
+    # Written from the folder this time (write_flux_single_files takes a FluxPipeline or its folder).
+    prefixed = write_flux_single_files(tiny_flux_path, tmp_path, transformer_dtype=torch.float32, key_prefix=COMFY_PREFIX)
     keys = keys_of(prefixed["transformer"])
     assert all(key.startswith(COMFY_PREFIX) for key in keys)
     # A ComfyUI all-in-one checkpoint also holds the AE / text encoders under other prefixes: ignored.
