@@ -234,3 +234,28 @@ def test_schnell_has_no_guidance_input_and_t5_reads_256_tokens(tmp_path):
     assert FlowMatchingObjective(cfg.training, None, guidance_embeds=True).guidance == 3.5
     trainer = train_flux(tmp_path, "training.max_train_steps=1")
     assert trainer.base.variant == "dev" and trainer.captions.t5_tokens == 512 and trainer.result.steps == 1
+
+
+def test_tiny_flux_trains_from_the_single_files_flux_users_have(tmp_path, atelier_cache):
+    """model=flux1 with model.path = the BFL transformer file, model.ae / clip_l / t5xxl, and
+    model.config the diffusers folder for configs and tokenizers (sd-scripts' four files)."""
+    from atelier.models.flux_files import write_flux_single_files
+    from atelier.models.tiny import TINY_FLUX_NAME, ensure_tiny_model
+
+    folder = ensure_tiny_model(atelier_cache, TINY_FLUX_NAME)
+    files = write_flux_single_files(folder, tmp_path / "files", transformer_dtype=torch.float32,
+                                    t5_dtype=torch.float32, clip_dtype=torch.float32)  # fmt: skip
+    model = [f"model.path={files['transformer']}", f"model.ae={files['ae']}", f"model.clip_l={files['clip_l']}",
+             f"model.t5xxl={files['t5xxl']}", f"model.config={folder}"]  # fmt: skip
+    small = ["model.resolution=64", "model.min_bucket_reso=32", "model.max_bucket_reso=128"]
+    trainer = train_flux(tmp_path, "model=flux1", *model, *small, "training.max_train_steps=2")
+    from_files = load_lora(tmp_path / "run" / "demo.safetensors")[0]
+    # The same weights as the diffusers folder: the same run trained on it gives the same LoRA.
+    from_folder = load_lora(train_flux(tmp_path, "training.max_train_steps=2", name="folder").run_dir /
+                            "demo.safetensors")[0]  # fmt: skip
+    assert trainer.base.variant == "dev" and from_files.keys() == from_folder.keys()
+    assert all(torch.equal(from_files[k], from_folder[k]) for k in from_files)
+
+    # A missing part is named with the option that gives it.
+    with pytest.raises(Exception, match=r"model.t5xxl=<t5xxl_fp16.safetensors>"):
+        train_flux(tmp_path, "model=flux1", *model[:3], f"model.config={folder}", *small, name="missing")

@@ -72,6 +72,7 @@ def load_base(cfg: AtelierConfig, device: torch.device) -> BaseModel:
         config=m.config,
         vae=m.vae,
         allow_pickle=m.allow_pickle,
+        flux_files={key: getattr(m, key) for key in family_of(m.version).extra_files},
     ))
     if m.base_weights:  # before the network: its modules wrap the merged layers
         merge_base_weights(base.unet, base.text_encoders, m.base_weights, m.base_weights_multiplier)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atelier.models.load_errors import ModelLoadError, read_json, reraise_as_load_error
-from atelier.models.sources import existing_path, resolve_source
+from atelier.models.sources import resolve_source
 
 if TYPE_CHECKING:
     from atelier.models.loading import BaseModel
@@ -123,12 +123,9 @@ def _load_flux_files(transformer: Path, config: str | None, ae: str | None, clip
             "model.ae=<ae.safetensors> model.clip_l=<clip_l.safetensors> model.t5xxl=<t5xxl_fp16.safetensors> and "
             "model.config=<a local diffusers FLUX.1 folder, for the configs and tokenizers>"
         )
-    folder = existing_path(config, "model.config")
-    files = load_flux_single_files(transformer, existing_path(ae, "model.ae"), existing_path(clip_l, "model.clip_l"),
-                                   existing_path(t5xxl, "model.t5xxl"), folder)  # fmt: skip
-    with reraise_as_load_error(f"model.config: cannot load scheduler/ of '{folder}'"):
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler",
-                                                                    local_files_only=True)  # fmt: skip
+    # The files are checked (keys, shapes, which file is which) before any weights are read.
+    files = load_flux_single_files(transformer, ae, clip_l, t5xxl, config)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(files.scheduler_config)
     return {"transformer": files.transformer, "vae": files.vae, "text_encoder": files.text_encoder,
             "text_encoder_2": files.text_encoder_2, "tokenizer": files.tokenizer, "tokenizer_2": files.tokenizer_2,
             "scheduler": scheduler}  # fmt: skip

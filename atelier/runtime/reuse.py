@@ -109,7 +109,7 @@ def _stamp(value: str | None) -> tuple:
 
 def base_key(m: ModelConfig) -> tuple:
     return (m.path, m.builtin, m.version.value, bool(m.v_parameterization), m.config, m.vae, bool(m.allow_pickle),
-            _stamp(m.path), _stamp(m.vae))  # fmt: skip
+            _stamp(m.path), _stamp(m.vae), *[(f, _stamp(f)) for f in (m.ae, m.clip_l, m.t5xxl)])  # fmt: skip
 
 
 def load_base(m: ModelConfig, t: TrainingConfig, load: Callable[[], BaseModel]) -> BaseModel:
