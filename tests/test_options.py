@@ -76,6 +76,12 @@ EXPORT_RUNS = [
     ["network=dylora", "network.unit=2", "network.loraplus_lr_ratio=16", "network.loraplus_unet_lr_ratio=8",
      "network.loraplus_text_encoder_lr_ratio=4", "sampling.prompt_file={prompts_txt}", "dataset.alpha_mask=true"],
     ["training.masked_loss=true", "dataset.conditioning_data_dir=/data/masks", "training.initial_epoch=2"],
+    ["model=flux1", "model.path=/models/flux1-dev.safetensors", "model.ae=/models/ae.safetensors",
+     "model.clip_l=/models/clip_l.safetensors", "model.t5xxl=/models/t5xxl_fp16.safetensors",
+     "network.train_blocks=single", "training.timestep_sampling=shift", "training.discrete_flow_shift=3.1582",
+     "training.model_prediction_type=raw", "training.guidance_scale=1.0", "training.sigmoid_scale=1.5",
+     "training.weighting_scheme=logit_normal", "training.logit_mean=0.1", "training.logit_std=1.2",
+     "training.mode_scale=1.3", "training.apply_t5_attn_mask=true", "training.t5xxl_max_token_length=256"],
     ["output.log_with=all", "output.logging_dir=/logs", "output.log_prefix=mine-", "output.log_tracker_name=chars",
      "output.wandb_run_name=first", "output.log_tracker_config={tracker_toml}", "training.mixed_precision=fp16",
      "training.full_fp16=true", "training.fp8_base=true", "training.fp8_base_unet=true",
@@ -167,7 +173,10 @@ def test_every_ss_key_is_written_by_the_metadata_writer() -> None:
     # Options that need another precision than the run above (written when on, too).
     fp16 = compose_config("training.mixed_precision=fp16", "training.full_fp16=true", "training.fp8_base=true",
                           "training.fp8_base_unet=true")
-    written = set(meta) | set(training_metadata(run_config(fp16), **kwargs))
+    # FLUX's flow-matching keys are written for a FLUX run only.
+    flux = compose_config("model=flux1", "model.path=/models/flux1-dev.safetensors")
+    written = set(meta) | set(training_metadata(run_config(fp16), **kwargs)) | set(training_metadata(run_config(flux),
+                                                                                                      **kwargs))
     missing = {o.key: [k for k in o.ss if k not in written] for o in WITH_SS if not set(o.ss) <= written}
     assert not missing, f"declared on the schema, not written by atelier/outputs/metadata.py: {missing}"
     assert meta["ss_batch_size_per_device"] == "3" and meta["ss_network_weights"] == "/loras/start.safetensors"

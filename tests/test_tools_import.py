@@ -202,9 +202,9 @@ def test_a_value_atelier_refuses_is_said_before_training(tmp_path, capsys):
     ("python train.py --network_dim 4", "cmd.sh", "no train_network.py"),
     ("accelerate launch train_network.py --network_dim 4 8", "cmd.sh", "--network_dim takes one value, got 2"),
     ("accelerate launch train_network.py --learning_rate fast", "cmd.sh", "--learning_rate needs a number"),
-    ("accelerate launch flux_train_network.py --network_dim 4", "cmd.sh",
-     "flux_train_network.py trains no model family Atelier knows; Atelier reads runs of train_network.py, "
-     "sdxl_train_network.py"),
+    ("accelerate launch sd3_train_network.py --network_dim 4", "cmd.sh",
+     "sd3_train_network.py trains no model family Atelier knows; Atelier reads runs of train_network.py, "
+     "sdxl_train_network.py, flux_train_network.py"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir='a'\n[[datasets]]\n", "d.toml", "2 [[datasets]]"),
     ('dataset_config = "missing.toml"\n', "c.toml", "dataset_config=missing.toml: no such file"),
 ])  # fmt: skip
@@ -225,3 +225,29 @@ def test_it_never_overwrites_and_wants_an_experiment_folder(tmp_path, capsys):
     assert out.read_text() == "mine\n" and "--force" in capsys.readouterr().err
     assert main(["import-kohya", str(source), "--out", str(tmp_path / "x.yaml")]) != 0
     assert "<folder>/experiment/<name>.yaml" in capsys.readouterr().err
+
+
+FLUX_RUN = ["model=flux1", "model.path=/models/flux1-dev.safetensors", "model.ae=/models/ae.safetensors",
+            "model.clip_l=/models/clip_l.safetensors", "model.t5xxl=/models/t5xxl_fp16.safetensors",
+            "network.dim=16", "network.train_blocks=single", "training.timestep_sampling=shift",
+            "training.discrete_flow_shift=3.1582", "training.model_prediction_type=raw", "training.guidance_scale=1.0",
+            "training.apply_t5_attn_mask=true", "training.t5xxl_max_token_length=256", "training.max_train_steps=50"]
+
+
+def test_a_flux_run_exports_to_flux_train_network_and_imports_back(tmp_path, dataset):
+    """export-kohya writes sd-scripts' flux_train_network.py command (networks.lora_flux, its FLUX
+    options); import-kohya reads it back into the same config."""
+    original, run_dir = export_run(tmp_path, f"dataset.train_data_dir={dataset / 'train'}", *FLUX_RUN)
+    export = build_export(original, run_dir)
+    line = command_line(export)
+    assert "flux_train_network.py" in line and "--network_module networks.lora_flux" in line
+    assert "--timestep_sampling shift" in line and "--apply_t5_attn_mask" in line and "train_blocks=single" in line
+    command = tmp_path / "train.sh"
+    command.write_text(line + "\n")
+    imported = import_to(tmp_path, command)
+    assert_round_trip(original, imported, skip=("model.path",))
+    assert imported["model"]["version"] == "flux1" and imported["network"]["train_blocks"] == "single"
+    # An SD run's export carries none of FLUX's options.
+    sd, sd_dir = export_run(tmp_path / "sd", f"dataset.train_data_dir={dataset / 'train'}") if (tmp_path / "sd").mkdir() \
+        is None else (None, None)
+    assert "--timestep_sampling" not in command_line(build_export(sd, sd_dir))

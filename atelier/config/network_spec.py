@@ -170,4 +170,6 @@ def kohya_network_args(net: NetworkConfig) -> dict[str, str]:
         if getattr(net, key) is not None:
             args[key] = str(getattr(net, key))
     args.update(block_network_args(net))
+    if net.train_blocks is not None:  # FLUX's lora_flux
+        args["train_blocks"] = net.train_blocks.value
     return args

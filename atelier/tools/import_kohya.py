@@ -46,7 +46,7 @@ def import_run(run: KohyaRun) -> Imported:
     args = {**run.args, **_dataset_general(run)}
     ours = ours_by_flag()
     _model(run, args, out)
-    _network(args, out, ours)
+    _network(args, out, ours, family_of_script(run.script, v2=bool(args.get("v2"))).lora_module)
     _optimizer(args, out)
     _scheduler(args, out, ours)
     _length(args, out)
@@ -97,6 +97,9 @@ def _model(run: KohyaRun, args: dict[str, Any], out: Imported) -> None:
     out.set("model.resolution", family.base(bool(args.get("v_parameterization"))).resolution)
     if not path:
         out.notes.append("no --pretrained_model_name_or_path: set model.path before training")
+    elif family.extra_files:  # FLUX's single files load with configs and tokenizers from a local folder
+        out.notes.append(f"{family.label} single files also need model.config=<a local diffusers {family.label} folder> "
+                         "(configs and tokenizers; nothing is downloaded)")
 
 
 def _kv_list(items: list[str], option: str, out: Imported) -> dict[str, Any]:
@@ -114,8 +117,12 @@ def _kv_list(items: list[str], option: str, out: Imported) -> dict[str, Any]:
     return found
 
 
-def _network(args: dict[str, Any], out: Imported, ours: dict[str, list[ConfigOption]]) -> None:
+def _network(args: dict[str, Any], out: Imported, ours: dict[str, list[ConfigOption]],
+             family_module: str | None = None) -> None:  # fmt: skip
+    """family_module: the family's own LoRA module (FLUX: networks.lora_flux), read as network=lora."""
     module = args.get("network_module", "networks.lora")
+    if family_module is not None and module == family_module:
+        module = "networks.lora"
     extra = _kv_list(args.get("network_args", []), "network_args", out)
     algo = extra.pop("algo", "lora" if module == "lycoris.kohya" else None)
     kind = _kind_of(module, algo)
@@ -136,7 +143,7 @@ def _network(args: dict[str, Any], out: Imported, ours: dict[str, list[ConfigOpt
             out.skip("network_args", f"preset={preset}", "Atelier's targets are LyCORIS' attn-mlp (full with conv_dim)")
     by_arg = {o.flag.split()[1]: o for o in ours.get("network_args", []) if len(o.flag.split()) == 2}
     for name, value in extra.items():
-        if name in by_arg and by_arg[name].key.split(".")[1] in entry.args:
+        if name in by_arg and (by_arg[name].key.split(".")[1] in entry.args or (family_module and name == "train_blocks")):
             out.set(by_arg[name].key, value)
         else:
             out.skip("network_args", f"{name}={_text(value)}", f"not an option network.module={kind} takes here")

@@ -108,6 +108,28 @@ def sd_scripts_options() -> dict[str, KohyaOption]:
     return found
 
 
+# flux_train_network.py's own options (library/flux_train_utils.py add_flux_train_arguments, the
+# weighting_scheme group) beyond train_network.py's: the schema's fields that carry them.
+FLUX_OPTION_KEYS = ("model.ae", "model.clip_l", "model.t5xxl", *(f"training.{name}" for name in (
+    "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type", "guidance_scale",
+    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "apply_t5_attn_mask", "t5xxl_max_token_length")))
+
+
+@cache
+def script_options(script: str) -> dict[str, KohyaOption]:
+    """The options an sd-scripts LoRA script takes: train_network.py's (sd_scripts_args.json), and
+    for flux_train_network.py its FLUX options too, typed by the schema fields that carry them."""
+    found = dict(sd_scripts_options())
+    if script != "flux_train_network.py":
+        return found
+    for option in all_options():
+        if option.key in FLUX_OPTION_KEYS:
+            base = option.type.split(" | ")[0]
+            found[option.flag] = KohyaOption(option.flag, "FLUX", option.default, option.doc, None, base == "bool",
+                                             base if base in ("int", "float") else None)  # fmt: skip
+    return found
+
+
 def sd_scripts_commit() -> str:
     return json.loads(ARGS_FILE.read_text(encoding="utf-8"))["commit"]
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from atelier.config.options import schema_fields
 from atelier.config.schema import NetworkConfig, flag_name
 from atelier.config.network_spec import kohya_module
+from atelier.families import family_of
 from atelier.tools.common import ToolError
 
 
@@ -122,6 +123,16 @@ def _attention(value: Any, cfg: dict[str, Any]) -> bool:
     return value == "sdpa"
 
 
+def _flux_only(value: Any, cfg: dict[str, Any]) -> Any:
+    """FLUX's flow-matching options: flux_train_network.py's, unknown to the SD scripts."""
+    return value if family_of(cfg.get("model", {}).get("version", "sd1")).objective == "flow_matching" else None
+
+
+def _lora_module(value: Any, cfg: dict[str, Any]) -> str:
+    """The family's own LoRA module (FLUX: networks.lora_flux), else the network kind's."""
+    return family_of(cfg.get("model", {}).get("version", "sd1")).lora_module or kohya_module(network_config(cfg))
+
+
 def _with_torch_compile(value: Any, cfg: dict[str, Any]) -> Any:
     return value if cfg["training"].get("torch_compile") else None
 
@@ -160,12 +171,18 @@ HOW: dict[str, dict[str, Any]] = {
     "model.resolution": {"place": "covered"},
     "model.base_weights": {"kind": "list", "convert": lambda v, c: [str(Path(p).resolve()) for p in v] or None},
     "model.base_weights_multiplier": {"kind": "list", "convert": lambda v, c: list(v) or None},
-    "network.module": {"convert": lambda v, c: kohya_module(network_config(c))},
+    "network.module": {"convert": _lora_module},
+    **{f"model.{name}": {"convert": _path} for name in ("ae", "clip_l", "t5xxl")},
+    **{f"training.{name}": {"convert": _flux_only}
+       for name in ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
+                    "guidance_scale", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+                    "t5xxl_max_token_length")},
+    "training.apply_t5_attn_mask": {"kind": "switch", "convert": _flux_only},
     # network_args is one list made from several keys (build_export)
     **{f"network.{name}": {"place": "covered"}
        for name in ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "factor", "unit", "loraplus_lr_ratio",
                     "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "dora_wd",
-                    "use_tucker", "preset")},
+                    "use_tucker", "preset", "train_blocks")},
     "network.dropout": {"convert": _neuron_dropout},
     "network.train_unet_only": {"kind": "switch"},
     "network.train_text_encoder_only": {"kind": "switch"},

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from atelier.tools.common import ToolError
-from atelier.tools.kohya_coverage import KohyaOption, sd_scripts_options
+from atelier.tools.kohya_coverage import KohyaOption, script_options
 
 SDXL_SCRIPT = "sdxl_train_network.py"
 
@@ -92,7 +92,7 @@ def _put(run: KohyaRun, name: str, value: Any, where: str) -> None:
     (None, "") are dropped: sd-scripts' default applies."""
     if value is None or value == "":
         return
-    option = sd_scripts_options().get(name)
+    option = script_options(run.script).get(name)
     if option is None:
         run.unknown[name] = value
         return
@@ -273,7 +273,7 @@ def _split_options(words: list[str], where: str) -> list[tuple[str, list[str]]]:
 
 def _read_words(run: KohyaRun, words: list[str], where: str) -> None:
     for name, values in _split_options(words, where):
-        option = sd_scripts_options().get(name)
+        option = script_options(run.script).get(name)
         if option is None:
             run.unknown[name] = " ".join(values) if values else True
         elif option.switch:
