@@ -259,3 +259,57 @@ def test_tiny_flux_trains_from_the_single_files_flux_users_have(tmp_path, atelie
     # A missing part is named with the option that gives it.
     with pytest.raises(Exception, match=r"model.t5xxl=<t5xxl_fp16.safetensors>"):
         train_flux(tmp_path, "model=flux1", *model[:3], f"model.config={folder}", *small, name="missing")
+
+
+@pytest.mark.parametrize("memory", [
+    (),
+    ("training.gradient_checkpointing=true",),
+    ("training.mixed_precision=bf16", "training.fp8_base=true"),
+])  # fmt: skip
+def test_the_memory_switches_train(tmp_path, memory):
+    """sd-scripts' switches that fit FLUX.1-dev on a 24 GB card, each on tiny-flux: gradient
+    checkpointing (the same LoRA as without, to float rounding), fp8 storage of the frozen weights."""
+    trainer = train_flux(tmp_path, "training.max_train_steps=2", "optimizer.learning_rate=0.01", *memory)
+    losses = [row["loss/step"] for row in steps_logged(tmp_path / "run")]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    if "training.fp8_base=true" in memory:
+        linears = [m for m in trainer.base.unet.modules() if isinstance(m, torch.nn.Linear)]
+        # Every frozen Linear weight is stored in fp8 (atelier.models.fp8_storage), used in bf16.
+        assert {m.parametrizations.weight.original0.dtype for m in linears} == {torch.float8_e4m3fn}
+        assert {m.weight.dtype for m in linears} == {torch.bfloat16}
+    if "training.gradient_checkpointing=true" in memory:
+        # SGD: an update proportional to the gradient (Adam's normalisation would blow a 1e-9
+        # gradient difference on a near-zero entry up to a full +-lr step).
+        sgd = ("optimizer=sgd_nesterov", "optimizer.learning_rate=0.1", "training.max_train_steps=3")
+        on, off = train_flux(tmp_path, *sgd, *memory, name="sgd_on"), train_flux(tmp_path, *sgd, name="sgd_off")
+        # Recomputed activations are the same operations on the same inputs, the backward sums in
+        # another order: the same first loss, and later ones within float32 rounding carried through
+        # two updates (test_flux_lora checks the gradients themselves per module).
+        on_losses, off_losses = ([row["loss/step"] for row in steps_logged(tmp_path / n)] for n in ("sgd_on", "sgd_off"))
+        assert on_losses[0] == pytest.approx(off_losses[0], rel=1e-6)
+        assert on_losses == pytest.approx(off_losses, rel=1e-4)
+        assert on.network.state_dict().keys() == off.network.state_dict().keys()
+
+
+
+def test_cached_text_outputs_train_without_the_text_encoders(tmp_path):
+    """dataset.cache_text_encoder_outputs with a frozen CLIP-L: every caption (the held-out ones too)
+    is encoded once at setup, so the text encoders can leave the GPU (build.offload_text_encoders)
+    and training and validation never call them."""
+    from atelier.loop.adapter import Adapter
+    from atelier.loop.loop import TrainingLoop
+
+    cfg = make_cfg(*FLUX, "network.train_unet_only=true", "dataset.cache_text_encoder_outputs=true",
+                   "dataset.validation_split=0.2", "training.max_train_steps=3")  # fmt: skip
+    adapter = Adapter(cfg, tmp_path)
+    adapter.setup()
+    assert adapter.captions.caching
+
+    def unloaded(*args, **kwargs):
+        raise AssertionError("a text encoder was called after its outputs were cached")
+
+    for text_encoder in adapter.base.text_encoders:
+        text_encoder.forward = unloaded
+    adapter.open_metrics(resumed=False)
+    TrainingLoop([adapter]).run()
+    assert adapter.result.steps == 3 and adapter.result.validation_losses

@@ -53,6 +53,9 @@ class CaptionEncoder:
         self.batch_size = batch_size
         self.weighted = weighted
         self._cache: dict[str, torch.Tensor] | None = {} if cache else None
+        # Where cached batches go: the training device, also once the idle text encoders moved
+        # off it (atelier.loop.build.offload_text_encoders).
+        self.device = getattr(text_encoder, "device", torch.device("cpu"))
 
     @property
     def caching(self) -> bool:
@@ -63,7 +66,7 @@ class CaptionEncoder:
         if self._cache is None:
             return self._encode(list(captions), grad)
         self.fill(captions)
-        return self._batch([self._cache[caption] for caption in captions], self.text_encoder.device)
+        return self._batch([self._cache[caption] for caption in captions], self.device)
 
     def fill(self, captions: Sequence[str]) -> int:
         """Encode the captions not cached yet; returns how many were encoded."""

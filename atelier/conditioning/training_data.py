@@ -272,7 +272,9 @@ class TrainingData:
         if self.options.weighted_captions:
             self._warn_brackets_cut_apart()
         if encoder.caching:
-            count = encoder.fill(self.distinct_captions())
+            # The held-out images' captions too: every caption a run encodes is then cached.
+            validation = [self.fixed_caption(item) for item in self.validation_items]
+            count = encoder.fill(list(dict.fromkeys([*self.distinct_captions(), *validation])))
             log.info("text-encoder outputs cached for %d distinct caption(s)", count)
         elif wanted:
             log.info("text-encoder outputs are not cached: captions change every step (shuffle or dropout)")

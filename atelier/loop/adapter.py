@@ -107,6 +107,8 @@ class Adapter(AdapterState):
             autocast=self.accelerator.autocast,
             flux_text=self._flux_text(),
         )
+        if apply and self.captions.caching:  # a plain run: no other lane encodes with them
+            build.offload_text_encoders(self.base, self.device)
         self.validator: Validator | None = make_validator(self.data, self.base.vae, self.objective, self.device)
         # A search's run reports its validation losses to its trial (the main process only).
         self.trial_link = TrialLink.open(self.run_dir, cfg.trial) if cfg.trial is not None and self.parallel.is_main else None

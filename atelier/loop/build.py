@@ -184,12 +184,27 @@ def create_network(cfg: AtelierConfig, base: BaseModel, device: torch.device, ap
     return network
 
 
+def offload_text_encoders(base: BaseModel, device: torch.device) -> bool:
+    """Move the frozen text encoders off the training device once every caption's outputs are
+    cached (sd-scripts does the same with cache_text_encoder_outputs); sampling brings them back
+    for its prompts (atelier.loop.samples). True when they moved (not on a CPU-only run)."""
+    if device.type == "cpu":
+        return False
+    freed = sum(p.numel() * p.element_size() for te in base.text_encoders for p in te.parameters())
+    for text_encoder in base.text_encoders:
+        text_encoder.to("cpu")
+    log.info("text encoders moved to the CPU (their outputs are cached): %.1f MB less on %s", freed / 1e6, device)
+    return True
+
+
 def enable_gradient_checkpointing(base: BaseModel, text_encoders: bool) -> None:
     # Both libraries checkpoint only in train mode; the base has no dropout, so
     # train mode changes nothing else.
     base.unet.enable_gradient_checkpointing()
     base.unet.train()
-    for text_encoder in base.text_encoders if text_encoders else ():
+    # Only those a LoRA trains: FLUX's T5 is never trained, and train mode would turn on its dropout.
+    trained = base.text_encoders[: family_of(base.version).lora_text_encoders]
+    for text_encoder in trained if text_encoders else ():
         text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         text_encoder.train()
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -65,6 +66,20 @@ def sample_prompts(cfg: AtelierConfig, dataset: DatasetIndex, flux: bool = False
 _SCHEMA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingConfig)}
 
 
+@contextlib.contextmanager
+def modules_on(modules: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """The modules on `device` for the block (text encoders moved off it after caching their
+    outputs: atelier.loop.build.offload_text_encoders), then back where each was."""
+    away = [(m, p.device) for m in modules for p in [next(m.parameters(), None)] if p is not None and p.device != device]
+    for module, _ in away:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in away:
+            module.to(home)
+
+
 class SampleWriter:
     def __init__(
         self,
@@ -110,7 +125,7 @@ class SampleWriter:
             return []
         log.info("sampling %d prompt(s) at %s", len(self.prompts), f"epoch {epoch}" if epoch is not None else f"step {step}")
         # Mixed precision: the VAE is float32 while the UNet may be half precision.
-        with self.autocast():
+        with self.autocast(), modules_on(self.base.text_encoders, self.device):
             return generate_samples(
                 self._get_pipeline(),
                 self.prompts,
