@@ -313,3 +313,47 @@ def test_cached_text_outputs_train_without_the_text_encoders(tmp_path):
     adapter.open_metrics(resumed=False)
     TrainingLoop([adapter]).run()
     assert adapter.result.steps == 3 and adapter.result.validation_losses
+
+
+def test_a_stopped_flux_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """The training state (network, optimizer, RNGs, position) of a FLUX run: SIGTERM at step 3,
+    the same command again, the same LoRA as the run that was never stopped."""
+    import signal
+
+    from atelier.loop.run import run_training
+    from atelier.runtime.signals import StopRequested
+    from tests.test_resume import signal_at_forward
+
+    args = (*FLUX, "training.max_train_steps=6", "training.train_batch_size=4", "output.save_every_n_epochs=null")
+    plain, stopped = tmp_path / "plain", tmp_path / "stopped"
+    plain.mkdir(), stopped.mkdir()
+    run_training(make_cfg(*args), plain)
+    signal_at_forward(monkeypatch, call=3, sig=signal.SIGTERM)
+    with pytest.raises(StopRequested):
+        run_training(make_cfg(*args), stopped)
+    monkeypatch.undo()
+    summary = run_training(make_cfg(*args), stopped)
+    assert summary["status"] == "completed" and summary["steps"] == 6
+    a, b = (load_lora(d / "demo.safetensors")[0] for d in (plain, stopped))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_flux_sweep_with_debug_smoke_ends_in_a_report(tmp_path):
+    """-m over network.dim with debug=smoke on tiny_flux: every job trains, samples and is reported."""
+    from tests.helpers import REPO_ROOT, TRAIN
+
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(TRAIN), "-m", "model=tiny_flux", "network.dim=2,4", "debug=smoke",
+                             f"hydra.sweep.dir={tmp_path}"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    rows = runs["runs"] if isinstance(runs, dict) else runs
+    assert len(rows) == 2 and (tmp_path / "report.html").is_file() and (tmp_path / "samples_prompt00.png").is_file()
+    for dim in (2, 4):
+        state, meta = load_lora(tmp_path / f"network.dim={dim}" / f"demo_dim-{dim}.safetensors")
+        assert meta["ss_network_dim"] == str(dim) and meta["ss_base_model_version"] == "flux1"
+        assert state["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == dim
