@@ -161,14 +161,17 @@ CHECKPOINTING = "training.gradient_checkpointing=true"
 @pytest.mark.parametrize(
     "lanes",
     [[[*LANES[0], *BUCKETS], [*LANES[1], *BUCKETS]], [[*SGD, "model=tiny_sdxl"], [*LANES[1], "model=tiny_sdxl"]],
-     [[*SGD, CHECKPOINTING], [*LANES[1], CHECKPOINTING]]],
-    ids=["buckets", "sdxl", "gradient_checkpointing"],
+     [[*SGD, CHECKPOINTING], [*LANES[1], CHECKPOINTING]],
+     [[*SGD, "model=tiny_flux"], [*LANES[1], "model=tiny_flux"]]],
+    ids=["buckets", "sdxl", "gradient_checkpointing", "flux"],
 )
 def test_bucketed_and_sdxl_lanes_equal_their_solo_runs(tmp_path, lanes):
     # SDXL with AdamW: 3 steps move 30 of 576 tensors by up to 4e-5 (Adam amplifying
     # rounding, see ATOL); two SGD lanes check the SDXL path (pooled text, time ids) tightly.
     # Gradient checkpointing recomputes the forward in the backward: the rows must be
     # routed as in the forward (the backward runs inside the router's fused context).
+    # FLUX: a fused BFL layer's module is routed part by part (slots.FusedPart), the T5 and
+    # CLIP-L conditioning (FluxText) concatenated, one transformer call for both lanes.
     bucketed = "dataset.enable_bucket=true" in lanes[0]
     cfgs, dirs = fused(tmp_path, lanes)
     trainer = FusedTrainer(cfgs, dirs)
@@ -179,7 +182,7 @@ def test_bucketed_and_sdxl_lanes_equal_their_solo_runs(tmp_path, lanes):
     if bucketed:  # lanes drew batches of other buckets: run as separate UNet calls
         assert 1 in groups
     else:
-        assert groups == [2, 2, 2]  # SDXL: text + pooled + time ids concatenated
+        assert groups == [2, 2, 2]  # SDXL: text + pooled + time ids concatenated; FLUX: FluxText
     for i in range(2):
         expected, _ = solo(tmp_path, lanes[i], f"solo{i}")
         got = load_lora(dirs[i] / "demo.safetensors")[0]

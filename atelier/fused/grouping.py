@@ -33,6 +33,10 @@ SHARED_KEYS = (
     "training.channels_last",
     "training.torch_compile",
     "network.train_unet_only",
+    # FLUX: inputs of the one transformer call the lanes share (atelier.objective.steps.flux_call).
+    "training.guidance_scale",
+    "training.apply_t5_attn_mask",
+    "training.t5xxl_max_token_length",
 )
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from atelier.fused.lane_logs import as_lane
+from atelier.network.flux_lora import FusedLoRAModule
 from atelier.network.lora import LoRAModule
 from atelier.network.patch import PatchedLayer
 
@@ -193,15 +194,47 @@ def _with_base_output(module: nn.Module, x: torch.Tensor, base_out: torch.Tensor
         module._base_forward = None
 
 
+class FusedPart:
+    """Part i of a lane's FusedLoRAModule (FLUX's fused BFL layers: atelier.network.flux_lora), as
+    the Slot of that part's diffusers Linear sees one module: `forward(x)` is the module's
+    part_forward(i, x) over the base output the Slot computed (`_base_forward`, set by
+    _with_base_output). The parts of a lane are called on row slices that are new tensors each,
+    so each part computes the shared low rank itself (the same values: fused lanes have no dropout)."""
+
+    def __init__(self, module: FusedLoRAModule, index: int):
+        self.module, self.index = module, index
+        self._base_forward = None
+
+    @property
+    def base(self) -> nn.Module:
+        return self.module.parts[self.index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        module._part_forwards = [self._base_forward if j == self.index else None for j in range(len(module.parts))]
+        try:
+            return module.part_forward(self.index, x)
+        finally:
+            module._part_forwards = None
+            module._shared = None  # no activation held past this call
+
+
+def _lane_layers(module: nn.Module) -> list:
+    """The (base layer, what its Slot calls) pairs of one lane module: itself, or a fused one's parts."""
+    if isinstance(module, FusedLoRAModule):
+        return [FusedPart(module, i) for i in range(len(module.parts))]
+    return [module]
+
+
 def install_slots(networks: list, router: LaneRouter) -> list[Slot]:
     """One Slot per base layer any lane's network targets; the networks stay unapplied."""
     slots: dict[int, Slot] = {}
     for lane, network in enumerate(networks):
-        for module in network.loras.values():
-            slot = slots.get(id(module.base))
+        for layer in (part for module in network.loras.values() for part in _lane_layers(module)):
+            slot = slots.get(id(layer.base))
             if slot is None:
-                slot = slots[id(module.base)] = Slot(module.base, router, len(networks))
-            slot.lanes[lane] = module
+                slot = slots[id(layer.base)] = Slot(layer.base, router, len(networks))
+            slot.lanes[lane] = layer
     for slot in slots.values():
         slot.apply_to()
     return list(slots.values())
