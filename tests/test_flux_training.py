@@ -242,11 +242,16 @@ def test_tiny_flux_trains_from_the_single_files_flux_users_have(tmp_path, atelie
     from atelier.models.flux_files import write_flux_single_files
     from atelier.models.tiny import TINY_FLUX_NAME, ensure_tiny_model
 
+    from atelier.cli import main
+
     folder = ensure_tiny_model(atelier_cache, TINY_FLUX_NAME)
     files = write_flux_single_files(folder, tmp_path / "files", transformer_dtype=torch.float32,
                                     t5_dtype=torch.float32, clip_dtype=torch.float32)  # fmt: skip
+    # model.config: the folder's configs and tokenizers alone (`atelier skeleton`, no weights).
+    assert main(["skeleton", str(folder), str(tmp_path / "configs")]) == 0
+    assert not list((tmp_path / "configs").rglob("*.safetensors"))
     model = [f"model.path={files['transformer']}", f"model.ae={files['ae']}", f"model.clip_l={files['clip_l']}",
-             f"model.t5xxl={files['t5xxl']}", f"model.config={folder}"]  # fmt: skip
+             f"model.t5xxl={files['t5xxl']}", f"model.config={tmp_path / 'configs'}"]  # fmt: skip
     small = ["model.resolution=64", "model.min_bucket_reso=32", "model.max_bucket_reso=128"]
     trainer = train_flux(tmp_path, "model=flux1", *model, *small, "training.max_train_steps=2")
     from_files = load_lora(tmp_path / "run" / "demo.safetensors")[0]

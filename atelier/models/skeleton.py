@@ -8,6 +8,8 @@ made once from any diffusers copy of the same base model:
 
     atelier skeleton /models/sd15-diffusers /models/sd15-configs
     python train.py model=sd15 model.path=/models/my-merge.safetensors model.config=/models/sd15-configs
+
+A FLUX.1 folder (FluxPipeline) gives the model.config of FLUX's single files the same way.
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ class SkeletonError(UserError, ValueError):
 
 def skeleton_files(source: str | os.PathLike) -> list[Path]:
     """The files of `source` (relative paths) a skeleton keeps: everything but weights."""
-    from .load_errors import ModelLoadError
+    from .flux_loading import check_flux_folder
+    from .load_errors import ModelLoadError, read_json
     from .sources import check_pipeline_folder
 
     folder = Path(source).expanduser().resolve()
     if not folder.is_dir():
         raise SkeletonError(f"'{folder}' is not a folder; give a diffusers pipeline folder (with model_index.json)")
+    index = folder / "model_index.json"
+    flux = index.is_file() and read_json(index, "diffusers_folder").get("_class_name", "").startswith("Flux")
     try:
-        check_pipeline_folder(folder, "diffusers_folder")
+        (check_flux_folder if flux else check_pipeline_folder)(folder, "diffusers_folder")
     except ModelLoadError as error:
         raise SkeletonError(str(error)) from error
     kept = [Path("model_index.json")]
