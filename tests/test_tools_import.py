@@ -247,6 +247,9 @@ def test_a_flux_run_exports_to_flux_train_network_and_imports_back(tmp_path, dat
     imported = import_to(tmp_path, command)
     assert_round_trip(original, imported, skip=("model.path",))
     assert imported["model"]["version"] == "flux1" and imported["network"]["train_blocks"] == "single"
+    # The config TOML does not name its script: --flux says it, as --sdxl does.
+    from_toml = import_to(tmp_path, run_dir / "kohya_config.toml", "--flux")
+    assert_round_trip(original, from_toml, skip=("model.path",))
     # An SD run's export carries none of FLUX's options.
     sd, sd_dir = export_run(tmp_path / "sd", f"dataset.train_data_dir={dataset / 'train'}") if (tmp_path / "sd").mkdir() \
         is None else (None, None)

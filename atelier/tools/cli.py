@@ -175,6 +175,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "`accelerate launch train_network.py ...` command")  # fmt: skip
     p.add_argument("--sdxl", action="store_true", help="the config is for sdxl_train_network.py (a TOML does not say; "
                    "a command line and a GUI JSON do)")  # fmt: skip
+    p.add_argument("--flux", action="store_true", help="the config is for flux_train_network.py (as --sdxl)")
     p.add_argument("--name", help="the experiment's name (default: the file's name)")
     p.add_argument("--out", metavar="FILE", help="where to write it (default: conf/experiment/<name>.yaml)")
     p.add_argument("--force", action="store_true", help="overwrite an existing experiment config")

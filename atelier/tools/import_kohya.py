@@ -26,7 +26,7 @@ from atelier.tools.common import ToolError, check_output
 from atelier.tools.import_dataset import import_dataset
 from atelier.tools.imported import Imported, source_path
 from atelier.tools.kohya_coverage import ours_by_flag, sd_scripts_options
-from atelier.tools.kohya_sources import SDXL_SCRIPT, KohyaRun, read_source
+from atelier.tools.kohya_sources import FLUX_SCRIPT, SDXL_SCRIPT, KohyaRun, read_source
 
 REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
 # The groups the experiment states in full (their conf/ options would add values of their own).
@@ -304,9 +304,12 @@ def run(args: argparse.Namespace) -> int:
     if out.parent.name != "experiment" or out.suffix != ".yaml":
         raise ToolError(f"--out {out}: an experiment config is <folder>/experiment/<name>.yaml (Hydra finds it there)")
     check_output(out, args.force)
-    kohya = read_source(source)
-    if args.sdxl:
-        kohya.script = SDXL_SCRIPT
+    if args.sdxl and args.flux:
+        raise ToolError("--sdxl and --flux: a config is for one script; give one of them")
+    script = SDXL_SCRIPT if args.sdxl else FLUX_SCRIPT if args.flux else None
+    kohya = read_source(source, script)
+    if script is not None:
+        kohya.script = script
     imported = import_run(kohya)
     write_text(out, experiment_yaml(imported, kohya, out.stem))
     print(f"read {source} ({kohya.kind}); wrote {out}")

@@ -19,6 +19,7 @@ from atelier.tools.common import ToolError
 from atelier.tools.kohya_coverage import KohyaOption, script_options
 
 SDXL_SCRIPT = "sdxl_train_network.py"
+FLUX_SCRIPT = "flux_train_network.py"
 
 
 @dataclass
@@ -33,8 +34,9 @@ class KohyaRun:
     unknown: dict[str, Any] = field(default_factory=dict)  # names sd-scripts does not know: listed, not mapped
 
 
-def read_source(path: Path) -> KohyaRun:
-    """Any of the four, told apart by suffix and content."""
+def read_source(path: Path, script: str | None = None) -> KohyaRun:
+    """Any of the four, told apart by suffix and content. `script`: the sd-scripts script a
+    config TOML is for (a TOML does not say; import-kohya's --sdxl / --flux)."""
     if not path.is_file():
         raise ToolError(f"{path}: no such file; give an sd-scripts config or dataset TOML, a kohya_ss GUI JSON, "
                         "or a file holding the training command line")  # fmt: skip
@@ -45,7 +47,7 @@ def read_source(path: Path) -> KohyaRun:
             run = KohyaRun(path, "dataset TOML")
             _read_dataset(run, data)
             return run
-        return _read_config(path, data)
+        return _read_config(path, data, script or "train_network.py")
     if path.suffix.lower() == ".json":
         return _read_gui(path, text)
     return _read_command(path, text)
@@ -102,9 +104,9 @@ def _put(run: KohyaRun, name: str, value: Any, where: str) -> None:
 # --- sd-scripts TOML configs ---------------------------------------------------------------
 
 
-def _read_config(path: Path, data: dict[str, Any]) -> KohyaRun:
+def _read_config(path: Path, data: dict[str, Any], script: str) -> KohyaRun:
     """--config_file: sd-scripts reads every key of every table as an option (the tables only group)."""
-    run = KohyaRun(path, "config TOML")
+    run = KohyaRun(path, "config TOML", script=script)
     for key, value in data.items():
         for name, item in (value.items() if isinstance(value, dict) else [(key, value)]):
             _put(run, name, item, str(path))
