@@ -42,6 +42,19 @@ SINGLE_BLOCK: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# The kohya names' endings of the fused BFL layers (one module over several diffusers Linears).
+FUSED_SUFFIXES = tuple(f"_{name}" for name, modules in DOUBLE_BLOCK + SINGLE_BLOCK if len(modules) > 1)
+
+
+def flux_module_part(name: str) -> str | None:
+    """"double" or "single": the kind of block a kohya FLUX transformer module is in
+    (lora_unet_double_blocks_N_..., lora_unet_single_blocks_N_...); None for any other name."""
+    for part in ("double", "single"):
+        if name.startswith(f"{PREFIX}_{part}_blocks_"):
+            return part
+    return None
+
+
 @dataclass(frozen=True)
 class FluxTarget:
     """One kohya LoRA module: its name and the diffusers Linear modules it adapts."""
@@ -90,5 +103,5 @@ def fused_out_features(transformer: torch.nn.Module, target: FluxTarget) -> list
     return [modules[path].out_features for path in target.modules]
 
 
-__all__ = ["DOUBLE_BLOCK", "PREFIX", "SINGLE_BLOCK", "TRAIN_BLOCKS", "FluxTarget", "flux_targets", "flux_targets_of",
-           "fused_out_features"]
+__all__ = ["DOUBLE_BLOCK", "FUSED_SUFFIXES", "PREFIX", "SINGLE_BLOCK", "TRAIN_BLOCKS", "FluxTarget", "flux_targets", "flux_targets_of",
+           "flux_module_part", "fused_out_features"]

@@ -7,12 +7,16 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from atelier.config.schema import SavePrecision
 from atelier.errors import UserError
 from atelier.config.network_kinds import VARIANT_TENSORS, lycoris_markers
+
+if TYPE_CHECKING:
+    from atelier.families import ModelFamily
 
 
 class ToolError(UserError, Exception):
@@ -208,3 +212,16 @@ def precision_for(dtype: torch.dtype, requested: str | None) -> SavePrecision:
 def format_number(value: float) -> str:
     """A metadata string for a number: '16' for 16.0, else repr."""
     return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def lora_family(metadata: dict[str, str]) -> ModelFamily | None:
+    """The model family a LoRA file was trained on, from its ss_base_model_version (train_util's
+    names: sd_v1, sd_v2_v, sdxl_base_v1-0, flux1; "<version>_v" for a v-prediction variant sd-scripts
+    has no name for), or None when the file does not say or names no family Atelier knows."""
+    from atelier.families import FAMILIES
+
+    name = metadata.get("ss_base_model_version")
+    for family in FAMILIES.values():
+        if name in {family.base_model_version(False), family.base_model_version(True)}:
+            return family
+    return None

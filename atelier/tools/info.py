@@ -13,15 +13,25 @@ from pathlib import Path
 from typing import Any
 
 from atelier.config.network_kinds import VARIANT_TENSORS
-from atelier.tools.common import ToolError, existing_file
+from atelier.network.flux_lora import CLIP_PREFIX, T5_PREFIX
+from atelier.network.flux_names import FUSED_SUFFIXES, flux_module_part
+from atelier.tools.common import ToolError, existing_file, lora_family
+from atelier.tools.merge_flux import flux_family
 
 # Known JSON-valued keys; any other value that starts like JSON and parses is decoded too.
 JSON_FIELDS = (
     "ss_tag_frequency", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_bucket_info", "ss_network_args",
     "ss_datasets", "ss_merged_from", "atelier.merged_loras",
 )  # fmt: skip
+# What sd-scripts' flux_train_network.py writes of its flow-matching options (FLUX.1 files only).
+FLUX_FIELDS = (
+    "ss_model_type", "ss_timestep_sampling", "ss_discrete_flow_shift", "ss_model_prediction_type", "ss_guidance_scale",
+    "ss_weighting_scheme", "ss_logit_mean", "ss_logit_std", "ss_mode_scale", "ss_sigmoid_scale",
+    "ss_apply_t5_attn_mask", "ss_t5xxl_max_token_length",
+)  # fmt: skip
 SECTIONS = (
     ("model & network", ("ss_sd_model", "ss_new_sd_model", "ss_base_model", "ss_v2", "ss_v_param", "ss_network", "ss_output_name")),
+    ("flow matching (FLUX.1)", FLUX_FIELDS),
     ("training", ("ss_",)),
     ("modelspec", ("modelspec.",)),
     ("hashes", ("sshs_",)),
@@ -86,7 +96,51 @@ def read_info(path: str | Path) -> dict[str, Any]:
             metadata = handle.metadata() or {}
     except SafetensorError as error:
         raise ToolError(f"'{path}' is not a readable .safetensors file ({error})") from error
-    return {"file": str(path), "summary": tensor_summary(path), "metadata": decode_metadata(metadata)}
+    summary = tensor_summary(path)
+    family = lora_family(metadata)
+    if family is not None:
+        summary["base_model"] = {"family": family.label, "version": family.version}
+    names = _module_names(path)
+    if family is flux_family() or any(flux_module_part(name) for name in names):
+        summary.update(flux_module_counts(names))
+    return {"file": str(path), "summary": summary, "metadata": decode_metadata(metadata)}
+
+
+def _module_names(path: Path) -> list[str]:
+    with path.open("rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    return list(dict.fromkeys(key.split(".", 1)[0] for key in header if key != "__metadata__"))
+
+
+def flux_module_counts(names: list[str]) -> dict[str, Any]:
+    """A FLUX.1 LoRA's modules by part (sd-scripts' lora_flux names): double / single blocks, CLIP-L
+    (lora_te1_), T5-XXL (lora_te3_), and how many are fused BFL layers (qkv, linear1: one kohya module
+    over several diffusers Linears, atelier.network.flux_names)."""
+    parts = {"double blocks": 0, "single blocks": 0, "CLIP-L": 0, "T5-XXL": 0, "other": 0}
+    fused = 0
+    for name in names:
+        part = flux_module_part(name)
+        if part is not None:
+            parts[f"{part} blocks"] += 1
+            fused += name.endswith(FUSED_SUFFIXES)
+        elif name.startswith(f"{CLIP_PREFIX}_"):
+            parts["CLIP-L"] += 1
+        elif name.startswith(f"{T5_PREFIX}_"):
+            parts["T5-XXL"] += 1
+        else:
+            parts["other"] += 1
+    return {"flux_parts": {k: v for k, v in parts.items() if v or k.endswith("blocks")}, "fused_modules": fused}
+
+
+def flux_settings(metadata: dict[str, Any]) -> str | None:
+    """The flow-matching options of a FLUX.1 file in one line, or None when it has none."""
+    if not any(key in metadata for key in FLUX_FIELDS):
+        return None
+    get = metadata.get
+    parts = [f"timesteps {get('ss_timestep_sampling', '?')} (discrete_flow_shift {get('ss_discrete_flow_shift', '?')})",
+             f"model prediction {get('ss_model_prediction_type', '?')}", f"guidance {get('ss_guidance_scale', '?')}",
+             f"weighting {get('ss_weighting_scheme', '?')}"]  # fmt: skip
+    return "flow matching: " + ", ".join(parts)
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -94,9 +148,15 @@ def format_info(info: dict[str, Any]) -> str:
     ranks = ", ".join(f"{rank} ({count} modules)" for rank, count in s["ranks"].items()) or "-"
     lines = [
         info["file"],
-        f"  {s['tensors']} tensors, {s['modules']} modules ({s['unet_modules']} UNet, "
-        f"{s['text_encoder_modules']} text encoder), dtypes {s['dtypes']}, rank {ranks}, {s['size_bytes']:,} bytes",
+        f"  {s['tensors']} tensors, {s['modules']} modules ({_parts(s)}), dtypes {s['dtypes']}, rank {ranks}, "
+        f"{s['size_bytes']:,} bytes",
     ]
+    if "base_model" in s:
+        module = info["metadata"].get("ss_network_module", "?")
+        lines.append(f"  base model {s['base_model']['family']} ({s['base_model']['version']}), network {module}")
+    settings = flux_settings(info["metadata"])
+    if settings:
+        lines.append(f"  {settings}")
     for variant, count in s.get("variants", {}).items():  # LyCORIS' DoRA / Tucker modules
         lines.append(f"  {count} modules trained with network.{variant} ({' / '.join(VARIANT_TENSORS[variant])})")
     metadata = dict(info["metadata"])
@@ -116,6 +176,13 @@ def format_info(info: dict[str, Any]) -> str:
             else:
                 lines.append(f"  {key:<{width}}  {value}")
     return "\n".join(lines)
+
+
+def _parts(summary: dict[str, Any]) -> str:
+    if "flux_parts" in summary:
+        counts = ", ".join(f"{count} {part}" for part, count in summary["flux_parts"].items())
+        return f"{counts}; {summary['fused_modules']} fused qkv / linear1"
+    return f"{summary['unet_modules']} UNet, {summary['text_encoder_modules']} text encoder"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,9 @@ Several LoRAs into one: the ranks are concatenated,
     up = [c1 * up1, c2 * up2, ...],  down = [down1; down2; ...],  c_i = ratio_i * alpha_i / rank_i,
     alpha = new rank (scale 1),
 so up @ down = sum_i ratio_i * delta_i exactly, module by module (a module only
-some files have keeps only their parts). The scale is folded into up.
+some files have keeps only their parts). The scale is folded into up. FLUX.1 LoRAs merge the
+same way (a fused qkv / linear1 module is one kohya module: one down, one up); LoRAs of families
+whose kohya names differ (SD vs FLUX.1) are refused. Into a FLUX.1 base: atelier.tools.merge_flux.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from atelier.tools.common import (
     check_output,
     existing_file,
     load_lora_file,
+    lora_family,
     precision_for,
     require_finite,
 )
+from atelier.tools.merge_flux import check_families, is_flux_base, merge_into_flux
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,17 @@ def merge_loras(loras: list[tuple[dict[str, LoRAFactors], float]]) -> dict[str, 
             float(rank),
         )
     return merged
+
+
+def check_same_naming(sources: list[tuple[Path, dict[str, str]]]) -> None:
+    """LoRAs of families whose kohya module names mean other layers (SD's UNet, FLUX.1's blocks:
+    ModelFamily.unet_naming) cannot be merged into one; SD1 with SD2 is only warned of below."""
+    families = [(path, lora_family(meta)) for path, meta in sources]
+    known = [(path, family) for path, family in families if family is not None]
+    if len({family.unet_naming for _, family in known}) > 1:
+        listed = ", ".join(f"{path.name} ({family.label})" for path, family in known)
+        raise ToolError(f"the LoRAs are of model families with different module names ({listed}); merge LoRAs of one "
+                        "family")
 
 
 def merged_lora_metadata(
@@ -316,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
         loaded = [(p, *load_lora_file(p)) for p in paths]
         for path, modules, _, _ in loaded:
             require_finite(modules, path)
+        check_same_naming([(p, m) for p, _, m, _ in loaded])
         merged = merge_loras([(modules, r) for (_, modules, _, _), r in zip(loaded, ratios)])
         state = {k: v for module in merged.values() for k, v in module.to_state().items()}
         meta = merged_lora_metadata([(p, m, r) for (p, _, m, _), r in zip(loaded, ratios)], merged, out)
@@ -337,11 +353,16 @@ def run(args: argparse.Namespace) -> int:
         )
     out = check_output(args.output, args.force, inputs)
     ratios = _ratios(args, len(lora_paths))
-    loras = [(p, load_lora_file(p)[0], r) for p, r in zip(lora_paths, ratios)]
+    files = [(p, *load_lora_file(p)[:2]) for p in lora_paths]
+    loras = [(p, modules, r) for (p, modules, _), r in zip(files, ratios)]
     for path, modules, _ in loras:
         require_finite(modules, path)
-    config = Path(args.config) if args.config else None
-    state, metadata, report = merge_into_checkpoint(base, loras, config, args.device)
+    if is_flux_base(base):  # a BFL transformer file or a diffusers FLUX.1 folder: atelier.tools.merge_flux
+        check_families(base, [(p, metadata) for p, _, metadata in files])
+        state, metadata, report = merge_into_flux(base, loras, args.device)
+    else:
+        config = Path(args.config) if args.config else None
+        state, metadata, report = merge_into_checkpoint(base, loras, config, args.device)
     with atomic_path(out) as tmp:
         save_file(state, str(tmp), metadata=metadata)
     print("\n".join(report))
