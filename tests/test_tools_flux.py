@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from atelier.cli import main
-from atelier.models.flux_files import flux_transformer_to_bfl, flux_transformer_to_diffusers
+from atelier.models.flux_files import COMFY_PREFIX, flux_transformer_to_bfl, flux_transformer_to_diffusers
 from atelier.models.tiny import TINY_FLUX_NAME, ensure_tiny_model
 from atelier.network.flux_lora import CLIP_PREFIX, build_flux_network, flux_network_from_state
 from atelier.network.flux_names import flux_targets_of
@@ -77,6 +77,14 @@ def bfl_file(models, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny-flux's transformer as a BFL single file (float32, so merges compare to float32 rounding)."""
     path = tmp_path_factory.mktemp("flux-base") / "flux1-dev.safetensors"
     save_file(flux_transformer_to_bfl(models[0].state_dict()), str(path), metadata={"note": "tiny base"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def comfy_file(bfl_file: Path) -> Path:
+    """The same transformer with ComfyUI's model.diffusion_model. prefix on every key."""
+    path = bfl_file.with_name("flux1-dev-comfy.safetensors")
+    save_file({COMFY_PREFIX + key: value for key, value in load_file(str(bfl_file)).items()}, str(path))
     return path
 
 
@@ -169,19 +177,21 @@ def test_merge_loras_into_one_flux_lora(models, lora_file: Path, tmp_path: Path,
 
 def merged_transformer(models, path: Path):
     transformer = copy.deepcopy(models[0])
-    transformer.load_state_dict(flux_transformer_to_diffusers(load_file(str(path))), strict=True)
+    bfl = {key.removeprefix(COMFY_PREFIX): value for key, value in load_file(str(path)).items()}
+    transformer.load_state_dict(flux_transformer_to_diffusers(bfl), strict=True)
     return transformer
 
 
-@pytest.mark.parametrize("base_kind", ["bfl_file", "diffusers_folder"])
+@pytest.mark.parametrize("base_kind", ["bfl_file", "comfy_file", "diffusers_folder"])
 def test_merge_into_flux_base_matches_the_lora_applied(
-    base_kind: str, models, lora_file: Path, bfl_file: Path, tiny_flux_path: Path, tmp_path: Path, capsys
+    base_kind: str, models, lora_file: Path, bfl_file: Path, comfy_file: Path, tiny_flux_path: Path, tmp_path: Path,
+    capsys,
 ) -> None:
     """The merged BFL file, loaded, computes what the base with the LoRA applied does, to float32
     rounding: W + dW is rounded once to float32 and the sums run in another order than the LoRA
     branch's up(down(x)), so outputs of size ~1 differ by ~1e-6 (tolerance rtol 1e-4, atol 1e-5; the
     LoRA itself moves them by > 1e-2)."""
-    base = bfl_file if base_kind == "bfl_file" else tiny_flux_path
+    base = {"bfl_file": bfl_file, "comfy_file": comfy_file, "diffusers_folder": tiny_flux_path}[base_kind]
     out = tmp_path / "merged-base.safetensors"
     assert cli("merge", base, lora_file, "--ratios", 0.8, "-o", out) == 0
     printed = capsys.readouterr().out
@@ -192,7 +202,8 @@ def test_merge_into_flux_base_matches_the_lora_applied(
     torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
     with safe_open(str(out), framework="pt") as handle:
         metadata = handle.metadata()
-        assert any(key.startswith("double_blocks.") for key in handle.keys())
+        prefix = COMFY_PREFIX if base_kind == "comfy_file" else ""  # the base's keys are kept
+        assert any(key.startswith(prefix + "double_blocks.") for key in handle.keys())
     assert json.loads(metadata["atelier.merged_loras"]) == [{"file": lora_file.name, "ratio": 0.8}]
     if base_kind == "bfl_file":
         assert metadata["note"] == "tiny base"  # the base's own metadata is kept

@@ -42,12 +42,17 @@ MERGE_EPILOG = """\
 examples:
   # LoRAs into a base checkpoint (SD1 single file, original layout): a new checkpoint
   atelier merge v1-5-pruned.safetensors mychar.safetensors style.safetensors --ratios 0.8 0.5 -o merged.safetensors
+  # FLUX.1 LoRAs into the BFL transformer file (or a diffusers FLUX.1 folder): a BFL transformer file
+  atelier merge flux1-dev.safetensors myflux.safetensors -o flux1-dev-myflux.safetensors
   # several LoRAs into one LoRA (ranks concatenated, exact)
   atelier merge --loras mychar.safetensors style.safetensors --ratios 0.7 0.3 -o mixed.safetensors
 
 Into a checkpoint: W += ratio * up @ down * alpha / rank for every module; keys, dtypes and
 metadata of the checkpoint are kept. The UNet layout is read from the checkpoint, or from
 --config (a diffusers folder of the same base model, or `atelier skeleton` of one).
+Into FLUX.1 (as sd-scripts' flux_merge_lora.py): the transformer modules are merged and one BFL
+transformer file is written (a diffusers folder's fused qkv / linear1 updates split by rows onto
+its q, k, v, MLP Linears); CLIP-L modules are left out (the transformer file holds no CLIP-L).
 """
 
 CHECK_EPILOG = """\
@@ -137,7 +142,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_lazy("resize", "resize"))
 
     p = _parser(subparsers, "merge", "merge LoRAs into a base checkpoint, or several LoRAs into one",
-                "Merge LoRAs into an SD1 single-file checkpoint (BASE LORA...), or into one LoRA (--loras).",
+                "Merge LoRAs into an SD1 single-file checkpoint or a FLUX.1 transformer (BASE LORA...), or into "
+                "one LoRA (--loras).",
                 MERGE_EPILOG)  # fmt: skip
     p.add_argument("inputs", nargs="*", metavar="BASE LORA", help="the base checkpoint, then the LoRAs to merge into it")
     p.add_argument("--loras", nargs="+", metavar="LORA", help="merge these LoRAs into one LoRA instead")
