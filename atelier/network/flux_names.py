@@ -103,5 +103,5 @@ def fused_out_features(transformer: torch.nn.Module, target: FluxTarget) -> list
     return [modules[path].out_features for path in target.modules]
 
 
-__all__ = ["DOUBLE_BLOCK", "FUSED_SUFFIXES", "PREFIX", "SINGLE_BLOCK", "TRAIN_BLOCKS", "FluxTarget", "flux_targets", "flux_targets_of",
-           "flux_module_part", "fused_out_features"]
+__all__ = ["DOUBLE_BLOCK", "FUSED_SUFFIXES", "PREFIX", "SINGLE_BLOCK", "TRAIN_BLOCKS", "FluxTarget", "flux_targets",
+           "flux_targets_of", "flux_module_part", "fused_out_features"]

@@ -171,7 +171,8 @@ def merge_into_flux(
             metadata = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
         prefix = COMFY_PREFIX if any(key.startswith(COMFY_PREFIX + "double_blocks.") for key in state) else ""
-        work, report = add_lora_deltas(state, bfl_parts({key: tuple(value.shape) for key, value in state.items()}, prefix), base, loras, device)
+        targets = bfl_parts({key: tuple(value.shape) for key, value in state.items()}, prefix)
+        work, report = add_lora_deltas(state, targets, base, loras, device)
         for key, weight in work.items():
             state[key] = weight.to("cpu", state[key].dtype).contiguous()
         return state, {**metadata, "atelier.merged_loras": merged_from}, report
