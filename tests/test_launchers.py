@@ -77,7 +77,9 @@ def test_each_job_has_its_logs_and_outputs(gpu_sweep):
 
 
 def test_ctrl_c_stops_the_queue_and_running_jobs(tmp_path):
-    """SIGINT to the launcher: running jobs get SIGTERM, queued ones never start."""
+    """SIGINT to the launcher: running jobs get SIGTERM, queued ones never start. The launcher is
+    started ignoring SIGINT (as a background job or a test runner's worker may leave it): it
+    takes Ctrl-C all the same."""
     sweep_dir = tmp_path / "sweep"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -85,6 +87,7 @@ def test_ctrl_c_stops_the_queue_and_running_jobs(tmp_path):
          "hydra.launcher.gpus=null", "network.dim=4,8,16", "training.max_train_epochs=50", "output.save_every_n_epochs=null",
          "sampling.sample_every_n_epochs=null", "sampling.limit=1", "sampling.steps=1", f"hydra.sweep.dir={sweep_dir}"],
         cwd=REPO_ROOT, env={**env, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     first = sweep_dir / "network.dim=4"
     deadline = time.time() + 240

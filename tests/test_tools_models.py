@@ -296,7 +296,7 @@ def test_load_base_model_on_detected_files(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="model.version=sd1, .*is an sd2 checkpoint.*set model.version=sd2"):
         load_base_model(sd2, version="sd1")
     flux = header_only(tmp_path / "flux.safetensors", ["double_blocks.0.img_attn.qkv.weight"])
-    with pytest.raises(ModelLoadError, match="model.path: .* is a Flux checkpoint"):
+    with pytest.raises(ModelLoadError, match="model.path: .* is a Flux checkpoint.*Train it with model=flux1"):
         load_base_model(flux)
 
 

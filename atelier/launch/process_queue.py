@@ -59,21 +59,37 @@ class ProcessQueue:
         self.poll_seconds = poll_seconds
         self.stop_timeout = stop_timeout
         self.board = StatusBoard(self.jobs)
+        self.stop_signal: int | None = None
 
     def run(self) -> list[Job]:
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        # Ctrl-C / SIGTERM set a flag the loop reads between polls: a KeyboardInterrupt raised
+        # at an arbitrary point (inside Popen, a status refresh) could be swallowed there. A
+        # launcher started by a process that ignores or blocks SIGINT (a test runner's worker, a
+        # background job) inherits that; a launcher is there to be stopped: both are undone.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             with self.board:
-                while self.queue or self.running:
+                while (self.queue or self.running) and self.stop_signal is None:
                     self._start_jobs()
                     self._reap()
                     self.board.refresh()
                     time.sleep(self.poll_seconds)
-        except KeyboardInterrupt:
+                if self.stop_signal is not None:
+                    self._stop()
+        except KeyboardInterrupt:  # a second Ctrl-C while stopping: the jobs still running are killed now
+            self.stop_timeout = 0
             self._stop()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return self.jobs
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+        else:
+            raise KeyboardInterrupt
 
     def _start_jobs(self) -> None:
         while self.queue and self.free:
@@ -135,9 +151,6 @@ class ProcessQueue:
             job.process.wait()
             self._finish(job, job.process.returncode, "interrupted")
 
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

@@ -205,7 +205,9 @@ def identify_single_file(
     if has(_SDXL_REFINER_TEXT) or has("conditioner.embedders."):
         return SingleFileInfo("sdxl", False, "SDXL refiner", refiner=True)
     if has("double_blocks.") or has("model.diffusion_model.double_blocks."):
-        raise refuse("a Flux checkpoint (double_blocks.*), not Stable Diffusion 1/2")
+        raise refuse("a Flux checkpoint (double_blocks.*), not Stable Diffusion 1/2",
+                     "Train it with model=flux1 (model.path=<this file> model.ae=... model.clip_l=... model.t5xxl=... "
+                     "model.config=<a local diffusers FLUX.1 folder>).")
     if has("joint_blocks.") or has("model.diffusion_model.joint_blocks."):
         raise refuse("a Stable Diffusion 3 checkpoint (joint_blocks.*), not Stable Diffusion 1/2")
     if not has(_UNET):
