@@ -16,11 +16,12 @@ from atelier.families import FAMILIES, FLUX1, family_of, family_of_script, known
 from atelier.families.sd import SD1, SD2, SD_BLOCKS, SDXL, SDXL_BLOCKS
 from tests.helpers import REPO_ROOT
 
-# Places that still read a version themselves, each with why (what is left of [10] point 1).
+# Places that read an SD version themselves, each with why: both are the SD plug-in's loading
+# (atelier.plugins.sd), which tells SD1, SD2 and SDXL apart.
 READS_THE_VERSION = {
-    # An original-layout checkpoint's keys say which family it is before anything is loaded.
+    # An original-layout checkpoint's keys say which SD family it is before anything is loaded.
     "atelier/models/sources.py",
-    # The random-weight built-ins are named after the family they stand for.
+    # The random-weight built-ins are named after the SD family they stand for.
     "atelier/models/random_builtins.py",
 }
 BRANCH = re.compile(r"[!=]=\s*ModelVersion\.|ModelVersion\.\w+\s*[!=]=|version\s*[!=]=\s*[\"'](?:sd1|sd2|sdxl)[\"']|"

@@ -21,6 +21,7 @@ from PIL import Image
 from atelier.config.sample_prompts import SampleDefaults, SamplePrompt, parse_prompts
 from atelier.config.schema import TrainingConfig
 from atelier.models.loading import BaseModel
+from atelier.plugins import FluxPlugin, plugin_of
 from atelier.models.tiny import TINY_FLUX_NAME, ensure_tiny_model
 
 SHORT_T5 = 32  # T5 tokens the tests encode (the run's default is 512): same code, less time
@@ -102,7 +103,7 @@ def test_sample_writer_writes_flux_samples_with_sd_scripts_names_records_and_gri
     dataset = SimpleNamespace(folders=[])
     with caplog.at_level(logging.WARNING):
         writer = SampleWriter(run_config(lines), base, dataset, tmp_path, torch.device("cpu"), contextlib.nullcontext)
-    assert writer.flux
+    assert isinstance(writer.plugin, FluxPlugin)
     messages = [r.getMessage() for r in caplog.records]
     assert not any("SD models have none" in m for m in messages)  # --g is FLUX's: no SD warning
     assert any("multiples of 16" in m and "1" in m for m in messages)  # 88 px (a multiple of 8) -> 80
@@ -190,7 +191,7 @@ def test_another_sampler_or_weights_warn_once_and_euler_renders(base, tmp_path, 
 
     lines = ["a cat --ss ddim --d 1", "a (dog:1.3) --ss euler_a", "a bird --ss k_euler", "a [fox] --ss ddim"]
     with caplog.at_level(logging.WARNING, logger="atelier.sampling.flux_samples"):
-        parsed = sample_prompts(run_config(lines, sampler="dpmsolver++"), SimpleNamespace(folders=[]), flux=True)
+        parsed = sample_prompts(run_config(lines, sampler="dpmsolver++"), SimpleNamespace(folders=[]), plugin_of("flux1"))
     messages = [r.getMessage() for r in caplog.records]
     [config_sampler] = [m for m in messages if "sampling.sampler=dpmsolver++" in m]
     [per_prompt] = [m for m in messages if "--ss" in m]
@@ -201,7 +202,7 @@ def test_another_sampler_or_weights_warn_once_and_euler_renders(base, tmp_path, 
 
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert sample_prompts(run_config(["a cat"]), SimpleNamespace(folders=[]), flux=True)[0].cfg_scale == 1.0
+        assert sample_prompts(run_config(["a cat"]), SimpleNamespace(folders=[]), plugin_of("flux1"))[0].cfg_scale == 1.0
     assert not caplog.records  # the default sampler (ddim) is no choice: nothing to warn of
 
     from atelier.sampling.generate import generate_samples
@@ -227,7 +228,7 @@ def test_sd_prompts_still_warn_that_g_is_unused(caplog):
     from atelier.loop.samples import sample_prompts
 
     with caplog.at_level(logging.WARNING, logger="atelier.loop.samples"):
-        [prompt] = sample_prompts(run_config(["a cat --g 4"]), SimpleNamespace(folders=[]))
+        [prompt] = sample_prompts(run_config(["a cat --g 4"]), SimpleNamespace(folders=[]), plugin_of("sd1"))
     assert prompt.cfg_scale == 7.0
     assert any("SD models have none" in r.getMessage() for r in caplog.records)
 

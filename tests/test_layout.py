@@ -23,11 +23,13 @@ MAX_LINES = 420
 # the process around a run (signals, phase timing, the data-parallel rank, what jobs of one
 # process share); launchers, sweeps and tools sit beside the run and drive it. assets holds
 # the files shipped with the package. families holds what differs between model families
-# (atelier.families.family), which every layer above asks instead of branching on the version.
+# (atelier.families.family), which every layer above asks instead of branching on the version;
+# plugins holds each family's behaviour (atelier.plugins.plugin), choosing code of the layers
+# below it, and is asked by the layers above.
 LAYERS = (
     "assets", "errors", "utils", "families",
     "config", "runtime",
-    "data", "conditioning", "models", "network", "objective", "optim", "sampling",
+    "data", "conditioning", "models", "network", "objective", "optim", "sampling", "plugins",
     "outputs", "search", "loop", "fused",
     "report", "sweep", "launch", "tools", "cli",
 )  # fmt: skip

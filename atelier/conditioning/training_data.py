@@ -28,8 +28,7 @@ import torch
 
 from atelier.config.schema import DatasetConfig
 from atelier.conditioning.caption_encoder import CaptionEncoder
-from atelier.conditioning.flux_text import FluxCaptionEncoder, FluxTextOptions
-from atelier.conditioning.sdxl import SDXLCaptionEncoder, time_ids
+from atelier.conditioning.sdxl import time_ids
 from atelier.data.buckets import (
     BucketManager,
     bucket_batches,
@@ -245,21 +244,17 @@ class TrainingData:
     # ------------------------------------------------- captions, validation
     def caption_encoder(
         self, tokenizer, text_encoder, *, frozen: bool, clip_skip: int, autocast: Callable[[], AbstractContextManager],
-        flux_text: FluxTextOptions | None = None,
+        encoder_type: Callable[..., CaptionEncoder] = CaptionEncoder,
     ) -> CaptionEncoder:
         """The run's caption encoder; it caches per caption when `frozen` and captions are static.
 
-        tokenizer / text_encoder: one each, or lists (SDXL's two: an SDXLCaptionEncoder; FLUX's
-        CLIP-L and T5 with `flux_text`: a FluxCaptionEncoder).
+        tokenizer / text_encoder: one each, or lists (SDXL's two, FLUX's CLIP-L and T5);
+        `encoder_type`: the family's encoder (atelier.plugins.FamilyPlugin.caption_encoder).
         """
         wanted = bool(self.options.cache_text_encoder_outputs) and frozen
         tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
         text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-        encoder_class = SDXLCaptionEncoder if len(text_encoders) > 1 else CaptionEncoder
-        extra = {}
-        if flux_text is not None:
-            encoder_class, extra = FluxCaptionEncoder, {"options": flux_text}
-        encoder = encoder_class(
+        encoder = encoder_type(
             tokenizers if len(tokenizers) > 1 else tokenizers[0],
             text_encoders if len(text_encoders) > 1 else text_encoders[0],
             max_token_length=max_token_length(self.options),
@@ -267,7 +262,6 @@ class TrainingData:
             cache=wanted and self.static_captions,
             autocast=autocast,
             weighted=self.options.weighted_captions,
-            **extra,
         )
         if self.options.weighted_captions:
             self._warn_brackets_cut_apart()

@@ -19,10 +19,8 @@ import torch
 from accelerate.utils import set_seed
 
 from atelier.conditioning.caption_encoder import CaptionEncoder
-from atelier.conditioning.flux_text import FluxTextOptions
 from atelier.config.schema import AtelierConfig
 from atelier.errors import UserError
-from atelier.families import family_of
 from atelier.loop import build
 from atelier.loop.inputs import StepInputs
 from atelier.loop.result import EpochProgress, TrainResult
@@ -34,7 +32,8 @@ from atelier.outputs.rotation import fallen_out
 from atelier.runtime import phases
 from atelier.conditioning.training_data import Batch, TrainingData
 from atelier.runtime.distributed import DataParallel
-from atelier.objective.steps import Objective, objective_for
+from atelier.objective.steps import Objective
+from atelier.plugins import FamilyPlugin, plugin_of
 from atelier.loop.metrics import MetricsLog, NullMetrics
 from atelier.objective.noise import timestep_range, with_zero_terminal_snr
 from atelier.optim.loss_scaling import optimizer_step, unscale_gradients
@@ -94,8 +93,8 @@ class Adapter(AdapterState):
         timestep_range(self.base.noise_scheduler, t.min_timestep, t.max_timestep)
         if t.zero_terminal_snr:
             self.base.noise_scheduler = with_zero_terminal_snr(self.base.noise_scheduler)
-        self.family = family_of(cfg.model.version)
-        self.objective: Objective = objective_for(self.family, t, self.base.noise_scheduler, self.base.unet)
+        self.plugin: FamilyPlugin = plugin_of(cfg.model.version)
+        self.objective: Objective = self.plugin.objective(t, self.base)
         self.data.prepare(self.base.vae, self.device)
         with phases.phase("network"):
             self.network: LoRANetwork = build.create_network(cfg, self.base, self.device, apply)
@@ -105,7 +104,7 @@ class Adapter(AdapterState):
             frozen=not self.train_text_encoder,
             clip_skip=t.clip_skip,
             autocast=self.accelerator.autocast,
-            flux_text=self._flux_text(),
+            encoder_type=self.plugin.caption_encoder(self.base, t),
         )
         if apply and self.captions.caching:  # a plain run: no other lane encodes with them
             build.offload_text_encoders(self.base, self.device)
@@ -124,13 +123,6 @@ class Adapter(AdapterState):
         if self.parallel.is_main:
             with phases.phase("lr_plot"):
                 build.plot_schedule(cfg, self.optimizer, self.schedule, self.run_dir, self.network)
-
-    def _flux_text(self) -> FluxTextOptions | None:
-        """FLUX's T5 options (None: a family that reads captions with CLIP alone)."""
-        if self.family.objective != "flow_matching":
-            return None
-        t = self.cfg.training
-        return FluxTextOptions(t.t5_tokens(self.base.variant), t.apply_t5_attn_mask)
 
     @property
     def train_text_encoder(self) -> bool:

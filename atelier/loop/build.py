@@ -28,13 +28,13 @@ from atelier.config.schema.optimizer import is_adaptive
 from atelier.families import family_of
 from atelier.models.fp8_storage import store_weights_in_fp8
 from atelier.models.hashes import model_hashes
-from atelier.models.loading import BaseModel, load_base_model
+from atelier.models.loading import BaseModel
 from atelier.network.base_merge import merge_base_weights
-from atelier.network.factory import build_flux, build_network
 from atelier.network.blocks import block_index
 from atelier.network.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, LoRANetwork, ParamSelect
 from atelier.network.targets import SDXL_TEXT_ENCODER_PREFIXES, belongs_to
 from atelier.outputs.metadata import training_metadata
+from atelier.plugins import plugin_of
 from atelier.loop import speed
 from atelier.runtime import reuse
 from atelier.conditioning.training_data import TrainingData
@@ -64,16 +64,7 @@ def load_base(cfg: AtelierConfig, device: torch.device) -> BaseModel:
     """The frozen base model on `device`, UNet and text encoders in the training dtype."""
     m = cfg.model
     log.info("loading base model %s", m.path or m.builtin)
-    base = reuse.load_base(m, cfg.training, lambda: load_base_model(
-        m.path,
-        builtin=m.builtin,
-        version=m.version.value,
-        v_parameterization=m.v_parameterization,
-        config=m.config,
-        vae=m.vae,
-        allow_pickle=m.allow_pickle,
-        flux_files={key: getattr(m, key) for key in family_of(m.version).extra_files},
-    ))
+    base = reuse.load_base(m, cfg.training, lambda: plugin_of(m.version).load(m))
     if m.base_weights:  # before the network: its modules wrap the merged layers
         merge_base_weights(base.unet, base.text_encoders, m.base_weights, m.base_weights_multiplier)
     speed.apply_model_settings(base, cfg.training, device)
@@ -163,13 +154,9 @@ def param_group_names(cfg: AtelierConfig, network: LoRANetwork | None = None) ->
 def create_network(cfg: AtelierConfig, base: BaseModel, device: torch.device, apply: bool) -> LoRANetwork:
     """The config's network on `device`. apply=True patches it into the base model (a plain
     run); apply=False leaves that to atelier.fused.slots (a lane of a fused group)."""
-    unet = base.unet if trains_unet(cfg.network) else None
-    text_encoder = base.text_encoders if trains_text_encoder(cfg.network) else None
-    if family_of(cfg.model.version).unet_naming == "flux":
-        network = build_flux(cfg.network, base.unet, base.text_encoder, trains_unet(cfg.network),
-                             trains_text_encoder(cfg.network))  # fmt: skip
-    else:  # Any network.module; from network.weights (shapes read from the file) when set.
-        network = build_network(cfg.network, unet, text_encoder)
+    # Any network.module; from network.weights (shapes read from the file) when set.
+    network = plugin_of(cfg.model.version).network(cfg.network, base, trains_unet(cfg.network),
+                                                   trains_text_encoder(cfg.network))  # fmt: skip
     network.to(device)
     if cfg.training.full_bf16 or cfg.training.full_fp16:
         # sd-scripts' full_bf16 / full_fp16: the trained weights (hence gradients and optimizer

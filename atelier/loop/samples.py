@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -12,15 +11,10 @@ from pathlib import Path
 import torch
 
 from atelier.config.schema import AtelierConfig
-from atelier.config.schema.sampling import SamplingConfig
 from atelier.data.dataset import DatasetIndex
-from atelier.models.architectures import SD1_PIPELINE_SCHEDULER
-from atelier.models.flux_architectures import FLUX1_PIPELINE_SCHEDULER
 from atelier.models.loading import BaseModel
-from atelier.families import family_of
-from atelier.sampling.flux_samples import DEFAULT_CFG_SCALE as FLUX_DEFAULT_CFG_SCALE
-from atelier.sampling.flux_samples import build_flux_pipeline, flux_prompt_warnings
-from atelier.sampling.generate import build_pipeline, build_sdxl_pipeline, generate_samples
+from atelier.plugins import FamilyPlugin, plugin_of
+from atelier.sampling.generate import generate_samples
 from atelier.sampling.grid import make_grid
 from atelier.sampling.manifest import SAMPLES_DIR
 from atelier.config.sample_prompts import SampleDefaults, SamplePrompt, load_prompt_file, parse_prompts
@@ -31,18 +25,13 @@ log = logging.getLogger(__name__)
 GRID = "sample_grid.png"
 
 
-def sample_prompts(cfg: AtelierConfig, dataset: DatasetIndex, flux: bool = False) -> list[SamplePrompt]:
-    """sampling.prompts, else sampling.prompt_file, else one prompt per concept folder.
-
-    `flux`: the prompts of a FLUX.1 model: a prompt without --l takes sd-scripts' FLUX default
-    scale 1.0 (no CFG) unless sampling.cfg_scale was changed from its SD default; --g is FLUX's
-    guidance; what FLUX reads otherwise is warned of once (flux_prompt_warnings).
-    """
+def sample_prompts(cfg: AtelierConfig, dataset: DatasetIndex, plugin: FamilyPlugin) -> list[SamplePrompt]:
+    """sampling.prompts, else sampling.prompt_file, else one prompt per concept folder; a prompt
+    without --l takes the family's CFG scale, and what its sampler reads otherwise is warned of
+    once (FamilyPlugin.sample_cfg_scale / check_sample_prompts)."""
     s = cfg.sampling
-    cfg_scale = s.cfg_scale
-    if flux and cfg_scale == _SCHEMA_DEFAULTS["cfg_scale"]:
-        cfg_scale = FLUX_DEFAULT_CFG_SCALE
-    defaults = SampleDefaults(width=s.width, height=s.height, steps=s.steps, cfg_scale=cfg_scale, seed=s.seed)
+    defaults = SampleDefaults(width=s.width, height=s.height, steps=s.steps, cfg_scale=plugin.sample_cfg_scale(s),
+                              seed=s.seed)  # fmt: skip
     if s.prompts:
         prompts = parse_prompts(list(s.prompts), defaults)
     elif s.prompt_file:
@@ -51,19 +40,8 @@ def sample_prompts(cfg: AtelierConfig, dataset: DatasetIndex, flux: bool = False
         tokens = [folder.class_tokens for folder in dataset.folders if folder.class_tokens]
         prompts = parse_prompts(tokens, defaults)
     prompts = prompts[: s.limit] if s.limit is not None else prompts
-    if flux:
-        # sampling.sampler's default (ddim) is no choice the user made: warned of only when set.
-        sampler = None if s.sampler == _SCHEMA_DEFAULTS["sampler"] else str(s.sampler)
-        flux_prompt_warnings(prompts, sampler)
-        return prompts
-    guided = [p.index for p in prompts if p.guidance is not None]
-    if guided:
-        log.warning("sample prompt(s) %s give --g, the distilled guidance of FLUX models; SD models have none (their "
-                    "guidance is the CFG scale, --l), so --g is not used", ", ".join(str(i + 1) for i in guided))
+    plugin.check_sample_prompts(prompts, s)
     return prompts
-
-
-_SCHEMA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingConfig)}
 
 
 @contextlib.contextmanager
@@ -96,27 +74,13 @@ class SampleWriter:
         self.device = device
         self.dir = run_dir / SAMPLES_DIR
         self.grid_path = run_dir / GRID
-        self.flux = family_of(base.version).denoiser == "FluxTransformer2DModel"
-        self.prompts = sample_prompts(cfg, dataset, flux=self.flux)
+        self.plugin = plugin_of(base.version)
+        self.prompts = sample_prompts(cfg, dataset, self.plugin)
         self._pipeline = None
 
     def _get_pipeline(self):
         if self._pipeline is None:
-            b = self.base
-            if self.flux:
-                # FLUX.1's inference scheduler (flow-match Euler, shifted by size), not the training one.
-                t = self.cfg.training
-                self._pipeline = build_flux_pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers, FLUX1_PIPELINE_SCHEDULER,
-                                                     t5_max_length=t.t5_tokens(b.variant),
-                                                     apply_t5_attn_mask=t.apply_t5_attn_mask)  # fmt: skip
-                return self._pipeline
-            # Inference schedulers want SD's pipeline settings, not the training DDPM's.
-            config = {**SD1_PIPELINE_SCHEDULER, "prediction_type": b.noise_scheduler.config.prediction_type}
-            sampler = self.cfg.sampling.sampler
-            if b.text_encoder_2 is not None:
-                self._pipeline = build_sdxl_pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers, config, sampler)
-            else:
-                self._pipeline = build_pipeline(b.unet, b.vae, b.text_encoder, b.tokenizer, config, sampler)
+            self._pipeline = self.plugin.sample_pipeline(self.base, self.cfg)
         return self._pipeline
 
     def generate(self, epoch: int | None, step: int) -> list[Path]:
@@ -134,9 +98,7 @@ class SampleWriter:
                 epoch,
                 step,
                 self.device,
-                # SDXL's pipeline always takes the penultimate layers (clip_skip does not apply).
-                # FLUX reads CLIP-L's pooled output: clip_skip does not apply either.
-                clip_skip=None if self.base.text_encoder_2 is not None else self.cfg.training.clip_skip,
+                clip_skip=self.plugin.sample_clip_skip(self.cfg.training),
                 should_stop=lambda: stop_asked() is not None,
             )
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atelier.families import FAMILIES, family_of, unet_family
-from atelier.models.flux_loading import load_flux_base
 from atelier.models.load_errors import ModelLoadError, read_json, reraise_as_load_error
 from atelier.models.random_builtins import RANDOM_BUILTINS, build_random_base
 from atelier.models.pickles import PICKLE_SUFFIXES, inert_pickle_globals
@@ -96,22 +95,16 @@ def load_base_model(
     vae: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     allow_pickle: bool = False,
-    flux_files: dict[str, str | None] | None = None,
 ) -> BaseModel:
     """Load the base model named by `path` or `builtin` (see the module docstring).
 
     allow_pickle: load pickled single files (.ckpt/.pt/.pth/.bin) too (model.allow_pickle).
-    flux_files: FLUX.1's ae / clip_l / t5xxl files (atelier.models.flux_loading).
     """
     from .architectures import build_noise_scheduler
 
     check_version(version)
     # Hydra configs may spell "unset" as an empty string.
     path, builtin, config, vae = (None if value == "" else value for value in (path, builtin, config, vae))
-    if family_of(version).denoiser == "FluxTransformer2DModel":
-        if vae is not None:
-            raise ModelLoadError("model.vae: FLUX.1's autoencoder is model.ae (ae.safetensors); drop model.vae")
-        return load_flux_base(path, builtin=builtin, config=config, cache_dir=cache_dir, **(flux_files or {}))
     if builtin in RANDOM_BUILTINS:  # built in memory: no folder to load
         if path:
             raise ModelLoadError(f"both model.path ({path}) and model.builtin ({builtin}) are set; set only one of them")

@@ -86,20 +86,28 @@ def create_network(
 ) -> LoRANetwork:
     """Fresh modules on every target (or only `names`), `per_module` overriding dim/alpha/options."""
     per_module = per_module or {}
+    targets = network_targets(spec, unet, text_encoder, names)
+    check_ranks_fit(spec, [t for t in targets if t.lora_name not in per_module])  # file shapes are as they are
+    modules = {t.lora_name: make_module(spec, t, **per_module.get(t.lora_name, {})) for t in targets}
+    return LoRANetwork(modules)
+
+
+def network_targets(
+    spec: NetworkSpec, unet: nn.Module | None, text_encoder: nn.Module | None, names: set[str] | None = None
+) -> list[TargetLayer]:
+    """The layers a network of `spec` adapts (only `names` when given): its kind's layers, its
+    preset's blocks, kxk convs with conv_dim; text encoders then UNet, in kohya's order."""
     preset = PRESETS[spec.preset] if spec.preset else None
     # network.preset=full-lin: ResnetBlock2D's linear and 1x1 layers without its 3x3 convs.
     from_file = names is not None and any(_is_conv_block(n) for n in names)
     conv = spec.conv or (preset is not None and preset.blocks) or from_file
     selected = PRESET_SELECTIONS[spec.preset] if spec.preset else None
-    targets = [
+    return [
         target
         for target in iter_targets(unet, text_encoder, conv=conv)
         if (names is None or target.lora_name in names) and LAYER_SELECTIONS[spec.entry.layers](target)
         and (selected is None or (selected(target) and (spec.conv or names is not None or not target.is_conv_kxk)))
     ]
-    check_ranks_fit(spec, [t for t in targets if t.lora_name not in per_module])  # file shapes are as they are
-    modules = {t.lora_name: make_module(spec, t, **per_module.get(t.lora_name, {})) for t in targets}
-    return LoRANetwork(modules)
 
 
 def blockwise_modules(

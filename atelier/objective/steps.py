@@ -1,6 +1,6 @@
 """A family's training objective: what a step draws, how the denoiser is called, what its loss is.
 
-The family names its objective (ModelFamily.objective) and `objective_for` builds it:
+A family's plug-in builds its objective (atelier.plugins.FamilyPlugin.objective):
 
 - DiffusionObjective (SD1.x, SD2.x, SDXL): DDPM noise with sd-scripts' noise options, a
   UNet predicting the noise or v, the loss with min-SNR / debiased / v-pred weights
@@ -24,7 +24,6 @@ import torch
 from atelier.conditioning.flux_text import FluxText
 from atelier.conditioning.unet_call import unet_prediction
 from atelier.config.schema import TrainingConfig
-from atelier.families import ModelFamily
 from atelier.objective import flow_matching as fm
 from atelier.objective.losses import diffusion_loss, training_target
 from atelier.objective.noise import noisy_latents, sample_noise, sample_timesteps
@@ -202,14 +201,5 @@ def flux_call(
     )[0]
 
 
-def objective_for(family: ModelFamily, t: TrainingConfig, scheduler: Any, denoiser: torch.nn.Module) -> Objective:
-    """The objective the family names, with the run's options."""
-    if family.objective == "flow_matching":
-        return FlowMatchingObjective(t, scheduler, bool(getattr(denoiser.config, "guidance_embeds", False)))
-    if family.objective == "diffusion":
-        return DiffusionObjective(t, scheduler)
-    raise ValueError(f"{family.label}: no objective named {family.objective!r}")
-
-
 __all__ = ["DiffusionObjective", "FlowMatchingObjective", "Objective", "StepInputs", "flux_call", "flux_prediction",
-           "objective_for", "text_shape"]
+           "text_shape"]

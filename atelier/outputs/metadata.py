@@ -23,6 +23,7 @@ from atelier.config.schema import (
 )
 from atelier.config.network_spec import kohya_module, kohya_network_args
 from atelier.families import family_of
+from atelier.plugins import PLUGINS, plugin_of
 
 # Keys of options written only when the option is given: sd-scripts leaves a modelspec.* field
 # that is None out (library/sai_model_spec.py); ss_training_comment, which sd-scripts writes
@@ -35,10 +36,6 @@ WRITTEN_WHEN_GIVEN = ("ss_training_comment", "modelspec.author", "modelspec.desc
 WRITTEN_WHEN_ON = ("ss_noise_offset_random_strength", "ss_ip_noise_gamma_random_strength", "ss_face_crop_aug_range",
                    "ss_resize_interpolation", "ss_full_fp16", "ss_fp8_base", "ss_fp8_base_unet",
                    "ss_max_validation_steps")  # fmt: skip
-# FLUX.1's keys (sd-scripts' flux_train_network.update_metadata): written for flow-matching families only.
-FLOW_MATCHING_KEYS = ("ss_model_type", "ss_apply_t5_attn_mask", "ss_weighting_scheme", "ss_logit_mean",
-                      "ss_logit_std", "ss_mode_scale", "ss_guidance_scale", "ss_timestep_sampling", "ss_sigmoid_scale",
-                      "ss_model_prediction_type", "ss_discrete_flow_shift")  # fmt: skip
 # What output.no_metadata keeps besides the modelspec.* keys (and the sshs_* hashes save_lora
 # adds): sd-scripts' train_util.SS_METADATA_MINIMUM_KEYS, what a loader needs to apply the network.
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
@@ -109,12 +106,11 @@ def training_metadata(
         "modelspec.thumbnail": thumbnail_data_url(out.metadata_thumbnail),
     }
     meta = {**copied_metadata(cfg, skip=computed.keys()), **computed}
-    if family.objective == "flow_matching":
-        meta["ss_model_type"] = "flux"  # sd-scripts' --model_type (flux or chroma)
-        del meta["modelspec.prediction_type"]  # sd-scripts: FLUX models have none
-    else:
-        for key in FLOW_MATCHING_KEYS:
+    plugin = plugin_of(cfg.model.version)
+    for other in PLUGINS.values():  # keys of another family's options (copied from every config)
+        for key in set(other.own_metadata) - set(plugin.own_metadata):
             meta.pop(key, None)
+    plugin.metadata(meta)
     if not net.weights:
         del meta["ss_network_weights"]
     for key in WRITTEN_WHEN_GIVEN:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from atelier.config.network_kinds import VARIANT_TENSORS
+from atelier.families import FLUX1
 from atelier.network.flux_lora import CLIP_PREFIX, T5_PREFIX
 from atelier.network.flux_names import FUSED_SUFFIXES, flux_module_part
 from atelier.tools.common import ToolError, existing_file, lora_family
-from atelier.tools.merge_flux import flux_family
 
 # Known JSON-valued keys; any other value that starts like JSON and parses is decoded too.
 JSON_FIELDS = (
@@ -101,7 +101,7 @@ def read_info(path: str | Path) -> dict[str, Any]:
     if family is not None:
         summary["base_model"] = {"family": family.label, "version": family.version}
     names = _module_names(path)
-    if family is flux_family() or any(flux_module_part(name) for name in names):
+    if family is FLUX1 or any(flux_module_part(name) for name in names):
         summary.update(flux_module_counts(names))
     return {"file": str(path), "summary": summary, "metadata": decode_metadata(metadata)}
 

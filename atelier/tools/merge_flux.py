@@ -27,18 +27,13 @@ from pathlib import Path
 
 import torch
 
-from atelier.families import FAMILIES, ModelFamily
+from atelier.families import FLUX1
 from atelier.network.flux_names import PREFIX, flux_targets
 from atelier.tools.common import LoRAFactors, ToolError, lora_family
 
 # (weight key, first row, end row): where part of a module's update goes.
 Part = tuple[str, int, int]
 LoRAs = list[tuple[Path, dict[str, LoRAFactors], float]]
-
-
-def flux_family() -> ModelFamily:
-    """The family whose LoRAs use FLUX's kohya names (FLUX.1)."""
-    return next(family for family in FAMILIES.values() if family.unet_naming == "flux")
 
 
 def _transformer_folder(path: Path) -> Path | None:
@@ -50,7 +45,7 @@ def _transformer_folder(path: Path) -> Path | None:
                 name = json.loads(config.read_text()).get("_class_name")
             except (OSError, ValueError):
                 continue
-            if name == flux_family().denoiser:
+            if name == FLUX1.denoiser:
                 return folder
     return None
 
@@ -145,7 +140,7 @@ def add_lora_deltas(
 
 def check_families(base: Path, loras: list[tuple[Path, dict[str, str]]]) -> None:
     """A LoRA whose metadata names another family than FLUX.1 is refused, naming the file."""
-    flux = flux_family()
+    flux = FLUX1
     for path, metadata in loras:
         family = lora_family(metadata)
         if family is not None and family is not flux:
@@ -195,4 +190,4 @@ def merge_into_flux(
     return {key: value.contiguous() for key, value in bfl.items()}, metadata, report
 
 
-__all__ = ["bfl_parts", "check_families", "diffusers_parts", "flux_family", "is_flux_base", "merge_into_flux"]
+__all__ = ["bfl_parts", "check_families", "diffusers_parts", "is_flux_base", "merge_into_flux"]
