@@ -79,7 +79,7 @@ def render(pipeline, line: str, tmp_path: Path, name: str = "s") -> torch.Tensor
 def run_config(lines: list[str], **sampling) -> SimpleNamespace:
     """The parts of an AtelierConfig SampleWriter reads, with the schema's sampling defaults."""
     values = {"prompts": lines, "prompt_file": None, "limit": None, "width": 64, "height": 64, "steps": 2,
-              "cfg_scale": 7.0, "seed": 1234, "sampler": "ddim", **sampling}  # fmt: skip
+              "cfg_scale": None, "seed": 1234, "sampler": "ddim", **sampling}  # fmt: skip
     return SimpleNamespace(sampling=SimpleNamespace(**values), output=SimpleNamespace(output_name="run"),
                            training=TrainingConfig(), model=SimpleNamespace())  # fmt: skip
 

@@ -88,8 +88,10 @@ def test_each_plugin_answers_with_its_familys_parts(version):
     assert type(encoder) is encoder_type
     assert type(plugin.objective(cfg.training, base)) is objective_type
     assert type(plugin.sample_pipeline(base, cfg)) is pipeline_type
-    assert plugin.sample_cfg_scale(cfg.sampling) == cfg_scale
-    assert plugin.sample_cfg_scale(make_cfg(*overrides, "sampling.cfg_scale=4.5").sampling) == 4.5
+    assert plugin.sample_cfg_scale(cfg.sampling.cfg_scale) == cfg_scale
+    # A scale given is the scale used, for every family (7.0 too: SD's default is no FLUX default).
+    for given in (4.5, 7.0):
+        assert plugin.sample_cfg_scale(make_cfg(*overrides, f"sampling.cfg_scale={given}").sampling.cfg_scale) == given
 
 
 def _no_autocast():
@@ -139,7 +141,7 @@ class RecordingPlugin(StableDiffusionPlugin):
     def network(self, net, base, unet, text_encoder):
         return self._note("network", super().network(net, base, unet, text_encoder))
 
-    def sample_cfg_scale(self, sampling):
+    def sample_cfg_scale(self, given):
         return self._note("sample_cfg_scale", 3.25)  # marked: the samples must carry it
 
     def check_sample_prompts(self, prompts, sampling):

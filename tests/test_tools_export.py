@@ -179,3 +179,16 @@ def test_export_kohya_gives_sd_scripts_the_same_length(tmp_path: Path, capsys) -
     assert cli("export-kohya", epochs) == 0
     config = tomllib.loads((epochs / "kohya_config.toml").read_text())
     assert config["max_train_epochs"] == 3 and "max_train_steps" not in config
+
+
+def test_export_kohya_writes_each_familys_own_sample_cfg_scale(tmp_path: Path) -> None:
+    """A prompt without --l samples with the family's scale (FLUX.1: 1.0, no CFG; SD: 7), or with
+    sampling.cfg_scale when set: the exported prompt file says which, so sd-scripts samples alike."""
+    prompt = 'sampling.prompts=["a cube"]'
+    cases = [(("model=tiny_flux",), "--l 1 "), (("model=tiny_flux", "sampling.cfg_scale=7.0"), "--l 7 "),
+             (("model=tiny",), "--l 7 "), (("model=tiny", "sampling.cfg_scale=4.5"), "--l 4.5 ")]
+    for i, (overrides, scale) in enumerate(cases):
+        (tmp_path / str(i)).mkdir()
+        run_dir = make_run(tmp_path / str(i), *overrides, prompt)
+        assert cli("export-kohya", run_dir) == 0
+        assert scale in (run_dir / "kohya_prompts.txt").read_text(), overrides

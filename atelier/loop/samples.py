@@ -30,7 +30,7 @@ def sample_prompts(cfg: AtelierConfig, dataset: DatasetIndex, plugin: FamilyPlug
     without --l takes the family's CFG scale, and what its sampler reads otherwise is warned of
     once (FamilyPlugin.sample_cfg_scale / check_sample_prompts)."""
     s = cfg.sampling
-    defaults = SampleDefaults(width=s.width, height=s.height, steps=s.steps, cfg_scale=plugin.sample_cfg_scale(s),
+    defaults = SampleDefaults(width=s.width, height=s.height, steps=s.steps, cfg_scale=plugin.sample_cfg_scale(s.cfg_scale),
                               seed=s.seed)  # fmt: skip
     if s.prompts:
         prompts = parse_prompts(list(s.prompts), defaults)

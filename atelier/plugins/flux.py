@@ -37,12 +37,13 @@ from atelier.objective.steps import FlowMatchingObjective, Objective
 from atelier.plugins.plugin import EncoderFactory, FamilyPlugin
 from atelier.sampling.flux_samples import DEFAULT_CFG_SCALE, build_flux_pipeline, flux_prompt_warnings
 
-# sampling.* values that are no choice a user made (the schema's SD defaults): read as FLUX's own.
+# The schema's sampling defaults: its sampler (ddim) is no choice a FLUX user made, so it is not warned of.
 _SAMPLING_DEFAULTS = {field.name: field.default for field in dataclasses.fields(SamplingConfig)}
 
 
 class FluxPlugin(FamilyPlugin):
     facts = FLUX1
+    default_cfg_scale = DEFAULT_CFG_SCALE  # sd-scripts' FLUX sampler: 1.0, no CFG
     # sd-scripts' flux_train_network.update_metadata keys: only FLUX files carry them.
     own_metadata = ("ss_model_type", "ss_apply_t5_attn_mask", "ss_weighting_scheme", "ss_logit_mean", "ss_logit_std",
                     "ss_mode_scale", "ss_guidance_scale", "ss_timestep_sampling", "ss_sigmoid_scale",
@@ -75,10 +76,6 @@ class FluxPlugin(FamilyPlugin):
 
     def network(self, net: NetworkConfig, base: BaseModel, unet: bool, text_encoder: bool) -> LoRANetwork:
         return build_flux(net, base.unet, base.text_encoder, unet, text_encoder)
-
-    def sample_cfg_scale(self, sampling: SamplingConfig) -> float:
-        # sd-scripts' FLUX default is 1.0 (no CFG); the schema's 7.0 is SD's.
-        return DEFAULT_CFG_SCALE if sampling.cfg_scale == _SAMPLING_DEFAULTS["cfg_scale"] else sampling.cfg_scale
 
     def check_sample_prompts(self, prompts: Sequence[SamplePrompt], sampling: SamplingConfig) -> None:
         # sampling.sampler's default (ddim) is no choice the user made: warned of only when set.

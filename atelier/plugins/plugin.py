@@ -13,7 +13,7 @@ rules and the tools read the family's facts, everything else asks its plug-in
 - how to load it (`load`), condition it (`caption_encoder`), what a step draws, predicts and is
   scored against (`objective`: noise / target / loss and timestep sampling), which modules a
   LoRA targets and under which kohya names (`lora_names`, `network`), how to sample
-  (`sample_cfg_scale`, `check_sample_prompts`, `sample_clip_skip`, `sample_pipeline`) and which
+  (`default_cfg_scale`, `check_sample_prompts`, `sample_clip_skip`, `sample_pipeline`) and which
   ss_* keys are its own (`own_metadata`, `metadata`).
 The heavy code lives in its layer (models, conditioning, network, objective, sampling); a
 plug-in method chooses and wires it, so that one module reads as the whole family.
@@ -68,9 +68,11 @@ class FamilyPlugin(ABC):
         """The network the `network` group describes on the trained parts (from network.weights when set)."""
 
     # ------------------------------------------------------------- sampling
-    @abstractmethod
-    def sample_cfg_scale(self, sampling: SamplingConfig) -> float:
-        """The CFG scale of a sample prompt without --l."""
+    default_cfg_scale: float  # a sample prompt's CFG scale when neither --l nor sampling.cfg_scale gives one
+
+    def sample_cfg_scale(self, given: float | None) -> float:
+        """The CFG scale of a sample prompt without --l: sampling.cfg_scale (`given`), else the family's."""
+        return self.default_cfg_scale if given is None else given
 
     @abstractmethod
     def check_sample_prompts(self, prompts: Sequence[SamplePrompt], sampling: SamplingConfig) -> None:

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 class StableDiffusionPlugin(FamilyPlugin):
     """SD1, SD2 and SDXL: one behaviour, their facts (text encoders, names, blocks) told apart."""
 
+    default_cfg_scale = 7.0  # Atelier's since its first release (sd-scripts' SD sampler: 7.5)
+
     def __init__(self, facts: ModelFamily):
         self.facts = facts
 
@@ -58,9 +60,6 @@ class StableDiffusionPlugin(FamilyPlugin):
 
     def network(self, net: NetworkConfig, base: BaseModel, unet: bool, text_encoder: bool) -> LoRANetwork:
         return build_network(net, base.unet if unet else None, base.text_encoders if text_encoder else None)
-
-    def sample_cfg_scale(self, sampling: SamplingConfig) -> float:
-        return sampling.cfg_scale
 
     def check_sample_prompts(self, prompts: Sequence[SamplePrompt], sampling: SamplingConfig) -> None:
         guided = [p.index for p in prompts if p.guidance is not None]

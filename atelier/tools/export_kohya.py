@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from atelier.config.network_spec import kohya_network_args
 from atelier.families import family_of
+from atelier.plugins import plugin_of
 from atelier.tools.common import ToolError, check_output
 from atelier.tools.kohya_options import (  # noqa: F401 (OPTIONS: read from here too)
     OPTIONS,
@@ -191,7 +192,8 @@ def sample_prompt_lines(cfg: dict[str, Any], class_tokens: list[str]) -> list[st
     s = cfg.get("sampling", {})
     defaults = SampleDefaults(
         width=s.get("width", 512), height=s.get("height", 512), steps=s.get("steps", 20),
-        cfg_scale=s.get("cfg_scale", 7.0), seed=s.get("seed"),
+        cfg_scale=plugin_of(cfg.get("model", {}).get("version", "sd1")).sample_cfg_scale(s.get("cfg_scale")),
+        seed=s.get("seed"),
     )  # fmt: skip
     try:
         if s.get("prompts"):

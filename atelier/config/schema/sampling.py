@@ -41,7 +41,9 @@ class SamplingConfig:
     height: int = option(SI("${dataset.resolution}"), flag="sample_prompts --h",
                          doc="Sample height; a prompt's --h wins over it.")
     steps: int = option(20, flag="sample_prompts --s", doc="Sampling steps; a prompt's --s wins over it.")
-    cfg_scale: float = option(7.0, flag="sample_prompts --l", doc="CFG scale; a prompt's --l wins over it.")
+    cfg_scale: float | None = option(None, flag="sample_prompts --l",
+                                     doc="CFG scale; a prompt's --l wins over it. null: the model family's (SD 7.0; "
+                                         "FLUX.1 1.0, no CFG, as sd-scripts).")
     seed: int = option(1234, flag="sample_prompts --d", doc="Sampling seed; a prompt's --d wins over it.")
 
     def __post_init__(self) -> None:
@@ -63,8 +65,9 @@ class SamplingConfig:
             normalize_sampler(str(self.sampler))
         except ValueError as err:
             raise ConfigError(f"sampling.sampler: {err}") from None
-        defaults = SampleDefaults(width=self.width, height=self.height, steps=self.steps, cfg_scale=self.cfg_scale,
-                                  seed=self.seed)  # fmt: skip
+        # Parsed for its syntax only: the family's CFG scale is not known here (FamilyPlugin.sample_cfg_scale).
+        defaults = SampleDefaults(width=self.width, height=self.height, steps=self.steps,
+                                  cfg_scale=1.0 if self.cfg_scale is None else self.cfg_scale, seed=self.seed)
         try:
             if self.prompts:
                 parse_prompts(list(self.prompts), defaults)
