@@ -3,11 +3,13 @@
     python benchmarks/bench_flux_memory.py [--steps 10] [--no-markdown]
 
 For each switch (none, training.gradient_checkpointing, training.fp8_base with bf16,
-dataset.cache_text_encoder_outputs with a frozen CLIP-L) one model=tiny_flux run is set up
+dataset.cache_text_encoder_outputs with a frozen CLIP-L, training.blocks_to_swap) one model=tiny_flux run is set up
 in-process and trained a few steps by hand, and the script reports:
 
 - frozen weight bytes on the training device: the transformer and the text encoders as
-  stored (fp8 where fp8_base stores them), less the text encoders a cached run moves off it;
+  stored (fp8 where fp8_base stores them), less the text encoders a cached run moves off it and
+  the weights blocks_to_swap keeps in CPU memory;
+- weight bytes copied to the device in one step (blocks_to_swap's price);
 - activation bytes saved for the backward of one step (torch.autograd.graph.saved_tensors_hooks:
   every tensor autograd keeps, counted once), what gradient checkpointing trades for time;
 - the median seconds per step (CPU: a time ratio, not a GPU speed).
@@ -47,7 +49,9 @@ SWITCHES = {
                         "training.fp8_base=true"],
     "bf16 (fp8_base's baseline)": ["dataset.cache_text_encoder_outputs=false", "training.mixed_precision=bf16"],
     "cache_text_encoder_outputs": ["dataset.cache_text_encoder_outputs=true"],
+    "blocks_to_swap=2": ["dataset.cache_text_encoder_outputs=false", "training.blocks_to_swap=2"],
 }  # fmt: skip
+SWAP_FLUX1 = 18  # sd-scripts' "safe for most cases" blocks_to_swap for FLUX.1 on a 24 GB card
 
 
 def stored_bytes(module: torch.nn.Module) -> int:
@@ -70,8 +74,18 @@ def measure_switch(name: str, overrides: list[str], steps: int) -> dict:
     from accelerate.state import AcceleratorState
 
     from atelier.loop.adapter import Adapter
+    from atelier.models import block_swap
 
     AcceleratorState._reset_state(True)
+    copied = {"bytes": 0}
+    fetch = block_swap.fetch_weight
+
+    def counting_fetch(layer, device):  # what a swapped run copies to the device, per use
+        weight = fetch(layer, device)
+        copied["bytes"] += block_swap.stored_bytes(layer)
+        return weight
+
+    block_swap.fetch_weight = counting_fetch
     with tempfile.TemporaryDirectory(prefix="atelier-flux-mem-") as tmp:
         adapter = Adapter(typed_config([*BASE, *overrides]), Path(tmp))
         adapter.setup()
@@ -79,9 +93,14 @@ def measure_switch(name: str, overrides: list[str], steps: int) -> dict:
         text_bytes = sum(stored_bytes(te) for te in base.text_encoders)
         # A cached run's frozen text encoders leave a GPU (build.offload_text_encoders): count them off.
         offloaded = adapter.captions.caching
-        frozen = stored_bytes(base.unet) + (0 if offloaded else text_bytes)  # LoRA patches forwards: not in it
+        # blocks_to_swap: the streamed weights stay in CPU memory (the CPU is the device here: counted by layer).
+        t = adapter.cfg.training
+        streamed = block_swap.streamed_layers(block_swap.blocks_to_swap(base.unet, t.blocks_to_swap)) \
+            if t.blocks_to_swap else []
+        off_device = sum(block_swap.stored_bytes(layer) for layer in streamed)
+        frozen = stored_bytes(base.unet) - off_device + (0 if offloaded else text_bytes)  # LoRA: not in it
         batches = list(adapter.data.load(adapter.data.epoch(1)))
-        saved, seconds = [], []
+        saved, seconds, copies = [], [], []
         for i in range(steps):
             batch = batches[i % len(batches)]
             total = {"bytes": 0, "seen": set()}
@@ -93,6 +112,7 @@ def measure_switch(name: str, overrides: list[str], steps: int) -> dict:
                     total["bytes"] += tensor.untyped_storage().nbytes()
                 return tensor
 
+            copied["bytes"] = 0
             start = time.perf_counter()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
                 inputs = adapter.step_inputs(batch)
@@ -103,12 +123,15 @@ def measure_switch(name: str, overrides: list[str], steps: int) -> dict:
             adapter.optimizer_step()
             seconds.append(time.perf_counter() - start)
             saved.append(total["bytes"])
+            copies.append(copied["bytes"])
+        block_swap.fetch_weight = fetch
         return {
             "switch": name,
             "frozen_bytes_on_device": frozen,
             "text_encoder_bytes": text_bytes,
             "text_encoders_off_device": offloaded,
             "saved_activation_bytes": statistics.median(saved),
+            "weights_copied_per_step": statistics.median(copies),
             "seconds_per_step": round(statistics.median(seconds[1:] or seconds), 4),
             "overrides": [*BASE, *overrides],
         }
@@ -133,7 +156,15 @@ def flux1_dev_sizes() -> dict:
         total = sum(p.numel() for p in model.parameters())
         return {"parameters": total, "bf16_bytes": 2 * total, "fp8_base_bytes": linear + 2 * (total - linear)}
 
-    return {"transformer": sizes(transformer), "t5xxl": sizes(t5), "clip_l": sizes(clip)}
+    from atelier.models.block_swap import blocks_to_swap, streamed_layers
+
+    swapped = sum(layer.weight.numel() for layer in streamed_layers(blocks_to_swap(transformer, SWAP_FLUX1)))
+    size = sizes(transformer)
+    # blocks_to_swap: those weights stay in CPU memory; each step copies them twice (forward, backward).
+    size["blocks_to_swap"] = {"blocks": SWAP_FLUX1, "streamed_parameters": swapped,
+                              "bf16_bytes_on_device": size["bf16_bytes"] - 2 * swapped,
+                              "fp8_base_bytes_on_device": size["fp8_base_bytes"] - swapped}  # fmt: skip
+    return {"transformer": size, "t5xxl": sizes(t5), "clip_l": sizes(clip)}
 
 
 def gb(n: float) -> str:
@@ -141,13 +172,15 @@ def gb(n: float) -> str:
 
 
 def markdown(record: dict) -> str:
-    rows = ["| switch | frozen weights on the device | saved activations / step | s / step (CPU) |",
-            "| --- | --- | --- | --- |"]  # fmt: skip
+    rows = ["| switch | frozen weights on the device | saved activations / step | weights copied / step | "
+            "s / step (CPU) |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in record["tiny_flux"]:
         rows.append(f"| {r['switch']} | {r['frozen_bytes_on_device'] / 1e6:.2f} MB | "
-                    f"{r['saved_activation_bytes'] / 1e6:.2f} MB | {r['seconds_per_step']} |")  # fmt: skip
+                    f"{r['saved_activation_bytes'] / 1e6:.2f} MB | {r['weights_copied_per_step'] / 1e6:.2f} MB | "
+                    f"{r['seconds_per_step']} |")  # fmt: skip
     real = record["flux1_dev"]
     t, t5, clip = real["transformer"], real["t5xxl"], real["clip_l"]
+    swap = t["blocks_to_swap"]
     text = "\n".join(rows)
     return f"""
 ## FLUX.1 memory switches (benchmarks/bench_flux_memory.py, {record['date'][:10]})
@@ -162,6 +195,10 @@ FLUX.1-dev's real shapes (meta device): transformer {t['parameters'] / 1e9:.2f} 
 T5-XXL {gb(t5['bf16_bytes'])} bf16 / {gb(t5['fp8_base_bytes'])} fp8; CLIP-L {gb(clip['bf16_bytes'])}.
 With cached text-encoder outputs both text encoders leave the GPU ({gb(t5['bf16_bytes'] + clip['bf16_bytes'])}
 in bf16). fp8_base + cached outputs leave {gb(t['fp8_base_bytes'])} of frozen weights on a 24 GB card.
+blocks_to_swap={swap['blocks']} keeps {swap['streamed_parameters'] / 1e9:.2f} B transformer parameters in CPU memory:
+{gb(swap['bf16_bytes_on_device'])} of the transformer stay on the device in bf16,
+{gb(swap['fp8_base_bytes_on_device'])} with fp8_base; each step copies the streamed weights to the device twice
+(forward and backward; three times with gradient checkpointing).
 """
 
 

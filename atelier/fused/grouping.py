@@ -37,6 +37,7 @@ SHARED_KEYS = (
     "training.guidance_scale",
     "training.apply_t5_attn_mask",
     "training.t5xxl_max_token_length",
+    "training.blocks_to_swap",  # where the shared transformer's weights live
 )
 
 

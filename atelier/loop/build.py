@@ -26,6 +26,7 @@ from atelier.config.schema import (
 )
 from atelier.config.schema.optimizer import is_adaptive
 from atelier.families import family_of
+from atelier.models.block_swap import blocks_to_swap, stream, streamed_layers, to_device_except
 from atelier.models.fp8_storage import store_weights_in_fp8
 from atelier.models.hashes import model_hashes
 from atelier.models.loading import BaseModel
@@ -72,19 +73,29 @@ def load_base(cfg: AtelierConfig, device: torch.device) -> BaseModel:
     for module in (base.unet, base.text_encoder, base.vae):
         module.requires_grad_(False)
         module.eval()
+    t = cfg.training
+    # training.blocks_to_swap: those blocks' Linear weights never go to the device whole.
+    streamed = streamed_layers(blocks_to_swap(base.unet, t.blocks_to_swap)) if t.blocks_to_swap else []
     # The VAE stays in float32: fp16 VAEs overflow (it encodes the latent cache, or every step).
-    for module in (base.vae, base.unet, base.text_encoder):
+    for module in (base.vae, base.text_encoder):
         module.to(device)
+    if streamed:
+        to_device_except(base.unet, device, streamed)
+    else:
+        base.unet.to(device)
     if weight_dtype != torch.float32:
         base.unet.to(weight_dtype)
         base.text_encoder.to(weight_dtype)
     prepare_text_encoder_2(base, device, weight_dtype)
-    t = cfg.training
     if t.fp8_base or t.fp8_base_unet:
         encoders = list(base.text_encoders) if t.fp8_base and not t.fp8_base_unet else []
         saved = sum(store_weights_in_fp8(part, weight_dtype) for part in (base.unet, *encoders))
         log.info("fp8 storage of the frozen %s weights: %.1f MB less", "UNet and text encoder" if encoders else "UNet",
                  saved / 1e6)
+    if streamed:  # after fp8 storage: the fp8 bytes are what is streamed
+        kept = stream(streamed, device)
+        log.info("blocks_to_swap=%d: %d Linear weights (%.1f MB) kept in CPU memory, copied to %s as each runs",
+                 t.blocks_to_swap, len(streamed), kept / 1e6, device)
     return base
 
 

@@ -112,7 +112,8 @@ def sd_scripts_options() -> dict[str, KohyaOption]:
 # weighting_scheme group) beyond train_network.py's: the schema's fields that carry them.
 FLUX_OPTION_KEYS = ("model.ae", "model.clip_l", "model.t5xxl", *(f"training.{name}" for name in (
     "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type", "guidance_scale",
-    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "apply_t5_attn_mask", "t5xxl_max_token_length")))
+    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "apply_t5_attn_mask", "t5xxl_max_token_length",
+    "blocks_to_swap")))
 
 
 @cache

@@ -176,7 +176,7 @@ HOW: dict[str, dict[str, Any]] = {
     **{f"training.{name}": {"convert": _flux_only}
        for name in ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
                     "guidance_scale", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
-                    "t5xxl_max_token_length")},
+                    "t5xxl_max_token_length", "blocks_to_swap")},
     "training.apply_t5_attn_mask": {"kind": "switch", "convert": _flux_only},
     # network_args is one list made from several keys (build_export)
     **{f"network.{name}": {"place": "covered"}

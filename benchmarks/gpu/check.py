@@ -192,7 +192,7 @@ def claims(outcomes: list[Outcome], dry: bool = False) -> list[dict]:
 
     b1, b4 = figure("sd15-512-b1-bf16", "seconds_per_step"), figure("sd15-512-b4-bf16", "seconds_per_step")
     vram = figure("sd15-512-b1-gc-adamw8bit", "peak_vram_mb")
-    seq, fused = by.get("sweep8-512-sequential"), by.get("sweep8-512-fused")
+    seq = by.get("sweep8-512-sequential")
     seq_wall, fused_wall = figure("sweep8-512-sequential", "wall_seconds"), figure("sweep8-512-fused", "wall_seconds")
     ratio = round(fused_wall / seq_wall, 3) if seq_wall and fused_wall else None
     one_job = _one_job_peak(seq.result) if seq and seq.status == "ok" else None

@@ -65,8 +65,16 @@ class FlowMatchingOptions:
         doc="FLUX: T5 tokens per caption (null: 512 for dev, 256 for schnell, as sd-scripts).",
     )
 
+    blocks_to_swap: Optional[int] = option(
+        None, flag="blocks_to_swap",
+        doc="FLUX: keep the Linear weights of this many transformer blocks in CPU memory, copied to the GPU "
+        "each time they run (sd-scripts: the last N // 2 double and (N - N // 2) * 2 single blocks): less GPU "
+        "memory, slower steps (atelier.models.block_swap). null: off.",
+    )
+
     def __post_init__(self) -> None:
         at_least("training.t5xxl_max_token_length", self.t5xxl_max_token_length, 1)
+        at_least("training.blocks_to_swap", self.blocks_to_swap, 1)
         for key in ("sigmoid_scale", "logit_std", "discrete_flow_shift"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"training.{key} must be above 0, got {getattr(self, key)}")
@@ -91,5 +99,5 @@ def check_flow_matching_options(options: FlowMatchingOptions, objective: str, la
     for key in FLOW_MATCHING_KEYS:
         value = getattr(options, key)
         if value != getattr(defaults, key):
-            raise ConfigError(f"training.{key}={getattr(value, 'value', value)}: a FLUX.1 flow-matching option; {label} "
-                              f"trains with DDPM noise and has no use for it: drop it (or use model=flux1)")
+            raise ConfigError(f"training.{key}={getattr(value, 'value', value)}: a FLUX.1 option (flux_train_network.py's); "
+                              f"{label} has no use for it: drop it (or use model=flux1)")
