@@ -114,6 +114,78 @@ def test_the_trained_file_loads_in_diffusers_and_gives_the_trained_models_output
     torch.testing.assert_close(theirs_te, ours_te, rtol=1e-4, atol=1e-5)
 
 
+# ComfyUI's kohya LoRA rules (comfy/lora.py model_lora_keys_unet / model_lora_keys_clip, load_lora;
+# comfy/weight_adapter/lora.py): a model key "diffusion_model.<path>.weight" takes the LoRA module
+# "lora_unet_<path with _ for .>", CLIP-L's layer <b>.<layer> the module
+# "lora_te1_text_model_encoder_layers_<b>_<layer with _>", and the weight gains
+# alpha / rank * up @ down. Written out here from those rules, not imported (ComfyUI is no dependency).
+COMFY_CLIP_LAYERS = ("mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj",
+                     "self_attn.out_proj")  # fmt: skip
+
+
+def comfy_key_map(model_keys: list[str]) -> dict[str, str]:
+    keys = set(model_keys)
+    found = {f"lora_unet_{k[len('diffusion_model.'):-len('.weight')].replace('.', '_')}": k
+             for k in keys if k.startswith("diffusion_model.") and k.endswith(".weight")}  # fmt: skip
+    for b in range(32):
+        for layer in COMFY_CLIP_LAYERS:
+            key = f"clip_l.transformer.text_model.encoder.layers.{b}.{layer}.weight"
+            if key in keys:
+                found[f"lora_te1_text_model_encoder_layers_{b}_{layer.replace('.', '_')}"] = key
+    return found
+
+
+def comfy_patch(weights: dict[str, torch.Tensor], lora: dict[str, torch.Tensor]) -> set[str]:
+    """ComfyUI's LoRA patch of `weights` (its model keys) in place; the file keys it read."""
+    read = set()
+    for name, key in comfy_key_map(list(weights)).items():
+        if f"{name}.lora_up.weight" not in lora:
+            continue
+        up, down = lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"]
+        scale = lora[f"{name}.alpha"].item() / down.shape[0]
+        weights[key] = weights[key] + scale * (up.flatten(1) @ down.flatten(1)).reshape(weights[key].shape)
+        read |= {f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"}
+    return read
+
+
+def test_the_trained_file_patches_a_comfyui_flux_model_as_trained(tmp_path, atelier_cache):
+    """The run's file under ComfyUI's loading rules (BFL key names, kohya math) turns a fresh
+    tiny-flux into the model the run trained: every double and single block module (linear1's
+    fused rows too, which diffusers' reader cannot split on a tiny model) and CLIP-L's."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    from atelier.models.flux_files import flux_transformer_to_bfl, flux_transformer_to_diffusers
+    from atelier.models.tiny import TINY_FLUX_NAME, ensure_tiny_model
+
+    trainer = train_flux(tmp_path, "training.max_train_steps=4", "optimizer.learning_rate=0.02",
+                         "output.save_precision=float")  # fmt: skip
+    lora = load_file(str(tmp_path / "run" / "demo.safetensors"))
+    ids = torch.tensor([[0, 5, 9, 1, 2]])
+    ours = transformer_output(trainer.base.unet)
+    with torch.no_grad():
+        ours_te = trainer.base.text_encoder(ids).pooler_output
+
+    pipeline = FluxPipeline.from_pretrained(ensure_tiny_model(atelier_cache, TINY_FLUX_NAME))
+    assert (transformer_output(pipeline.transformer) - ours).abs().max() > 1e-2  # training moved it
+    comfy = {f"diffusion_model.{k}": v for k, v in flux_transformer_to_bfl(pipeline.transformer.state_dict()).items()}
+    # ComfyUI's CLIP-L keys are transformers' older layout (text_model.encoder...; transformers 5 drops text_model.).
+    clip_prefix = "clip_l.transformer.text_model."
+    clip_keys = {clip_prefix + k.removeprefix("text_model."): k for k in pipeline.text_encoder.state_dict()}
+    comfy |= {key: pipeline.text_encoder.state_dict()[k] for key, k in clip_keys.items()}
+    read = comfy_patch(comfy, lora)
+    assert read == set(lora)  # ComfyUI would warn "lora key not loaded" for any other
+    assert any("single_blocks" in k and "linear1" in k for k in read)
+    pipeline.transformer.load_state_dict(flux_transformer_to_diffusers(
+        {k[len("diffusion_model."):]: v for k, v in comfy.items() if k.startswith("diffusion_model.")}))
+    pipeline.text_encoder.load_state_dict({k: comfy[key] for key, k in clip_keys.items()})
+    with torch.no_grad():
+        theirs_te = pipeline.text_encoder(ids).pooler_output
+    # Merged weights against the patched forwards, float32: equal to rounding.
+    torch.testing.assert_close(transformer_output(pipeline.transformer), ours, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(theirs_te, ours_te, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("blocks, double, single", [("double", 20, 0), ("single", 0, 9)])
 def test_train_blocks_picks_sd_scripts_blocks(tmp_path, blocks, double, single):
     trainer = train_flux(tmp_path, f"network.train_blocks={blocks}", "training.max_train_steps=1",
