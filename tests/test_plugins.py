@@ -167,7 +167,8 @@ def test_a_run_asks_the_plugin_for_everything_family_dependent(tmp_path, monkeyp
             run_dir).train()  # fmt: skip
     asked = set(recorder.calls)
     wanted = {name for name, member in inspect.getmembers(FamilyPlugin) if getattr(member, "__isabstractmethod__", False)}
-    # lora_names is the tools' and tests' view of the targets; a run builds the network itself.
+    # lora_names answers which modules a LoRA targets (checked against the built network above); a
+    # run builds the network itself.
     assert wanted - {"lora_names"} <= asked, f"not asked: {sorted(wanted - asked)}"
     assert "metadata" in asked
     assert load_lora(final_lora(run_dir))[1]["ss_plugin_mark"] == "recorded"
