@@ -209,6 +209,50 @@ def test_merge_into_flux_base_matches_the_lora_applied(
         assert metadata["note"] == "tiny base"  # the base's own metadata is kept
 
 
+def test_merge_writes_the_clip_l_modules_into_a_clip_l_file(models, lora_file: Path, bfl_file: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    """--clip-l / --clip-l-output (sd-scripts' --clip_l / --clip_l_save_to): the LoRA's CLIP-L modules
+    merged into a clip_l file compute what CLIP-L with the LoRA applied does (tolerance as above)."""
+    from atelier.models.ldm_convert import text_encoder_to_ldm
+
+    clip_file, clip_out, out = tmp_path / "clip_l.safetensors", tmp_path / "clip_l-merged.safetensors", tmp_path / "t.st"
+    save_file({k: v.contiguous() for k, v in text_encoder_to_ldm(models[1]).items()}, str(clip_file),
+              metadata={"note": "tiny clip"})  # fmt: skip
+    assert cli("merge", bfl_file, lora_file, "--ratios", 0.8, "-o", out, "--clip-l", clip_file,
+               "--clip-l-output", clip_out) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "12 CLIP-L modules into 'clip_l.safetensors'" in printed and "not merged" not in printed
+    assert f"wrote {out}" in printed and f"wrote {clip_out}" in printed
+
+    ids = torch.tensor([[0, 5, 9, 1, 2]])
+    text_encoder = copy.deepcopy(models[1])
+    merged = load_file(str(clip_out))
+    assert set(merged) == set(load_file(str(clip_file)))  # the file's keys and layout are kept
+    text_encoder.load_state_dict({key.removeprefix("text_model."): value for key, value in merged.items()}, strict=False)
+    network = network_of(models, load_lora(lora_file)[0], 0.8)
+    network.apply_to()
+    try:
+        with torch.no_grad():
+            expected = models[1](ids).pooler_output
+    finally:
+        network.restore()
+    with torch.no_grad():
+        assert (expected - models[1](ids).pooler_output).abs().max() > 1e-3
+        torch.testing.assert_close(text_encoder(ids).pooler_output, expected, rtol=1e-4, atol=1e-5)
+    with safe_open(str(clip_out), framework="pt") as handle:
+        assert handle.metadata()["note"] == "tiny clip"
+
+    # Refused, nothing written: one option without the other, a file that is no CLIP-L, one file for both.
+    for args, message in [
+        (("--clip-l", clip_file), "--clip-l and --clip-l-output go together"),
+        (("--clip-l", bfl_file, "--clip-l-output", tmp_path / "x.st"), "is not a CLIP-L text encoder file"),
+        (("--clip-l", clip_file, "--clip-l-output", tmp_path / "t3.st"), "are the same file"),
+    ]:
+        assert cli("merge", bfl_file, lora_file, "-o", tmp_path / "t3.st", *args) != 0
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "t3.st").exists() and not (tmp_path / "x.st").exists()
+
+
 def test_folder_and_bfl_merges_agree(lora_file: Path, bfl_file: Path, tiny_flux_path: Path, tmp_path: Path) -> None:
     """Row blocks on the diffusers Linears (folder) and the whole fused update on BFL's qkv / linear1 (file)."""
     assert cli("merge", bfl_file, lora_file, "-o", tmp_path / "a.safetensors") == 0

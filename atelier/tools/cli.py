@@ -44,6 +44,9 @@ examples:
   atelier merge v1-5-pruned.safetensors mychar.safetensors style.safetensors --ratios 0.8 0.5 -o merged.safetensors
   # FLUX.1 LoRAs into the BFL transformer file (or a diffusers FLUX.1 folder): a BFL transformer file
   atelier merge flux1-dev.safetensors myflux.safetensors -o flux1-dev-myflux.safetensors
+  # ... and its CLIP-L modules into clip_l.safetensors
+  atelier merge flux1-dev.safetensors myflux.safetensors -o flux1-dev-myflux.safetensors \\
+      --clip-l clip_l.safetensors --clip-l-output clip_l-myflux.safetensors
   # several LoRAs into one LoRA (ranks concatenated, exact)
   atelier merge --loras mychar.safetensors style.safetensors --ratios 0.7 0.3 -o mixed.safetensors
 
@@ -52,7 +55,8 @@ metadata of the checkpoint are kept. The UNet layout is read from the checkpoint
 --config (a diffusers folder of the same base model, or `atelier skeleton` of one).
 Into FLUX.1 (as sd-scripts' flux_merge_lora.py): the transformer modules are merged and one BFL
 transformer file is written (a diffusers folder's fused qkv / linear1 updates split by rows onto
-its q, k, v, MLP Linears); CLIP-L modules are left out (the transformer file holds no CLIP-L).
+its q, k, v, MLP Linears); CLIP-L modules go into --clip-l's file, written to --clip-l-output
+(without them they are left out: the transformer file holds no CLIP-L).
 """
 
 CHECK_EPILOG = """\
@@ -150,6 +154,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ratios", nargs="+", type=float, metavar="R", help="one weight per LoRA (default: 1.0 each)")
     p.add_argument("-o", "--output", required=True, help="the file to write")
     p.add_argument("--config", metavar="DIR", help="diffusers folder (or skeleton) describing the base checkpoint")
+    p.add_argument("--clip-l", metavar="FILE", help="FLUX.1: a CLIP-L file (clip_l.safetensors) to merge the LoRAs' "
+                   "CLIP-L modules into (sd-scripts' --clip_l)")
+    p.add_argument("--clip-l-output", metavar="FILE", help="FLUX.1: where to write that CLIP-L (--clip_l_save_to)")
     p.add_argument("--device", default="cpu", help="where the sums run (default: cpu)")
     p.add_argument("--save-precision", choices=SAVE_PRECISIONS, help="--loras output dtype (default: the first LoRA's)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")

@@ -40,7 +40,7 @@ from atelier.tools.common import (
     precision_for,
     require_finite,
 )
-from atelier.tools.merge_flux import check_families, is_flux_base, merge_into_flux
+from atelier.tools.merge_flux import check_families, is_flux_base, merge_into_clip_l, merge_into_flux
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +325,8 @@ def run(args: argparse.Namespace) -> int:
     if args.loras:
         if inputs:
             raise ToolError("give either a base checkpoint and LoRAs, or --loras (to merge LoRAs into one), not both")
+        if args.clip_l or args.clip_l_output:
+            raise ToolError("--clip-l / --clip-l-output merge into a FLUX.1 base's CLIP-L file; --loras merges LoRAs")
         paths = [Path(p) for p in args.loras]
         out = check_output(args.output, args.force, paths)
         ratios = _ratios(args, len(paths))
@@ -357,9 +359,12 @@ def run(args: argparse.Namespace) -> int:
     loras = [(p, modules, r) for (p, modules, _), r in zip(files, ratios)]
     for path, modules, _ in loras:
         require_finite(modules, path)
+    clip_out = _clip_l_output(args, base, inputs, out)
     if is_flux_base(base):  # a BFL transformer file or a diffusers FLUX.1 folder: atelier.tools.merge_flux
         check_families(base, [(p, metadata) for p, _, metadata in files])
-        state, metadata, report = merge_into_flux(base, loras, args.device)
+        if clip_out is not None:  # first: a wrong CLIP-L file fails before the transformer is written
+            clip_state, clip_metadata, clip_report = merge_into_clip_l(Path(args.clip_l), loras, args.device)
+        state, metadata, report = merge_into_flux(base, loras, args.device, clip_l_merged=clip_out is not None)
     else:
         config = Path(args.config) if args.config else None
         state, metadata, report = merge_into_checkpoint(base, loras, config, args.device)
@@ -367,4 +372,24 @@ def run(args: argparse.Namespace) -> int:
         save_file(state, str(tmp), metadata=metadata)
     print("\n".join(report))
     print(f"wrote {out}")
+    if clip_out is not None:
+        with atomic_path(clip_out) as tmp:
+            save_file(clip_state, str(tmp), metadata=clip_metadata)
+        print("\n".join(clip_report))
+        print(f"wrote {clip_out}")
     return 0
+
+
+def _clip_l_output(args: argparse.Namespace, base: Path, inputs: list[Path], out: Path) -> Path | None:
+    """--clip-l-output, checked: given with --clip-l, for a FLUX.1 base, not overwriting anything."""
+    if (args.clip_l is None) != (args.clip_l_output is None):
+        raise ToolError("--clip-l and --clip-l-output go together: the CLIP-L file to merge into and the file to write")
+    if args.clip_l is None:
+        return None
+    if not is_flux_base(base):
+        raise ToolError(f"--clip-l: '{base}' is no FLUX.1 transformer; CLIP-L files are merged with a FLUX.1 base")
+    clip_l = existing_file(args.clip_l, "--clip-l")
+    clip_out = check_output(args.clip_l_output, args.force, [*inputs, clip_l])
+    if clip_out.expanduser().resolve() == out.expanduser().resolve():
+        raise ToolError(f"--clip-l-output and -o are the same file ({out}); give two files")
+    return clip_out

@@ -15,9 +15,11 @@ ComfyUI and Forge load as the FLUX.1 model; the AE, CLIP-L and T5-XXL files are 
   single file (atelier.models.flux_files.flux_transformer_to_bfl) in the folder's dtype: one file
   users can load like any FLUX.1 checkpoint, rather than a whole copy of the pipeline folder.
 
-Sums are done in float32, then cast back to each weight's dtype. CLIP-L modules (lora_te1_) are
-not merged: the base holds no CLIP-L (sd-scripts merges them into a separate --clip_l file); the
-report says how many were left out. A transformer module the base has no weight for is an error.
+Sums are done in float32, then cast back to each weight's dtype. CLIP-L modules (lora_te1_) go
+into a CLIP-L single file when one is given (`--clip-l clip_l.safetensors --clip-l-output ...`, as
+sd-scripts' --clip_l / --clip_l_save_to): "lora_te1_" + the layer's path in transformers' CLIP
+layout (text_model.encoder.layers.N...), W += ratio * up @ down * alpha / rank; without one they
+are left out and the report says how many. A module the base has no weight for is an error.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 
 from atelier.families import FLUX1
+from atelier.network.flux_lora import CLIP_PREFIX
 from atelier.network.flux_names import PREFIX, flux_targets
 from atelier.tools.common import LoRAFactors, ToolError, lora_family
 
@@ -97,14 +100,29 @@ def diffusers_parts(shapes: dict[str, tuple[int, ...]]) -> dict[str, list[Part]]
     return parts
 
 
+def clip_l_parts(shapes: dict[str, tuple[int, ...]]) -> dict[str, list[Part]]:
+    """kohya name (lora_te1_...) -> the CLIP-L weight it updates, for a clip_l file's keys (with or
+    without transformers' "text_model." root, which the kohya names always carry)."""
+    parts: dict[str, list[Part]] = {}
+    for key, shape in shapes.items():
+        if key.endswith(".weight") and len(shape) == 2:
+            path = key[: -len(".weight")]
+            path = path if path.startswith("text_model.") else f"text_model.{path}"
+            parts[f"{CLIP_PREFIX}_{path.replace('.', '_')}"] = [(key, 0, shape[0])]
+    return parts
+
+
 def add_lora_deltas(
-    state: dict[str, torch.Tensor], targets: dict[str, list[Part]], base: Path, loras: LoRAs, device: str
+    state: dict[str, torch.Tensor], targets: dict[str, list[Part]], base: Path, loras: LoRAs, device: str,
+    text_encoder: bool = False, clip_l_merged: bool = False,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The float32 sums W + ratio * up[rows] @ down * alpha / rank of the weights the LoRAs touch."""
+    """The float32 sums W + ratio * up[rows] @ down * alpha / rank of the weights the LoRAs touch:
+    the transformer's modules, or with `text_encoder` CLIP-L's (the others are not this base's).
+    `clip_l_merged`: the CLIP-L modules go into a CLIP-L file (the report does not list them as left out)."""
     work: dict[str, torch.Tensor] = {}
     report = []
     for path, modules, ratio in loras:
-        text = [name for name in modules if name.startswith("lora_te")]
+        text = [name for name in modules if name.startswith("lora_te") != text_encoder]
         unknown = sorted(name for name in modules if name not in targets and name not in text)
         if unknown:
             raise ToolError(
@@ -129,11 +147,14 @@ def add_lora_deltas(
                 if weight is None:
                     weight = state[key].to(device, torch.float32)
                 work[key] = weight + (ratio * module.scale) * (up[start:end] @ down)
+        if text_encoder:
+            report.append(f"merged {path.name} x {ratio:g}: {len(modules) - len(text)} CLIP-L modules into '{base.name}'")
+            continue
         line = f"merged {path.name} x {ratio:g}: {len(modules) - len(text)} transformer modules"
-        if text:
+        if text and not clip_l_merged:
             line += (f"; {len(text)} text-encoder modules (lora_te...) not merged: '{base.name}' holds only the "
-                     "transformer (load the LoRA with its CLIP-L part at run time, or train with "
-                     "network.train_unet_only=true)")  # fmt: skip
+                     "transformer (give --clip-l and --clip-l-output to merge them into a CLIP-L file, or train "
+                     "with network.train_unet_only=true)")  # fmt: skip
         report.append(line)
     return work, report
 
@@ -152,9 +173,10 @@ def check_families(base: Path, loras: list[tuple[Path, dict[str, str]]]) -> None
 
 
 def merge_into_flux(
-    base: Path, loras: LoRAs, device: str = "cpu"
+    base: Path, loras: LoRAs, device: str = "cpu", clip_l_merged: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
-    """The merged transformer in BFL keys, the metadata to write with it, and one report line per LoRA."""
+    """The merged transformer in BFL keys, the metadata to write with it, and one report line per LoRA
+    (`clip_l_merged`: the CLIP-L modules go into a CLIP-L file, merge_into_clip_l)."""
     from safetensors import safe_open
 
     from atelier.models.flux_files import COMFY_PREFIX, flux_transformer_to_bfl
@@ -167,7 +189,7 @@ def merge_into_flux(
             state = {key: handle.get_tensor(key) for key in handle.keys()}
         prefix = COMFY_PREFIX if any(key.startswith(COMFY_PREFIX + "double_blocks.") for key in state) else ""
         targets = bfl_parts({key: tuple(value.shape) for key, value in state.items()}, prefix)
-        work, report = add_lora_deltas(state, targets, base, loras, device)
+        work, report = add_lora_deltas(state, targets, base, loras, device, clip_l_merged=clip_l_merged)
         for key, weight in work.items():
             state[key] = weight.to("cpu", state[key].dtype).contiguous()
         return state, {**metadata, "atelier.merged_loras": merged_from}, report
@@ -179,7 +201,7 @@ def merge_into_flux(
         with safe_open(str(file), framework="pt") as handle:
             state.update((key, handle.get_tensor(key)) for key in handle.keys())
     targets = diffusers_parts({key: tuple(value.shape) for key, value in state.items()})
-    work, report = add_lora_deltas(state, targets, base, loras, device)
+    work, report = add_lora_deltas(state, targets, base, loras, device, clip_l_merged=clip_l_merged)
     for key, weight in work.items():
         state[key] = weight.to("cpu", state[key].dtype)
     try:
@@ -190,4 +212,27 @@ def merge_into_flux(
     return {key: value.contiguous() for key, value in bfl.items()}, metadata, report
 
 
-__all__ = ["bfl_parts", "check_families", "diffusers_parts", "is_flux_base", "merge_into_flux"]
+def merge_into_clip_l(
+    clip_l: Path, loras: LoRAs, device: str = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """The LoRAs' CLIP-L modules merged into a CLIP-L single file: its tensors (keys, dtypes kept),
+    metadata and one report line per LoRA."""
+    from safetensors import safe_open
+
+    from atelier.models.flux_files import what_file_holds
+
+    with safe_open(str(clip_l), framework="pt") as handle:
+        if what_file_holds(handle.keys()) != "clip_l":
+            raise ToolError(f"--clip-l '{clip_l}' is not a CLIP-L text encoder file (clip_l.safetensors)")
+        metadata = handle.metadata() or {}
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    targets = clip_l_parts({key: tuple(value.shape) for key, value in state.items()})
+    work, report = add_lora_deltas(state, targets, clip_l, loras, device, text_encoder=True)
+    for key, weight in work.items():
+        state[key] = weight.to("cpu", state[key].dtype).contiguous()
+    merged_from = json.dumps([{"file": p.name, "ratio": r} for p, _, r in loras])
+    return state, {**metadata, "atelier.merged_loras": merged_from}, report
+
+
+__all__ = ["bfl_parts", "check_families", "clip_l_parts", "diffusers_parts", "is_flux_base", "merge_into_clip_l",
+           "merge_into_flux"]
