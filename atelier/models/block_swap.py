@@ -20,7 +20,6 @@ fp8 bytes and casts them on the device.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import torch
@@ -29,8 +28,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from atelier.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 KEY = "training.blocks_to_swap"
 
@@ -41,7 +38,7 @@ def blocks_to_swap(transformer: nn.Module, n: int) -> list[nn.Module]:
     double, single = list(transformer.transformer_blocks), list(transformer.single_transformer_blocks)
     n_double, n_single = n // 2, (n - n // 2) * 2
     if n < 1 or n_double > len(double) or n_single > len(single):
-        most = max(k for k in range(0, 2 * len(double) + 2) if k // 2 <= len(double) and (k - k // 2) * 2 <= len(single))
+        most = min(2 * len(double) + 1, len(single) // 2 * 2)  # n // 2 <= double, 2 * ceil(n / 2) <= single
         raise ConfigError(f"{KEY}={n}: swaps {n_double} double and {n_single} single blocks, but this transformer has "
                           f"{len(double)} and {len(single)}; use at most {most} (null: no swapping)")  # fmt: skip
     return double[len(double) - n_double:] + single[len(single) - n_single:]
@@ -115,11 +112,11 @@ def to_device_except(model: nn.Module, device: torch.device, layers: list[nn.Lin
     device's memory never has to fit on it whole (sd-scripts' move_to_device_except_swap_blocks)."""
     kept = {id(_stored(layer)) for layer in layers}
     for module in model.modules():
-        for name, tensor in _own_tensors(module):
+        for tensor in _own_tensors(module):
             if id(tensor) not in kept:
                 tensor.data = tensor.data.to(device)
 
 
-def _own_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from module.named_parameters(recurse=False)
-    yield from module.named_buffers(recurse=False)
+def _own_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters(recurse=False)
+    yield from module.buffers(recurse=False)

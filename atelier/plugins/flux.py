@@ -24,6 +24,7 @@ from typing import Any
 from atelier.conditioning.flux_text import FluxCaptionEncoder, FluxTextOptions
 from atelier.config.sample_prompts import SamplePrompt
 from atelier.config.schema import AtelierConfig, ModelConfig, NetworkConfig, SamplingConfig, TrainingConfig
+from atelier.config.schema.flow_matching import FlowMatchingOptions
 from atelier.families import FLUX1
 from atelier.models.flux_architectures import FLUX1_PIPELINE_SCHEDULER
 from atelier.models.flux_loading import load_flux_base
@@ -44,10 +45,9 @@ _SAMPLING_DEFAULTS = {field.name: field.default for field in dataclasses.fields(
 class FluxPlugin(FamilyPlugin):
     facts = FLUX1
     default_cfg_scale = DEFAULT_CFG_SCALE  # sd-scripts' FLUX sampler: 1.0, no CFG
-    # sd-scripts' flux_train_network.update_metadata keys: only FLUX files carry them.
-    own_metadata = ("ss_model_type", "ss_apply_t5_attn_mask", "ss_weighting_scheme", "ss_logit_mean", "ss_logit_std",
-                    "ss_mode_scale", "ss_guidance_scale", "ss_timestep_sampling", "ss_sigmoid_scale",
-                    "ss_model_prediction_type", "ss_discrete_flow_shift")  # fmt: skip
+    # sd-scripts' flux_train_network.update_metadata keys (its FLUX options' ss names): only FLUX files carry them.
+    own_metadata = ("ss_model_type", *(ss for field in dataclasses.fields(FlowMatchingOptions)
+                                       for ss in field.metadata["ss"]))  # fmt: skip
 
     def load(self, model: ModelConfig, cache_dir: str | None = None) -> BaseModel:
         # Hydra configs may spell "unset" as an empty string.

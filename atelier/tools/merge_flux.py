@@ -122,8 +122,8 @@ def add_lora_deltas(
     work: dict[str, torch.Tensor] = {}
     report = []
     for path, modules, ratio in loras:
-        text = [name for name in modules if name.startswith("lora_te") != text_encoder]
-        unknown = sorted(name for name in modules if name not in targets and name not in text)
+        others = [name for name in modules if name.startswith("lora_te") != text_encoder]  # not this base's part
+        unknown = sorted(name for name in modules if name not in targets and name not in others)
         if unknown:
             raise ToolError(
                 f"{path.name}: {len(unknown)} of its {len(modules)} modules have no weight in '{base.name}' "
@@ -131,7 +131,7 @@ def add_lora_deltas(
                 "another family? Merge it into the base it was trained on"
             )
         for name, module in modules.items():
-            if name in text:
+            if name in others:
                 continue
             up, down = module.up2d().to(device), module.down2d().to(device)
             parts = targets[name]
@@ -148,11 +148,11 @@ def add_lora_deltas(
                     weight = state[key].to(device, torch.float32)
                 work[key] = weight + (ratio * module.scale) * (up[start:end] @ down)
         if text_encoder:
-            report.append(f"merged {path.name} x {ratio:g}: {len(modules) - len(text)} CLIP-L modules into '{base.name}'")
+            report.append(f"merged {path.name} x {ratio:g}: {len(modules) - len(others)} CLIP-L modules into '{base.name}'")
             continue
-        line = f"merged {path.name} x {ratio:g}: {len(modules) - len(text)} transformer modules"
-        if text and not clip_l_merged:
-            line += (f"; {len(text)} text-encoder modules (lora_te...) not merged: '{base.name}' holds only the "
+        line = f"merged {path.name} x {ratio:g}: {len(modules) - len(others)} transformer modules"
+        if others and not clip_l_merged:
+            line += (f"; {len(others)} text-encoder modules (lora_te...) not merged: '{base.name}' holds only the "
                      "transformer (give --clip-l and --clip-l-output to merge them into a CLIP-L file, or train "
                      "with network.train_unet_only=true)")  # fmt: skip
         report.append(line)
@@ -161,13 +161,12 @@ def add_lora_deltas(
 
 def check_families(base: Path, loras: list[tuple[Path, dict[str, str]]]) -> None:
     """A LoRA whose metadata names another family than FLUX.1 is refused, naming the file."""
-    flux = FLUX1
     for path, metadata in loras:
         family = lora_family(metadata)
-        if family is not None and family is not flux:
+        if family is not None and family is not FLUX1:
             raise ToolError(
                 f"{path.name} is a {family.label} LoRA (ss_base_model_version "
-                f"{metadata.get('ss_base_model_version')}), but '{base}' is a {flux.label} transformer; merge it into "
+                f"{metadata.get('ss_base_model_version')}), but '{base}' is a {FLUX1.label} transformer; merge it into "
                 f"a {family.label} checkpoint"
             )
 
